@@ -1,0 +1,1 @@
+"""The sharding layer of smap: meshes, state placement and SPMD mapping functions."""

@@ -1,0 +1,44 @@
+"""The one place where smap touches JAX internals.
+
+Tracing discovers states while the function runs, so a state's value must
+become an input of the jaxpr under construction at the moment it is first
+read. JAX has no public API for adding an input mid-trace; the jaxpr trace
+object has one (``new_arg``), whose signature changed across releases.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+import jax
+from jax.extend.core import take_current_trace
+
+__all__ = ["current_trace", "new_input"]
+
+
+def current_trace() -> Any:
+    """The trace that is building the current jaxpr."""
+    with take_current_trace() as trace:
+        return trace
+
+
+def _new_arg_takes_source_info(trace: Any) -> bool:
+    parameters = inspect.signature(type(trace).new_arg).parameters
+    return "source_info" in parameters
+
+
+_TAKES_SOURCE_INFO: dict[type, bool] = {}
+
+
+def new_input(trace: Any, aval: jax.core.AbstractValue) -> Any:
+    """Append an input of type ``aval`` to the jaxpr that ``trace`` builds."""
+    kind = type(trace)
+    takes_source_info = _TAKES_SOURCE_INFO.get(kind)
+    if takes_source_info is None:
+        takes_source_info = _TAKES_SOURCE_INFO[kind] = _new_arg_takes_source_info(trace)
+    if takes_source_info:
+        from jax._src import source_info_util
+
+        return trace.new_arg(aval, source_info_util.current())
+    return trace.new_arg(aval)

@@ -1,0 +1,427 @@
+"""States: mutable boxes around pytrees of arrays, and the record of their use.
+
+A transform traces a function inside a :class:`TraceFrame`. While a frame is
+active, every read and write of a :class:`State` goes through it: the frame
+hands out traced values for the states it has touched, records which states
+were touched (in first-touch order) and which were written, and never changes
+the state itself. The state's own value changes only when a transform writes
+its results back, after the whole call has succeeded, so a failed call leaves
+every state as it was.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Hashable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+__all__ = [
+    "State",
+    "ShortTermState",
+    "LongTermState",
+    "ParamState",
+    "HiddenState",
+    "TraceFrame",
+]
+
+_local = threading.local()
+
+
+def active_frames() -> list[TraceFrame]:
+    """The trace frames of this thread, innermost last."""
+    try:
+        return _local.frames
+    except AttributeError:
+        _local.frames = []
+        return _local.frames
+
+
+class _Epoch:
+    """Counts changes of any state's structure, shape or dtype.
+
+    A transform that validated its cached programs at one epoch needs no
+    per-state check until the epoch moves.
+    """
+
+    value = 0
+
+    @classmethod
+    def bump(cls) -> None:
+        cls.value += 1
+
+
+def structure_epoch() -> int:
+    return _Epoch.value
+
+
+def bump_structure_epoch() -> None:
+    _Epoch.bump()
+
+
+class _Invalidated:
+    """Stands in for the value of a state whose value escaped a trace."""
+
+    __slots__ = ("reason",)
+
+    def __init__(self, reason: str):
+        self.reason = reason
+
+
+def _leaf_repr(x: Any) -> str:
+    dtype = getattr(x, "dtype", None)
+    shape = getattr(x, "shape", None)
+    if dtype is None or shape is None:
+        return type(x).__name__
+    dims = ",".join(str(d) for d in shape)
+    return f"{jnp.dtype(dtype).name}[{dims}]"
+
+
+def _canonical_leaf(x: Any, what: Callable[[], str]) -> Any:
+    if isinstance(x, (jax.Array, jax.core.Tracer)):
+        return x
+    if isinstance(x, (np.ndarray, np.generic, bool, int, float, complex)):
+        return jnp.asarray(x)
+    if isinstance(x, State):
+        raise TypeError(f"{what()}: a State cannot hold another State; assign `.value` instead.")
+    raise TypeError(
+        f"{what()}: expected a pytree of arrays, got a leaf of type {type(x).__name__!r}."
+    )
+
+
+def canonical_value(value: Any, what: Callable[[], str]) -> Any:
+    """The value with every leaf an array; a clear error for anything else."""
+    if isinstance(value, State):
+        raise TypeError(f"{what()}: a State cannot hold another State; assign `.value` instead.")
+    return jax.tree_util.tree_map(lambda x: _canonical_leaf(x, what), value)
+
+
+def check_same_structure(state: State, old: Any, new: Any, *, batched_axis: int | None = None) -> None:
+    """Raise if `new` differs from `old` in tree structure, a shape or a dtype."""
+    old_leaves, old_tree = jax.tree_util.tree_flatten(old)
+    new_leaves, new_tree = jax.tree_util.tree_flatten(new)
+    if old_tree != new_tree:
+        raise ValueError(
+            f"{state.describe()}: the new value has tree structure {new_tree}, "
+            f"expected {old_tree}. Use `state.reset(value)` to change a state's structure."
+        )
+    for o, n in zip(old_leaves, new_leaves):
+        if jnp.shape(o) != jnp.shape(n):
+            raise ValueError(
+                f"{state.describe()}: the new value has shape {jnp.shape(n)}, expected "
+                f"{jnp.shape(o)}. Use `state.reset(value)` to change a state's shape."
+            )
+        if jnp.result_type(o) != jnp.result_type(n):
+            raise TypeError(
+                f"{state.describe()}: the new value has dtype {jnp.result_type(n)}, expected "
+                f"{jnp.result_type(o)}. Use `state.reset(value)` to change a state's dtype."
+            )
+
+
+class State:
+    """A mutable box around a pytree of arrays.
+
+    Read with ``state.value`` and write with ``state.value = x``. A write must
+    keep the tree structure, every shape and every dtype; :meth:`reset` changes
+    them deliberately. Transforms discover the states a function reads and
+    writes by tracing it, so a state needs no registration.
+
+    Arguments:
+        value: a pytree of arrays (Python and NumPy scalars are converted).
+        tag: an optional string, or tuple of strings, for :class:`smap.filter.WithTag`.
+
+    Example:
+        >>> import jax.numpy as jnp, smap
+        >>> count = smap.State(jnp.zeros(3))
+        >>> count.value = count.value + 1
+        >>> count.value
+        Array([1., 1., 1.], dtype=float32)
+    """
+
+    __slots__ = ("_value", "_tags", "_owner", "_name", "__weakref__")
+
+    def __init__(self, value: Any, tag: str | Sequence[str] | None = None):
+        self._owner = None
+        self._name = None
+        self._tags = _normalise_tags(tag)
+        self._value = self._canonical(value)
+        frames = active_frames()
+        if frames:
+            frames[-1].created(self)
+
+    # -- value -------------------------------------------------------------
+
+    def _canonical(self, value: Any) -> Any:
+        return canonical_value(value, self.describe)
+
+    def _stored(self) -> Any:
+        value = self._value
+        if type(value) is _Invalidated:
+            raise RuntimeError(f"{self.describe()}: {value.reason}")
+        return value
+
+    @property
+    def value(self) -> Any:
+        frames = active_frames()
+        if frames:
+            return frames[-1].read(self)
+        return self._stored()
+
+    @value.setter
+    def value(self, new: Any) -> None:
+        frames = active_frames()
+        new = self._canonical(new)
+        if frames:
+            frames[-1].write(self, new, check=True)
+        else:
+            check_same_structure(self, self._stored(), new)
+            self._value = new
+
+    def reset(self, value: Any) -> None:
+        """Replace the value, allowing a new structure, shape or dtype.
+
+        Example:
+            >>> import jax.numpy as jnp, smap
+            >>> hidden = smap.HiddenState(jnp.zeros(3))
+            >>> hidden.reset(jnp.zeros((8, 3)))
+            >>> hidden.value.shape
+            (8, 3)
+        """
+        value = self._canonical(value)
+        frames = active_frames()
+        if frames:
+            frames[-1].write(self, value, check=False)
+        else:
+            self._value = value
+            bump_structure_epoch()
+
+    def write_back(self, value: Any) -> None:
+        """Write a value computed by a transform (already validated by it)."""
+        frames = active_frames()
+        if frames:
+            frames[-1].write(self, value, check=False)
+        else:
+            self._value = value
+
+    def peek(self) -> Any:
+        """The stored value, without recording a read (for reprs and tools)."""
+        return self._stored()
+
+    # -- identity ------------------------------------------------------------
+
+    @property
+    def tags(self) -> tuple[str, ...]:
+        return self._tags
+
+    @property
+    def path(self) -> tuple[Hashable, ...]:
+        """The key path of this state in the Module that owns it, or ``()``."""
+        parts: list[Hashable] = []
+        node: Any = self
+        seen = set()
+        while node._owner is not None and id(node) not in seen:
+            seen.add(id(node))
+            owner = node._owner()
+            if owner is None:
+                break
+            parts[:0] = node._name
+            node = owner
+        return tuple(parts)
+
+    def describe(self) -> str:
+        """How errors name this state: its dotted path, or its type, shape and dtype."""
+        path = self.path
+        if path:
+            return f"state '{'.'.join(map(str, path))}' ({type(self).__name__})"
+        value = self._value if hasattr(self, "_value") else None
+        return f"{type(self).__name__} {_value_repr(value)}"
+
+    def __repr__(self) -> str:
+        parts = [_value_repr(self._value)]
+        sharding = _sharding_repr(self._value)
+        if sharding:
+            parts.append(f"sharding={sharding}")
+        if self._tags:
+            parts.append(f"tag={self._tags if len(self._tags) > 1 else self._tags[0]!r}")
+        return f"{type(self).__name__}({', '.join(parts)})"
+
+
+def _value_repr(value: Any) -> str:
+    if value is None:
+        return "<unset>"
+    if type(value) is _Invalidated:
+        return "<invalidated>"
+    leaves, tree = jax.tree_util.tree_flatten(value)
+    if tree.num_leaves == 1 and tree.num_nodes == 1:
+        return _leaf_repr(leaves[0])
+    return str(jax.tree_util.tree_unflatten(tree, [_LeafRepr(x) for x in leaves]))
+
+
+class _LeafRepr:
+    def __init__(self, x: Any):
+        self.text = _leaf_repr(x)
+
+    def __repr__(self) -> str:
+        return self.text
+
+
+def _sharding_repr(value: Any) -> str:
+    if type(value) is _Invalidated:
+        return ""
+    leaves = jax.tree_util.tree_leaves(value)
+    specs = set()
+    for x in leaves:
+        sharding = getattr(x, "sharding", None) if isinstance(x, jax.Array) else None
+        spec = getattr(sharding, "spec", None)
+        if spec is not None and len(getattr(sharding, "device_set", ())) > 1:
+            specs.add(str(spec))
+    return ", ".join(sorted(specs))
+
+
+def _normalise_tags(tag: str | Sequence[str] | None) -> tuple[str, ...]:
+    if tag is None:
+        return ()
+    if isinstance(tag, str):
+        return (tag,)
+    tags = tuple(tag)
+    if not all(isinstance(t, str) for t in tags):
+        raise TypeError(f"tag must be a string or a tuple of strings, got {tag!r}.")
+    return tags
+
+
+class ShortTermState(State):
+    """A per-step buffer (activations, temporary values).
+
+    Example:
+        >>> import jax.numpy as jnp, smap
+        >>> smap.ShortTermState(jnp.zeros(4))
+        ShortTermState(float32[4])
+    """
+
+    __slots__ = ()
+
+
+class LongTermState(State):
+    """A value kept across steps (running statistics, optimizer moments).
+
+    Example:
+        >>> import jax.numpy as jnp, smap
+        >>> smap.LongTermState(jnp.zeros(()))
+        LongTermState(float32[])
+    """
+
+    __slots__ = ()
+
+
+class ParamState(LongTermState):
+    """A trainable parameter.
+
+    Example:
+        >>> import jax.numpy as jnp, smap
+        >>> smap.ParamState(jnp.ones((3, 2)))
+        ParamState(float32[3,2])
+    """
+
+    __slots__ = ()
+
+
+class HiddenState(ShortTermState):
+    """A recurrent or neuron state.
+
+    Example:
+        >>> import jax.numpy as jnp, smap
+        >>> smap.HiddenState(jnp.zeros(5))
+        HiddenState(float32[5])
+    """
+
+    __slots__ = ()
+
+
+for _cls in (State, ShortTermState, LongTermState, ParamState, HiddenState):
+    _cls.__module__ = "smap"
+
+
+MISSING = object()
+
+
+class TraceFrame:
+    """Records and serves state reads and writes while a function is traced.
+
+    ``make_input(state, value)`` turns the value a state has outside the frame
+    into the value the traced function sees (typically fresh tracers that
+    become inputs of the traced program). States created while the frame is
+    active belong to it: they are plain Python objects to the frame, and
+    their values must not escape it (see :meth:`invalidate_created`).
+    """
+
+    def __init__(self, make_input: Callable[[State, Any], Any], name: str):
+        self.make_input = make_input
+        self.name = name
+        self.states: list[State] = []
+        self.written: dict[int, State] = {}
+        self._values: dict[int, Any] = {}
+        self._created: dict[int, State] = {}
+
+    def __enter__(self) -> TraceFrame:
+        active_frames().append(self)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        frames = active_frames()
+        assert frames and frames[-1] is self
+        frames.pop()
+        self.invalidate_created()
+
+    def _outer_value(self, state: State) -> Any:
+        frames = active_frames()
+        index = frames.index(self)
+        if index > 0:
+            return frames[index - 1].read(state)
+        return state._stored()
+
+    def _touch(self, state: State) -> Any:
+        value = self.make_input(state, self._outer_value(state))
+        self._values[id(state)] = value
+        self.states.append(state)
+        return value
+
+    def read(self, state: State) -> Any:
+        key = id(state)
+        if key in self._created:
+            return state._value
+        value = self._values.get(key, MISSING)
+        if value is MISSING:
+            value = self._touch(state)
+        return value
+
+    def write(self, state: State, value: Any, *, check: bool) -> None:
+        key = id(state)
+        if key in self._created:
+            state._value = value
+            return
+        current = self._values.get(key, MISSING)
+        if current is MISSING:
+            current = self._touch(state)
+        if check:
+            check_same_structure(state, current, value)
+        self._values[key] = value
+        self.written[key] = state
+
+    def created(self, state: State) -> None:
+        self._created[id(state)] = state
+
+    def value_of(self, state: State) -> Any:
+        return self._values[id(state)]
+
+    def invalidate_created(self) -> None:
+        """Give states created during the trace a clear error instead of tracers."""
+        for state in self._created.values():
+            if any(isinstance(x, jax.core.Tracer) for x in jax.tree_util.tree_leaves(state._value)):
+                state._value = _Invalidated(
+                    f"this state was created inside {self.name} and its value was traced "
+                    f"there; it has no value outside. Create states before calling the "
+                    f"transform, or return the value instead."
+                )

@@ -1,0 +1,397 @@
+"""The tracing core shared by every transform.
+
+:func:`trace_program` runs a Python function once, under ``jax.make_jaxpr``,
+inside a :class:`~smap._state.TraceFrame`. The result is a :class:`Program`:
+a closed jaxpr whose inputs are the function's array arguments followed by
+the leaves of every state it touched, and whose outputs are the function's
+outputs followed by the leaves of every state it wrote.
+
+:class:`StatefulFunction` caches programs per call signature and runs them:
+it reads the states, calls a compiled function of the program, and writes
+the results back only after the call has succeeded. Each transform
+(``jit``, ``grad``, ``StatefulMapping``) is a StatefulFunction that decides
+how the program is compiled.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Hashable, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+from jax.extend.core import ClosedJaxpr
+
+from . import _compat
+from ._state import (
+    State,
+    TraceFrame,
+    active_frames,
+    bump_structure_epoch,
+    structure_epoch,
+)
+
+__all__ = ["Program", "StatefulFunction", "TraceContext", "trace_program", "abstract", "resolve_argnums"]
+
+PyTreeDef = Any
+
+_ARRAY_TYPES = (jax.Array, np.ndarray, np.generic)
+
+
+def _leaf_signature(x: Any) -> Hashable:
+    try:
+        return (x.shape, x.dtype, getattr(x, "weak_type", False))
+    except AttributeError:
+        if isinstance(x, (bool, int, float, complex)):
+            return type(x)
+        raise TypeError(
+            f"expected arrays or Python scalars as arguments, got {type(x).__name__!r}; "
+            f"mark non-array arguments as static."
+        ) from None
+
+
+def _tree_signature(value: Any) -> Hashable:
+    leaves, tree = jax.tree_util.tree_flatten(value)
+    return (tree, *map(_leaf_signature, leaves))
+
+
+def abstract(x: Any) -> jax.core.ShapedArray:
+    """The abstract value of an array leaf."""
+    return jax.core.ShapedArray(np.shape(x), jax.numpy.result_type(x), weak_type=getattr(x, "weak_type", False))
+
+
+def resolve_argnums(argnums: int | Sequence[int] | None, n_args: int | None, what: str) -> tuple[int, ...]:
+    """Normalise ``static_argnums``-style indices (negative allowed) against ``n_args``."""
+    if argnums is None:
+        return ()
+    if isinstance(argnums, int):
+        argnums = (argnums,)
+    out = []
+    for i in argnums:
+        if not isinstance(i, (int, np.integer)):
+            raise TypeError(f"{what} must be ints, got {i!r}.")
+        if n_args is not None:
+            if not -n_args <= i < n_args:
+                raise ValueError(f"{what} index {i} is out of range for a function of {n_args} positional arguments.")
+            i = i % n_args
+        out.append(int(i))
+    return tuple(out)
+
+
+@dataclasses.dataclass(frozen=True)
+class Program:
+    """A traced function: a closed jaxpr and the states it touches.
+
+    Inputs of ``jaxpr``: the argument leaves, then the leaves of ``states``.
+    Outputs: the output leaves, then the leaves of the written states.
+    """
+
+    jaxpr: ClosedJaxpr
+    states: tuple[State, ...]
+    state_trees: tuple[PyTreeDef, ...]
+    written: tuple[int, ...]
+    out_tree: PyTreeDef
+    n_args: int
+    frame: TraceFrame
+
+    @property
+    def n_outs(self) -> int:
+        return self.out_tree.num_leaves
+
+    @property
+    def written_states(self) -> tuple[State, ...]:
+        return tuple(self.states[i] for i in self.written)
+
+    def state_leaf_slices(self) -> list[slice]:
+        """Where each state's leaves sit among the program's state inputs."""
+        slices, start = [], 0
+        for tree in self.state_trees:
+            slices.append(slice(start, start + tree.num_leaves))
+            start += tree.num_leaves
+        return slices
+
+    def unflatten_written(self, leaves: Sequence[Any]) -> list[Any]:
+        """The written states' values, from the program's written-state outputs."""
+        values, start = [], 0
+        for i in self.written:
+            tree = self.state_trees[i]
+            values.append(jax.tree_util.tree_unflatten(tree, leaves[start : start + tree.num_leaves]))
+            start += tree.num_leaves
+        return values
+
+    def changes_structure(self) -> bool:
+        """Whether a written state leaves the program with another shape or dtype."""
+        in_avals = self.jaxpr.in_avals[self.n_args :]
+        out_avals = self.jaxpr.out_avals[self.n_outs :]
+        slices = self.state_leaf_slices()
+        start = 0
+        for i in self.written:
+            n = self.state_trees[i].num_leaves
+            for a, b in zip(in_avals[slices[i]], out_avals[start : start + n]):
+                if a.shape != b.shape or a.dtype != b.dtype:
+                    return True
+            start += n
+        return False
+
+    def __call__(self, *leaves: Any) -> list[Any]:
+        """Evaluate the program on argument leaves followed by state leaves."""
+        return jax.core.eval_jaxpr(self.jaxpr.jaxpr, self.jaxpr.consts, *leaves)
+
+
+def trace_program(
+    fun: Callable,
+    args: tuple,
+    kwargs: dict,
+    *,
+    make_input: Callable[[State, Any], Any],
+    name: str,
+    arg_avals: Sequence[jax.core.ShapedArray] | None = None,
+    axis_env: Sequence[tuple[Hashable, int]] = (),
+) -> Program:
+    """Trace ``fun(*args, **kwargs)`` into a :class:`Program`.
+
+    ``make_input(state, value)`` receives each state's value outside the
+    trace, when the state is first touched, and returns the abstract values
+    (a pytree of ShapedArrays like ``value``) its input takes in the program.
+    Array leaves of ``args`` and ``kwargs`` become inputs, with the abstract
+    values ``arg_avals`` when given (a mapping traces one lane); static
+    arguments are bound into ``fun`` by the caller.
+    """
+    leaves, in_tree = jax.tree_util.tree_flatten((args, kwargs))
+    trace_holder: list[Any] = []
+
+    def state_input(state: State, value: Any) -> Any:
+        trace = trace_holder[0]
+        avals = make_input(state, value)
+        return jax.tree_util.tree_map(lambda aval: _compat.new_input(trace, aval), avals)
+
+    frame = TraceFrame(state_input, name)
+    result: dict[str, Any] = {}
+
+    def traced(*arg_leaves: Any) -> tuple[list, list]:
+        trace_holder.append(_compat.current_trace())
+        call_args, call_kwargs = jax.tree_util.tree_unflatten(in_tree, arg_leaves)
+        with frame:
+            out = fun(*call_args, **call_kwargs)
+        out_leaves, result["out_tree"] = jax.tree_util.tree_flatten(out)
+        written = [frame.value_of(s) for s in frame.written.values()]
+        return out_leaves, jax.tree_util.tree_leaves(written)
+
+    if arg_avals is None:
+        arg_avals = [abstract(x) for x in leaves]
+    specs = [jax.ShapeDtypeStruct(a.shape, a.dtype, weak_type=a.weak_type) for a in arg_avals]
+    jaxpr = jax.make_jaxpr(traced, axis_env=list(axis_env) or None)(*specs)
+    index = {id(s): i for i, s in enumerate(frame.states)}
+    return Program(
+        jaxpr=jaxpr,
+        states=tuple(frame.states),
+        state_trees=tuple(jax.tree_util.tree_structure(frame.value_of(s)) for s in frame.states),
+        written=tuple(index[k] for k in frame.written),
+        out_tree=result["out_tree"],
+        n_args=len(leaves),
+        frame=frame,
+    )
+
+
+class TraceContext:
+    """How states enter one trace: by default each keeps its shape and dtype."""
+
+    axis_env: Sequence[tuple[Hashable, int]] = ()
+    arg_avals: Sequence[jax.core.ShapedArray] | None = None
+
+    def make_input(self, state: State, value: Any) -> Any:
+        return jax.tree_util.tree_map(abstract, value)
+
+
+@dataclasses.dataclass
+class Entry:
+    """A cached program with what the transform compiled from it."""
+
+    program: Program
+    state_signature: tuple
+    call: Callable[[list, list], tuple[Any, list]]
+    states: tuple[State, ...]
+    written_states: tuple[State, ...]
+    changes_structure: bool
+    epoch: int
+    plan: Any = None
+
+    def current_signature(self) -> tuple:
+        return tuple(_tree_signature(s.value) for s in self.states)
+
+
+class StatefulFunction:
+    """Trace, cache, compile, call and write back: the life of a transform call.
+
+    Subclasses set how a state's value enters the trace (:meth:`_make_input`),
+    which axis names collectives may use (:meth:`_axis_env`) and how a
+    program is compiled (:meth:`_compile`).
+    """
+
+    def __init__(self, fun: Callable, *, static_argnums: Sequence[int] = (), static_argnames: Sequence[str] = (), name: str):
+        self.fun = fun
+        self.static_argnums = tuple(static_argnums)
+        self.static_argnames = tuple(static_argnames)
+        self.name = name
+        self._entries: dict[Hashable, list[Entry]] = {}
+
+    # -- hooks -----------------------------------------------------------------
+
+    def _begin_trace(self, key: Hashable, leaves: list) -> TraceContext:
+        """What the trace of a new signature needs: state inputs and axis names."""
+        return TraceContext()
+
+    def _compile(self, program: Program, key: Hashable, context: TraceContext) -> tuple[Callable, Any, bool]:
+        """Return ``(call, plan, changes_structure)`` for a freshly traced program.
+
+        ``call(arg_leaves, state_values)`` returns the call's result and the
+        new values of ``program.written_states``.
+        """
+        raise NotImplementedError
+
+    # -- signature -------------------------------------------------------------
+
+    def _split_static(self, args: tuple, kwargs: dict) -> tuple[tuple, dict, Hashable]:
+        if not self.static_argnums and not self.static_argnames:
+            return args, kwargs, ()
+        nums = resolve_argnums(self.static_argnums, len(args), "static_argnums") if args else ()
+        nums = tuple(i for i in nums if i < len(args))
+        static = tuple((i, args[i]) for i in nums) + tuple(
+            (k, kwargs[k]) for k in self.static_argnames if k in kwargs
+        )
+        try:
+            hash(static)
+        except TypeError:
+            raise TypeError(
+                f"{self.name}: static arguments must be hashable, got "
+                f"{[type(v).__name__ for _, v in static]}."
+            ) from None
+        dyn_args = tuple(a for i, a in enumerate(args) if i not in nums)
+        dyn_kwargs = {k: v for k, v in kwargs.items() if k not in self.static_argnames}
+        return dyn_args, dyn_kwargs, static
+
+    def _bind_static(self, static: Hashable, n_args: int) -> Callable:
+        if not static:
+            return self.fun
+        positional = {k: v for k, v in static if isinstance(k, int)}
+        named = {k: v for k, v in static if isinstance(k, str)}
+
+        def bound(*dyn_args: Any, **dyn_kwargs: Any) -> Any:
+            it = iter(dyn_args)
+            full = [positional[i] if i in positional else next(it) for i in range(n_args)]
+            return self.fun(*full, **dyn_kwargs, **named)
+
+        return bound
+
+    def signature_key(self, *args: Any, **kwargs: Any) -> tuple[Hashable, list, tuple, dict]:
+        dyn_args, dyn_kwargs, static = self._split_static(args, kwargs)
+        leaves, tree = jax.tree_util.tree_flatten((dyn_args, dyn_kwargs))
+        key = (tree, static, len(args), *map(_leaf_signature, leaves))
+        return key, leaves, dyn_args, dyn_kwargs
+
+    # -- cache -----------------------------------------------------------------
+
+    def _lookup(self, key: Hashable) -> Entry | None:
+        for entry in self._entries.get(key, ()):
+            if entry.current_signature() == entry.state_signature:
+                return entry
+        return None
+
+    def _trace(self, key: Hashable, leaves: list, dyn_args: tuple, dyn_kwargs: dict) -> Entry:
+        static, n_args = key[1], key[2]
+        context = self._begin_trace(key, leaves)
+        program = trace_program(
+            self._bind_static(static, n_args),
+            dyn_args,
+            dyn_kwargs,
+            make_input=context.make_input,
+            name=self.name,
+            arg_avals=context.arg_avals,
+            axis_env=context.axis_env,
+        )
+        call, plan, changes_structure = self._compile(program, key, context)
+        entry = Entry(
+            program=program,
+            state_signature=tuple(_tree_signature(s.value) for s in program.states),
+            call=call,
+            states=program.states,
+            written_states=program.written_states,
+            changes_structure=changes_structure,
+            epoch=structure_epoch(),
+            plan=plan,
+        )
+        self._entries.setdefault(key, []).insert(0, entry)
+        return entry
+
+    def _entry(self, key: Hashable, leaves: list, dyn_args: tuple, dyn_kwargs: dict) -> Entry:
+        entries = self._entries.get(key)
+        if entries and not active_frames() and entries[0].epoch == structure_epoch():
+            return entries[0]
+        entry = self._lookup(key)
+        if entry is None:
+            entry = self._trace(key, leaves, dyn_args, dyn_kwargs)
+        entry.epoch = structure_epoch()
+        entries = self._entries[key]
+        if entries[0] is not entry:
+            entries.remove(entry)
+            entries.insert(0, entry)
+        return entry
+
+    def get_arg_cache_key(self, *args: Any, **kwargs: Any) -> Hashable:
+        """The cache key of a call: its argument signature and a state signature.
+
+        The state signature is that of the program the call would run now, or,
+        when the states have changed since (a mapping that made a state
+        batched), that of the program traced most recently for these arguments.
+
+        Example:
+            >>> import jax.numpy as jnp, smap
+            >>> f = smap.jit(lambda x: x + 1)
+            >>> _ = f(jnp.ones(2))
+            >>> f.get_jaxpr_by_cache(f.get_arg_cache_key(jnp.ones(2)))
+            { lambda ; a:f32[2]. let b:f32[2] = add a 1.0:f32[] in (b,) }
+        """
+        key = self.signature_key(*args, **kwargs)[0]
+        entry = self._lookup(key)
+        if entry is None and self._entries.get(key):
+            entry = self._entries[key][0]
+        return (key, entry.state_signature if entry is not None else None)
+
+    def get_jaxpr_by_cache(self, cache_key: Hashable) -> ClosedJaxpr:
+        """The traced program (a closed jaxpr) cached under ``cache_key``."""
+        key, state_signature = cache_key
+        for entry in self._entries.get(key, ()):
+            if entry.state_signature == state_signature:
+                return entry.program.jaxpr
+        raise KeyError(f"{self.name}: no program is cached under this key; call the function first.")
+
+    # -- call ------------------------------------------------------------------
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        key, leaves, dyn_args, dyn_kwargs = self.signature_key(*args, **kwargs)
+        entry = self._entry(key, leaves, dyn_args, dyn_kwargs)
+        frames = active_frames()
+        if frames:
+            values = [s.value for s in entry.states]
+        else:
+            values = [s._value for s in entry.states]
+        out, written = entry.call(leaves, values)
+        if written and not frames:
+            _check_not_traced(self.name, entry.written_states, written)
+        for state, value in zip(entry.written_states, written):
+            state.write_back(value)
+        if entry.changes_structure and not frames:
+            bump_structure_epoch()
+        return out
+
+
+def _check_not_traced(name: str, states: Sequence[State], values: Sequence[Any]) -> None:
+    leaf = jax.tree_util.tree_leaves(values[0])
+    if leaf and isinstance(leaf[0], jax.core.Tracer):
+        raise TypeError(
+            f"{name} writes {', '.join(s.describe() for s in states)} from inside a JAX "
+            f"transformation that smap does not see (jax.jit, jax.grad, ...). Use smap.jit "
+            f"and smap.grad around smap transforms so states are carried through."
+        )
+

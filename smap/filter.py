@@ -1,0 +1,295 @@
+"""Filters select states: ``filter(path, state) -> bool``.
+
+``path`` is the state's key path in the Module that owns it (a tuple), or
+``()`` when it has none. Any callable with that signature is a filter; the
+classes here give the common ones readable reprs. :func:`to_filter` turns the
+shorthands that transforms accept into filters: a State subclass, a tag
+string, a State instance or an iterable of instances.
+
+Example:
+    >>> import jax.numpy as jnp, smap
+    >>> from smap.filter import OfType, Not, WithTag
+    >>> f = OfType(smap.LongTermState) & Not(WithTag('frozen'))
+    >>> f((), smap.ParamState(jnp.zeros(2)))
+    True
+    >>> f
+    All(OfType(<class 'smap.LongTermState'>), Not(WithTag('frozen')))
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Hashable, Iterable
+from typing import Any, Union
+
+from ._state import State
+
+__all__ = [
+    "Filter",
+    "OfType",
+    "Not",
+    "All",
+    "Any",
+    "Everything",
+    "Nothing",
+    "WithTag",
+    "StateSet",
+    "to_filter",
+    "FilterLike",
+]
+
+Path = tuple[Hashable, ...]
+FilterLike = Union["Filter", Callable[[Path, State], bool], type, str, State, Iterable[State], bool]
+
+
+class Filter:
+    """Base class of the filters with a readable repr; combine with ``&``, ``|``, ``~``."""
+
+    def __call__(self, path: Path, state: State) -> bool:
+        raise NotImplementedError
+
+    def __and__(self, other: FilterLike) -> Filter:
+        return All(self, other)
+
+    def __or__(self, other: FilterLike) -> Filter:
+        return Any(self, other)
+
+    def __invert__(self) -> Filter:
+        return Not(self)
+
+    def __eq__(self, other: object) -> bool:
+        return type(self) is type(other) and self._key() == other._key()  # type: ignore[attr-defined]
+
+    def __hash__(self) -> int:
+        return hash((type(self), self._key()))
+
+    def _key(self) -> tuple:
+        return ()
+
+
+class OfType(Filter):
+    """Selects states that are instances of ``cls`` (subclasses included).
+
+    Example:
+        >>> import jax.numpy as jnp, smap
+        >>> smap.filter.OfType(smap.LongTermState)((), smap.ParamState(jnp.zeros(1)))
+        True
+    """
+
+    def __init__(self, cls: type):
+        if not isinstance(cls, type):
+            raise TypeError(f"OfType expects a class, got {cls!r}.")
+        self.type = cls
+
+    def __call__(self, path: Path, state: State) -> bool:
+        return isinstance(state, self.type)
+
+    def _key(self) -> tuple:
+        return (self.type,)
+
+    def __repr__(self) -> str:
+        return f"OfType({self.type!r})"
+
+
+class WithTag(Filter):
+    """Selects states created with ``tag`` among their tags.
+
+    Example:
+        >>> import jax.numpy as jnp, smap
+        >>> smap.filter.WithTag('optimizer')((), smap.State(jnp.zeros(1), tag='optimizer'))
+        True
+    """
+
+    def __init__(self, tag: str):
+        if not isinstance(tag, str):
+            raise TypeError(f"WithTag expects a string, got {tag!r}.")
+        self.tag = tag
+
+    def __call__(self, path: Path, state: State) -> bool:
+        return self.tag in state.tags
+
+    def _key(self) -> tuple:
+        return (self.tag,)
+
+    def __repr__(self) -> str:
+        return f"WithTag({self.tag!r})"
+
+
+class StateSet(Filter):
+    """Selects exactly the given State instances.
+
+    Example:
+        >>> import jax.numpy as jnp, smap
+        >>> a, b = smap.State(jnp.zeros(1)), smap.State(jnp.zeros(1))
+        >>> f = smap.filter.to_filter([a])
+        >>> f((), a), f((), b)
+        (True, False)
+    """
+
+    def __init__(self, states: Iterable[State]):
+        self.states = tuple(states)
+        for s in self.states:
+            if not isinstance(s, State):
+                raise TypeError(f"a state selector must hold State instances, got {s!r}.")
+        self._ids = frozenset(id(s) for s in self.states)
+
+    def __call__(self, path: Path, state: State) -> bool:
+        return id(state) in self._ids
+
+    def _key(self) -> tuple:
+        return (self._ids,)
+
+    def __repr__(self) -> str:
+        return f"StateSet({list(self.states)!r})"
+
+
+class Not(Filter):
+    """Selects the states that ``filter`` does not select.
+
+    Example:
+        >>> import jax.numpy as jnp, smap
+        >>> smap.filter.Not(smap.ParamState)((), smap.State(jnp.zeros(1)))
+        True
+    """
+
+    def __init__(self, filter: FilterLike):
+        self.filter = to_filter(filter)
+
+    def __call__(self, path: Path, state: State) -> bool:
+        return not self.filter(path, state)
+
+    def _key(self) -> tuple:
+        return (self.filter,)
+
+    def __repr__(self) -> str:
+        return f"Not({self.filter!r})"
+
+
+class All(Filter):
+    """Selects the states that every filter selects.
+
+    Example:
+        >>> import jax.numpy as jnp, smap
+        >>> f = smap.filter.All(smap.ParamState, 'frozen')
+        >>> f((), smap.ParamState(jnp.zeros(1), tag='frozen'))
+        True
+    """
+
+    def __init__(self, *filters: FilterLike):
+        self.filters = tuple(to_filter(f) for f in filters)
+
+    def __call__(self, path: Path, state: State) -> bool:
+        return all(f(path, state) for f in self.filters)
+
+    def _key(self) -> tuple:
+        return self.filters
+
+    def __repr__(self) -> str:
+        return f"All({', '.join(map(repr, self.filters))})"
+
+
+class Any(Filter):
+    """Selects the states that at least one filter selects.
+
+    Example:
+        >>> import jax.numpy as jnp, smap
+        >>> f = smap.filter.Any(smap.ParamState, smap.HiddenState)
+        >>> f((), smap.HiddenState(jnp.zeros(1)))
+        True
+    """
+
+    def __init__(self, *filters: FilterLike):
+        self.filters = tuple(to_filter(f) for f in filters)
+
+    def __call__(self, path: Path, state: State) -> bool:
+        return any(f(path, state) for f in self.filters)
+
+    def _key(self) -> tuple:
+        return self.filters
+
+    def __repr__(self) -> str:
+        return f"Any({', '.join(map(repr, self.filters))})"
+
+
+class Everything(Filter):
+    """Selects every state.
+
+    Example:
+        >>> import jax.numpy as jnp, smap
+        >>> smap.filter.Everything()((), smap.State(jnp.zeros(1)))
+        True
+    """
+
+    def __call__(self, path: Path, state: State) -> bool:
+        return True
+
+    def __repr__(self) -> str:
+        return "Everything()"
+
+
+class Nothing(Filter):
+    """Selects no state.
+
+    Example:
+        >>> import jax.numpy as jnp, smap
+        >>> smap.filter.Nothing()((), smap.State(jnp.zeros(1)))
+        False
+    """
+
+    def __call__(self, path: Path, state: State) -> bool:
+        return False
+
+    def __repr__(self) -> str:
+        return "Nothing()"
+
+
+class _Callable(Filter):
+    def __init__(self, fn: Callable[[Path, State], bool]):
+        self.fn = fn
+
+    def __call__(self, path: Path, state: State) -> bool:
+        return bool(self.fn(path, state))
+
+    def _key(self) -> tuple:
+        return (self.fn,)
+
+    def __repr__(self) -> str:
+        return repr(self.fn)
+
+
+def to_filter(selector: FilterLike) -> Filter:
+    """Turn a selector into a :class:`Filter`.
+
+    Accepted: a Filter; a State subclass (:class:`OfType`); a string
+    (:class:`WithTag`); a State instance or an iterable of them
+    (:class:`StateSet`); ``True``/``False`` (:class:`Everything`/:class:`Nothing`);
+    any other callable ``(path, state) -> bool``.
+
+    Example:
+        >>> import smap
+        >>> smap.filter.to_filter(smap.ParamState)
+        OfType(<class 'smap.ParamState'>)
+    """
+    if isinstance(selector, Filter):
+        return selector
+    if isinstance(selector, bool):
+        return Everything() if selector else Nothing()
+    if isinstance(selector, type):
+        if not issubclass(selector, State):
+            raise TypeError(f"a filter class must be a State subclass, got {selector!r}.")
+        return OfType(selector)
+    if isinstance(selector, str):
+        return WithTag(selector)
+    if isinstance(selector, State):
+        return StateSet([selector])
+    if callable(selector):
+        return _Callable(selector)
+    if isinstance(selector, Iterable):
+        return StateSet(selector)
+    raise TypeError(
+        f"cannot use {selector!r} as a state filter: expected a Filter, a State subclass, "
+        f"a tag string, a State, an iterable of States, or a callable (path, state) -> bool."
+    )
+
+
+for _cls in (Filter, OfType, WithTag, StateSet, Not, All, Any, Everything, Nothing):
+    _cls.__module__ = "smap.filter"

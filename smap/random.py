@@ -1,0 +1,339 @@
+"""Random numbers drawn from a key held in a State.
+
+Every draw splits the key of a :class:`RandomState` and writes the new key
+back, so transforms see draws as ordinary state reads and writes. Inside a
+mapping transform each lane gets its own key: lane ``i`` draws from lane ``i``
+of ``jax.random.split(key, axis_size)``, and the state's key advances once per
+call, whichever ``mapping_fn`` runs the lanes.
+
+The module functions draw from :data:`DEFAULT`.
+
+Example:
+    >>> import smap
+    >>> smap.random.seed(0)
+    >>> a = smap.random.normal(size=3)
+    >>> smap.random.seed(0)
+    >>> bool((a == smap.random.normal(size=3)).all())
+    True
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ._state import State
+
+__all__ = [
+    "RandomState",
+    "DEFAULT",
+    "seed",
+    "split_key",
+    "normal",
+    "uniform",
+    "bernoulli",
+    "randint",
+    "choice",
+    "permutation",
+    "truncated_normal",
+]
+
+Size = int | Sequence[int] | None
+
+
+class _Unseeded:
+    """A seed waiting to become a key, so that importing smap starts no backend."""
+
+    __slots__ = ("seed",)
+
+    def __init__(self, seed: int):
+        self.seed = seed
+
+    def __repr__(self) -> str:
+        return f"<key from seed {self.seed}>"
+
+
+def _as_key(seed_or_key: Any) -> jax.Array:
+    if seed_or_key is None:
+        seed_or_key = secrets.randbits(32)
+    if isinstance(seed_or_key, (int, np.integer)):
+        return jax.random.PRNGKey(int(seed_or_key))
+    key = jnp.asarray(seed_or_key) if not isinstance(seed_or_key, jax.Array) else seed_or_key
+    if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+        return jax.random.key_data(key)
+    default_shape = jax.eval_shape(lambda: jax.random.PRNGKey(0)).shape
+    if key.dtype != jnp.uint32 or key.shape != default_shape:
+        raise TypeError(
+            f"seed expects an int or a JAX PRNG key (a typed key, or uint32{list(default_shape)}), "
+            f"got an array of dtype {key.dtype} and shape {key.shape}."
+        )
+    return key
+
+
+def _shape(size: Size, *params: Any) -> tuple[int, ...]:
+    if size is None:
+        return jnp.broadcast_shapes(*(jnp.shape(p) for p in params)) if params else ()
+    if isinstance(size, (int, np.integer)):
+        return (int(size),)
+    return tuple(int(s) for s in size)
+
+
+class RandomState(State):
+    """A State holding a JAX PRNG key, with NumPy-style samplers.
+
+    Arguments:
+        seed_or_key: an int seed, a JAX key, or ``None`` for a fresh seed.
+
+    Example:
+        >>> import smap
+        >>> rng = smap.random.RandomState(42)
+        >>> rng.uniform(size=(2,)).shape
+        (2,)
+        >>> rng.randint(0, 10, size=3).dtype
+        dtype('int32')
+    """
+
+    __slots__ = ()
+
+    def __init__(self, seed_or_key: Any = None):
+        if seed_or_key is None or isinstance(seed_or_key, (int, np.integer)):
+            seed = secrets.randbits(32) if seed_or_key is None else int(seed_or_key)
+            super().__init__(_Unseeded(seed))
+        else:
+            super().__init__(_as_key(seed_or_key))
+
+    def _canonical(self, value: Any) -> Any:
+        if type(value) is _Unseeded:
+            return value
+        return super()._canonical(value)
+
+    def _stored(self) -> Any:
+        if type(self._value) is _Unseeded:
+            self._value = jax.random.PRNGKey(self._value.seed)
+        return super()._stored()
+
+    def seed(self, seed_or_key: Any = None) -> None:
+        """Reset the key from an int seed or a JAX key (``None``: a fresh seed).
+
+        Example:
+            >>> import smap
+            >>> rng = smap.random.RandomState()
+            >>> rng.seed(1); a = rng.normal()
+            >>> rng.seed(1); bool(a == rng.normal())
+            True
+        """
+        self.value = _as_key(seed_or_key)
+
+    def split_key(self, n: int | None = None) -> jax.Array:
+        """One new key (``n=None``) or ``n`` keys stacked, advancing the state.
+
+        Example:
+            >>> import smap
+            >>> smap.random.RandomState(0).split_key(4).shape
+            (4, 2)
+        """
+        key, sub = jax.random.split(self.value)
+        self.value = key
+        return sub if n is None else jax.random.split(sub, n)
+
+    def normal(self, loc: Any = 0.0, scale: Any = 1.0, size: Size = None, dtype: Any = None) -> jax.Array:
+        """Normal draws with mean ``loc`` and standard deviation ``scale``.
+
+        Example:
+            >>> import smap
+            >>> smap.random.RandomState(0).normal([0.0, 10.0], 1.0).shape
+            (2,)
+        """
+        loc, scale = jnp.asarray(loc), jnp.asarray(scale)
+        dtype = dtype or jnp.result_type(loc, scale, float)
+        z = jax.random.normal(self.split_key(), _shape(size, loc, scale), dtype)
+        return (loc + scale * z).astype(dtype)
+
+    def uniform(self, low: Any = 0.0, high: Any = 1.0, size: Size = None, dtype: Any = None) -> jax.Array:
+        """Uniform draws in ``[low, high)``.
+
+        Example:
+            >>> import smap
+            >>> x = smap.random.RandomState(0).uniform(2.0, 3.0, size=100)
+            >>> bool((x >= 2).all() and (x < 3).all())
+            True
+        """
+        low, high = jnp.asarray(low), jnp.asarray(high)
+        dtype = dtype or jnp.result_type(low, high, float)
+        shape = _shape(size, low, high)
+        return jax.random.uniform(self.split_key(), shape, dtype, minval=low, maxval=high)
+
+    def bernoulli(self, p: Any = 0.5, size: Size = None) -> jax.Array:
+        """Boolean draws that are ``True`` with probability ``p``.
+
+        Example:
+            >>> import smap
+            >>> smap.random.RandomState(0).bernoulli(0.5, size=(2, 3)).dtype
+            dtype('bool')
+        """
+        p = jnp.asarray(p)
+        return jax.random.bernoulli(self.split_key(), p, _shape(size, p))
+
+    def randint(self, low: Any, high: Any = None, size: Size = None, dtype: Any = int) -> jax.Array:
+        """Integers in ``[low, high)``, or ``[0, low)`` when ``high`` is None.
+
+        Example:
+            >>> import smap
+            >>> x = smap.random.RandomState(0).randint(3, size=50)
+            >>> int(x.min()) >= 0 and int(x.max()) < 3
+            True
+        """
+        if high is None:
+            low, high = 0, low
+        low, high = jnp.asarray(low), jnp.asarray(high)
+        return jax.random.randint(self.split_key(), _shape(size, low, high), low, high, dtype)
+
+    def choice(self, a: Any, size: Size = None, replace: bool = True, p: Any = None) -> jax.Array:
+        """Draws from the entries of ``a`` (or from ``arange(a)`` for an int).
+
+        Example:
+            >>> import smap
+            >>> smap.random.RandomState(0).choice(5, size=5, replace=False).sort().tolist()
+            [0, 1, 2, 3, 4]
+        """
+        return jax.random.choice(self.split_key(), a, _shape(size), replace, p)
+
+    def permutation(self, x: Any) -> jax.Array:
+        """A random permutation of ``x`` (or of ``arange(x)`` for an int).
+
+        Example:
+            >>> import smap
+            >>> sorted(smap.random.RandomState(0).permutation(4).tolist())
+            [0, 1, 2, 3]
+        """
+        return jax.random.permutation(self.split_key(), x)
+
+    def truncated_normal(
+        self, lower: Any, upper: Any, size: Size = None, loc: Any = 0.0, scale: Any = 1.0, dtype: Any = None
+    ) -> jax.Array:
+        """Normal draws with mean ``loc`` and scale ``scale`` kept in ``[lower, upper]``.
+
+        Example:
+            >>> import smap
+            >>> x = smap.random.RandomState(0).truncated_normal(-1.0, 1.0, size=100)
+            >>> bool((abs(x) <= 1).all())
+            True
+        """
+        lower, upper, loc, scale = map(jnp.asarray, (lower, upper, loc, scale))
+        dtype = dtype or jnp.result_type(loc, scale, float)
+        z = jax.random.truncated_normal(
+            self.split_key(), (lower - loc) / scale, (upper - loc) / scale,
+            _shape(size, lower, upper, loc, scale), dtype,
+        )
+        return (loc + scale * z).astype(dtype)
+
+
+RandomState.__module__ = "smap.random"
+
+DEFAULT = RandomState(0)
+"""The RandomState that the module-level samplers draw from."""
+
+
+def seed(seed_or_key: Any = None) -> None:
+    """Reset :data:`DEFAULT` from an int seed or a JAX key (``None``: a fresh seed).
+
+    Example:
+        >>> import smap
+        >>> smap.random.seed(42)
+    """
+    DEFAULT.seed(seed_or_key)
+
+
+def split_key(n: int | None = None) -> jax.Array:
+    """:meth:`RandomState.split_key` on :data:`DEFAULT`.
+
+    Example:
+        >>> import smap
+        >>> smap.random.split_key().shape
+        (2,)
+    """
+    return DEFAULT.split_key(n)
+
+
+def normal(loc: Any = 0.0, scale: Any = 1.0, size: Size = None, dtype: Any = None) -> jax.Array:
+    """:meth:`RandomState.normal` on :data:`DEFAULT`.
+
+    Example:
+        >>> import smap
+        >>> smap.random.normal(0.0, 2.0, size=(2, 2)).shape
+        (2, 2)
+    """
+    return DEFAULT.normal(loc, scale, size, dtype)
+
+
+def uniform(low: Any = 0.0, high: Any = 1.0, size: Size = None, dtype: Any = None) -> jax.Array:
+    """:meth:`RandomState.uniform` on :data:`DEFAULT`.
+
+    Example:
+        >>> import smap
+        >>> smap.random.uniform(size=3).shape
+        (3,)
+    """
+    return DEFAULT.uniform(low, high, size, dtype)
+
+
+def bernoulli(p: Any = 0.5, size: Size = None) -> jax.Array:
+    """:meth:`RandomState.bernoulli` on :data:`DEFAULT`.
+
+    Example:
+        >>> import smap
+        >>> smap.random.bernoulli(0.1, size=4).shape
+        (4,)
+    """
+    return DEFAULT.bernoulli(p, size)
+
+
+def randint(low: Any, high: Any = None, size: Size = None, dtype: Any = int) -> jax.Array:
+    """:meth:`RandomState.randint` on :data:`DEFAULT`.
+
+    Example:
+        >>> import smap
+        >>> smap.random.randint(0, 5, size=2).shape
+        (2,)
+    """
+    return DEFAULT.randint(low, high, size, dtype)
+
+
+def choice(a: Any, size: Size = None, replace: bool = True, p: Any = None) -> jax.Array:
+    """:meth:`RandomState.choice` on :data:`DEFAULT`.
+
+    Example:
+        >>> import smap
+        >>> smap.random.choice(10, size=3).shape
+        (3,)
+    """
+    return DEFAULT.choice(a, size, replace, p)
+
+
+def permutation(x: Any) -> jax.Array:
+    """:meth:`RandomState.permutation` on :data:`DEFAULT`.
+
+    Example:
+        >>> import smap
+        >>> smap.random.permutation(3).shape
+        (3,)
+    """
+    return DEFAULT.permutation(x)
+
+
+def truncated_normal(
+    lower: Any, upper: Any, size: Size = None, loc: Any = 0.0, scale: Any = 1.0, dtype: Any = None
+) -> jax.Array:
+    """:meth:`RandomState.truncated_normal` on :data:`DEFAULT`.
+
+    Example:
+        >>> import smap
+        >>> smap.random.truncated_normal(-2.0, 2.0, size=2).shape
+        (2,)
+    """
+    return DEFAULT.truncated_normal(lower, upper, size, loc, scale, dtype)

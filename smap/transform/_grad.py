@@ -1,0 +1,160 @@
+"""``smap.grad``: gradients with respect to States and arguments."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Hashable, Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from .._state import State
+from .._tracing import Program, StatefulFunction, TraceContext
+from ._signature import function_name
+
+__all__ = ["grad"]
+
+GradStates = State | Sequence[State] | Mapping[Any, State] | None
+
+
+def _grad_state_list(grad_states: GradStates) -> tuple[list[State], Callable[[list], Any]]:
+    """The states to differentiate, and how to rebuild the user's structure."""
+    if grad_states is None:
+        return [], lambda grads: None
+    if isinstance(grad_states, State):
+        return [grad_states], lambda grads: grads[0]
+    if isinstance(grad_states, Mapping):
+        keys, states = list(grad_states.keys()), list(grad_states.values())
+        rebuild = lambda grads: type(grad_states)(zip(keys, grads))  # noqa: E731
+    elif isinstance(grad_states, Sequence):
+        states = list(grad_states)
+        rebuild = lambda grads: type(grad_states)(grads)  # noqa: E731
+    else:
+        raise TypeError(
+            f"grad_states must be a State, a sequence of States or a dict of States, got {type(grad_states).__name__}."
+        )
+    for s in states:
+        if not isinstance(s, State):
+            raise TypeError(f"grad_states must hold States, got {type(s).__name__}.")
+    return states, rebuild
+
+
+class GradFunction(StatefulFunction):
+    """A function returning gradients; see :func:`grad`."""
+
+    def __init__(self, fun: Callable, grad_states: GradStates, argnums: int | Sequence[int] | None, has_aux: bool, return_value: bool):
+        super().__init__(fun, name=f"smap.grad({function_name(fun)})")
+        self.grad_states, self._rebuild_state_grads = _grad_state_list(grad_states)
+        if argnums is None and grad_states is None:
+            argnums = 0
+        self.argnums = argnums
+        self._arg_positions = () if argnums is None else ((argnums,) if isinstance(argnums, int) else tuple(argnums))
+        self.has_aux = has_aux
+        self.return_value = return_value
+        functools.update_wrapper(self, fun, updated=())
+
+    def _compile(self, program: Program, key: Hashable, context: TraceContext) -> tuple[Callable, Any, bool]:
+        self._check_loss(program)
+        tree, n_args = key[0], key[2]
+        positions = tuple(p % n_args if -n_args <= p < n_args else self._bad_argnum(p, n_args) for p in self._arg_positions)
+        grad_ids = {id(s): i for i, s in enumerate(self.grad_states)}
+
+        def run(arg_leaves: list, state_values: list, grad_values: list) -> tuple[tuple, list]:
+            def loss(grad_values: list, *args: Any, kwargs: dict) -> tuple[Any, tuple]:
+                state_leaves = []
+                for state, value in zip(program.states, state_values):
+                    if id(state) in grad_ids:
+                        value = grad_values[grad_ids[id(state)]]
+                    state_leaves.extend(jax.tree_util.tree_leaves(value))
+                results = program(*jax.tree_util.tree_leaves((args, kwargs)), *state_leaves)
+                outs, written = results[: program.n_outs], results[program.n_outs :]
+                out = jax.tree_util.tree_unflatten(program.out_tree, outs)
+                value, aux = out if self.has_aux else (out, None)
+                return value, (aux, program.unflatten_written(written))
+
+            args, kwargs = jax.tree_util.tree_unflatten(tree, arg_leaves)
+            argnums = (0, *(p + 1 for p in positions))
+            (value, (aux, written)), grads = jax.value_and_grad(loss, argnums=argnums, has_aux=True)(
+                grad_values, *args, kwargs=kwargs
+            )
+            return (value, aux, grads[0], grads[1:]), written
+
+        compiled = jax.jit(run)
+
+        def call(arg_leaves: list, state_values: list) -> tuple[tuple, list]:
+            return compiled(arg_leaves, state_values, [s.value for s in self.grad_states])
+
+        return call, None, program.changes_structure()
+
+    def _bad_argnum(self, p: int, n_args: int) -> int:
+        raise ValueError(f"{self.name}: argnums {p} is out of range for a call with {n_args} positional arguments.")
+
+    def _check_loss(self, program: Program) -> None:
+        out_avals = program.jaxpr.out_avals[: program.n_outs]
+        if self.has_aux:
+            if program.out_tree.num_children != 2:
+                raise TypeError(f"{self.name}: with has_aux=True the function must return a pair (loss, aux).")
+            n_loss = program.out_tree.children()[0].num_leaves
+            out_avals = out_avals[:n_loss]
+        if len(out_avals) != 1 or out_avals[0].shape != () or not jnp.issubdtype(out_avals[0].dtype, jnp.inexact):
+            shapes = ", ".join(f"{a.dtype}{list(a.shape)}" for a in out_avals)
+            raise TypeError(
+                f"{self.name}: the function must return a real scalar loss to differentiate, "
+                f"got {shapes or 'no array'}."
+            )
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        value, aux, state_grads, arg_grads = super().__call__(*args, **kwargs)
+        grads = []
+        if self.grad_states:
+            grads.append(self._rebuild_state_grads(list(state_grads)))
+        if self.argnums is not None:
+            grads.append(arg_grads[0] if isinstance(self.argnums, int) else tuple(arg_grads))
+        result = grads[0] if len(grads) == 1 else tuple(grads)
+        outputs = (result, value) if self.return_value else (result,)
+        if self.has_aux:
+            outputs += (aux,)
+        return outputs[0] if len(outputs) == 1 else outputs
+
+
+def grad(
+    fun: Callable | None = None,
+    grad_states: GradStates = None,
+    argnums: int | Sequence[int] | None = None,
+    has_aux: bool = False,
+    return_value: bool = False,
+) -> Any:
+    """Gradients of a scalar loss with respect to States and/or arguments.
+
+    States read by ``fun`` are inputs, states it writes are written back
+    after the call (for running statistics updated in a forward pass).
+
+    Arguments:
+        fun: the loss function; omit it to get a decorator.
+        grad_states: a State, a sequence of States or a dict of States (as
+            ``module.states(filter)`` returns); the state gradients have the
+            same structure. A state the loss does not use gets a zero gradient.
+        argnums: the positional arguments to differentiate; with
+            ``grad_states=None`` it defaults to ``0``.
+        has_aux: ``fun`` returns ``(loss, aux)``.
+        return_value: also return the loss.
+
+    Returns:
+        The state gradients, the argument gradients, or
+        ``(state_grads, arg_grads)`` when both are asked for; then
+        ``(grads, loss)`` with ``return_value=True``; ``aux`` comes last with
+        ``has_aux=True``.
+
+    Example:
+        >>> import jax.numpy as jnp, smap
+        >>> w = smap.ParamState(jnp.array([1.0, 2.0]))
+        >>> loss = lambda x: jnp.sum(w.value * x) ** 2
+        >>> smap.grad(loss, grad_states=w)(jnp.array([1.0, 1.0]))
+        Array([6., 6.], dtype=float32)
+        >>> smap.grad(loss, grad_states={'w': w}, argnums=0, return_value=True)(jnp.array([1.0, 1.0]))
+        (({'w': Array([6., 6.], dtype=float32)}, Array([6., 12.], dtype=float32)), Array(9., dtype=float32))
+    """
+    if fun is None:
+        return functools.partial(grad, grad_states=grad_states, argnums=argnums, has_aux=has_aux, return_value=return_value)
+    return GradFunction(fun, grad_states, argnums, has_aux, return_value)

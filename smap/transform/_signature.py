@@ -1,0 +1,39 @@
+"""Checks of a transform's arguments against the function it wraps."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Sequence
+
+from .._tracing import resolve_argnums
+
+__all__ = ["check_static_argnums", "function_name", "positional_count"]
+
+
+def function_name(fun: Callable) -> str:
+    return getattr(fun, "__name__", None) or type(fun).__name__
+
+
+def positional_count(fun: Callable) -> int | None:
+    """How many positional parameters ``fun`` takes, or None if unbounded or unknown."""
+    try:
+        parameters = inspect.signature(fun).parameters.values()
+    except (TypeError, ValueError):
+        return None
+    kinds = [p.kind for p in parameters]
+    if inspect.Parameter.VAR_POSITIONAL in kinds:
+        return None
+    positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    return sum(kind in positional for kind in kinds)
+
+
+def check_static_argnums(
+    fun: Callable, static_argnums: int | Sequence[int], static_argnames: str | Sequence[str]
+) -> tuple[tuple[int, ...], tuple[str, ...]]:
+    """Normalise static argument specs, rejecting indices the function cannot take."""
+    nums = resolve_argnums(static_argnums, positional_count(fun), "static_argnums")
+    names = (static_argnames,) if isinstance(static_argnames, str) else tuple(static_argnames)
+    for name in names:
+        if not isinstance(name, str):
+            raise TypeError(f"static_argnames must be strings, got {name!r}.")
+    return nums, names
