@@ -12,9 +12,14 @@ import inspect
 from typing import Any
 
 import jax
+from jax._src.array import ArrayImpl
 from jax.extend.core import take_current_trace
 
-__all__ = ["current_trace", "new_input"]
+# The concrete type of a jax.Array: comparing `type(x) is ArrayImpl` keeps the
+# per-call path of a cached transform free of abstract-base-class checks.
+ArrayImpl = ArrayImpl
+
+__all__ = ["ArrayImpl", "current_trace", "new_input"]
 
 
 def current_trace() -> Any:

@@ -236,8 +236,9 @@ class State:
         path = self.path
         if path:
             return f"state '{'.'.join(map(str, path))}' ({type(self).__name__})"
-        value = self._value if hasattr(self, "_value") else None
-        return f"{type(self).__name__} {_value_repr(value)}"
+        if not hasattr(self, "_value"):
+            return type(self).__name__
+        return f"{type(self).__name__} {_value_repr(self._value)}"
 
     def __repr__(self) -> str:
         parts = [_value_repr(self._value)]

@@ -40,6 +40,8 @@ _ARRAY_TYPES = (jax.Array, np.ndarray, np.generic)
 
 
 def _leaf_signature(x: Any) -> Hashable:
+    if type(x) is _compat.ArrayImpl:
+        return (x.shape, x.dtype, x.weak_type)
     try:
         return (x.shape, x.dtype, getattr(x, "weak_type", False))
     except AttributeError:
@@ -285,6 +287,7 @@ class StatefulFunction:
         return bound
 
     def signature_key(self, *args: Any, **kwargs: Any) -> tuple[Hashable, list, tuple, dict]:
+        """The argument part of the cache key, with the leaves and the dynamic arguments."""
         dyn_args, dyn_kwargs, static = self._split_static(args, kwargs)
         leaves, tree = jax.tree_util.tree_flatten((dyn_args, dyn_kwargs))
         key = (tree, static, len(args), *map(_leaf_signature, leaves))
@@ -369,20 +372,32 @@ class StatefulFunction:
     # -- call ------------------------------------------------------------------
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        key, leaves, dyn_args, dyn_kwargs = self.signature_key(*args, **kwargs)
-        entry = self._entry(key, leaves, dyn_args, dyn_kwargs)
-        frames = active_frames()
-        if frames:
-            values = [s.value for s in entry.states]
+        # The per-call path of a cached program: keep it short.
+        if self.static_argnums or self.static_argnames:
+            dyn_args, dyn_kwargs, static = self._split_static(args, kwargs)
         else:
-            values = [s._value for s in entry.states]
-        out, written = entry.call(leaves, values)
-        if written and not frames:
-            _check_not_traced(self.name, entry.written_states, written)
-        for state, value in zip(entry.written_states, written):
-            state.write_back(value)
-        if entry.changes_structure and not frames:
-            bump_structure_epoch()
+            dyn_args, dyn_kwargs, static = args, kwargs, ()
+        leaves, tree = jax.tree_util.tree_flatten((dyn_args, dyn_kwargs))
+        key = (tree, static, len(args), *map(_leaf_signature, leaves))
+        frames = active_frames()
+        entries = self._entries.get(key)
+        if entries and not frames and entries[0].epoch == structure_epoch():
+            entry = entries[0]
+        else:
+            entry = self._entry(key, leaves, dyn_args, dyn_kwargs)
+        if frames:
+            out, written = entry.call(leaves, [s.value for s in entry.states])
+            for state, value in zip(entry.written_states, written):
+                state.write_back(value)
+            return out
+        out, written = entry.call(leaves, [s._value for s in entry.states])
+        if written:
+            if type(written[0]) is not _compat.ArrayImpl:
+                _check_not_traced(self.name, entry.written_states, written)
+            for state, value in zip(entry.written_states, written):
+                state._value = value
+            if entry.changes_structure:
+                bump_structure_epoch()
         return out
 
 

@@ -117,6 +117,11 @@ class RandomState(State):
             self._value = jax.random.PRNGKey(self._value.seed)
         return super()._stored()
 
+    def __repr__(self) -> str:
+        if type(self._value) is _Unseeded:
+            return f"RandomState(seed={self._value.seed})"
+        return super().__repr__()
+
     def seed(self, seed_or_key: Any = None) -> None:
         """Reset the key from an int seed or a JAX key (``None``: a fresh seed).
 

@@ -1,0 +1,38 @@
+"""Test setup: 8 emulated CPU devices, set before JAX starts its backend."""
+
+import os
+
+os.environ["XLA_FLAGS"] = " ".join(
+    [os.environ.get("XLA_FLAGS", ""), "--xla_force_host_platform_device_count=8"]
+).strip()
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
+
+import smap  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _fresh_default_key():
+    """Each test starts from the same default random key."""
+    smap.random.seed(0)
+    yield
+
+
+def assert_trees_close(actual, expected, rtol=1e-6, atol=1e-6):
+    """Same tree structure, and every leaf equal to float round-off."""
+    import numpy as np
+
+    a_leaves, a_tree = jax.tree_util.tree_flatten(actual)
+    e_leaves, e_tree = jax.tree_util.tree_flatten(expected)
+    assert a_tree == e_tree, f"{a_tree} != {e_tree}"
+    for a, e in zip(a_leaves, e_leaves):
+        assert np.shape(a) == np.shape(e), f"{np.shape(a)} != {np.shape(e)}"
+        np.testing.assert_allclose(np.asarray(a), np.asarray(e), rtol=rtol, atol=atol)
+
+
+@pytest.fixture
+def close():
+    """`close(actual, expected)`: assert two pytrees are equal to float round-off."""
+    return assert_trees_close
