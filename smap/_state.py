@@ -40,28 +40,6 @@ def active_frames() -> list[TraceFrame]:
         return _local.frames
 
 
-class _Epoch:
-    """Counts changes of any state's structure, shape or dtype.
-
-    A transform that validated its cached programs at one epoch needs no
-    per-state check until the epoch moves.
-    """
-
-    value = 0
-
-    @classmethod
-    def bump(cls) -> None:
-        cls.value += 1
-
-
-def structure_epoch() -> int:
-    return _Epoch.value
-
-
-def bump_structure_epoch() -> None:
-    _Epoch.bump()
-
-
 class _Invalidated:
     """Stands in for the value of a state whose value escaped a trace."""
 
@@ -196,7 +174,6 @@ class State:
             frames[-1].write(self, value, check=False)
         else:
             self._value = value
-            bump_structure_epoch()
 
     def write_back(self, value: Any) -> None:
         """Write a value computed by a transform (already validated by it)."""

@@ -24,19 +24,11 @@ import numpy as np
 from jax.extend.core import ClosedJaxpr
 
 from . import _compat
-from ._state import (
-    State,
-    TraceFrame,
-    active_frames,
-    bump_structure_epoch,
-    structure_epoch,
-)
+from ._state import State, TraceFrame, active_frames
 
 __all__ = ["Program", "StatefulFunction", "TraceContext", "trace_program", "abstract", "resolve_argnums"]
 
 PyTreeDef = Any
-
-_ARRAY_TYPES = (jax.Array, np.ndarray, np.generic)
 
 
 def _leaf_signature(x: Any) -> Hashable:
@@ -105,14 +97,6 @@ class Program:
     def written_states(self) -> tuple[State, ...]:
         return tuple(self.states[i] for i in self.written)
 
-    def state_leaf_slices(self) -> list[slice]:
-        """Where each state's leaves sit among the program's state inputs."""
-        slices, start = [], 0
-        for tree in self.state_trees:
-            slices.append(slice(start, start + tree.num_leaves))
-            start += tree.num_leaves
-        return slices
-
     def unflatten_written(self, leaves: Sequence[Any]) -> list[Any]:
         """The written states' values, from the program's written-state outputs."""
         values, start = [], 0
@@ -121,20 +105,6 @@ class Program:
             values.append(jax.tree_util.tree_unflatten(tree, leaves[start : start + tree.num_leaves]))
             start += tree.num_leaves
         return values
-
-    def changes_structure(self) -> bool:
-        """Whether a written state leaves the program with another shape or dtype."""
-        in_avals = self.jaxpr.in_avals[self.n_args :]
-        out_avals = self.jaxpr.out_avals[self.n_outs :]
-        slices = self.state_leaf_slices()
-        start = 0
-        for i in self.written:
-            n = self.state_trees[i].num_leaves
-            for a, b in zip(in_avals[slices[i]], out_avals[start : start + n]):
-                if a.shape != b.shape or a.dtype != b.dtype:
-                    return True
-            start += n
-        return False
 
     def __call__(self, *leaves: Any) -> list[Any]:
         """Evaluate the program on argument leaves followed by state leaves."""
@@ -206,37 +176,90 @@ class TraceContext:
         return jax.tree_util.tree_map(abstract, value)
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class Entry:
-    """A cached program with what the transform compiled from it."""
+    """A cached program and the function of it that a call runs.
+
+    ``run(arg_leaves, state_values)`` takes the program's state values in
+    the order of ``program.states`` and returns the call's result and the new
+    values of ``program.written_states``.
+    """
 
     program: Program
     state_signature: tuple
-    call: Callable[[list, list], tuple[Any, list]]
-    states: tuple[State, ...]
-    written_states: tuple[State, ...]
-    changes_structure: bool
-    epoch: int
-    plan: Any = None
+    run: Callable[[list, list], tuple[Any, list]]
 
     def current_signature(self) -> tuple:
-        return tuple(_tree_signature(s.value) for s in self.states)
+        return tuple(_tree_signature(s.value) for s in self.program.states)
+
+
+class _StateList:
+    """The states a transform passes to its compiled dispatcher, by identity.
+
+    It is a static argument of the dispatcher: hashing by identity keeps a
+    cached executable tied to the exact states it was traced with.
+    """
+
+    __slots__ = ("states", "index")
+
+    def __init__(self, states: Sequence[State]):
+        self.states = tuple(states)
+        self.index = {id(s): i for i, s in enumerate(self.states)}
+
+    def extended(self, more: Sequence[State]) -> _StateList:
+        return _StateList(self.states + tuple(more))
+
+
+class _MissingStates(Exception):
+    """Raised while tracing the dispatcher when the program touches new states."""
+
+    def __init__(self, states: Sequence[State]):
+        self.states = states
 
 
 class StatefulFunction:
     """Trace, cache, compile, call and write back: the life of a transform call.
 
-    Subclasses set how a state's value enters the trace (:meth:`_make_input`),
-    which axis names collectives may use (:meth:`_axis_env`) and how a
-    program is compiled (:meth:`_compile`).
+    All calls go through one ``jax.jit`` dispatcher that takes the values of
+    the states touched so far, so JAX's own dispatch cache recognises a
+    signature (arguments and states) and the per-call work in Python is a
+    read of each state and a write of each written one. When the dispatcher
+    is traced for a new signature it looks up, or traces, the
+    :class:`Program` of the Python function and runs the subclass's function
+    of it (:meth:`_compile`).
+
+    Subclasses decide how a state's value enters the trace and which axis
+    names collectives may use (:meth:`_begin_trace`), and what a call does
+    with the program (:meth:`_compile`).
     """
 
-    def __init__(self, fun: Callable, *, static_argnums: Sequence[int] = (), static_argnames: Sequence[str] = (), name: str):
+    def __init__(
+        self,
+        fun: Callable,
+        *,
+        name: str,
+        static_argnums: Sequence[int] = (),
+        static_argnames: Sequence[str] = (),
+        donate_argnums: Sequence[int] = (),
+    ):
         self.fun = fun
         self.static_argnums = tuple(static_argnums)
         self.static_argnames = tuple(static_argnames)
         self.name = name
         self._entries: dict[Hashable, list[Entry]] = {}
+        self._state_list = _StateList(())
+        for i in (*self.static_argnums, *donate_argnums):
+            if i < 0:
+                raise ValueError(
+                    f"{name}: negative static_argnums/donate_argnums need a function with a fixed "
+                    f"number of positional arguments."
+                )
+        self._dispatch = jax.jit(
+            self._dispatch_trace,
+            static_argnums=(0, *(i + 2 for i in self.static_argnums)),
+            static_argnames=self.static_argnames,
+            donate_argnums=tuple(i + 2 for i in donate_argnums),
+        )
 
     # -- hooks -----------------------------------------------------------------
 
@@ -244,31 +267,28 @@ class StatefulFunction:
         """What the trace of a new signature needs: state inputs and axis names."""
         return TraceContext()
 
-    def _compile(self, program: Program, key: Hashable, context: TraceContext) -> tuple[Callable, Any, bool]:
-        """Return ``(call, plan, changes_structure)`` for a freshly traced program.
+    def _compile(self, program: Program, key: Hashable, context: TraceContext) -> Callable:
+        """The function ``run(arg_leaves, state_values) -> (result, written_values)``.
 
-        ``call(arg_leaves, state_values)`` returns the call's result and the
-        new values of ``program.written_states``.
+        It runs inside the dispatcher's ``jax.jit`` trace; ``state_values``
+        follow ``program.states`` and ``written_values`` follow
+        ``program.written_states``.
         """
         raise NotImplementedError
+
+    def _result(self, out: Any) -> Any:
+        """What a call returns, from what ``run`` returned."""
+        return out
 
     # -- signature -------------------------------------------------------------
 
     def _split_static(self, args: tuple, kwargs: dict) -> tuple[tuple, dict, Hashable]:
         if not self.static_argnums and not self.static_argnames:
             return args, kwargs, ()
-        nums = resolve_argnums(self.static_argnums, len(args), "static_argnums") if args else ()
-        nums = tuple(i for i in nums if i < len(args))
+        nums = tuple(i for i in self.static_argnums if i < len(args))
         static = tuple((i, args[i]) for i in nums) + tuple(
             (k, kwargs[k]) for k in self.static_argnames if k in kwargs
         )
-        try:
-            hash(static)
-        except TypeError:
-            raise TypeError(
-                f"{self.name}: static arguments must be hashable, got "
-                f"{[type(v).__name__ for _, v in static]}."
-            ) from None
         dyn_args = tuple(a for i, a in enumerate(args) if i not in nums)
         dyn_kwargs = {k: v for k, v in kwargs.items() if k not in self.static_argnames}
         return dyn_args, dyn_kwargs, static
@@ -313,32 +333,12 @@ class StatefulFunction:
             arg_avals=context.arg_avals,
             axis_env=context.axis_env,
         )
-        call, plan, changes_structure = self._compile(program, key, context)
         entry = Entry(
             program=program,
             state_signature=tuple(_tree_signature(s.value) for s in program.states),
-            call=call,
-            states=program.states,
-            written_states=program.written_states,
-            changes_structure=changes_structure,
-            epoch=structure_epoch(),
-            plan=plan,
+            run=self._compile(program, key, context),
         )
         self._entries.setdefault(key, []).insert(0, entry)
-        return entry
-
-    def _entry(self, key: Hashable, leaves: list, dyn_args: tuple, dyn_kwargs: dict) -> Entry:
-        entries = self._entries.get(key)
-        if entries and not active_frames() and entries[0].epoch == structure_epoch():
-            return entries[0]
-        entry = self._lookup(key)
-        if entry is None:
-            entry = self._trace(key, leaves, dyn_args, dyn_kwargs)
-        entry.epoch = structure_epoch()
-        entries = self._entries[key]
-        if entries[0] is not entry:
-            entries.remove(entry)
-            entries.insert(0, entry)
         return entry
 
     def get_arg_cache_key(self, *args: Any, **kwargs: Any) -> Hashable:
@@ -371,34 +371,41 @@ class StatefulFunction:
 
     # -- call ------------------------------------------------------------------
 
+    def _dispatch_trace(self, state_list: _StateList, values: list, *args: Any, **kwargs: Any) -> tuple[Any, dict]:
+        key, leaves, dyn_args, dyn_kwargs = self.signature_key(*args, **kwargs)
+        entry = self._lookup(key) or self._trace(key, leaves, dyn_args, dyn_kwargs)
+        program = entry.program
+        missing = [s for s in program.states if id(s) not in state_list.index]
+        if missing:
+            raise _MissingStates(missing)
+        index = state_list.index
+        out, written = entry.run(leaves, [values[index[id(s)]] for s in program.states])
+        return out, {index[id(s)]: v for s, v in zip(program.written_states, written)}
+
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        # The per-call path of a cached program: keep it short.
-        if self.static_argnums or self.static_argnames:
-            dyn_args, dyn_kwargs, static = self._split_static(args, kwargs)
-        else:
-            dyn_args, dyn_kwargs, static = args, kwargs, ()
-        leaves, tree = jax.tree_util.tree_flatten((dyn_args, dyn_kwargs))
-        key = (tree, static, len(args), *map(_leaf_signature, leaves))
         frames = active_frames()
-        entries = self._entries.get(key)
-        if entries and not frames and entries[0].epoch == structure_epoch():
-            entry = entries[0]
-        else:
-            entry = self._entry(key, leaves, dyn_args, dyn_kwargs)
+        while True:
+            state_list = self._state_list
+            if frames:
+                values = [s.value for s in state_list.states]
+            else:
+                values = [s._value for s in state_list.states]
+            try:
+                out, written = self._dispatch(state_list, values, *args, **kwargs)
+                break
+            except _MissingStates as missing:
+                self._state_list = state_list.extended(missing.states)
+        states = state_list.states
         if frames:
-            out, written = entry.call(leaves, [s.value for s in entry.states])
-            for state, value in zip(entry.written_states, written):
-                state.write_back(value)
-            return out
-        out, written = entry.call(leaves, [s._value for s in entry.states])
-        if written:
-            if type(written[0]) is not _compat.ArrayImpl:
-                _check_not_traced(self.name, entry.written_states, written)
-            for state, value in zip(entry.written_states, written):
-                state._value = value
-            if entry.changes_structure:
-                bump_structure_epoch()
-        return out
+            for i, value in written.items():
+                states[i].write_back(value)
+        elif written:
+            values = list(written.values())
+            if type(values[0]) is not _compat.ArrayImpl:
+                _check_not_traced(self.name, [states[i] for i in written], values)
+            for i, value in written.items():
+                states[i]._value = value
+        return self._result(out)
 
 
 def _check_not_traced(name: str, states: Sequence[State], values: Sequence[Any]) -> None:
@@ -409,4 +416,3 @@ def _check_not_traced(name: str, states: Sequence[State], values: Sequence[Any])
             f"transformation that smap does not see (jax.jit, jax.grad, ...). Use smap.jit "
             f"and smap.grad around smap transforms so states are carried through."
         )
-

@@ -44,29 +44,38 @@ class GradFunction(StatefulFunction):
     """A function returning gradients; see :func:`grad`."""
 
     def __init__(self, fun: Callable, grad_states: GradStates, argnums: int | Sequence[int] | None, has_aux: bool, return_value: bool):
-        super().__init__(fun, name=f"smap.grad({function_name(fun)})")
-        self.grad_states, self._rebuild_state_grads = _grad_state_list(grad_states)
+        states, self._rebuild_state_grads = _grad_state_list(grad_states)
+        self.grad_states = list({id(s): s for s in states}.values())
+        if len(self.grad_states) != len(states):
+            raise ValueError("grad_states lists a State more than once.")
         if argnums is None and grad_states is None:
             argnums = 0
         self.argnums = argnums
         self._arg_positions = () if argnums is None else ((argnums,) if isinstance(argnums, int) else tuple(argnums))
         self.has_aux = has_aux
         self.return_value = return_value
+
+        def touching_grad_states(*args: Any, **kwargs: Any) -> Any:
+            # Touch every differentiated state first: they become the first
+            # inputs of the program, and an unused one gets a zero gradient.
+            for state in self.grad_states:
+                state.value
+            return fun(*args, **kwargs)
+
+        super().__init__(touching_grad_states, name=f"smap.grad({function_name(fun)})")
         functools.update_wrapper(self, fun, updated=())
 
-    def _compile(self, program: Program, key: Hashable, context: TraceContext) -> tuple[Callable, Any, bool]:
+    def _compile(self, program: Program, key: Hashable, context: TraceContext) -> Callable:
         self._check_loss(program)
         tree, n_args = key[0], key[2]
-        positions = tuple(p % n_args if -n_args <= p < n_args else self._bad_argnum(p, n_args) for p in self._arg_positions)
-        grad_ids = {id(s): i for i, s in enumerate(self.grad_states)}
+        positions = tuple(self._argnum(p, n_args) for p in self._arg_positions)
+        n_grad = len(self.grad_states)
 
-        def run(arg_leaves: list, state_values: list, grad_values: list) -> tuple[tuple, list]:
+        def run(arg_leaves: list, state_values: list) -> tuple[tuple, list]:
+            other_values = state_values[n_grad:]
+
             def loss(grad_values: list, *args: Any, kwargs: dict) -> tuple[Any, tuple]:
-                state_leaves = []
-                for state, value in zip(program.states, state_values):
-                    if id(state) in grad_ids:
-                        value = grad_values[grad_ids[id(state)]]
-                    state_leaves.extend(jax.tree_util.tree_leaves(value))
+                state_leaves = jax.tree_util.tree_leaves(list(grad_values) + list(other_values))
                 results = program(*jax.tree_util.tree_leaves((args, kwargs)), *state_leaves)
                 outs, written = results[: program.n_outs], results[program.n_outs :]
                 out = jax.tree_util.tree_unflatten(program.out_tree, outs)
@@ -76,27 +85,23 @@ class GradFunction(StatefulFunction):
             args, kwargs = jax.tree_util.tree_unflatten(tree, arg_leaves)
             argnums = (0, *(p + 1 for p in positions))
             (value, (aux, written)), grads = jax.value_and_grad(loss, argnums=argnums, has_aux=True)(
-                grad_values, *args, kwargs=kwargs
+                state_values[:n_grad], *args, kwargs=kwargs
             )
             return (value, aux, grads[0], grads[1:]), written
 
-        compiled = jax.jit(run)
+        return run
 
-        def call(arg_leaves: list, state_values: list) -> tuple[tuple, list]:
-            return compiled(arg_leaves, state_values, [s.value for s in self.grad_states])
-
-        return call, None, program.changes_structure()
-
-    def _bad_argnum(self, p: int, n_args: int) -> int:
-        raise ValueError(f"{self.name}: argnums {p} is out of range for a call with {n_args} positional arguments.")
+    def _argnum(self, p: int, n_args: int) -> int:
+        if not -n_args <= p < n_args:
+            raise ValueError(f"{self.name}: argnums {p} is out of range for a call with {n_args} positional arguments.")
+        return p % n_args
 
     def _check_loss(self, program: Program) -> None:
         out_avals = program.jaxpr.out_avals[: program.n_outs]
         if self.has_aux:
             if program.out_tree.num_children != 2:
                 raise TypeError(f"{self.name}: with has_aux=True the function must return a pair (loss, aux).")
-            n_loss = program.out_tree.children()[0].num_leaves
-            out_avals = out_avals[:n_loss]
+            out_avals = out_avals[: program.out_tree.children()[0].num_leaves]
         if len(out_avals) != 1 or out_avals[0].shape != () or not jnp.issubdtype(out_avals[0].dtype, jnp.inexact):
             shapes = ", ".join(f"{a.dtype}{list(a.shape)}" for a in out_avals)
             raise TypeError(
@@ -104,8 +109,8 @@ class GradFunction(StatefulFunction):
                 f"got {shapes or 'no array'}."
             )
 
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        value, aux, state_grads, arg_grads = super().__call__(*args, **kwargs)
+    def _result(self, out: tuple) -> Any:
+        value, aux, state_grads, arg_grads = out
         grads = []
         if self.grad_states:
             grads.append(self._rebuild_state_grads(list(state_grads)))

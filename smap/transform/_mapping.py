@@ -156,9 +156,9 @@ class StatefulMapping(StatefulFunction):
         static_argnums, static_argnames = check_static_argnums(fun, static_argnums, static_argnames)
         super().__init__(
             fun,
+            name=name or function_name(fun),
             static_argnums=static_argnums,
             static_argnames=static_argnames,
-            name=name or function_name(fun),
         )
         self.origin_fun = fun
         self.in_axes = in_axes
@@ -225,7 +225,7 @@ class StatefulMapping(StatefulFunction):
 
     # -- after the trace: the plan ---------------------------------------------
 
-    def _compile(self, program: Program, key: Hashable, context: _LaneTrace) -> tuple[Callable, Any, bool]:
+    def _compile(self, program: Program, key: Hashable, context: _LaneTrace) -> Callable:
         if context.axis_size is None:
             raise ValueError(
                 f"{self.name}: axis_size is required when no argument is mapped and no state is batched."
@@ -243,8 +243,8 @@ class StatefulMapping(StatefulFunction):
             in_axes.extend(axes if axes is not None else [0 if is_key else None] * tree.num_leaves)
         dependent = lane_dependent(program.jaxpr.jaxpr, [a is not None for a in in_axes], self.axis_name)
         out_axes = self._output_axes(program, dependent[: program.n_outs])
-        state_axes, advance, changes = self._written_axes(program, context, dependent[program.n_outs :])
-        run = _mapped_program(
+        state_axes, advance = self._written_axes(program, context, dependent[program.n_outs :])
+        return _mapped_program(
             program,
             mapping_fn=self.mapping_fn,
             mapping_kwargs=self.mapping_kwargs,
@@ -255,7 +255,6 @@ class StatefulMapping(StatefulFunction):
             split=tuple(split),
             advance=tuple(advance),
         )
-        return jax.jit(run), None, changes
 
     def _output_axes(self, program: Program, dependent: list[bool]) -> list[int | None]:
         avals = program.jaxpr.out_avals[: program.n_outs]
@@ -277,11 +276,10 @@ class StatefulMapping(StatefulFunction):
 
     def _written_axes(
         self, program: Program, context: _LaneTrace, dependent: list[bool]
-    ) -> tuple[list[int | None], list[bool], bool]:
+    ) -> tuple[list[int | None], list[bool]]:
         out_avals = program.jaxpr.out_avals[program.n_outs :]
         axes: list[int | None] = []
         advance: list[bool] = []
-        changes = False
         start = 0
         for i in program.written:
             state, n = program.states[i], program.state_trees[i].num_leaves
@@ -309,8 +307,7 @@ class StatefulMapping(StatefulFunction):
             if not (selected and out_axis is not None):
                 out_axis = self._unexpected_write(state)
             axes.extend(resolve_axis(out_axis, a.ndim + 1, f"{self.name}: state_out_axes for {state.describe()}") for a in avals)
-            changes = True
-        return axes, advance, changes
+        return axes, advance
 
     def _unexpected_write(self, state: State) -> int:
         message = (
