@@ -248,6 +248,7 @@ class StatefulFunction:
         self.name = name
         self._entries: dict[Hashable, list[Entry]] = {}
         self._state_list = _StateList(())
+        self._placed_values: list | None = None
         for i in (*self.static_argnums, *donate_argnums):
             if i < 0:
                 raise ValueError(
@@ -380,7 +381,11 @@ class StatefulFunction:
             raise _MissingStates(missing)
         index = state_list.index
         out, written = entry.run(leaves, [values[index[id(s)]] for s in program.states])
-        return out, {index[id(s)]: v for s, v in zip(program.written_states, written)}
+        placed = self._placed_values
+        return out, {
+            index[id(s)]: _keep_placement(v, placed[index[id(s)]] if placed else None)
+            for s, v in zip(program.written_states, written)
+        }
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         frames = active_frames()
@@ -390,6 +395,8 @@ class StatefulFunction:
                 values = [s.value for s in state_list.states]
             else:
                 values = [s._value for s in state_list.states]
+            # The dispatcher's trace reads where the states live (see _keep_placement).
+            self._placed_values = None if frames else values
             try:
                 out, written = self._dispatch(state_list, values, *args, **kwargs)
                 break
@@ -406,6 +413,31 @@ class StatefulFunction:
             for i, value in written.items():
                 states[i]._value = value
         return self._result(out)
+
+
+def _keep_placement(new: Any, old: Any) -> Any:
+    """A written state keeps the sharding its value had over several devices.
+
+    Only while tracing the dispatcher: JAX keys its compiled programs on the
+    inputs' shardings, so the constraint matches every call that reuses it.
+    """
+    if old is None:
+        return new
+
+    def keep(n: Any, o: Any) -> Any:
+        sharding = getattr(o, "sharding", None)
+        if (
+            isinstance(sharding, jax.sharding.NamedSharding)
+            and len(sharding.device_set) > 1
+            and np.shape(o) == np.shape(n)
+        ):
+            return jax.lax.with_sharding_constraint(n, sharding)
+        return n
+
+    try:
+        return jax.tree_util.tree_map(keep, new, old)
+    except ValueError:  # the structure changed: nothing to keep
+        return new
 
 
 def _check_not_traced(name: str, states: Sequence[State], values: Sequence[Any]) -> None:

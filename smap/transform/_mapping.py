@@ -173,6 +173,17 @@ class StatefulMapping(StatefulFunction):
         self._sizes_found_in_trace: dict[Hashable, int] = {}
         functools.update_wrapper(self, fun, updated=())
 
+    def state_axis(self, state: State) -> int | None:
+        """The axis along which ``state_in_axes`` splits ``state``, or None when it is shared.
+
+        Example:
+            >>> import jax.numpy as jnp, smap
+            >>> h = smap.HiddenState(jnp.zeros((4, 2)))
+            >>> smap.vmap(lambda x: x, state_in_axes={1: smap.HiddenState}).state_axis(h)
+            1
+        """
+        return select_axis(self.state_in_axes, state.path, state)[1]
+
     def __repr__(self) -> str:
         return f"StatefulMapping({self.name}, axis_name={self.axis_name!r}, axis_size={self.axis_size!r})"
 
@@ -244,10 +255,11 @@ class StatefulMapping(StatefulFunction):
         dependent = lane_dependent(program.jaxpr.jaxpr, [a is not None for a in in_axes], self.axis_name)
         out_axes = self._output_axes(program, dependent[: program.n_outs])
         state_axes, advance = self._written_axes(program, context, dependent[program.n_outs :])
+        mapping_fn, mapping_kwargs = _device_mapping(self.mapping_fn, self.mapping_kwargs)
         return _mapped_program(
             program,
-            mapping_fn=self.mapping_fn,
-            mapping_kwargs=self.mapping_kwargs,
+            mapping_fn=mapping_fn,
+            mapping_kwargs=mapping_kwargs,
             in_axes=tuple(in_axes),
             out_axes=tuple(out_axes + state_axes),
             axis_name=self.axis_name,
@@ -331,6 +343,19 @@ class StatefulMapping(StatefulFunction):
 class _SizeFoundInTrace(Exception):
     def __init__(self, size: int):
         self.size = size
+
+
+def _device_mapping(mapping_fn: Callable, mapping_kwargs: dict) -> tuple[Callable, dict]:
+    """``jax.pmap`` and ``jax.shard_map`` do not take ``jax.vmap``'s calling
+    convention; the sharding layer adapts them (imported only when used)."""
+    target = mapping_fn.func if isinstance(mapping_fn, functools.partial) else mapping_fn
+    if target is jax.vmap:
+        return mapping_fn, mapping_kwargs
+    if target is jax.pmap or "shard_map" in getattr(target, "__name__", ""):
+        import sharding
+
+        return sharding.adapt(mapping_fn, mapping_kwargs)
+    return mapping_fn, mapping_kwargs
 
 
 def _mapped_program(

@@ -1,0 +1,283 @@
+"""SPMD mapping functions with ``jax.vmap``'s calling convention.
+
+``StatefulMapping`` hands its per-lane program to ``mapping_fn(f, in_axes=...,
+out_axes=..., axis_name=..., axis_size=...)``. The adapters here run it on
+several devices and give exactly the result of ``jax.vmap``: the mapped axis
+is split into one contiguous block of lanes per device, each device maps its
+block with a local ``jax.vmap``, and collectives on ``axis_name`` span all
+lanes of all devices (see :mod:`sharding._spanning`).
+
+- :class:`ShardMap` runs the blocks with ``jax.shard_map`` over mesh axes: the
+  mapped axis of arguments, outputs and batched states is partitioned over
+  those axes, and stays so between calls.
+- :class:`Pmap` runs them with ``jax.pmap`` over a list of devices.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Callable, Hashable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import PartitionSpec
+
+from . import _compat
+from ._spanning import Span, spanning_lane
+
+__all__ = ["ShardMap", "Pmap", "shard_map", "pmap", "adapt"]
+
+
+def _flat_axes(axes: Any, tree: Any, what: str) -> list[int | None]:
+    out: list[int | None] = []
+
+    def expand(axis: Any, subtree: Any) -> None:
+        out.extend([axis] * len(jax.tree_util.tree_leaves(subtree)))
+
+    try:
+        jax.tree_util.tree_map(expand, axes, tree, is_leaf=lambda x: x is None)
+    except ValueError as error:
+        raise ValueError(f"{what} {axes!r} does not match the structure it applies to: {error}") from None
+    return out
+
+
+def _lane_aval(x: Any, axis: int | None) -> jax.ShapeDtypeStruct:
+    shape = tuple(jnp.shape(x))
+    if axis is not None:
+        shape = shape[:axis] + shape[axis + 1 :]
+    return jax.ShapeDtypeStruct(shape, jnp.result_type(x), weak_type=getattr(x, "weak_type", False))
+
+
+class _Adapter:
+    """The shared steps: flatten, check sizes, span collectives, map locally."""
+
+    name = "adapter"
+
+    def __call__(
+        self,
+        f: Callable,
+        in_axes: Any = 0,
+        out_axes: Any = 0,
+        axis_name: Hashable | None = None,
+        axis_size: int | None = None,
+    ) -> Callable:
+        return functools.partial(self._call, f, in_axes, out_axes, axis_name, axis_size)
+
+    def _call(self, f: Callable, in_axes: Any, out_axes: Any, axis_name: Hashable | None, axis_size: int | None, *args: Any) -> Any:
+        if isinstance(in_axes, list):
+            in_axes = tuple(in_axes)
+        if not isinstance(in_axes, tuple):
+            in_axes = (in_axes,) * len(args)
+        leaves, tree = jax.tree_util.tree_flatten(args)
+        axes = [None if a is None else a % jnp.ndim(x) for a, x in zip(_flat_axes(in_axes, args, "in_axes"), leaves)]
+        sizes = {jnp.shape(x)[a] for x, a in zip(leaves, axes) if a is not None}
+        if axis_size is None:
+            if len(sizes) != 1:
+                raise ValueError(f"{self.name}: cannot infer the mapped size from sizes {sorted(sizes)}; give axis_size.")
+            axis_size = sizes.pop()
+        lane_avals = [_lane_aval(x, a) for x, a in zip(leaves, axes)]
+
+        def lane(*lane_leaves: Any) -> Any:
+            return f(*jax.tree_util.tree_unflatten(tree, lane_leaves))
+
+        def flat_lane(*lane_leaves: Any) -> list:
+            return jax.tree_util.tree_leaves(lane(*lane_leaves))
+
+        axis_env = [(axis_name, axis_size)] if axis_name is not None else None
+        _, out_shape = jax.make_jaxpr(lane, axis_env=axis_env, return_shape=True)(*lane_avals)
+        out_leaves, out_tree = jax.tree_util.tree_flatten(out_shape)
+        flat_out_axes = [
+            None if a is None else a % (len(s.shape) + 1)
+            for a, s in zip(_flat_axes(out_axes, out_shape, "out_axes"), out_leaves)
+        ]
+        results = self._map(flat_lane, leaves, axes, lane_avals, flat_out_axes, axis_name, axis_size)
+        return jax.tree_util.tree_unflatten(out_tree, results)
+
+    def _local_lanes(self, axis_size: int, n_devices: int) -> int:
+        if axis_size % n_devices:
+            raise ValueError(
+                f"{self.name}: the mapped size {axis_size} is not divisible by the {n_devices} devices "
+                f"it is split over; use a batch that is a multiple of {n_devices}."
+            )
+        return axis_size // n_devices
+
+    def _local_program(
+        self, f: Callable, lane_avals: list, axes: list, out_axes: list, axis_name: Hashable | None, span: Span
+    ) -> Callable:
+        lane = spanning_lane(f, lane_avals, span) if axis_name is not None else f
+        return jax.vmap(
+            lambda *a: tuple(lane(*a)),
+            in_axes=tuple(axes),
+            out_axes=tuple(out_axes),
+            axis_name=span.local_name,
+            axis_size=span.local_size,
+        )
+
+    def _map(self, f: Callable, leaves: list, axes: list, lane_avals: list, out_axes: list, axis_name: Hashable | None, axis_size: int) -> list:
+        raise NotImplementedError
+
+
+class ShardMap(_Adapter):
+    """A ``mapping_fn`` that partitions the mapped axis over mesh axes with ``jax.shard_map``.
+
+    Arguments:
+        mesh: the device mesh; ``None`` takes the ambient one (``jax.set_mesh``).
+        axis: the mesh axis (or tuple of axes) that the lanes are split over;
+            ``None`` means every axis of the mesh.
+    """
+
+    name = "sharding.shard_map"
+
+    def __init__(self, mesh: Any = None, axis: str | Sequence[str] | None = None):
+        self._mesh = mesh
+        self._axis = (axis,) if isinstance(axis, str) else (None if axis is None else tuple(axis))
+        if mesh is not None:
+            self.mesh_and_axes()
+
+    def mesh_and_axes(self) -> tuple[Any, tuple[str, ...]]:
+        """The mesh and the mesh axes that lanes are split over."""
+        mesh = self._mesh if self._mesh is not None else _compat.ambient_mesh()
+        if mesh is None:
+            raise ValueError(
+                f"{self.name}: no mesh. Pass one (sharding.shard_map(mesh) or "
+                f"mapping_kwargs={{'mesh': mesh}} with jax.shard_map), or call under jax.set_mesh(mesh)."
+            )
+        axes = tuple(mesh.axis_names) if self._axis is None else self._axis
+        for axis in axes:
+            if axis not in mesh.axis_names:
+                raise ValueError(f"{self.name}: the mesh has axes {tuple(mesh.axis_names)}, not {axis!r}.")
+        return mesh, axes
+
+    @property
+    def mesh(self) -> Any:
+        return self.mesh_and_axes()[0]
+
+    @property
+    def axes(self) -> tuple[str, ...]:
+        return self.mesh_and_axes()[1]
+
+    def lane_spec(self, ndim: int, axis: int | None) -> PartitionSpec:
+        """The PartitionSpec of a value of rank ``ndim`` mapped along ``axis`` (None: replicated)."""
+        if axis is None:
+            return PartitionSpec()
+        axes = self.axes
+        return PartitionSpec(*([None] * axis), axes[0] if len(axes) == 1 else axes)
+
+    def _map(self, f, leaves, axes, lane_avals, out_axes, axis_name, axis_size):  # type: ignore[override]
+        mesh, mesh_axes = self.mesh_and_axes()
+        sizes = tuple(mesh.shape[a] for a in mesh_axes)
+        span = Span(axis_name, mesh_axes, sizes, Span.fresh_name(), self._local_lanes(axis_size, math.prod(sizes)), self.name)
+        body = self._local_program(f, lane_avals, axes, out_axes, axis_name, span)
+        in_specs = tuple(self.lane_spec(jnp.ndim(x), a) for x, a in zip(leaves, axes))
+        out_specs = tuple(self.lane_spec(0, a) for a in out_axes)
+        return list(_compat.shard_map(body, mesh, in_specs, out_specs)(*leaves))
+
+    def __repr__(self) -> str:
+        return f"sharding.shard_map(mesh={self._mesh!r}, axis={self._axis!r})"
+
+
+class Pmap(_Adapter):
+    """A ``mapping_fn`` that runs blocks of lanes on devices with ``jax.pmap``.
+
+    Arguments:
+        devices: the devices to use; all local devices by default. With fewer
+            lanes than devices, the first ``axis_size`` devices are used.
+    """
+
+    name = "sharding.pmap"
+
+    def __init__(self, devices: Sequence[Any] | None = None):
+        self.devices = None if devices is None else list(devices)
+
+    def _map(self, f, leaves, axes, lane_avals, out_axes, axis_name, axis_size):  # type: ignore[override]
+        devices = self.devices if self.devices is not None else jax.local_devices()
+        n = min(len(devices), axis_size)
+        local = self._local_lanes(axis_size, n)
+        device_axis = Span.fresh_name("devices")
+        span = Span(axis_name, (device_axis,), (n,), Span.fresh_name(), local, self.name)
+        body = self._local_program(f, lane_avals, [None if a is None else 0 for a in axes], [None if a is None else 0 for a in out_axes], axis_name, span)
+        blocks = [x if a is None else jnp.moveaxis(x, a, 0).reshape((n, local, *jnp.shape(x)[:a], *jnp.shape(x)[a + 1 :])) for x, a in zip(leaves, axes)]
+        mapped = jax.pmap(
+            body,
+            axis_name=device_axis,
+            in_axes=tuple(None if a is None else 0 for a in axes),
+            out_axes=0,
+            devices=devices[:n],
+        )
+        results = []
+        for y, a in zip(mapped(*blocks), out_axes):
+            if a is None:
+                results.append(y[0])
+            else:
+                y = y.reshape((axis_size, *y.shape[2:]))
+                results.append(jnp.moveaxis(y, 0, a))
+        return results
+
+    def __repr__(self) -> str:
+        return f"sharding.pmap(devices={self.devices!r})"
+
+
+def shard_map(mesh: Any = None, axis: str | Sequence[str] | None = "data") -> ShardMap:
+    """A ``mapping_fn`` that splits the lanes over ``axis`` of ``mesh`` with ``jax.shard_map``.
+
+    Every lane runs the same program as under ``jax.vmap``; collectives on the
+    mapping's ``axis_name`` see all lanes. The mapped axis of arguments,
+    outputs and batched states is partitioned over the mesh axis, so batched
+    states stay sharded between calls.
+
+    Arguments:
+        mesh: a ``jax.sharding.Mesh``; ``None`` takes the ambient mesh.
+        axis: the mesh axis, or a tuple of axes, to split the lanes over
+            (``None``: all axes of the mesh).
+
+    Example:
+        >>> import jax, jax.numpy as jnp, smap, sharding
+        >>> mesh = sharding.make_mesh(data=jax.device_count())
+        >>> double = smap.StatefulMapping(lambda x: 2 * x, mapping_fn=sharding.shard_map(mesh))
+        >>> double(jnp.arange(float(jax.device_count()))).sum() == 2 * sum(range(jax.device_count()))
+        Array(True, dtype=bool)
+    """
+    return ShardMap(mesh, axis)
+
+
+def pmap(devices: Sequence[Any] | None = None) -> Pmap:
+    """A ``mapping_fn`` that runs blocks of lanes on ``devices`` with ``jax.pmap``.
+
+    Example:
+        >>> import jax, jax.numpy as jnp, smap, sharding
+        >>> total = smap.StatefulMapping(lambda x: jax.lax.psum(x, 'i'), axis_name='i', mapping_fn=sharding.pmap())
+        >>> total(jnp.ones(16))[0]
+        Array(16., dtype=float32)
+    """
+    return Pmap(devices)
+
+
+def adapt(mapping_fn: Callable, mapping_kwargs: dict) -> tuple[Callable, dict]:
+    """Turn ``jax.pmap``/``jax.shard_map`` (or partials of them) into adapters.
+
+    Other mapping functions are returned unchanged.
+    """
+    keywords: dict = {}
+    target = mapping_fn
+    if isinstance(mapping_fn, functools.partial):
+        target, keywords = mapping_fn.func, dict(mapping_fn.keywords)
+    options = {**keywords, **mapping_kwargs}
+    if target is jax.pmap:
+        _accept(options, {"devices"}, "jax.pmap")
+        return Pmap(options.get("devices")), {}
+    if _compat.is_shard_map(target):
+        _accept(options, {"mesh", "axis_names", "check_vma", "check_rep"}, "jax.shard_map")
+        names = options.get("axis_names") or None
+        return ShardMap(options.get("mesh"), tuple(names) if names else None), {}
+    return mapping_fn, mapping_kwargs
+
+
+def _accept(options: dict, allowed: set[str], what: str) -> None:
+    unknown = set(options) - allowed
+    if unknown:
+        raise TypeError(
+            f"{what} as mapping_fn takes {sorted(allowed)} in mapping_kwargs; the lanes decide the "
+            f"rest (in_specs, out_specs, axis_name), got {sorted(unknown)}."
+        )
