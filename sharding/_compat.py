@@ -23,20 +23,14 @@ try:
 except AttributeError:  # JAX before 0.6
     from jax.experimental.shard_map import shard_map as _shard_map
 
-_SHARD_MAPS = {id(_shard_map)}
-try:
-    from jax.experimental import shard_map as _experimental
-
-    _SHARD_MAPS.add(id(_experimental.shard_map))
-except (ImportError, AttributeError):
-    pass
-
 _CHECK_FLAG = "check_vma" if "check_vma" in inspect.signature(_shard_map).parameters else "check_rep"
 
 
 def is_shard_map(fn: Any) -> bool:
-    """Whether ``fn`` is JAX's shard_map (at any of its import locations)."""
-    return id(fn) in _SHARD_MAPS
+    """Whether ``fn`` is JAX's shard_map (at its top-level or experimental location)."""
+    return fn is _shard_map or (
+        getattr(fn, "__name__", None) == "shard_map" and getattr(fn, "__module__", "").startswith("jax")
+    )
 
 
 def shard_map(f: Callable, mesh: Any, in_specs: Any, out_specs: Any) -> Callable:
