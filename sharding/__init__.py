@@ -16,6 +16,7 @@ Example:
 """
 
 from ._adapters import Pmap, ShardMap, adapt, pmap, shard_map
+from ._distributed import global_batch, initialize, to_host
 from ._mesh import emulate_cpu_devices, make_mesh
 from ._placement import StateTable, describe, place, spec_for
 
@@ -31,4 +32,7 @@ __all__ = [
     "place",
     "describe",
     "StateTable",
+    "initialize",
+    "global_batch",
+    "to_host",
 ]

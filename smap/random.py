@@ -114,7 +114,9 @@ class RandomState(State):
 
     def _stored(self) -> Any:
         if type(self._value) is _Unseeded:
-            self._value = jax.random.PRNGKey(self._value.seed)
+            # Possibly inside a trace: the key must be a concrete value all the same.
+            with jax.ensure_compile_time_eval():
+                self._value = jax.random.PRNGKey(self._value.seed)
         return super()._stored()
 
     def __repr__(self) -> str:
