@@ -123,7 +123,7 @@ def place(target: Any, mapping: smap.StatefulMapping | None = None, *, mesh: Any
 class StateRow:
     path: str
     type: str
-    shape: tuple
+    shape: tuple | str
     dtype: str
     spec: str
     bytes_per_device: int
@@ -182,13 +182,14 @@ def describe(target: Any) -> StateTable:
     table = StateTable()
     for path, state in _states(target).items():
         leaves = jax.tree_util.tree_leaves(state.peek())
+        single = len(leaves) == 1
         table.append(
             StateRow(
                 path=path,
                 type=type(state).__name__,
-                shape=tuple(np.shape(leaves[0])) if len(leaves) == 1 else tuple(np.shape(x) for x in leaves),
-                dtype=str(leaves[0].dtype) if len(leaves) == 1 else ",".join(str(x.dtype) for x in leaves),
-                spec=_spec_text(leaves[0]) if len(leaves) == 1 else "; ".join(_spec_text(x) for x in leaves),
+                shape=tuple(np.shape(leaves[0])) if single else f"{len(leaves)} arrays",
+                dtype=str(leaves[0].dtype) if single else ",".join(sorted({str(x.dtype) for x in leaves})),
+                spec=_spec_text(leaves[0]) if single else "; ".join(sorted({_spec_text(x) for x in leaves})),
                 bytes_per_device=sum(_bytes_per_device(x) for x in leaves),
             )
         )

@@ -99,9 +99,10 @@ class GradFunction(StatefulFunction):
     def _check_loss(self, program: Program) -> None:
         out_avals = program.jaxpr.out_avals[: program.n_outs]
         if self.has_aux:
-            if program.out_tree.num_children != 2:
+            children = program.out_tree.children()
+            if len(children) != 2:
                 raise TypeError(f"{self.name}: with has_aux=True the function must return a pair (loss, aux).")
-            out_avals = out_avals[: program.out_tree.children()[0].num_leaves]
+            out_avals = out_avals[: children[0].num_leaves]
         if len(out_avals) != 1 or out_avals[0].shape != () or not jnp.issubdtype(out_avals[0].dtype, jnp.inexact):
             shapes = ", ".join(f"{a.dtype}{list(a.shape)}" for a in out_avals)
             raise TypeError(

@@ -1,0 +1,68 @@
+"""The main demo: accuracy, equivalence across mappings, devices and processes, bad options."""
+
+import pathlib
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+DEMO = ROOT / "scripts" / "demo.py"
+
+
+def _demo(*args, timeout=300):
+    return subprocess.run(
+        [sys.executable, str(DEMO), *args], capture_output=True, text=True, timeout=timeout, cwd=ROOT
+    )
+
+
+def test_demo_reaches_its_accuracy_and_prints_mesh_table_and_progress():
+    result = _demo()
+    assert result.returncode == 0, result.stdout + result.stderr
+    out = result.stdout
+    assert "mesh: Mesh('data': 8" in out
+    assert re.search(r"model\.w1\s+ParamState\s+\(64, 128\)\s+float32\s+P\(\)\s+32,768", out), out
+    epochs = re.findall(r"epoch +\d+ +loss (\S+) +train accuracy (\S+) +([\d,]+) examples/s", out)
+    assert len(epochs) == 12
+    assert float(epochs[-1][0]) < float(epochs[0][0])
+    accuracy = float(re.search(r"test accuracy: (\S+)", out).group(1))
+    assert accuracy >= 0.95
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        ["--mapping", "pmap", "--devices", "4"],
+        ["--mapping", "shard_map", "--devices", "8"],
+        ["--mapping", "shard_map", "--devices", "2", "--processes", "2"],
+    ],
+    ids=["pmap-4", "shard_map-8", "shard_map-2x2-processes"],
+)
+def test_same_seed_gives_the_same_parameters_whatever_the_mapping(tmp_path, options, close):
+    reference = tmp_path / "vmap.npz"
+    result = _demo("--mapping", "vmap", "--devices", "1", "--epochs", "1", "--save", str(reference))
+    assert result.returncode == 0, result.stdout + result.stderr
+    other = tmp_path / "other.npz"
+    result = _demo(*options, "--epochs", "1", "--save", str(other))
+    assert result.returncode == 0, result.stdout + result.stderr
+    expected, got = np.load(reference), np.load(other)
+    assert sorted(expected) == ["b1", "b2", "w1", "w2"]
+    close(dict(got), dict(expected), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (["--devices", "3", "--mapping", "pmap"], "--batch-size 64 cannot be split evenly over 3 devices"),
+        (["--processes", "0"], "--processes must be at least 1"),
+        (["--processes", "2", "--mapping", "pmap"], "use --mapping shard_map with --processes"),
+        (["--mapping", "tpu"], "invalid choice: 'tpu'"),
+    ],
+)
+def test_options_that_make_no_sense_get_a_message_not_a_traceback(options, message):
+    result = _demo(*options)
+    assert result.returncode == 2
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
