@@ -31,7 +31,9 @@ MAPPINGS = ("vmap", "pmap", "shard_map")
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Data-parallel MLP training on the digits data set with smap.")
-    parser.add_argument("--devices", type=int, default=8, help="emulated CPU devices (per process) (default 8)")
+    parser.add_argument(
+        "--devices", type=int, default=8, help="emulated CPU devices per process (default 8; on GPU/TPU the accelerators are used)"
+    )
     parser.add_argument("--mapping", choices=MAPPINGS, default="shard_map", help="mapping_fn (default shard_map)")
     parser.add_argument("--processes", type=int, default=1, help="processes, through scripts/launch_local.py (default 1)")
     parser.add_argument("--epochs", type=int, default=12, help="passes over the training set (default 12)")
@@ -137,6 +139,9 @@ def train(args: argparse.Namespace) -> int:
 
     process, n_processes = jax.process_index(), jax.process_count()
     say = print if process == 0 else (lambda *a, **k: None)
+    if args.mapping != "vmap" and args.batch_size % jax.device_count():
+        print(f"--batch-size {args.batch_size} cannot be split evenly over {jax.device_count()} devices", file=sys.stderr)
+        return 2
     x_train, y_train, x_test, y_test = load_digits(args.seed)
     model, step, states, mesh = build(args)
     say(f"devices: {jax.device_count()} ({n_processes} process(es)), mapping: {args.mapping}")
