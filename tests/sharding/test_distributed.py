@@ -80,3 +80,38 @@ def test_launcher_rejects_bad_options():
     assert result.returncode == 2 and "--processes must be at least 1" in result.stderr
     result = _launch("--processes", "2")
     assert result.returncode == 2 and "give the command to run" in result.stderr
+
+
+def test_without_the_launcher_survivors_fail_within_the_heartbeat_timeout():
+    """sharding.initialize() sets a 10 s heartbeat timeout: a dead peer is noticed, not waited for."""
+    import os
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    processes = []
+    for i in range(2):
+        env = {
+            **os.environ,
+            "SMAP_COORDINATOR_ADDRESS": f"127.0.0.1:{port}",
+            "SMAP_NUM_PROCESSES": "2",
+            "SMAP_PROCESS_ID": str(i),
+            "SMAP_CPU_DEVICES": "2",
+            "JAX_PLATFORMS": "cpu",
+            "XLA_FLAGS": "",
+            "DP_WORKER_DIE": "1",
+        }
+        processes.append(
+            subprocess.Popen([sys.executable, str(WORKER)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        )
+    start = time.monotonic()
+    try:
+        survivor_output, _ = processes[0].communicate(timeout=90)
+    finally:
+        for p in processes:
+            p.kill()
+            p.communicate()
+    assert processes[0].returncode != 0
+    assert "stopped sending heartbeats" in survivor_output
+    assert time.monotonic() - start < 90
