@@ -16,7 +16,12 @@ from typing import Any
 import jax
 from jax.sharding import Mesh
 
-__all__ = ["shard_map", "is_shard_map", "make_auto_mesh", "ambient_mesh", "backend_started", "bind_equation"]
+try:  # public since JAX 0.8
+    from jax.extend.core import jaxprs_in_params
+except ImportError:
+    from jax._src.core import jaxprs_in_params
+
+__all__ = ["shard_map", "is_shard_map", "make_auto_mesh", "ambient_mesh", "backend_started", "bind_equation", "jaxprs_in_params"]
 
 try:
     _shard_map = jax.shard_map

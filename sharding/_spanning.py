@@ -19,9 +19,10 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-from jax.extend.core import ClosedJaxpr, Jaxpr, Literal, jaxprs_in_params
+from jax.extend.core import ClosedJaxpr, Jaxpr, Literal
 
 from . import _compat
+from ._compat import jaxprs_in_params
 
 __all__ = ["Span", "spanning_lane"]
 
@@ -125,7 +126,8 @@ def _collective(eqn: Any, ins: list, found: tuple[str, tuple], span: Span) -> li
     others = tuple(a for a in axes if a != span.axis_name)
     if name in _REDUCTIONS:
         new_axes = others + (span.local_name, *span.device_axes)
-        return [eqn.primitive.bind(*ins, **{**eqn.params, key: new_axes})]
+        outs = eqn.primitive.bind(*ins, **{**eqn.params, key: new_axes})
+        return list(outs) if eqn.primitive.multiple_results else [outs]
     if name == "axis_index":
         return [span.lane_index()]
     if name == "all_gather" and not others:

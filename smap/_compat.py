@@ -13,13 +13,17 @@ from typing import Any
 
 import jax
 from jax._src.array import ArrayImpl
-from jax.extend.core import take_current_trace
+
+try:  # public since JAX 0.8
+    from jax.extend.core import jaxprs_in_params, take_current_trace
+except ImportError:
+    from jax._src.core import jaxprs_in_params, take_current_trace
 
 # The concrete type of a jax.Array: comparing `type(x) is ArrayImpl` keeps the
 # per-call path of a cached transform free of abstract-base-class checks.
 ArrayImpl = ArrayImpl
 
-__all__ = ["ArrayImpl", "current_trace", "new_input"]
+__all__ = ["ArrayImpl", "current_trace", "new_input", "jaxprs_in_params"]
 
 
 def current_trace() -> Any:

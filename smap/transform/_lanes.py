@@ -19,7 +19,9 @@ from __future__ import annotations
 from collections.abc import Hashable, Sequence
 from typing import Any
 
-from jax.extend.core import ClosedJaxpr, Jaxpr, Literal, jaxprs_in_params
+from jax.extend.core import ClosedJaxpr, Jaxpr, Literal
+
+from .._compat import jaxprs_in_params
 
 __all__ = ["lane_dependent"]
 
