@@ -40,6 +40,10 @@ def active_frames() -> list[TraceFrame]:
         return _local.frames
 
 
+class InvalidatedStateError(RuntimeError):
+    """Reading a state whose value was traced inside a transform that has returned."""
+
+
 class _Invalidated:
     """Stands in for the value of a state whose value escaped a trace."""
 
@@ -55,7 +59,8 @@ def _leaf_repr(x: Any) -> str:
     if dtype is None or shape is None:
         return type(x).__name__
     dims = ",".join(str(d) for d in shape)
-    return f"{jnp.dtype(dtype).name}[{dims}]"
+    name = jnp.dtype(dtype).name if not jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key) else str(dtype)
+    return f"{name}[{dims}]"
 
 
 def _canonical_leaf(x: Any, what: Callable[[], str]) -> Any:
@@ -92,11 +97,16 @@ def check_same_structure(state: State, old: Any, new: Any, *, batched_axis: int 
                 f"{state.describe()}: the new value has shape {jnp.shape(n)}, expected "
                 f"{jnp.shape(o)}. Use `state.reset(value)` to change a state's shape."
             )
-        if jnp.result_type(o) != jnp.result_type(n):
+        if _dtype(o) != _dtype(n):
             raise TypeError(
-                f"{state.describe()}: the new value has dtype {jnp.result_type(n)}, expected "
-                f"{jnp.result_type(o)}. Use `state.reset(value)` to change a state's dtype."
+                f"{state.describe()}: the new value has dtype {_dtype(n)}, expected "
+                f"{_dtype(o)}. Use `state.reset(value)` to change a state's dtype."
             )
+
+
+def _dtype(x: Any) -> Any:
+    dtype = getattr(x, "dtype", None)
+    return dtype if dtype is not None else jnp.result_type(x)
 
 
 class State:
@@ -138,7 +148,7 @@ class State:
     def _stored(self) -> Any:
         value = self._value
         if type(value) is _Invalidated:
-            raise RuntimeError(f"{self.describe()}: {value.reason}")
+            raise InvalidatedStateError(f"{self.describe()}: {value.reason}")
         return value
 
     @property

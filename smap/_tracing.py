@@ -24,7 +24,8 @@ import numpy as np
 from jax.extend.core import ClosedJaxpr
 
 from . import _compat
-from ._state import State, TraceFrame, active_frames
+from ._state import InvalidatedStateError, State, TraceFrame, active_frames
+from .nn import Module
 
 __all__ = ["Program", "StatefulFunction", "TraceContext", "trace_program", "abstract", "resolve_argnums"]
 
@@ -189,8 +190,12 @@ class Entry:
     state_signature: tuple
     run: Callable[[list, list], tuple[Any, list]]
 
-    def current_signature(self) -> tuple:
-        return tuple(_tree_signature(s.value) for s in self.program.states)
+    def current_signature(self) -> tuple | None:
+        """The states' signature now; None when one of them can no longer be read."""
+        try:
+            return tuple(_tree_signature(s.value) for s in self.program.states)
+        except InvalidatedStateError:
+            return None
 
 
 class _StateList:
@@ -243,11 +248,15 @@ class StatefulFunction:
         donate_argnums: Sequence[int] = (),
     ):
         self.fun = fun
+        owner = fun if isinstance(fun, Module) else getattr(fun, "__self__", None)
+        if isinstance(owner, Module):
+            owner.states()  # records every state's path, for filters and errors
         self.static_argnums = tuple(static_argnums)
         self.static_argnames = tuple(static_argnames)
         self.name = name
         self._entries: dict[Hashable, list[Entry]] = {}
         self._state_list = _StateList(())
+        self._nested_lists: dict[tuple[int, ...], _StateList] = {}
         self._placed_values: list | None = None
         for i in (*self.static_argnums, *donate_argnums):
             if i < 0:
@@ -389,29 +398,36 @@ class StatefulFunction:
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         frames = active_frames()
+        if frames:
+            return self._call_in_trace(args, kwargs)
         while True:
             state_list = self._state_list
-            if frames:
-                values = [s.value for s in state_list.states]
-            else:
-                values = [s._value for s in state_list.states]
+            values = [s._value for s in state_list.states]
             # The dispatcher's trace reads where the states live (see _keep_placement).
-            self._placed_values = None if frames else values
+            self._placed_values = values
             try:
                 out, written = self._dispatch(state_list, values, *args, **kwargs)
                 break
             except _MissingStates as missing:
                 self._state_list = state_list.extended(missing.states)
-        states = state_list.states
-        if frames:
-            for i, value in written.items():
-                states[i].write_back(value)
-        elif written:
+        if written:
+            states = state_list.states
             values = list(written.values())
             if type(values[0]) is not _compat.ArrayImpl:
                 _check_not_traced(self.name, [states[i] for i in written], values)
             for i, value in written.items():
                 states[i]._value = value
+        return self._result(out)
+
+    def _call_in_trace(self, args: tuple, kwargs: dict) -> Any:
+        """A call while another smap transform traces: only this program's states take part."""
+        key, leaves, dyn_args, dyn_kwargs = self.signature_key(*args, **kwargs)
+        program = (self._lookup(key) or self._trace(key, leaves, dyn_args, dyn_kwargs)).program
+        state_list = self._nested_lists.setdefault(tuple(map(id, program.states)), _StateList(program.states))
+        self._placed_values = None
+        out, written = self._dispatch(state_list, [s.value for s in program.states], *args, **kwargs)
+        for i, value in written.items():
+            program.states[i].write_back(value)
         return self._result(out)
 
 
@@ -441,7 +457,7 @@ def _keep_placement(new: Any, old: Any) -> Any:
 
 
 def _check_not_traced(name: str, states: Sequence[State], values: Sequence[Any]) -> None:
-    leaf = jax.tree_util.tree_leaves(values[0])
+    leaf = jax.tree_util.tree_leaves(values)
     if leaf and isinstance(leaf[0], jax.core.Tracer):
         raise TypeError(
             f"{name} writes {', '.join(s.describe() for s in states)} from inside a JAX "

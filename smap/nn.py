@@ -16,7 +16,8 @@ class Module:
     """A container of States, Modules, and lists, tuples or dicts of them.
 
     Assigning an attribute records where a State lives, so errors and filters
-    can name it by its dotted path. Modules are callable objects that every
+    can name it by its dotted path; :meth:`states` records it again for
+    containers changed after assignment (transforms of a Module call it). Modules are callable objects that every
     smap transform accepts like a function.
 
     Example:
@@ -68,7 +69,7 @@ class Module:
         found: dict[str, State] = {}
         for path, state in _walk(self, (), set()):
             if keep is None or keep(path, state):
-                found.setdefault(".".join(map(str, path)), state)
+                found[".".join(map(str, path))] = state
         return found
 
     def __repr__(self) -> str:
@@ -93,15 +94,18 @@ def _adopt(owner: Module, name: tuple[Hashable, ...], value: Any) -> None:
 
 
 def _walk(node: Any, path: tuple[Hashable, ...], seen: set[int]) -> Iterator[tuple[tuple, State]]:
-    if isinstance(node, State):
-        yield path, node
-        return
     if id(node) in seen:
+        return
+    if isinstance(node, State):
+        seen.add(id(node))
+        yield path, node
         return
     if isinstance(node, Module):
         seen.add(id(node))
         for name, value in vars(node).items():
             if not name.startswith("_"):
+                # Containers may have changed since assignment: record owners again.
+                _adopt(node, (name,), value)
                 yield from _walk(value, path + (name,), seen)
     elif isinstance(node, (list, tuple)):
         seen.add(id(node))

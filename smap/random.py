@@ -208,6 +208,8 @@ class RandomState(State):
             >>> smap.random.RandomState(0).choice(5, size=5, replace=False).sort().tolist()
             [0, 1, 2, 3, 4]
         """
+        a = a if isinstance(a, (int, np.integer)) else jnp.asarray(a)
+        p = None if p is None else jnp.asarray(p)
         return jax.random.choice(self.split_key(), a, _shape(size), replace, p)
 
     def permutation(self, x: Any) -> jax.Array:
@@ -218,6 +220,7 @@ class RandomState(State):
             >>> sorted(smap.random.RandomState(0).permutation(4).tolist())
             [0, 1, 2, 3]
         """
+        x = x if isinstance(x, (int, np.integer)) else jnp.asarray(x)
         return jax.random.permutation(self.split_key(), x)
 
     def truncated_normal(

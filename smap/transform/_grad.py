@@ -159,7 +159,7 @@ def grad(
         >>> smap.grad(loss, grad_states=w)(jnp.array([1.0, 1.0]))
         Array([6., 6.], dtype=float32)
         >>> smap.grad(loss, grad_states={'w': w}, argnums=0, return_value=True)(jnp.array([1.0, 1.0]))
-        (({'w': Array([6., 6.], dtype=float32)}, Array([6., 12.], dtype=float32)), Array(9., dtype=float32))
+        (({'w': Array([6., 6.], dtype=float32)}, Array([ 6., 12.], dtype=float32)), Array(9., dtype=float32))
     """
     if fun is None:
         return functools.partial(grad, grad_states=grad_states, argnums=argnums, has_aux=has_aux, return_value=return_value)

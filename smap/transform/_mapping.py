@@ -76,6 +76,10 @@ class _LaneTrace(TraceContext):
 
     def _check_size(self, size: int, source: str) -> None:
         if self.axis_size is None:
+            if self.axis_env and self.axis_env[0][1] != size:
+                # Collectives were traced with a provisional size: stop here and
+                # trace again with the size this batched state gives.
+                raise _SizeFoundInTrace(size)
             self.axis_size, self.size_source = size, source
         elif size != self.axis_size:
             raise ValueError(
@@ -112,6 +116,10 @@ class StatefulMapping(StatefulFunction):
             0 (``'warn'`` also warns), ``'raise'`` raises :class:`BatchAxisError`.
         static_argnums, static_argnames: compile-time constant arguments.
         axis_size: the number of lanes, needed when nothing mapped gives it.
+            With ``axis_name`` set and only a batched state giving the size,
+            the trace restarts once at that state's first read (so the
+            function starts twice on its first call); pass ``axis_size`` to
+            avoid it.
         axis_name: the name collectives (``psum``, ``axis_index``, ...) use.
         name: a name for errors and reprs.
         mapping_fn, mapping_kwargs: what maps the per-lane program, and
@@ -216,7 +224,8 @@ class StatefulMapping(StatefulFunction):
             abstract(x) if a is None else _drop_axis(abstract(x), a) for x, a in zip(leaves, context.arg_axes)
         ]
         if self.axis_name is not None:
-            # Until a batched state gives the size, trace with a provisional one.
+            # Until a batched state gives the size, trace with a provisional one;
+            # the state's first read then restarts the trace (see _check_size).
             context.axis_env = ((self.axis_name, context.axis_size or 1),)
         return context
 
@@ -241,10 +250,6 @@ class StatefulMapping(StatefulFunction):
             raise ValueError(
                 f"{self.name}: axis_size is required when no argument is mapped and no state is batched."
             )
-        if self.axis_name is not None and context.axis_env[0][1] != context.axis_size:
-            # The size came from a state found during the trace, but collectives
-            # needed it while tracing: trace once more, now knowing it.
-            raise _SizeFoundInTrace(context.axis_size)
         in_axes = list(context.arg_axes)
         split = []
         for state, tree in zip(program.states, program.state_trees):

@@ -30,10 +30,30 @@ def positional_count(fun: Callable) -> int | None:
 def check_static_argnums(
     fun: Callable, static_argnums: int | Sequence[int], static_argnames: str | Sequence[str]
 ) -> tuple[tuple[int, ...], tuple[str, ...]]:
-    """Normalise static argument specs, rejecting indices the function cannot take."""
+    """Normalise static argument specs, rejecting indices the function cannot take.
+
+    As in ``jax.jit``, a parameter that can be passed by position or by name
+    is static either way: its index and its name are both returned.
+    """
     nums = resolve_argnums(static_argnums, positional_count(fun), "static_argnums")
     names = (static_argnames,) if isinstance(static_argnames, str) else tuple(static_argnames)
     for name in names:
         if not isinstance(name, str):
             raise TypeError(f"static_argnames must be strings, got {name!r}.")
+    both = _positional_or_keyword(fun)
+    nums = tuple(dict.fromkeys(nums + tuple(i for i, n in enumerate(both) if n in names)))
+    names = tuple(dict.fromkeys(names + tuple(both[i] for i in nums if 0 <= i < len(both) and both[i])))
     return nums, names
+
+
+def _positional_or_keyword(fun: Callable) -> list[str]:
+    try:
+        parameters = list(inspect.signature(fun).parameters.values())
+    except (TypeError, ValueError):
+        return []
+    names = []
+    for p in parameters:
+        if p.kind not in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD):
+            break
+        names.append(p.name if p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD else "")
+    return names

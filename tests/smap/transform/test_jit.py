@@ -1,0 +1,599 @@
+"""smap.jit: state writes against jax.jit with explicit state passing, caching,
+static arguments, failure atomicity, nesting, the cache-key API."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import smap
+
+
+def as_np(tree):
+    return jax.tree_util.tree_map(np.asarray, tree)
+
+
+# -- results against a pure reference ------------------------------------------
+
+
+class Model(smap.nn.Module):
+    def __init__(self):
+        self.w = smap.ParamState(jnp.array([[1.0, -2.0], [0.5, 3.0]]))
+        self.acc = smap.LongTermState(jnp.zeros(2))
+        self.count = smap.ShortTermState(jnp.zeros((), jnp.int32))
+
+    def __call__(self, x):
+        y = jnp.tanh(x @ self.w.value)
+        self.acc.value = self.acc.value + y
+        self.count.value = self.count.value + 1
+        return y.sum()
+
+
+@jax.jit
+def pure_step(x, w, acc, count):
+    y = jnp.tanh(x @ w)
+    return y.sum(), (w, acc + y, count + 1)
+
+
+def test_state_writes_match_pure_reference(close):
+    model = Model()
+    step = smap.jit(model)
+    w, acc, count = model.w.value, model.acc.value, model.count.value
+    for x in [jnp.array([1.0, 0.0]), jnp.array([0.3, -0.2]), jnp.array([2.0, 1.0])]:
+        out = step(x)
+        expected, (w, acc, count) = pure_step(x, w, acc, count)
+        close(out, expected)
+        close(model.w.value, w)
+        close(model.acc.value, acc)
+        assert int(model.count.value) == int(count)
+    assert int(model.count.value) == 3
+
+
+def test_decorator_with_closure_states(close):
+    total = smap.State(jnp.zeros(()))
+    history = smap.State(jnp.zeros(3))
+
+    @smap.jit
+    def add(x):
+        total.value = total.value + x.sum()
+        history.value = jnp.roll(history.value, 1).at[0].set(total.value)
+        return total.value * 2
+
+    close(add(jnp.arange(3.0)), 6.0)
+    close(add(jnp.ones(3)), 12.0)
+    close(total.value, 6.0)
+    close(history.value, np.array([6.0, 3.0, 0.0]))
+
+
+def test_pytree_arguments_outputs_and_state_values(close):
+    s = smap.State({"m": jnp.zeros(2), "v": jnp.ones(2)})
+
+    @smap.jit
+    def f(inputs, scale):
+        v = s.value
+        s.value = {"m": v["m"] + inputs["a"], "v": v["v"] * scale}
+        return {"sum": inputs["a"] + inputs["b"][0]}, [v["m"]]
+
+    out = f({"a": jnp.array([1.0, 2.0]), "b": (jnp.array([3.0, 4.0]),)}, 2.0)
+    close(out, ({"sum": np.array([4.0, 6.0])}, [np.zeros(2)]))
+    close(s.value, {"m": np.array([1.0, 2.0]), "v": np.array([2.0, 2.0])})
+
+
+def test_keyword_arguments(close):
+    s = smap.State(jnp.zeros(2))
+
+    @smap.jit
+    def f(x, y=None, *, z):
+        s.value = s.value + x * z
+        return x + y
+
+    close(f(jnp.ones(2), y=jnp.ones(2), z=jnp.array(3.0)), np.full(2, 2.0))
+    close(s.value, np.full(2, 3.0))
+
+
+def test_state_changed_outside_is_seen_by_the_next_call(close):
+    s = smap.State(jnp.ones(2))
+    f = smap.jit(lambda x: s.value * x)
+    close(f(jnp.full(2, 2.0)), np.full(2, 2.0))
+    s.value = jnp.array([5.0, 7.0])
+    close(f(jnp.full(2, 2.0)), np.array([10.0, 14.0]))
+
+
+def test_states_read_only_are_not_changed(close):
+    a = smap.State(jnp.arange(3.0))
+    f = smap.jit(lambda: a.value.sum())
+    close(f(), 3.0)
+    close(a.value, np.arange(3.0))
+
+
+def test_states_read_depend_on_a_static_argument(close):
+    a, b = smap.State(jnp.ones(2)), smap.State(jnp.full(2, 10.0))
+    calls = []
+
+    @smap.jit(static_argnums=1)
+    def f(x, use_a):
+        calls.append(use_a)
+        state = a if use_a else b
+        state.value = state.value + x
+        return state.value
+
+    close(f(jnp.ones(2), True), np.full(2, 2.0))
+    close(f(jnp.ones(2), False), np.full(2, 11.0))
+    close(f(jnp.ones(2), True), np.full(2, 3.0))
+    close(a.value, np.full(2, 3.0))
+    close(b.value, np.full(2, 11.0))
+    assert calls == [True, False]
+
+
+def test_module_attributes_are_kept(close):
+    def documented(x):
+        """Doc."""
+        return x
+
+    f = smap.jit(documented)
+    assert f.__name__ == "documented" and f.__doc__ == "Doc."
+
+
+# -- tracing once per signature ------------------------------------------------
+
+
+def counting(fun):
+    calls = []
+
+    def wrapped(*args, **kwargs):
+        calls.append(1)
+        return fun(*args, **kwargs)
+
+    return wrapped, calls
+
+
+def test_traced_once_per_signature(close):
+    s = smap.State(jnp.zeros(3))
+
+    def body(x):
+        s.value = s.value + x
+        return s.value
+
+    fun, calls = counting(body)
+    f = smap.jit(fun)
+    for i in range(4):
+        close(f(jnp.full(3, float(i))), np.full(3, float(sum(range(i + 1)))))
+    assert len(calls) == 1
+
+
+def test_python_scalar_values_do_not_retrace(close):
+    fun, calls = counting(lambda x: x * 2)
+    f = smap.jit(fun)
+    close(f(1.0), 2.0)
+    close(f(4.0), 8.0)
+    assert len(calls) == 1
+
+
+def test_retrace_on_shape_change():
+    fun, calls = counting(lambda x: x.sum())
+    f = smap.jit(fun)
+    f(jnp.ones(3))
+    f(jnp.ones(4))
+    assert len(calls) == 2
+    f(jnp.ones(3))
+    f(jnp.ones(4))
+    assert len(calls) == 2
+
+
+def test_retrace_on_dtype_change():
+    fun, calls = counting(lambda x: x + 1)
+    f = smap.jit(fun)
+    assert f(jnp.ones(2, jnp.float32)).dtype == jnp.float32
+    assert f(jnp.ones(2, jnp.int32)).dtype == jnp.int32
+    assert len(calls) == 2
+
+
+def test_retrace_on_tree_structure_change(close):
+    fun, calls = counting(lambda t: jax.tree_util.tree_reduce(lambda a, b: a + b, t))
+    f = smap.jit(fun)
+    close(f({"a": jnp.ones(()), "b": jnp.ones(())}), 2.0)
+    close(f({"a": jnp.ones(()), "c": jnp.ones(())}), 2.0)
+    close(f((jnp.ones(()), jnp.ones(()), jnp.ones(()))), 3.0)
+    assert len(calls) == 3
+
+
+def test_retrace_on_static_argument_value(close):
+    fun, calls = counting(lambda x, n: x * n)
+    f = smap.jit(fun, static_argnums=1)
+    close(f(jnp.ones(2), 2), np.full(2, 2.0))
+    close(f(jnp.ones(2), 3), np.full(2, 3.0))
+    close(f(jnp.ones(2), 2), np.full(2, 2.0))
+    assert len(calls) == 2
+
+
+def test_retrace_when_a_state_shape_changes_by_reset(close):
+    h = smap.HiddenState(jnp.zeros(3))
+
+    def body(x):
+        h.value = h.value + x
+        return h.value.sum()
+
+    fun, calls = counting(body)
+    f = smap.jit(fun)
+    close(f(1.0), 3.0)
+    h.reset(jnp.zeros((2, 4)))
+    close(f(1.0), 8.0)
+    close(h.value, np.ones((2, 4)))
+    assert len(calls) == 2
+    h.reset(jnp.zeros(3))
+    close(f(1.0), 3.0)
+    assert len(calls) == 2
+
+
+def test_retrace_when_a_state_dtype_changes_by_reset():
+    h = smap.State(jnp.zeros(2))
+    fun, calls = counting(lambda: h.value + 1)
+    f = smap.jit(fun)
+    assert f().dtype == jnp.float32
+    h.reset(jnp.zeros(2, jnp.int32))
+    assert f().dtype == jnp.int32
+    assert len(calls) == 2
+
+
+def test_state_value_changes_do_not_retrace():
+    s = smap.State(jnp.zeros(2))
+    fun, calls = counting(lambda: s.value.sum())
+    f = smap.jit(fun)
+    f()
+    s.value = jnp.ones(2)
+    assert float(f()) == 2.0
+    assert len(calls) == 1
+
+
+# -- static arguments and donation ---------------------------------------------
+
+
+def test_static_argnums_allow_python_control_flow(close):
+    def power(x, n):
+        out = x
+        for _ in range(n - 1):
+            out = out * x
+        return out
+
+    f = smap.jit(power, static_argnums=1)
+    close(f(jnp.array(2.0), 3), 8.0)
+    close(f(jnp.array(2.0), 5), 32.0)
+
+
+def test_negative_static_argnums(close):
+    fun, calls = counting(lambda x, mode: x + 1 if mode == "inc" else x - 1)
+    f = smap.jit(lambda x, mode: fun(x, mode), static_argnums=-1)
+    close(f(jnp.ones(2), "inc"), np.full(2, 2.0))
+    close(f(jnp.ones(2), "dec"), np.zeros(2))
+    assert len(calls) == 2
+
+
+def test_static_argnames(close):
+    def f(x, *, mode):
+        return x * 2 if mode == "double" else x
+
+    g = smap.jit(f, static_argnames="mode")
+    close(g(jnp.ones(2), mode="double"), np.full(2, 2.0))
+    close(g(jnp.ones(2), mode="same"), np.ones(2))
+    h = smap.jit(f, static_argnames=("mode",))
+    close(h(jnp.ones(2), mode="double"), np.full(2, 2.0))
+
+
+def test_static_argnums_and_argnames_together(close):
+    def f(a, n, x, *, k):
+        return x * n + k
+
+    g = smap.jit(f, static_argnums=(0, 1), static_argnames="k")
+    close(g("ignored", 3, jnp.ones(2), k=1), np.full(2, 4.0))
+
+
+def test_static_argname_passed_positionally(close):
+    def f(x, n):
+        return x * len(range(n))
+
+    close(jax.jit(f, static_argnames="n")(jnp.ones(2), 3), np.full(2, 3.0))
+    close(smap.jit(f, static_argnames="n")(jnp.ones(2), 3), np.full(2, 3.0))
+
+
+def test_static_argnum_passed_by_keyword(close):
+    def f(x, n):
+        return x * len(range(n))
+
+    close(jax.jit(f, static_argnums=1)(jnp.ones(2), n=3), np.full(2, 3.0))
+    close(smap.jit(f, static_argnums=1)(jnp.ones(2), n=3), np.full(2, 3.0))
+
+
+@pytest.mark.parametrize("bad", [2, -3, (0, 5)])
+def test_out_of_range_static_argnums_rejected_at_construction(bad):
+    with pytest.raises(ValueError, match="static_argnums"):
+        smap.jit(lambda x, y: x, static_argnums=bad)
+
+
+def test_static_argnums_on_varargs_function(close):
+    f = smap.jit(lambda *args: args[0] * args[1], static_argnums=1)
+    close(f(jnp.ones(2), 3), np.full(2, 3.0))
+
+
+def test_donate_argnums_accepted(close):
+    s = smap.State(jnp.zeros(3))
+
+    @smap.jit(donate_argnums=0)
+    def f(buf, y):
+        s.value = s.value + y
+        return buf + y
+
+    for i in range(1, 3):
+        out = f(jnp.full(3, 10.0), jnp.full(3, float(i)))
+        close(out, np.full(3, 10.0 + i))
+    close(s.value, np.full(3, 3.0))
+    g = smap.jit(lambda a, b: (a * b, a + b), donate_argnums=(0, 1))
+    close(g(jnp.full(2, 2.0), jnp.full(2, 3.0)), (np.full(2, 6.0), np.full(2, 5.0)))
+
+
+# -- failures leave states unchanged -------------------------------------------
+
+
+def test_raising_function_leaves_every_state_unchanged(close):
+    a, b = smap.State(jnp.ones(2)), smap.State(jnp.zeros(()))
+
+    @smap.jit
+    def f(x):
+        a.value = a.value + x
+        b.value = b.value + 1
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        f(jnp.ones(2))
+    close(a.value, np.ones(2))
+    close(b.value, 0.0)
+
+
+def test_raise_on_a_new_signature_keeps_the_values_of_earlier_calls(close):
+    s = smap.State(jnp.zeros(()))
+
+    @smap.jit
+    def f(x):
+        s.value = s.value + x.sum()
+        if x.shape[0] > 2:
+            raise ValueError("too long")
+        return s.value
+
+    f(jnp.ones(2))
+    f(jnp.ones(2))
+    with pytest.raises(ValueError, match="too long"):
+        f(jnp.ones(3))
+    close(s.value, 4.0)
+    close(f(jnp.ones(2)), 6.0)
+
+
+def test_wrong_shape_write_inside_jit_names_the_state_and_changes_nothing(close):
+    model = Model()
+    before = {k: as_np(v.value) for k, v in model.states().items()}
+
+    @smap.jit
+    def bad(x):
+        model(x)
+        model.acc.value = jnp.zeros(5)
+
+    with pytest.raises(ValueError, match=r"state 'acc'"):
+        bad(jnp.ones(2))
+    close({k: v.value for k, v in model.states().items()}, before)
+
+
+def test_wrong_dtype_write_inside_jit_names_a_free_state(close):
+    s = smap.State(jnp.zeros(2))
+
+    @smap.jit
+    def bad():
+        s.value = jnp.zeros(2, jnp.int32)
+
+    with pytest.raises(TypeError, match=r"State float32\[2\]"):
+        bad()
+    close(s.value, np.zeros(2))
+
+
+def test_reset_inside_jit_changes_the_shape(close):
+    h = smap.HiddenState(jnp.zeros(2))
+
+    @smap.jit
+    def grow(x):
+        h.reset(jnp.concatenate([h.value, x]))
+
+    grow(jnp.ones(3))
+    close(h.value, np.array([0.0, 0.0, 1.0, 1.0, 1.0]))
+    grow(jnp.full(3, 2.0))
+    close(h.value, np.array([0.0, 0.0, 1.0, 1.0, 1.0, 2.0, 2.0, 2.0]))
+    # A write (not a reset) is checked against the shape the state has now.
+    add = smap.jit(lambda: setattr(h, "value", h.value + 1))
+    add()
+    close(h.value, np.array([1.0, 1.0, 2.0, 2.0, 2.0, 3.0, 3.0, 3.0]))
+
+
+def test_state_created_inside_jit_and_kept_raises_when_read():
+    kept = []
+
+    @smap.jit
+    def f(x):
+        kept.append(smap.State(x * 2))
+        return x + 1
+
+    np.testing.assert_array_equal(np.asarray(f(jnp.ones(2))), np.full(2, 2.0))
+    with pytest.raises(RuntimeError, match="created inside"):
+        kept[0].value
+    # The error is stable: no later read hands out a leaked tracer.
+    with pytest.raises(RuntimeError, match="created inside"):
+        kept[0].value
+
+
+def test_state_created_inside_jit_can_be_used_there(close):
+    @smap.jit
+    def f(x):
+        tmp = smap.State(jnp.zeros_like(x))
+        tmp.value = tmp.value + x
+        tmp.value = tmp.value * 3
+        return tmp.value
+
+    close(f(jnp.ones(2)), np.full(2, 3.0))
+
+
+# -- nesting -------------------------------------------------------------------
+
+
+def test_nested_jit_matches_pure_reference(close):
+    model = Model()
+    counted, calls = counting(model)
+    inner = smap.jit(counted)
+    extra = smap.State(jnp.zeros(()))
+
+    @smap.jit
+    def outer(x):
+        a = inner(x)
+        b = inner(x * 2)
+        extra.value = extra.value + a + b
+        return model.acc.value
+
+    w, acc, count = model.w.value, model.acc.value, model.count.value
+    total = 0.0
+    for x in [jnp.array([1.0, 0.5]), jnp.array([-0.3, 0.2])]:
+        out = outer(x)
+        a, (w, acc, count) = pure_step(x, w, acc, count)
+        b, (w, acc, count) = pure_step(x * 2, w, acc, count)
+        total = total + a + b
+        close(out, acc)
+    close(model.acc.value, acc)
+    close(extra.value, total)
+    assert int(model.count.value) == 4
+    # The inner function still works on its own, continuing from the same states.
+    inner(jnp.ones(2))
+    assert int(model.count.value) == 5
+    # One signature: the inner function was traced once, inside and outside alike.
+    assert len(calls) == 1
+
+
+def test_nested_inner_raise_leaves_states_unchanged(close):
+    s = smap.State(jnp.zeros(()))
+
+    @smap.jit
+    def inner(x):
+        s.value = s.value + x
+        return s.value
+
+    @smap.jit
+    def outer(x):
+        inner(x)
+        raise KeyError("outer failed")
+
+    with pytest.raises(KeyError):
+        outer(1.0)
+    close(s.value, 0.0)
+    close(inner(1.0), 1.0)
+
+
+# -- cache key and jaxpr -------------------------------------------------------
+
+
+def test_cache_key_and_closed_jaxpr(close):
+    s = smap.State(jnp.arange(3.0))
+
+    @smap.jit
+    def f(x):
+        s.value = s.value + x
+        return s.value * 2
+
+    x = jnp.ones(3)
+    f(x)
+    key = f.get_arg_cache_key(x)
+    closed = f.get_jaxpr_by_cache(key)
+    assert hasattr(closed, "jaxpr") and hasattr(closed, "consts")
+    # Inputs: the argument, then the state; outputs: the result, then the written state.
+    assert len(closed.jaxpr.invars) == 2
+    assert len(closed.jaxpr.outvars) == 2
+    outs = jax.core.eval_jaxpr(closed.jaxpr, closed.consts, jnp.full(3, 5.0), jnp.arange(3.0))
+    close(outs, [2 * (5.0 + np.arange(3.0)), 5.0 + np.arange(3.0)])
+
+
+def test_cache_key_depends_on_the_signature():
+    f = smap.jit(lambda x: x * 2)
+    f(jnp.ones(2))
+    f(jnp.ones(3))
+    k2, k3 = f.get_arg_cache_key(jnp.ones(2)), f.get_arg_cache_key(jnp.ones(3))
+    assert k2 != k3
+    assert f.get_arg_cache_key(jnp.zeros(2)) == k2
+    assert [v.aval.shape for v in f.get_jaxpr_by_cache(k2).jaxpr.invars] == [(2,)]
+    assert [v.aval.shape for v in f.get_jaxpr_by_cache(k3).jaxpr.invars] == [(3,)]
+
+
+def test_cache_key_for_an_uncalled_signature_has_no_jaxpr():
+    f = smap.jit(lambda x: x * 2)
+    f(jnp.ones(2))
+    with pytest.raises(KeyError):
+        f.get_jaxpr_by_cache(f.get_arg_cache_key(jnp.ones(5)))
+
+
+def test_jaxpr_follows_a_state_reset():
+    h = smap.HiddenState(jnp.zeros(2))
+
+    @smap.jit
+    def f():
+        h.value = h.value + 1
+
+    f()
+    small = f.get_jaxpr_by_cache(f.get_arg_cache_key())
+    h.reset(jnp.zeros((4, 2)))
+    f()
+    big = f.get_jaxpr_by_cache(f.get_arg_cache_key())
+    assert [v.aval.shape for v in small.jaxpr.invars] == [(2,)]
+    assert [v.aval.shape for v in big.jaxpr.invars] == [(4, 2)]
+
+
+# -- under raw JAX transforms --------------------------------------------------
+
+
+def test_writing_transform_inside_raw_jax_jit_is_a_clear_type_error(close):
+    s = smap.State(jnp.zeros(2))
+
+    @smap.jit
+    def f(x):
+        s.value = s.value + x
+        return s.value
+
+    with pytest.raises(TypeError, match=r"smap\.jit\(f\).*smap\.jit"):
+        jax.jit(f)(jnp.ones(2))
+    # No tracer leaked into the state, and it still works.
+    close(s.value, np.zeros(2))
+    close(f(jnp.ones(2)), np.ones(2))
+
+
+def test_writing_grad_inside_raw_jax_jit_is_a_clear_type_error(close):
+    w = smap.ParamState(jnp.ones(2))
+    calls = smap.State(jnp.zeros(()))
+
+    def loss(x):
+        calls.value = calls.value + 1
+        return (w.value * x).sum()
+
+    g = smap.grad(loss, grad_states=w)
+    with pytest.raises(TypeError, match="smap"):
+        jax.jit(g)(jnp.ones(2))
+    close(calls.value, 0.0)
+
+
+def test_reading_transform_inside_raw_jax_jit_works(close):
+    s = smap.State(jnp.array([1.0, 2.0]))
+    f = smap.jit(lambda x: s.value * x)
+    close(jax.jit(f)(jnp.full(2, 3.0)), np.array([3.0, 6.0]))
+
+
+def test_raw_jax_jit_check_when_the_first_written_state_is_empty(close):
+    empty = smap.State({})
+    s = smap.State(jnp.zeros(2))
+
+    @smap.jit
+    def f(x):
+        empty.value = {}
+        s.value = s.value + x
+        return x
+
+    with pytest.raises(TypeError, match="smap"):
+        jax.jit(f)(jnp.ones(2))
+    close(s.value, np.zeros(2))
