@@ -159,7 +159,9 @@ def train(args: argparse.Namespace) -> int:
             x, y = x_train[batch], y_train[batch]
             if mesh is not None:  # each process feeds its own rows of the global batch
                 x, y = sharding.global_batch((x[process * rows : (process + 1) * rows], y[process * rows : (process + 1) * rows]), mesh)
-            loss, hit = step(x, y)
+            # Waiting for each step keeps few programs in flight: XLA's CPU collectives
+            # can deadlock when many queue up on emulated devices.
+            loss, hit = jax.block_until_ready(step(x, y))
             losses.append(loss)
             correct.append(hit)
         losses, correct = sharding.to_host((losses, correct))

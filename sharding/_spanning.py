@@ -132,6 +132,10 @@ def _collective(eqn: Any, ins: list, found: tuple[str, tuple], span: Span) -> li
         return [span.lane_index()]
     if name == "all_gather" and not others:
         return [_all_gather(ins[0], eqn.params, span)]
+    if span.local_size == 1:
+        # One lane per device: the device axes are the mapped axis, lane for lane.
+        outs = eqn.primitive.bind(*ins, **{**eqn.params, key: others + span.device_axes})
+        return list(outs) if eqn.primitive.multiple_results else [outs]
     raise NotImplementedError(
         f"{span.adapter}: the collective {name!r} on the mapped axis {span.axis_name!r} is not "
         f"supported when a device holds several lanes; psum, pmean, pmax, pmin, all_gather and "
