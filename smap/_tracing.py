@@ -410,6 +410,8 @@ class StatefulFunction:
                 break
             except _MissingStates as missing:
                 self._state_list = state_list.extended(missing.states)
+            finally:
+                self._placed_values = None
         if written:
             states = state_list.states
             values = list(written.values())

@@ -363,6 +363,15 @@ def _device_mapping(mapping_fn: Callable, mapping_kwargs: dict) -> tuple[Callabl
     return mapping_fn, mapping_kwargs
 
 
+def _lane_keys(key: jax.Array, n: int) -> tuple[jax.Array, jax.Array]:
+    """Lane ``i``'s key is ``split(key, n)[i]``; the state's next key is ``split(key, n + 1)[n]``."""
+    if jax.config.jax_threefry_partitionable and jax.config.jax_default_prng_impl == "threefry2x32":
+        # Then split(key, n + 1)[:n] == split(key, n): one split gives both.
+        keys = jax.random.split(key, n + 1)
+        return keys[:n], keys[n]
+    return jax.random.split(key, n), jax.random.split(key, n + 1)[n]
+
+
 def _mapped_program(
     program: Program,
     *,
@@ -381,10 +390,10 @@ def _mapped_program(
         return tuple(program(*leaves))
 
     def run(arg_leaves: list, state_values: list) -> tuple[Any, list]:
-        state_leaves = []
-        for value, is_key in zip(state_values, split):
+        state_leaves, advanced = [], {}
+        for i, (value, is_key) in enumerate(zip(state_values, split)):
             if is_key:
-                value = jax.random.split(value, axis_size)
+                value, advanced[i] = _lane_keys(value, axis_size)
             state_leaves.extend(jax.tree_util.tree_leaves(value))
         mapped = mapping_fn(lane, in_axes=in_axes, out_axes=out_axes, axis_name=axis_name, axis_size=axis_size, **mapping_kwargs)
         results = mapped(*arg_leaves, *state_leaves)
@@ -392,7 +401,7 @@ def _mapped_program(
         written = program.unflatten_written(written)
         for j, (i, step) in enumerate(zip(program.written, advance)):
             if step:
-                written[j] = jax.random.split(state_values[i], axis_size + 1)[axis_size]
+                written[j] = advanced[i]
         return jax.tree_util.tree_unflatten(program.out_tree, outs), written
 
     return run

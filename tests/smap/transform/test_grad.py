@@ -417,3 +417,17 @@ def test_second_order_through_jax_grad_free_function(close):
     x = jnp.array([1.0, 2.0])
     hess_diag = smap.grad(lambda x: jnp.sum(smap.grad(f)(x)))(x)
     close(hess_diag, 6 * x)
+
+
+def test_grad_around_a_mapping_equals_jax_grad_of_the_vmapped_loss(close):
+    """smap.grad of a loss computed by a StatefulMapping: the gradient of a batch mean."""
+    w = smap.ParamState(jnp.array([[1.0, -2.0], [0.5, 3.0]]))
+    xs = jnp.arange(6.0).reshape(3, 2)
+
+    per_example = smap.vmap(lambda x: jnp.sum(jnp.tanh(x @ w.value)))
+    grads = smap.grad(lambda: jnp.mean(per_example(xs)), grad_states=w)()
+
+    def reference(w_value):
+        return jnp.mean(jax.vmap(lambda x: jnp.sum(jnp.tanh(x @ w_value)))(xs))
+
+    close(grads, jax.grad(reference)(w.value))
