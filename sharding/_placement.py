@@ -116,7 +116,17 @@ def place(target: Any, mapping: smap.StatefulMapping | None = None, *, mesh: Any
         else:
             spec = _rule_spec(state, rules) or PartitionSpec()
         sharding = NamedSharding(mesh, spec)
-        state.write_back(jax.tree_util.tree_map(lambda x: jax.device_put(x, sharding), state.peek()))
+        state.write_back(jax.tree_util.tree_map(lambda x: _put(x, sharding), state.peek()))
+
+
+def _put(x: Any, sharding: NamedSharding) -> jax.Array:
+    """``x`` (the same value on every process) placed with ``sharding``."""
+    if jax.process_count() == 1 or (isinstance(x, jax.Array) and not x.is_fully_addressable):
+        return jax.device_put(x, sharding)
+    # Across processes, each builds its own shards from its copy of the value
+    # (jax.device_put of a single-device array fails there with one device per process).
+    host = np.asarray(x)
+    return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
 
 
 @dataclasses.dataclass(frozen=True)

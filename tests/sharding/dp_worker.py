@@ -58,6 +58,9 @@ def main():
     mesh = sharding.make_mesh(data=jax.device_count())
     step, states = build(sharding.shard_map(mesh))
     sharding.place(list(states.values()), step)
+    table = sharding.describe(states)
+    if jax.process_index() == 0:
+        print(table, flush=True)
     rows = BATCH // jax.process_count()
     p = jax.process_index()
     for i, (x, y) in enumerate(batches()):

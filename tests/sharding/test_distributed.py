@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+import re
 import pathlib
 import subprocess
 import sys
@@ -9,6 +10,7 @@ import time
 
 import jax
 import numpy as np
+import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 LAUNCH = ROOT / "scripts" / "launch_local.py"
@@ -27,8 +29,9 @@ def _launch(*args, env=None, timeout=240):
     return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
 
 
-def test_two_processes_of_four_devices_match_single_process_vmap(close):
-    result = _launch("--processes", "2", "--devices", "4", "--timeout", "200", "--", sys.executable, str(WORKER))
+@pytest.mark.parametrize("devices", [4, 1], ids=["2x4-devices", "2x1-device"])
+def test_two_processes_match_single_process_vmap(devices, close):
+    result = _launch("--processes", "2", "--devices", str(devices), "--timeout", "200", "--", sys.executable, str(WORKER))
     assert result.returncode == 0, result.stdout + result.stderr
     lines = [line for line in result.stdout.splitlines() if "RESULT " in line]
     assert len(lines) == 1 and lines[0].startswith("[p0] "), result.stdout
@@ -41,6 +44,8 @@ def test_two_processes_of_four_devices_match_single_process_vmap(close):
     expected = {k: np.asarray(s.value) for k, s in states.items()}
     close(got, expected, rtol=1e-5, atol=1e-6)
     assert expected["seen"].shape == (worker.BATCH, 2)
+    # the batched state is split over the 2 x devices, the parameters replicated
+    assert re.search(rf"seen\s+HiddenState\s+\(8, 2\)\s+float32\s+P\('data',?\)\s+{8 * 2 * 4 // (2 * devices)}\b", result.stdout), result.stdout
 
 
 def test_a_process_that_dies_stops_the_run_with_a_clear_message():
@@ -48,7 +53,8 @@ def test_a_process_that_dies_stops_the_run_with_a_clear_message():
 
     start = time.monotonic()
     env = {**os.environ, "DP_WORKER_DIE": "1"}
-    result = _launch("--processes", "2", "--devices", "2", "--timeout", "200", "--", sys.executable, str(WORKER), env=env)
+    # One device per process also covers placing states across processes (no local replicas).
+    result = _launch("--processes", "2", "--devices", "1", "--timeout", "200", "--", sys.executable, str(WORKER), env=env)
     elapsed = time.monotonic() - start
     assert result.returncode != 0
     assert "process 1 was killed by signal SIGKILL; stopping the others." in result.stdout, result.stdout
