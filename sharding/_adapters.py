@@ -199,15 +199,16 @@ class Pmap(_Adapter):
         span = Span(axis_name, (device_axis,), (n,), Span.fresh_name(), local, self.name)
         body = self._local_program(f, lane_avals, [None if a is None else 0 for a in axes], [None if a is None else 0 for a in out_axes], axis_name, span)
         blocks = [x if a is None else jnp.moveaxis(x, a, 0).reshape((n, local, *jnp.shape(x)[:a], *jnp.shape(x)[a + 1 :])) for x, a in zip(leaves, axes)]
+        # pmap needs a mapped argument; one that the body ignores gives it one.
         mapped = jax.pmap(
-            body,
+            lambda *blocks_and_device_ids: body(*blocks_and_device_ids[:-1]),
             axis_name=device_axis,
-            in_axes=tuple(None if a is None else 0 for a in axes),
+            in_axes=(*(None if a is None else 0 for a in axes), 0),
             out_axes=0,
             devices=devices[:n],
         )
         results = []
-        for y, a in zip(mapped(*blocks), out_axes):
+        for y, a in zip(mapped(*blocks, jnp.arange(n)), out_axes):
             if a is None:
                 results.append(y[0])
             else:

@@ -53,14 +53,22 @@ def make_auto_mesh(shape: Sequence[int], names: Sequence[str], devices: Sequence
 
 
 def ambient_mesh() -> Any | None:
-    """The mesh set by ``jax.set_mesh`` (or a ``with mesh:`` block), or None."""
+    """The mesh set by ``jax.set_mesh`` (or a ``with mesh:`` block), or None.
+
+    The concrete mesh is read first: smap traces per-lane programs with the
+    abstract mesh cleared (see ``smap._compat.without_ambient_mesh``), and
+    ``jax.set_mesh`` records both.
+    """
+    from jax._src import mesh as mesh_lib
+
+    concrete = getattr(mesh_lib, "get_concrete_mesh", lambda: None)()
+    if concrete is not None and not concrete.empty:
+        return concrete
     get_abstract = getattr(jax.sharding, "get_abstract_mesh", None)
     if get_abstract is not None:
         mesh = get_abstract()
         if mesh is not None and not getattr(mesh, "empty", False) and mesh.shape:
             return mesh
-    from jax._src import mesh as mesh_lib
-
     physical = mesh_lib.thread_resources.env.physical_mesh
     return None if physical.empty else physical
 

@@ -31,8 +31,14 @@ def _adapter(mapping: smap.StatefulMapping) -> ShardMap:
 
 
 def _rule_spec(state: smap.State, rules: Rules | None) -> PartitionSpec | None:
+    """The first rule that selects ``state``, checked against its rank."""
     for selector, spec in (rules or {}).items():
         if to_filter(selector)(state.path, state):
+            ndim = min((np.ndim(x) for x in jax.tree_util.tree_leaves(state.peek())), default=0)
+            if len(spec) > ndim:
+                raise ValueError(
+                    f"the rule {spec} for {state.describe()} names {len(spec)} dimensions, but its value has {ndim}."
+                )
             return spec
     return None
 
@@ -59,10 +65,6 @@ def spec_for(mapping: smap.StatefulMapping, state: smap.State, rules: Rules | No
     ndim = min(np.ndim(x) for x in jax.tree_util.tree_leaves(value)) if jax.tree_util.tree_leaves(value) else 0
     axis = mapping.state_axis(state)
     rule = _rule_spec(state, rules)
-    if rule is not None and len(rule) > ndim:
-        raise ValueError(
-            f"the rule {rule} for {state.describe()} names {len(rule)} dimensions, but its value has {ndim}."
-        )
     entries = list(rule or ()) + [None] * (ndim - len(rule or ()))
     if axis is not None:
         lane = adapter.lane_spec(ndim, axis % ndim)

@@ -8,6 +8,7 @@ object has one (``new_arg``), whose signature changed across releases.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 from typing import Any
 
@@ -23,7 +24,7 @@ except ImportError:
 # per-call path of a cached transform free of abstract-base-class checks.
 ArrayImpl = ArrayImpl
 
-__all__ = ["ArrayImpl", "current_trace", "new_input", "jaxprs_in_params"]
+__all__ = ["ArrayImpl", "current_trace", "new_input", "jaxprs_in_params", "without_ambient_mesh"]
 
 
 def current_trace() -> Any:
@@ -51,3 +52,14 @@ def new_input(trace: Any, aval: jax.core.AbstractValue) -> Any:
 
         return trace.new_arg(aval, source_info_util.current())
     return trace.new_arg(aval)
+
+
+def without_ambient_mesh() -> Any:
+    """A context in which no mesh is set (``jax.set_mesh`` records its mesh in avals).
+
+    A per-lane program must not depend on the mesh it is later run on.
+    """
+    use = getattr(jax.sharding, "use_abstract_mesh", None)
+    if use is None:
+        return contextlib.nullcontext()
+    return use(jax.sharding.AbstractMesh((), ()))

@@ -154,7 +154,8 @@ def trace_program(
     if arg_avals is None:
         arg_avals = [abstract(x) for x in leaves]
     specs = [jax.ShapeDtypeStruct(a.shape, a.dtype, weak_type=a.weak_type) for a in arg_avals]
-    jaxpr = jax.make_jaxpr(traced, axis_env=list(axis_env) or None)(*specs)
+    with _compat.without_ambient_mesh():
+        jaxpr = jax.make_jaxpr(traced, axis_env=list(axis_env) or None)(*specs)
     index = {id(s): i for i, s in enumerate(frame.states)}
     return Program(
         jaxpr=jaxpr,

@@ -1,0 +1,361 @@
+"""Tests of ``sharding._adapters``: routing, the vmap calling convention, lane layout, bad input.
+
+Every value is checked against ``jax.vmap`` or worked out by hand. Bad input
+must give a clear error and leave every State (the default random key
+included) exactly as it was, value and placement.
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import sharding
+import smap
+
+
+@functools.lru_cache(maxsize=None)
+def mesh_1d(n):
+    return sharding.make_mesh(data=n, devices=jax.devices()[:n])
+
+
+@functools.lru_cache(maxsize=None)
+def mesh_2d():
+    return sharding.make_mesh(data=4, model=2)
+
+
+def rand(*shape, seed=0):
+    return jnp.asarray(np.random.default_rng(seed).normal(size=shape), dtype=jnp.float32)
+
+
+def snapshot(*states):
+    """Host copies and shardings of the states' values, and of the default random key."""
+    out = []
+    for s in (*states, smap.random.DEFAULT):
+        leaves = jax.tree_util.tree_leaves(s.value)
+        out.append([(np.array(x), x.shape, x.dtype, getattr(x, "sharding", None)) for x in leaves])
+    return out
+
+
+def assert_unchanged(states, before):
+    now = snapshot(*states)
+    assert len(now) == len(before)
+    for state, a, b in zip((*states, smap.random.DEFAULT), now, before):
+        assert len(a) == len(b), state
+        for (va, sa, da, sha), (vb, sb, db, shb) in zip(a, b):
+            assert sa == sb and da == db, (state, sa, sb)
+            np.testing.assert_array_equal(va, vb)
+            assert sha == shb, (state, sha, shb)
+
+
+# -- routing of jax.pmap / jax.shard_map ---------------------------------------------
+
+
+def test_adapt_routes_jax_pmap_and_jax_shard_map():
+    devices = jax.devices()[:2]
+    mesh = mesh_1d(4)
+
+    adapter, kwargs = sharding.adapt(jax.pmap, {})
+    assert isinstance(adapter, sharding.Pmap) and adapter.devices is None and kwargs == {}
+
+    adapter, kwargs = sharding.adapt(functools.partial(jax.pmap, devices=devices), {})
+    assert isinstance(adapter, sharding.Pmap) and adapter.devices == devices and kwargs == {}
+
+    adapter, kwargs = sharding.adapt(jax.shard_map, {"mesh": mesh})
+    assert isinstance(adapter, sharding.ShardMap) and adapter.mesh is mesh and adapter.axes == ("data",)
+
+    adapter, _ = sharding.adapt(functools.partial(jax.shard_map, mesh=mesh_2d()), {})
+    assert adapter.mesh is mesh_2d() and adapter.axes == ("data", "model")
+
+    adapter, _ = sharding.adapt(jax.shard_map, {"mesh": mesh_2d(), "axis_names": {"data"}})
+    assert adapter.axes == ("data",)
+
+
+def test_adapt_leaves_other_mapping_fns_alone():
+    custom = functools.partial(jax.vmap, spmd_axis_name=None)
+    assert sharding.adapt(jax.vmap, {}) == (jax.vmap, {})
+    assert sharding.adapt(custom, {"a": 1}) == (custom, {"a": 1})
+
+
+@pytest.mark.parametrize(
+    "mapping_fn, kwargs, bad",
+    [
+        (jax.shard_map, {"mesh": None, "in_specs": P()}, "in_specs"),
+        (jax.shard_map, {"out_specs": P()}, "out_specs"),
+        (jax.pmap, {"axis_name": "i"}, "axis_name"),
+        (functools.partial(jax.pmap, in_axes=0), {}, "in_axes"),
+    ],
+    ids=["shard_map-in_specs", "shard_map-out_specs", "pmap-axis_name", "pmap-in_axes"],
+)
+def test_options_the_lanes_decide_are_rejected(mapping_fn, kwargs, bad):
+    h = smap.HiddenState(jnp.zeros((8, 2)))
+
+    def step(x):
+        h.value = h.value + x
+        return x
+
+    m = smap.StatefulMapping(step, state_in_axes=smap.HiddenState, mapping_fn=mapping_fn, mapping_kwargs=kwargs)
+    before = snapshot(h)
+    with pytest.raises(TypeError, match=bad):
+        m(jnp.ones((8, 2)))
+    assert_unchanged([h], before)
+
+
+def test_experimental_shard_map_is_routed_too():
+    experimental = pytest.importorskip("jax.experimental.shard_map")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        fn = getattr(experimental, "shard_map", None)
+    if fn is None:
+        pytest.skip("no jax.experimental.shard_map.shard_map in this JAX")
+    x = rand(8, 3)
+    m = smap.StatefulMapping(lambda v: jax.lax.psum(v, "i") * v, axis_name="i", mapping_fn=fn, mapping_kwargs={"mesh": mesh_1d(4)})
+    np.testing.assert_allclose(m(x), np.asarray(x).sum(0) * np.asarray(x), rtol=1e-5)
+
+
+# -- the adapters with jax.vmap's calling convention, without smap ---------------------
+
+
+def _lane(x, y, z):
+    return {"a": x * y["w"] + z, "b": jax.lax.psum(x.sum(), "i"), "c": y["v"]}
+
+
+CONVENTIONS = [
+    # in_axes, out_axes, args
+    (0, 0, (rand(8, 3), {"w": rand(8, 3, seed=1), "v": rand(8, seed=2)}, rand(8, 3, seed=3))),
+    ((1, {"w": None, "v": 0}, -1), {"a": 1, "b": 0, "c": -1}, (rand(3, 8), {"w": rand(3, seed=1), "v": rand(8, 2, seed=2)}, rand(3, 8, seed=3))),
+    ([0, None, None], {"a": 0, "b": None, "c": None}, (rand(8, 3), {"w": rand(3, seed=1), "v": rand(2, seed=2)}, rand(3, seed=3))),
+]
+
+
+@pytest.mark.parametrize("convention", CONVENTIONS, ids=["all-0", "axes-1-None-negative", "list-in_axes-unmapped-out"])
+@pytest.mark.parametrize(
+    "adapter",
+    [lambda: sharding.shard_map(mesh_1d(4)), lambda: sharding.shard_map(mesh_2d(), axis=("data", "model")), lambda: sharding.pmap(jax.devices()[:2])],
+    ids=["shard_map-4dev", "shard_map-4x2", "pmap-2dev"],
+)
+def test_adapter_is_a_drop_in_for_jax_vmap(adapter, convention):
+    in_axes, out_axes, args = convention
+    expected = jax.vmap(_lane, in_axes=in_axes, out_axes=out_axes, axis_name="i")(*args)
+    actual = adapter()(_lane, in_axes=in_axes, out_axes=out_axes, axis_name="i", axis_size=8)(*args)
+    jax.tree_util.tree_map(lambda a, e: np.testing.assert_allclose(a, e, rtol=1e-5, atol=1e-6), actual, expected)
+    assert jax.tree_util.tree_structure(actual) == jax.tree_util.tree_structure(expected)
+
+
+def test_adapter_infers_axis_size_from_arguments():
+    x = rand(8, 2)
+    out = sharding.shard_map(mesh_1d(2))(lambda v: jax.lax.axis_index("i") + 0 * v[0], axis_name="i")(x)
+    np.testing.assert_array_equal(out, np.arange(8))
+
+
+# -- lane layout: contiguous blocks of lanes per device -------------------------------
+
+
+@pytest.mark.parametrize("n", [2, 4, 8])
+def test_each_device_holds_a_contiguous_block_of_lanes(n):
+    mesh = mesh_1d(n)
+    h = smap.HiddenState(jnp.zeros((8, 3)))
+
+    def step(x):
+        h.value = h.value + x * (1 + jax.lax.axis_index("i"))
+        return h.value
+
+    m = smap.StatefulMapping(step, state_in_axes=smap.HiddenState, axis_name="i", mapping_fn=sharding.shard_map(mesh))
+    x = rand(8, 3)
+    out = m(x)
+    expected = np.asarray(x) * np.arange(1, 9)[:, None]
+    np.testing.assert_allclose(out, expected, rtol=1e-6)
+    for value in (out, h.value):
+        assert isinstance(value.sharding, NamedSharding) and value.sharding.mesh == mesh
+        assert len(value.addressable_shards) == n
+        for shard in value.addressable_shards:
+            k = list(mesh.devices.flat).index(shard.device)
+            rows = slice(k * 8 // n, (k + 1) * 8 // n)
+            assert shard.index[0] == rows
+            np.testing.assert_allclose(shard.data, expected[rows], rtol=1e-6)
+
+
+def test_pmap_with_fewer_lanes_than_devices_uses_the_first_devices():
+    h = smap.HiddenState(jnp.zeros((4, 2)))
+
+    def step(x):
+        h.value = h.value + jax.lax.psum(x, "i")
+        return jax.lax.axis_index("i")
+
+    m = smap.StatefulMapping(step, state_in_axes=smap.HiddenState, axis_name="i", mapping_fn=jax.pmap)
+    x = rand(4, 2)
+    np.testing.assert_array_equal(m(x), np.arange(4))
+    np.testing.assert_allclose(h.value, np.broadcast_to(np.asarray(x).sum(0), (4, 2)), rtol=1e-6)
+    assert h.value.sharding.device_set <= set(jax.devices()[:4])
+
+
+# -- bad input: a clear error and every State unchanged -----------------------------------
+
+
+class Net(smap.nn.Module):
+    """Batched hidden state, shared parameter written with a mean, and random draws."""
+
+    def __init__(self, lanes):
+        self.h = smap.HiddenState(jnp.zeros((lanes, 2)))
+        self.w = smap.ParamState(jnp.ones(2))
+
+    def __call__(self, x):
+        self.h.value = self.h.value + x + smap.random.normal(size=2)
+        self.w.value = self.w.value - 0.1 * jax.lax.pmean(x, "b")
+        return x.sum()
+
+
+def mapped(net, mapping_fn, mapping_kwargs=None):
+    return smap.StatefulMapping(
+        net, state_in_axes=smap.HiddenState, axis_name="b", mapping_fn=mapping_fn, mapping_kwargs=mapping_kwargs
+    )
+
+
+def _placed_net(lanes):
+    """A net after one good call on 2 devices: its states live on a mesh."""
+    net = Net(lanes)
+    mapped(net, sharding.shard_map(mesh_1d(2)))(jnp.ones((lanes, 2)))
+    return net
+
+
+INDIVISIBLE = [
+    ("sharding.shard_map", lambda: (sharding.shard_map(mesh_1d(4)), None), 6, 4),
+    ("jax.shard_map(mapping_kwargs)", lambda: (jax.shard_map, {"mesh": mesh_1d(4)}), 6, 4),
+    ("sharding.shard_map-4x2-data+model", lambda: (sharding.shard_map(mesh_2d(), axis=("data", "model")), None), 6, 8),
+    ("sharding.pmap", lambda: (sharding.pmap(jax.devices()[:4]), None), 6, 4),
+    ("partial(jax.pmap,devices)", lambda: (functools.partial(jax.pmap, devices=jax.devices()[:4]), None), 6, 4),
+    ("jax.pmap-12-lanes-on-8", lambda: (jax.pmap, None), 12, 8),
+]
+
+
+@pytest.mark.parametrize("case", INDIVISIBLE, ids=[c[0] for c in INDIVISIBLE])
+def test_mapped_size_not_divisible_by_devices(case):
+    _, build, lanes, devices = case
+    net = _placed_net(lanes)
+    before = snapshot(net.h, net.w)
+    mapping_fn, kwargs = build()
+    with pytest.raises(ValueError, match=rf"\b{lanes}\b.*\b{devices}\b devices"):
+        mapped(net, mapping_fn, kwargs)(jnp.ones((lanes, 2)))
+    assert_unchanged([net.h, net.w], before)
+
+
+@pytest.mark.parametrize(
+    "build",
+    [
+        lambda: sharding.shard_map(mesh_1d(4), axis="model"),
+        lambda: sharding.shard_map(mesh_1d(4), axis=("data", "nope")),
+    ],
+    ids=["axis=model-on-data-mesh", "axis=(data,nope)"],
+)
+def test_missing_mesh_axis_at_construction(build):
+    with pytest.raises(ValueError, match=r"the mesh has axes \('data',\)"):
+        build()
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        ("jax.shard_map-axis_names", lambda: (jax.shard_map, {"mesh": mesh_1d(4), "axis_names": ("model",)}), None),
+        ("sharding.shard_map-ambient", lambda: (sharding.shard_map(None, axis="model"), None), mesh_1d(4)),
+    ],
+    ids=lambda c: c[0],
+)
+def test_missing_mesh_axis_at_call(case):
+    _, build, ambient = case
+    net = _placed_net(8)
+    before = snapshot(net.h, net.w)
+    mapping_fn, kwargs = build()
+    m = mapped(net, mapping_fn, kwargs)
+    with pytest.raises(ValueError, match=r"axes \('data',\), not 'model'"):
+        if ambient is not None:
+            with jax.set_mesh(ambient):
+                m(jnp.ones((8, 2)))
+        else:
+            m(jnp.ones((8, 2)))
+    assert_unchanged([net.h, net.w], before)
+
+
+@pytest.mark.parametrize(
+    "mapping_fn",
+    [jax.shard_map, sharding.shard_map(None), sharding.shard_map()],
+    ids=["jax.shard_map", "sharding.shard_map(None)", "sharding.shard_map()"],
+)
+def test_shard_map_with_no_mesh_anywhere(mapping_fn):
+    net = _placed_net(8)
+    before = snapshot(net.h, net.w)
+    with pytest.raises(ValueError, match="no mesh"):
+        mapped(net, mapping_fn)(jnp.ones((8, 2)))
+    assert_unchanged([net.h, net.w], before)
+
+
+def test_error_inside_the_function_leaves_sharded_states_unchanged():
+    net = _placed_net(8)
+    before = snapshot(net.h, net.w)
+    calls = []
+
+    def step(x):
+        net(x)
+        calls.append(1)
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        smap.StatefulMapping(step, state_in_axes=smap.HiddenState, axis_name="b", mapping_fn=sharding.shard_map(mesh_1d(4)))(
+            jnp.ones((8, 2))
+        )
+    assert calls
+    assert_unchanged([net.h, net.w], before)
+
+
+def test_unsupported_collective_with_several_lanes_per_device():
+    h = smap.HiddenState(jnp.zeros((8, 2)))
+
+    def step(x):
+        h.value = h.value + x + smap.random.normal(size=2)
+        return jax.lax.ppermute(x, "b", [(i, (i + 1) % 8) for i in range(8)])
+
+    m = smap.StatefulMapping(step, state_in_axes=smap.HiddenState, axis_name="b", mapping_fn=sharding.shard_map(mesh_1d(4)))
+    before = snapshot(h)
+    with pytest.raises(NotImplementedError, match="ppermute"):
+        m(rand(8, 2))
+    assert_unchanged([h], before)
+
+
+def test_ppermute_with_one_lane_per_device():
+    perm = [(i, (i + 1) % 8) for i in range(8)]
+    x = jnp.arange(8.0)
+    expected = jax.vmap(lambda v: jax.lax.ppermute(v, "b", perm), axis_name="b")(x)
+    m = smap.StatefulMapping(lambda v: jax.lax.ppermute(v, "b", perm), axis_name="b", mapping_fn=sharding.shard_map(mesh_1d(8)))
+    np.testing.assert_array_equal(m(x), expected)
+
+
+def test_shard_map_under_set_mesh_without_collectives():
+    m = smap.StatefulMapping(lambda x: x * 2, mapping_fn=jax.shard_map)
+    with jax.set_mesh(mesh_1d(4)):
+        out = m(jnp.arange(8.0))
+    np.testing.assert_array_equal(out, 2 * np.arange(8.0))
+
+
+def test_shard_map_under_set_mesh_with_collectives():
+    m = smap.StatefulMapping(lambda x: x - jax.lax.pmean(x, "i"), axis_name="i", mapping_fn=jax.shard_map)
+    with jax.set_mesh(mesh_1d(4)):
+        out = m(jnp.arange(8.0))
+    np.testing.assert_array_equal(out, np.arange(8.0) - 3.5)
+    assert out.sharding.mesh == mesh_1d(4)
+
+
+@pytest.mark.parametrize("mapping_fn", [jax.pmap, sharding.pmap(jax.devices()[:2])], ids=["jax.pmap", "sharding.pmap-2dev"])
+def test_pmap_with_nothing_mapped(mapping_fn):
+    m = smap.StatefulMapping(lambda: jnp.arange(3.0), in_axes=None, axis_size=8, mapping_fn=mapping_fn)
+    np.testing.assert_array_equal(m(), np.tile(np.arange(3.0), (8, 1)))
+
+
+def test_shard_map_with_nothing_mapped():
+    m = smap.StatefulMapping(lambda: jnp.arange(3.0), in_axes=None, axis_size=8, mapping_fn=sharding.shard_map(mesh_1d(4)))
+    np.testing.assert_array_equal(m(), np.tile(np.arange(3.0), (8, 1)))
