@@ -165,7 +165,8 @@ class StateTable(list):
 def _spec_text(x: Any) -> str:
     sharding = getattr(x, "sharding", None)
     if isinstance(sharding, NamedSharding):
-        return str(sharding.spec)
+        entries = [repr(e) for e in sharding.spec]
+        return f"P({', '.join(entries)}{',' if len(entries) == 1 else ''})"
     if sharding is not None and len(sharding.device_set) == 1:
         return f"{next(iter(sharding.device_set))}"
     return str(sharding)

@@ -356,7 +356,8 @@ def _device_mapping(mapping_fn: Callable, mapping_kwargs: dict) -> tuple[Callabl
     target = mapping_fn.func if isinstance(mapping_fn, functools.partial) else mapping_fn
     if target is jax.vmap:
         return mapping_fn, mapping_kwargs
-    if target is jax.pmap or "shard_map" in getattr(target, "__name__", ""):
+    is_shard_map = getattr(target, "__name__", None) == "shard_map" and getattr(target, "__module__", "").startswith("jax.")
+    if target is jax.pmap or target is jax.shard_map or is_shard_map:
         import sharding
 
         return sharding.adapt(mapping_fn, mapping_kwargs)
