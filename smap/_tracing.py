@@ -16,6 +16,7 @@ how the program is compiled.
 from __future__ import annotations
 
 import dataclasses
+import operator
 from collections.abc import Callable, Hashable, Sequence
 from typing import Any
 
@@ -199,6 +200,9 @@ class Entry:
             return None
 
 
+_stored_value = operator.attrgetter("_value")
+
+
 class _StateList:
     """The states a transform passes to its compiled dispatcher, by identity.
 
@@ -287,9 +291,8 @@ class StatefulFunction:
         """
         raise NotImplementedError
 
-    def _result(self, out: Any) -> Any:
-        """What a call returns, from what ``run`` returned."""
-        return out
+    # What a call returns, from what ``run`` returned (None: ``run``'s result).
+    _result: Callable[[Any], Any] | None = None
 
     # -- signature -------------------------------------------------------------
 
@@ -403,7 +406,7 @@ class StatefulFunction:
             return self._call_in_trace(args, kwargs)
         while True:
             state_list = self._state_list
-            values = [s._value for s in state_list.states]
+            values = list(map(_stored_value, state_list.states))
             # The dispatcher's trace reads where the states live (see _keep_placement).
             self._placed_values = values
             try:
@@ -415,12 +418,11 @@ class StatefulFunction:
                 self._placed_values = None
         if written:
             states = state_list.states
-            values = list(written.values())
-            if type(values[0]) is not _compat.ArrayImpl:
-                _check_not_traced(self.name, [states[i] for i in written], values)
+            if type(next(iter(written.values()))) is not _compat.ArrayImpl:
+                _check_not_traced(self.name, [states[i] for i in written], list(written.values()))
             for i, value in written.items():
                 states[i]._value = value
-        return self._result(out)
+        return out if self._result is None else self._result(out)
 
     def _call_in_trace(self, args: tuple, kwargs: dict) -> Any:
         """A call while another smap transform traces: only this program's states take part."""
@@ -431,7 +433,7 @@ class StatefulFunction:
         out, written = self._dispatch(state_list, [s.value for s in program.states], *args, **kwargs)
         for i, value in written.items():
             program.states[i].write_back(value)
-        return self._result(out)
+        return out if self._result is None else self._result(out)
 
 
 def _keep_placement(new: Any, old: Any) -> Any:
