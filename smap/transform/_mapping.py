@@ -54,7 +54,7 @@ class _LaneTrace(TraceContext):
 
     def make_input(self, state: State, value: Any) -> Any:
         leaves, tree = jax.tree_util.tree_flatten(value)
-        selected, axis = select_axis(self.mapping.state_in_axes, state.path, state)
+        axis = select_axis(self.mapping.state_in_axes, state.path, state)[1]
         if isinstance(state, RandomState) and len(leaves) == 1 and leaves[0].ndim == 1:
             # One key for the whole batch: every lane gets its own key, split from it.
             self.split_keys.add(id(state))

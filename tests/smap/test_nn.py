@@ -1,7 +1,6 @@
 """Modules: states() paths, order, containers, filters, sharing, state.path."""
 
 import jax.numpy as jnp
-import pytest
 
 import smap
 
