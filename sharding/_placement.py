@@ -157,10 +157,6 @@ class StateTable(list):
 
     __repr__ = __str__
 
-    @property
-    def total_bytes_per_device(self) -> int:
-        return sum(r.bytes_per_device for r in self)
-
 
 def _spec_text(x: Any) -> str:
     sharding = getattr(x, "sharding", None)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import dataclasses
 import operator
 from collections.abc import Callable, Hashable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import numpy as np
@@ -28,7 +28,7 @@ from . import _compat
 from ._state import InvalidatedStateError, State, TraceFrame, active_frames
 from .nn import Module
 
-__all__ = ["Program", "StatefulFunction", "TraceContext", "trace_program", "abstract", "resolve_argnums"]
+__all__ = ["ArgSignature", "Program", "StatefulFunction", "TraceContext", "trace_program", "abstract", "resolve_argnums"]
 
 PyTreeDef = Any
 
@@ -45,6 +45,15 @@ def _leaf_signature(x: Any) -> Hashable:
             f"expected arrays or Python scalars as arguments, got {type(x).__name__!r}; "
             f"mark non-array arguments as static."
         ) from None
+
+
+class ArgSignature(NamedTuple):
+    """The argument part of a cache key: what a trace of the function depends on."""
+
+    tree: PyTreeDef  # of (dynamic positional arguments, dynamic keyword arguments)
+    static: tuple  # ((position or name, value), ...) of the static arguments
+    n_args: int  # positional arguments in the call, static ones included
+    leaves: tuple  # (shape, dtype, weak_type) of each array leaf
 
 
 def _tree_signature(value: Any) -> Hashable:
@@ -89,7 +98,6 @@ class Program:
     written: tuple[int, ...]
     out_tree: PyTreeDef
     n_args: int
-    frame: TraceFrame
 
     @property
     def n_outs(self) -> int:
@@ -165,7 +173,6 @@ def trace_program(
         written=tuple(index[k] for k in frame.written),
         out_tree=result["out_tree"],
         n_args=len(leaves),
-        frame=frame,
     )
 
 
@@ -278,11 +285,11 @@ class StatefulFunction:
 
     # -- hooks -----------------------------------------------------------------
 
-    def _begin_trace(self, key: Hashable, leaves: list) -> TraceContext:
+    def _begin_trace(self, key: ArgSignature, leaves: list) -> TraceContext:
         """What the trace of a new signature needs: state inputs and axis names."""
         return TraceContext()
 
-    def _compile(self, program: Program, key: Hashable, context: TraceContext) -> Callable:
+    def _compile(self, program: Program, key: ArgSignature, context: TraceContext) -> Callable:
         """The function ``run(arg_leaves, state_values) -> (result, written_values)``.
 
         It runs inside the dispatcher's ``jax.jit`` trace; ``state_values``
@@ -320,11 +327,11 @@ class StatefulFunction:
 
         return bound
 
-    def signature_key(self, *args: Any, **kwargs: Any) -> tuple[Hashable, list, tuple, dict]:
+    def signature_key(self, *args: Any, **kwargs: Any) -> tuple[ArgSignature, list, tuple, dict]:
         """The argument part of the cache key, with the leaves and the dynamic arguments."""
         dyn_args, dyn_kwargs, static = self._split_static(args, kwargs)
         leaves, tree = jax.tree_util.tree_flatten((dyn_args, dyn_kwargs))
-        key = (tree, static, len(args), *map(_leaf_signature, leaves))
+        key = ArgSignature(tree, static, len(args), tuple(map(_leaf_signature, leaves)))
         return key, leaves, dyn_args, dyn_kwargs
 
     # -- cache -----------------------------------------------------------------
@@ -336,10 +343,9 @@ class StatefulFunction:
         return None
 
     def _trace(self, key: Hashable, leaves: list, dyn_args: tuple, dyn_kwargs: dict) -> Entry:
-        static, n_args = key[1], key[2]
         context = self._begin_trace(key, leaves)
         program = trace_program(
-            self._bind_static(static, n_args),
+            self._bind_static(key.static, key.n_args),
             dyn_args,
             dyn_kwargs,
             make_input=context.make_input,

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Hashable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
 from .._state import State
-from .._tracing import Program, StatefulFunction, TraceContext
+from .._tracing import ArgSignature, Program, StatefulFunction, TraceContext
 from ._signature import function_name
 
 __all__ = ["grad"]
@@ -65,10 +65,10 @@ class GradFunction(StatefulFunction):
         super().__init__(touching_grad_states, name=f"smap.grad({function_name(fun)})")
         functools.update_wrapper(self, fun, updated=())
 
-    def _compile(self, program: Program, key: Hashable, context: TraceContext) -> Callable:
+    def _compile(self, program: Program, key: ArgSignature, context: TraceContext) -> Callable:
         self._check_loss(program)
-        tree, n_args = key[0], key[2]
-        positions = tuple(self._argnum(p, n_args) for p in self._arg_positions)
+        tree = key.tree
+        positions = tuple(self._argnum(p, key.n_args) for p in self._arg_positions)
         n_grad = len(self.grad_states)
 
         def run(arg_leaves: list, state_values: list) -> tuple[tuple, list]:

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
 
-from .._tracing import Program, StatefulFunction, TraceContext, resolve_argnums
+from .._tracing import ArgSignature, Program, StatefulFunction, TraceContext, resolve_argnums
 from ._signature import check_static_argnums, function_name, positional_count
 
 __all__ = ["jit"]
@@ -34,7 +34,7 @@ class JittedFunction(StatefulFunction):
         )
         functools.update_wrapper(self, fun, updated=())
 
-    def _compile(self, program: Program, key: Hashable, context: TraceContext) -> Callable:
+    def _compile(self, program: Program, key: ArgSignature, context: TraceContext) -> Callable:
         def run(arg_leaves: list, state_values: list) -> tuple[Any, list]:
             results = program(*arg_leaves, *jax.tree_util.tree_leaves(state_values))
             outs, written = results[: program.n_outs], results[program.n_outs :]

@@ -22,7 +22,7 @@ from typing import Any
 import jax
 
 from .._state import State
-from .._tracing import Program, StatefulFunction, TraceContext, abstract
+from .._tracing import ArgSignature, Program, StatefulFunction, TraceContext, abstract
 from ..random import RandomState
 from ._axes import AxisSpec, leaf_axes, leaf_names, normalise_state_axes, resolve_axis, select_axis
 from ._lanes import lane_dependent
@@ -197,11 +197,10 @@ class StatefulMapping(StatefulFunction):
 
     # -- before the trace: arguments --------------------------------------------
 
-    def _begin_trace(self, key: Hashable, leaves: list) -> _LaneTrace:
-        tree, static, n_args = key[0], key[1], key[2]
-        args, kwargs = jax.tree_util.tree_unflatten(tree, leaves)
-        static_positions = {k for k, _ in static if isinstance(k, int)}
-        arg_axes = self._arg_axes(args, kwargs, n_args, static_positions)
+    def _begin_trace(self, key: ArgSignature, leaves: list) -> _LaneTrace:
+        args, kwargs = jax.tree_util.tree_unflatten(key.tree, leaves)
+        static_positions = {k for k, _ in key.static if isinstance(k, int)}
+        arg_axes = self._arg_axes(args, kwargs, key.n_args, static_positions)
         names = leaf_names(args, "args") + leaf_names(kwargs, "kwargs")
         found = self._sizes_found_in_trace.get(key)
         if self.axis_size is not None:
@@ -245,7 +244,7 @@ class StatefulMapping(StatefulFunction):
 
     # -- after the trace: the plan ---------------------------------------------
 
-    def _compile(self, program: Program, key: Hashable, context: _LaneTrace) -> Callable:
+    def _compile(self, program: Program, key: ArgSignature, context: _LaneTrace) -> Callable:
         if context.axis_size is None:
             raise ValueError(
                 f"{self.name}: axis_size is required when no argument is mapped and no state is batched."
@@ -351,17 +350,16 @@ class _SizeFoundInTrace(Exception):
 
 
 def _device_mapping(mapping_fn: Callable, mapping_kwargs: dict) -> tuple[Callable, dict]:
-    """``jax.pmap`` and ``jax.shard_map`` do not take ``jax.vmap``'s calling
-    convention; the sharding layer adapts them (imported only when used)."""
+    """JAX's SPMD maps (``jax.pmap``, ``jax.shard_map``) do not take ``jax.vmap``'s
+    calling convention; the sharding layer (imported only for them) adapts them
+    and returns any other function unchanged."""
     target = mapping_fn.func if isinstance(mapping_fn, functools.partial) else mapping_fn
-    if target is jax.vmap:
+    module = getattr(target, "__module__", None) or ""
+    if target is jax.vmap or not (module == "jax" or module.startswith("jax.")):
         return mapping_fn, mapping_kwargs
-    is_shard_map = getattr(target, "__name__", None) == "shard_map" and getattr(target, "__module__", "").startswith("jax.")
-    if target is jax.pmap or target is jax.shard_map or is_shard_map:
-        import sharding
+    import sharding
 
-        return sharding.adapt(mapping_fn, mapping_kwargs)
-    return mapping_fn, mapping_kwargs
+    return sharding.adapt(mapping_fn, mapping_kwargs)
 
 
 def _lane_keys(key: jax.Array, n: int) -> tuple[jax.Array, jax.Array]:
