@@ -24,20 +24,13 @@ import jax
 from .._state import State
 from .._tracing import ArgSignature, Program, StatefulFunction, TraceContext, abstract
 from ..random import RandomState
-from ._axes import AxisSpec, leaf_axes, leaf_names, normalise_state_axes, resolve_axis, select_axis
-from ._lanes import lane_dependent
+from ._axes import AxisSpec, leaf_axes, leaf_names, normalise_state_axes, select_axis
+from ._plan import BatchAxisError, LaneInputs, LanePlan, plan
 from ._signature import check_static_argnums, function_name
 
 __all__ = ["StatefulMapping", "vmap2", "BatchAxisError"]
 
 _POLICIES = ("ignore", "warn", "raise")
-
-
-class BatchAxisError(ValueError):
-    """A state's mapped axis is not what the mapping was told it would be."""
-
-
-BatchAxisError.__module__ = "smap"
 
 
 class _LaneTrace(TraceContext):
@@ -48,8 +41,8 @@ class _LaneTrace(TraceContext):
         self.arg_axes = arg_axes
         self.axis_size = axis_size
         self.size_source = size_source
-        self.state_axes: dict[int, list[int]] = {}
-        self.split_keys: set[int] = set()
+        self.state_axes: dict[State, tuple[int, ...]] = {}
+        self.own_lanes: set[State] = set()
         self.axis_env: tuple = ()
 
     def make_input(self, state: State, value: Any) -> Any:
@@ -57,7 +50,7 @@ class _LaneTrace(TraceContext):
         axis = select_axis(self.mapping.state_in_axes, state.path, state)[1]
         if isinstance(state, RandomState) and len(leaves) == 1 and leaves[0].ndim == 1:
             # One key for the whole batch: every lane gets its own key, split from it.
-            self.split_keys.add(id(state))
+            self.own_lanes.add(state)
             return jax.tree_util.tree_map(abstract, value)
         if axis is None:
             return jax.tree_util.tree_map(abstract, value)
@@ -71,8 +64,12 @@ class _LaneTrace(TraceContext):
             ax = axis % leaf.ndim
             self._check_size(leaf.shape[ax], f"{state.describe()} (axis {ax})")
             axes.append(ax)
-        self.state_axes[id(state)] = axes
+        self.state_axes[state] = tuple(axes)
         return jax.tree_util.tree_unflatten(tree, [_drop_axis(abstract(x), a) for x, a in zip(leaves, axes)])
+
+    def findings(self) -> LaneInputs:
+        """What this trace found, for :func:`~smap.transform._plan.plan`."""
+        return LaneInputs(tuple(self.arg_axes), dict(self.state_axes), frozenset(self.own_lanes), self.axis_size)
 
     def _check_size(self, size: int, source: str) -> None:
         if self.axis_size is None:
@@ -245,87 +242,20 @@ class StatefulMapping(StatefulFunction):
     # -- after the trace: the plan ---------------------------------------------
 
     def _compile(self, program: Program, key: ArgSignature, context: _LaneTrace) -> Callable:
-        if context.axis_size is None:
-            raise ValueError(
-                f"{self.name}: axis_size is required when no argument is mapped and no state is batched."
-            )
-        in_axes = list(context.arg_axes)
-        split = []
-        for state, tree in zip(program.states, program.state_trees):
-            axes = context.state_axes.get(id(state))
-            is_key = id(state) in context.split_keys
-            split.append(is_key)
-            in_axes.extend(axes if axes is not None else [0 if is_key else None] * tree.num_leaves)
-        dependent = lane_dependent(program.jaxpr.jaxpr, [a is not None for a in in_axes], self.axis_name)
-        out_axes = self._output_axes(program, dependent[: program.n_outs])
-        state_axes, advance = self._written_axes(program, context, dependent[program.n_outs :])
-        mapping_fn, mapping_kwargs = _device_mapping(self.mapping_fn, self.mapping_kwargs)
-        return _mapped_program(
+        lane_plan = plan(
             program,
-            mapping_fn=mapping_fn,
-            mapping_kwargs=mapping_kwargs,
-            in_axes=tuple(in_axes),
-            out_axes=tuple(out_axes + state_axes),
+            context.findings(),
+            out_axes=self.out_axes,
+            state_out_axes=self.state_out_axes,
             axis_name=self.axis_name,
-            axis_size=context.axis_size,
-            split=tuple(split),
-            advance=tuple(advance),
+            name=self.name,
         )
+        for i in lane_plan.unexpected_writes:
+            self._unexpected_write(program.states[i])
+        mapping_fn, mapping_kwargs = _device_mapping(self.mapping_fn, self.mapping_kwargs)
+        return _mapped_program(program, lane_plan, functools.partial(mapping_fn, **mapping_kwargs))
 
-    def _output_axes(self, program: Program, dependent: list[bool]) -> list[int | None]:
-        avals = program.jaxpr.out_avals[: program.n_outs]
-        outs = jax.tree_util.tree_unflatten(program.out_tree, avals)
-        axes = leaf_axes(self.out_axes, outs, f"{self.name}: out_axes")
-        names = leaf_names(outs, "output")
-        resolved = []
-        for axis, aval, dep, name in zip(axes, avals, dependent, names):
-            if axis is None:
-                if dep:
-                    raise ValueError(
-                        f"{self.name}: out_axes is None for {name}, but it differs between lanes; "
-                        f"give it an axis."
-                    )
-                resolved.append(None)
-            else:
-                resolved.append(resolve_axis(axis, aval.ndim + 1, f"{self.name}: out_axes for {name}"))
-        return resolved
-
-    def _written_axes(
-        self, program: Program, context: _LaneTrace, dependent: list[bool]
-    ) -> tuple[list[int | None], list[bool]]:
-        out_avals = program.jaxpr.out_avals[program.n_outs :]
-        axes: list[int | None] = []
-        advance: list[bool] = []
-        start = 0
-        for i in program.written:
-            state, n = program.states[i], program.state_trees[i].num_leaves
-            avals, deps = out_avals[start : start + n], dependent[start : start + n]
-            start += n
-            per_lane = any(deps)
-            in_axes = context.state_axes.get(id(state))
-            selected, out_axis = select_axis(self.state_out_axes, state.path, state)
-            if id(state) in context.split_keys:
-                advance.append(per_lane)
-                axes.extend([0 if per_lane else None] * n)
-                continue
-            advance.append(False)
-            if in_axes is not None:
-                if selected and out_axis is not None and any(out_axis % (a.ndim + 1) != ax for a, ax in zip(avals, in_axes)):
-                    raise BatchAxisError(
-                        f"{self.name}: {state.describe()} is mapped along axis {in_axes[0]} by state_in_axes "
-                        f"but along axis {out_axis} by state_out_axes; a state keeps one mapped axis."
-                    )
-                axes.extend(in_axes)
-                continue
-            if not per_lane:
-                axes.extend([None] * n)
-                continue
-            if not (selected and out_axis is not None):
-                out_axis = self._unexpected_write(state)
-            axes.extend(resolve_axis(out_axis, a.ndim + 1, f"{self.name}: state_out_axes for {state.describe()}") for a in avals)
-        return axes, advance
-
-    def _unexpected_write(self, state: State) -> int:
+    def _unexpected_write(self, state: State) -> None:
         message = (
             f"{self.name}: {state.describe()} is shared by the lanes but written with a per-lane value, "
             f"and state_out_axes does not select it"
@@ -334,7 +264,6 @@ class StatefulMapping(StatefulFunction):
             raise BatchAxisError(message + "; select it in state_in_axes or state_out_axes.")
         if self.unexpected_out_state_mapping == "warn":
             warnings.warn(message + "; it is written back with the mapped axis at 0.", UserWarning, stacklevel=4)
-        return 0
 
     def _trace(self, key: Hashable, leaves: list, dyn_args: tuple, dyn_kwargs: dict) -> Any:
         try:
@@ -371,36 +300,30 @@ def _lane_keys(key: jax.Array, n: int) -> tuple[jax.Array, jax.Array]:
     return jax.random.split(key, n), jax.random.split(key, n + 1)[n]
 
 
-def _mapped_program(
-    program: Program,
-    *,
-    mapping_fn: Callable,
-    mapping_kwargs: dict,
-    in_axes: tuple,
-    out_axes: tuple,
-    axis_name: Hashable | None,
-    axis_size: int,
-    split: tuple[bool, ...],
-    advance: tuple[bool, ...],
-) -> Callable:
-    """The function of (argument leaves, state values) that runs every lane."""
+def _mapped_program(program: Program, lane_plan: LanePlan, mapping_fn: Callable) -> Callable:
+    """The function of (argument leaves, state values) that runs ``program`` as ``lane_plan`` says."""
 
     def lane(*leaves: Any) -> tuple:
         return tuple(program(*leaves))
 
     def run(arg_leaves: list, state_values: list) -> tuple[Any, list]:
-        state_leaves, advanced = [], {}
-        for i, (value, is_key) in enumerate(zip(state_values, split)):
-            if is_key:
-                value, advanced[i] = _lane_keys(value, axis_size)
+        state_leaves, next_values = [], {}
+        for i, value in enumerate(state_values):
+            if i in lane_plan.own_lanes:
+                value, next_values[i] = _lane_keys(value, lane_plan.axis_size)
             state_leaves.extend(jax.tree_util.tree_leaves(value))
-        mapped = mapping_fn(lane, in_axes=in_axes, out_axes=out_axes, axis_name=axis_name, axis_size=axis_size, **mapping_kwargs)
+        mapped = mapping_fn(
+            lane,
+            in_axes=lane_plan.in_axes,
+            out_axes=lane_plan.out_axes,
+            axis_name=lane_plan.axis_name,
+            axis_size=lane_plan.axis_size,
+        )
         results = mapped(*arg_leaves, *state_leaves)
-        outs, written = results[: program.n_outs], results[program.n_outs :]
-        written = program.unflatten_written(written)
-        for j, (i, step) in enumerate(zip(program.written, advance)):
-            if step:
-                written[j] = advanced[i]
+        outs, written = results[: program.n_outs], program.unflatten_written(results[program.n_outs :])
+        for j, i in enumerate(program.written):
+            if i in lane_plan.take_next:
+                written[j] = next_values[i]
         return jax.tree_util.tree_unflatten(program.out_tree, outs), written
 
     return run

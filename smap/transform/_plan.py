@@ -1,0 +1,212 @@
+"""The lane plan: how a per-lane program runs over the lanes, as one value.
+
+A mapping traces its function into a per-lane :class:`~smap._tracing.Program`
+and records, during that trace, how each input enters the lanes
+(:class:`LaneInputs`: the mapped axis of each argument, the axes of the
+states that ``state_in_axes`` batches, the states whose type gives each lane
+its own value). :func:`plan` turns the program and those findings into a
+:class:`LanePlan`: for every input of the program its mapped axis, for every
+output where its mapped axis goes, and which written states take the value
+their type computes after the call. The mapping runs the plan (see
+``smap.transform._mapping``); nothing else decides how a value crosses the
+lanes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Hashable, Mapping
+
+import jax
+
+from .._state import State
+from .._tracing import Program
+from ._axes import AxisSpec, StateAxes, leaf_axes, leaf_names, resolve_axis, select_axis
+from ._lanes import lane_dependent
+
+__all__ = ["LaneInputs", "LanePlan", "plan", "BatchAxisError"]
+
+
+class BatchAxisError(ValueError):
+    """A state's mapped axis is not what the mapping was told it would be."""
+
+
+BatchAxisError.__module__ = "smap"
+
+
+@dataclasses.dataclass(frozen=True)
+class LaneInputs:
+    """What the trace of a mapping found out about its inputs.
+
+    Attributes:
+        arg_axes: for each array leaf of the arguments, its mapped axis, or
+            None when every lane sees the whole leaf.
+        state_axes: for each state that ``state_in_axes`` batches, the mapped
+            axis of each of its leaves. Other states are shared.
+        own_lanes: the states whose type gives each lane its own value
+            (:meth:`smap.State.lane_values`), such as a random key.
+        axis_size: the number of lanes, or None when nothing gave it.
+    """
+
+    arg_axes: tuple[int | None, ...]
+    state_axes: Mapping[State, tuple[int, ...]] = dataclasses.field(default_factory=dict)
+    own_lanes: frozenset[State] = frozenset()
+    axis_size: int | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class LanePlan:
+    """How a per-lane program runs over the lanes.
+
+    Inputs of the program are its argument leaves, then the leaves of
+    ``program.states``; outputs are its output leaves, then the leaves of the
+    written states (see :class:`~smap._tracing.Program`).
+
+    Attributes:
+        in_axes: for each input leaf, its mapped axis, or None when shared.
+        out_axes: for each output leaf, where its mapped axis goes, or None
+            when it is the same in every lane and is returned once.
+        axis_name: the name collectives use, or None.
+        axis_size: the number of lanes.
+        own_lanes: indices in ``program.states`` of the states whose type
+            gives each lane its own value (they enter along axis 0).
+        take_next: indices in ``program.states`` of the written states that
+            take their type's next value after the call, because the lanes
+            wrote them with per-lane values.
+        unexpected_writes: indices in ``program.states`` of shared states
+            that the lanes write with per-lane values although
+            ``state_out_axes`` does not select them; they are written back
+            with the mapped axis at 0.
+    """
+
+    in_axes: tuple[int | None, ...]
+    out_axes: tuple[int | None, ...]
+    axis_name: Hashable | None
+    axis_size: int
+    own_lanes: tuple[int, ...] = ()
+    take_next: tuple[int, ...] = ()
+    unexpected_writes: tuple[int, ...] = ()
+
+
+def plan(
+    program: Program,
+    inputs: LaneInputs,
+    *,
+    out_axes: AxisSpec = 0,
+    state_out_axes: StateAxes | None = None,
+    axis_name: Hashable | None = None,
+    name: str = "smap.vmap",
+) -> LanePlan:
+    """The plan that runs ``program`` over the lanes, from what its trace found.
+
+    An output takes the axis ``out_axes`` gives it; a written state keeps
+    the axis it was batched along, takes the axis ``state_out_axes`` gives it
+    when the lanes write it with per-lane values, and is written back as it
+    is when they write a value that does not depend on the lane.
+
+    Arguments:
+        program: the traced per-lane program.
+        inputs: what its trace found about the inputs (:class:`LaneInputs`).
+        out_axes: as in ``jax.vmap``, for the program's outputs.
+        state_out_axes: ``{axis: Filter}`` for shared states written per lane.
+        axis_name: the name collectives use, or None.
+        name: how errors name the mapping.
+
+    Example:
+        >>> import jax.numpy as jnp, smap
+        >>> from smap._tracing import trace_program, TraceContext
+        >>> from smap.transform._plan import LaneInputs, plan
+        >>> total = smap.State(jnp.zeros(()))
+        >>> def f(x):
+        ...     total.value = total.value + 1.0
+        ...     return x * total.value
+        >>> program = trace_program(f, (jnp.ones(()),), {}, make_input=TraceContext().make_input, name="f")
+        >>> plan(program, LaneInputs(arg_axes=(0,), axis_size=3))
+        LanePlan(in_axes=(0, None), out_axes=(0, None), axis_name=None, axis_size=3, own_lanes=(), \
+take_next=(), unexpected_writes=())
+    """
+    if inputs.axis_size is None:
+        raise ValueError(f"{name}: axis_size is required when no argument is mapped and no state is batched.")
+    in_axes = list(inputs.arg_axes)
+    own_lanes = []
+    for i, (state, tree) in enumerate(zip(program.states, program.state_trees)):
+        if state in inputs.own_lanes:
+            own_lanes.append(i)
+            in_axes.extend([0] * tree.num_leaves)
+        else:
+            in_axes.extend(inputs.state_axes.get(state, (None,) * tree.num_leaves))
+    dependent = lane_dependent(program.jaxpr.jaxpr, [a is not None for a in in_axes], axis_name)
+    outputs = _output_axes(program, dependent[: program.n_outs], out_axes, name)
+    written = _written_axes(program, inputs, dependent[program.n_outs :], state_out_axes or {}, name)
+    return LanePlan(
+        in_axes=tuple(in_axes),
+        out_axes=tuple(outputs + written.axes),
+        axis_name=axis_name,
+        axis_size=inputs.axis_size,
+        own_lanes=tuple(own_lanes),
+        take_next=written.take_next,
+        unexpected_writes=written.unexpected,
+    )
+
+
+def _output_axes(program: Program, dependent: list[bool], out_axes: AxisSpec, name: str) -> list[int | None]:
+    avals = program.jaxpr.out_avals[: program.n_outs]
+    outs = jax.tree_util.tree_unflatten(program.out_tree, avals)
+    axes = leaf_axes(out_axes, outs, f"{name}: out_axes")
+    names = leaf_names(outs, "output")
+    resolved: list[int | None] = []
+    for axis, aval, dep, leaf_name in zip(axes, avals, dependent, names):
+        if axis is None:
+            if dep:
+                raise ValueError(
+                    f"{name}: out_axes is None for {leaf_name}, but it differs between lanes; give it an axis."
+                )
+            resolved.append(None)
+        else:
+            resolved.append(resolve_axis(axis, aval.ndim + 1, f"{name}: out_axes for {leaf_name}"))
+    return resolved
+
+
+@dataclasses.dataclass(frozen=True)
+class _WrittenAxes:
+    axes: list[int | None]
+    take_next: tuple[int, ...]
+    unexpected: tuple[int, ...]
+
+
+def _written_axes(
+    program: Program, inputs: LaneInputs, dependent: list[bool], state_out_axes: StateAxes, name: str
+) -> _WrittenAxes:
+    out_avals = program.jaxpr.out_avals[program.n_outs :]
+    axes: list[int | None] = []
+    take_next: list[int] = []
+    unexpected: list[int] = []
+    start = 0
+    for i in program.written:
+        state, n = program.states[i], program.state_trees[i].num_leaves
+        avals, deps = out_avals[start : start + n], dependent[start : start + n]
+        start += n
+        per_lane = any(deps)
+        in_axes = inputs.state_axes.get(state)
+        selected, out_axis = select_axis(state_out_axes, state.path, state)
+        if state in inputs.own_lanes:
+            if per_lane:
+                take_next.append(i)
+            axes.extend([0 if per_lane else None] * n)
+            continue
+        if in_axes is not None:
+            if selected and out_axis is not None and any(out_axis % (a.ndim + 1) != ax for a, ax in zip(avals, in_axes)):
+                raise BatchAxisError(
+                    f"{name}: {state.describe()} is mapped along axis {in_axes[0]} by state_in_axes "
+                    f"but along axis {out_axis} by state_out_axes; a state keeps one mapped axis."
+                )
+            axes.extend(in_axes)
+            continue
+        if not per_lane:
+            axes.extend([None] * n)
+            continue
+        if not (selected and out_axis is not None):
+            unexpected.append(i)
+            out_axis = 0
+        axes.extend(resolve_axis(out_axis, a.ndim + 1, f"{name}: state_out_axes for {state.describe()}") for a in avals)
+    return _WrittenAxes(axes, tuple(take_next), tuple(unexpected))
