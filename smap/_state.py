@@ -193,6 +193,43 @@ class State:
         else:
             self._value = value
 
+    def lane_values(self, value: Any, axis_size: int) -> tuple[Any, Any] | None:
+        """How a value of this type is split over the lanes of a mapping: None to leave it to ``state_in_axes``.
+
+        A mapping asks every state it touches, before ``state_in_axes``. A
+        type that gives each lane its own value (as
+        :class:`smap.random.RandomState` gives each lane its own key) returns
+        ``(lanes, next)``: ``lanes`` stacks one value per lane along a new
+        axis 0, and ``next`` (with the structure, shapes and dtypes of
+        ``value``) is the value the state takes after a call whose lanes
+        wrote it with values that differ between lanes; the lanes' own
+        values are then dropped. A call whose lanes write a lane-independent
+        value writes that value, and one that does not write the state
+        leaves it as it was. The method runs under tracing: it must be a
+        pure function of ``value`` (a pytree of arrays) and ``axis_size``.
+
+        Arguments:
+            value: the state's value before the call.
+            axis_size: the number of lanes.
+
+        Example:
+            >>> import jax.numpy as jnp, smap
+            >>> class Ticket(smap.State):
+            ...     # lane i gets the number value + i; the next call starts after the last lane's
+            ...     def lane_values(self, value, axis_size):
+            ...         return value + jnp.arange(axis_size), value + axis_size
+            >>> ticket = Ticket(jnp.zeros((), jnp.int32))
+            >>> def serve(x):
+            ...     number = ticket.value
+            ...     ticket.value = number + 1
+            ...     return number
+            >>> smap.vmap(serve)(jnp.zeros(3))
+            Array([0, 1, 2], dtype=int32)
+            >>> ticket.value
+            Array(3, dtype=int32)
+        """
+        return None
+
     def peek(self) -> Any:
         """The stored value, without recording a read (for reprs and tools)."""
         return self._stored()

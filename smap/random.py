@@ -4,7 +4,7 @@ Every draw splits the key of a :class:`RandomState` and writes the new key
 back, so transforms see draws as ordinary state reads and writes. Inside a
 mapping transform each lane gets its own key: lane ``i`` draws from lane ``i``
 of ``jax.random.split(key, axis_size)``, and the state's key advances once per
-call, whichever ``mapping_fn`` runs the lanes.
+call, whichever ``mapping_fn`` runs the lanes (:meth:`RandomState.lane_values`).
 
 The module functions draw from :data:`DEFAULT`.
 
@@ -123,6 +123,29 @@ class RandomState(State):
         if type(self._value) is _Unseeded:
             return f"RandomState(seed={self._value.seed})"
         return super().__repr__()
+
+    def lane_values(self, value: Any, axis_size: int) -> tuple[Any, Any] | None:
+        """Inside a mapping, lane ``i`` draws from ``split(key, axis_size)[i]``; see :meth:`smap.State.lane_values`.
+
+        After a call whose lanes drew, the state holds ``split(key, axis_size + 1)[axis_size]``,
+        a key that no lane used. A batch of keys (``state_in_axes`` selects it) is not split.
+
+        Example:
+            >>> import jax, smap
+            >>> key = jax.random.PRNGKey(0)
+            >>> lanes, after = smap.random.RandomState(0).lane_values(key, 4)
+            >>> bool((lanes == jax.random.split(key, 4)).all()), lanes.shape
+            (True, (4, 2))
+        """
+        leaves = jax.tree_util.tree_leaves(value)
+        if len(leaves) != 1 or jnp.ndim(leaves[0]) != 1:
+            return None
+        key = leaves[0]
+        if jax.config.jax_threefry_partitionable and jax.config.jax_default_prng_impl == "threefry2x32":
+            # Then split(key, n + 1)[:n] == split(key, n): one split gives both.
+            keys = jax.random.split(key, axis_size + 1)
+            return keys[:axis_size], keys[axis_size]
+        return jax.random.split(key, axis_size), jax.random.split(key, axis_size + 1)[axis_size]
 
     def seed(self, seed_or_key: Any = None) -> None:
         """Reset the key from an int seed or a JAX key (``None``: a fresh seed).

@@ -23,7 +23,6 @@ import jax
 
 from .._state import State
 from .._tracing import ArgSignature, Program, StatefulFunction, TraceContext, abstract
-from ..random import RandomState
 from ._axes import AxisSpec, leaf_axes, leaf_names, normalise_state_axes, select_axis
 from ._plan import BatchAxisError, LaneInputs, LanePlan, plan
 from ._signature import check_static_argnums, function_name
@@ -46,12 +45,12 @@ class _LaneTrace(TraceContext):
         self.axis_env: tuple = ()
 
     def make_input(self, state: State, value: Any) -> Any:
+        own = _own_lane_input(state, value, self.mapping.name)
+        if own is not None:
+            self.own_lanes.add(state)
+            return own
         leaves, tree = jax.tree_util.tree_flatten(value)
         axis = select_axis(self.mapping.state_in_axes, state.path, state)[1]
-        if isinstance(state, RandomState) and len(leaves) == 1 and leaves[0].ndim == 1:
-            # One key for the whole batch: every lane gets its own key, split from it.
-            self.own_lanes.add(state)
-            return jax.tree_util.tree_map(abstract, value)
         if axis is None:
             return jax.tree_util.tree_map(abstract, value)
         axes = []
@@ -83,6 +82,33 @@ class _LaneTrace(TraceContext):
                 f"{self.mapping.name}: mapped sizes differ: {self.size_source} has size "
                 f"{self.axis_size}, {source} has size {size}."
             )
+
+
+def _own_lane_input(state: State, value: Any, name: str) -> Any | None:
+    """What one lane sees of a state whose type gives each lane its own value; None for other states."""
+    if type(state).lane_values is State.lane_values:
+        return None
+    found = jax.eval_shape(lambda v: state.lane_values(v, 1), value)
+    if found is None:
+        return None
+    lanes, after = found
+    value_shape = jax.eval_shape(lambda v: v, value)
+    if (
+        jax.tree_util.tree_structure(lanes) != jax.tree_util.tree_structure(value)
+        or jax.tree_util.tree_structure(after) != jax.tree_util.tree_structure(value)
+        or any(x.shape[:1] != (1,) for x in jax.tree_util.tree_leaves(lanes))
+        or jax.tree_util.tree_leaves(jax.tree_util.tree_map(_same_aval, after, value_shape)).count(False)
+    ):
+        raise TypeError(
+            f"{name}: {type(state).__name__}.lane_values must return (the lanes' values stacked along a new "
+            f"axis 0, the next value with the structure, shapes and dtypes of the value) for {state.describe()}; "
+            f"got {lanes} and {after} for a value {value_shape}."
+        )
+    return jax.tree_util.tree_map(lambda x: jax.core.ShapedArray(x.shape[1:], x.dtype, x.weak_type), lanes)
+
+
+def _same_aval(a: jax.ShapeDtypeStruct, b: jax.ShapeDtypeStruct) -> bool:
+    return a.shape == b.shape and a.dtype == b.dtype
 
 
 def _drop_axis(aval: jax.core.ShapedArray, axis: int) -> jax.core.ShapedArray:
@@ -291,15 +317,6 @@ def _device_mapping(mapping_fn: Callable, mapping_kwargs: dict) -> tuple[Callabl
     return sharding.adapt(mapping_fn, mapping_kwargs)
 
 
-def _lane_keys(key: jax.Array, n: int) -> tuple[jax.Array, jax.Array]:
-    """Lane ``i``'s key is ``split(key, n)[i]``; the state's next key is ``split(key, n + 1)[n]``."""
-    if jax.config.jax_threefry_partitionable and jax.config.jax_default_prng_impl == "threefry2x32":
-        # Then split(key, n + 1)[:n] == split(key, n): one split gives both.
-        keys = jax.random.split(key, n + 1)
-        return keys[:n], keys[n]
-    return jax.random.split(key, n), jax.random.split(key, n + 1)[n]
-
-
 def _mapped_program(program: Program, lane_plan: LanePlan, mapping_fn: Callable) -> Callable:
     """The function of (argument leaves, state values) that runs ``program`` as ``lane_plan`` says."""
 
@@ -310,7 +327,7 @@ def _mapped_program(program: Program, lane_plan: LanePlan, mapping_fn: Callable)
         state_leaves, next_values = [], {}
         for i, value in enumerate(state_values):
             if i in lane_plan.own_lanes:
-                value, next_values[i] = _lane_keys(value, lane_plan.axis_size)
+                value, next_values[i] = program.states[i].lane_values(value, lane_plan.axis_size)
             state_leaves.extend(jax.tree_util.tree_leaves(value))
         mapped = mapping_fn(
             lane,

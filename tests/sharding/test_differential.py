@@ -850,6 +850,40 @@ def control_flow(mapping):
     return Run({"h": h}, [lambda: m(x), lambda: m(-x)], check)
 
 
+# -- 9. a user's state type that gives each lane its own value ------------------------
+
+
+class Ticket(smap.State):
+    """Lane i gets the number ``n + i``; after a call that wrote it per lane, ``n + lanes``."""
+
+    def lane_values(self, value, axis_size):
+        return value + jnp.arange(axis_size, dtype=value.dtype), value + axis_size
+
+
+def user_lane_state(mapping):
+    ticket = Ticket(jnp.asarray(10, jnp.int32))
+    h = smap.HiddenState(jnp.zeros(B))
+
+    def lane(x):
+        number = ticket.value
+        ticket.value = number + 1
+        h.value = h.value + x * number
+        return number, jax.lax.psum(number, "i")
+
+    m = mapping(lane, axis_name="i", state_in_axes=smap.HiddenState)
+    x = rand(B, seed=21)
+
+    def check(trace):
+        numbers = np.arange(10, 10 + B)
+        np.testing.assert_array_equal(trace[0]["out"][0], numbers)
+        np.testing.assert_array_equal(trace[0]["out"][1], np.full(B, numbers.sum()))
+        assert int(trace[0]["states"]["ticket"]) == 10 + B and int(trace[1]["states"]["ticket"]) == 10 + 2 * B
+        second = np.arange(10 + B, 10 + 2 * B)
+        np.testing.assert_allclose(trace[1]["states"]["h"], np.asarray(x) * (numbers + second), rtol=1e-6)
+
+    return Run({"ticket": ticket, "h": h}, [lambda: m(x), lambda: m(x)], check)
+
+
 # -- the tests ------------------------------------------------------------------------
 
 PROGRAMS = [
@@ -882,6 +916,7 @@ PROGRAMS = [
     collectives,
     collectives_on_states,
     control_flow,
+    user_lane_state,
 ]
 
 def strategies_for(program: Callable) -> list:

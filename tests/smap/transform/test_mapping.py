@@ -1123,6 +1123,85 @@ def test_explicit_keys_follow_in_axes(make_key, close):
     np.testing.assert_array_equal(smap.random.DEFAULT.value, key_before)
 
 
+# -- a state type that gives each lane its own value ---------------------------------
+
+
+class Ticket(smap.State):
+    """A user's state type: lane i gets ``n + i`` and a shared ``base``; the next call starts at ``n + lanes``."""
+
+    def lane_values(self, value, axis_size):
+        lanes = {"n": value["n"] + jnp.arange(axis_size), "base": jnp.broadcast_to(value["base"], (axis_size, 3))}
+        return lanes, {"n": value["n"] + axis_size, "base": value["base"]}
+
+
+def ticket(n=0):
+    return Ticket({"n": jnp.asarray(n, jnp.int32), "base": jnp.arange(3.0)})
+
+
+def test_a_user_state_type_gives_each_lane_its_value_and_advances(close):
+    t = ticket(5)
+
+    def serve(x):
+        number = t.value["n"]
+        t.value = {"n": number + 1, "base": t.value["base"]}
+        return x * number + t.value["base"]
+
+    x = jnp.array([1.0, 2.0, 3.0, 4.0])
+    # by hand: lanes see n = 5, 6, 7, 8; the state then holds n = 5 + 4
+    close(smap.vmap(serve)(x), x[:, None] * jnp.array([5.0, 6.0, 7.0, 8.0])[:, None] + jnp.arange(3.0))
+    close(t.value, {"n": jnp.asarray(9, jnp.int32), "base": jnp.arange(3.0)})
+    close(smap.jit(smap.vmap(serve))(x[:2]), x[:2, None] * jnp.array([9.0, 10.0])[:, None] + jnp.arange(3.0))
+    close(t.value["n"], jnp.asarray(11, jnp.int32))
+
+
+def test_a_user_state_type_read_only_or_written_lane_independently(close):
+    t = ticket(2)
+    read = smap.vmap(lambda x: x + t.value["n"])
+    close(read(jnp.zeros(3)), jnp.array([2.0, 3.0, 4.0]))
+    close(t.value["n"], jnp.asarray(2, jnp.int32))  # not written: unchanged
+
+    def reset(x):
+        t.value = {"n": jnp.asarray(40, jnp.int32), "base": jnp.ones(3)}
+        return x
+
+    smap.vmap(reset)(jnp.zeros(3))
+    # a lane-independent write is written as it is
+    close(t.value, {"n": jnp.asarray(40, jnp.int32), "base": jnp.ones(3)})
+
+
+def test_a_user_state_type_keeps_its_value_when_the_call_fails():
+    t = ticket(3)
+
+    def bad(x):
+        t.value = {"n": t.value["n"] + 1, "base": t.value["base"]}
+        return x + jnp.ones(7)
+
+    before = snapshot(t)
+    with pytest.raises(TypeError):
+        smap.vmap(bad)(jnp.zeros((4, 3)))
+    assert_unchanged([t], before)
+
+
+def test_a_user_state_type_with_a_malformed_lane_values_is_named():
+    class NoLaneAxis(smap.State):
+        def lane_values(self, value, axis_size):
+            return value, value
+
+    s = NoLaneAxis(jnp.zeros(2))
+    with pytest.raises(TypeError, match=r"NoLaneAxis.lane_values must return .*stacked along a new axis 0"):
+        smap.vmap(lambda x: x + s.value)(jnp.zeros((4, 2)))
+
+
+def test_a_user_state_type_that_declines_is_left_to_state_in_axes(close):
+    class Sometimes(smap.State):
+        def lane_values(self, value, axis_size):
+            return None if value.ndim == 2 else (jnp.broadcast_to(value, (axis_size, *value.shape)), value + 1)
+
+    batched = Sometimes(jnp.arange(6.0).reshape(3, 2))
+    f = smap.vmap(lambda x: x + batched.value, state_in_axes=Sometimes)
+    close(f(jnp.ones((3, 2))), jnp.arange(6.0).reshape(3, 2) + 1)
+
+
 # -- caching ---------------------------------------------------------------------
 
 
