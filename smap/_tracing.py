@@ -1,87 +1,37 @@
-"""The tracing core shared by every transform.
+"""Tracing: a Python function that reads and writes States, as one pure program.
 
 :func:`trace_program` runs a Python function once, under ``jax.make_jaxpr``,
 inside a :class:`~smap._state.TraceFrame`. The result is a :class:`Program`:
 a closed jaxpr whose inputs are the function's array arguments followed by
 the leaves of every state it touched, and whose outputs are the function's
-outputs followed by the leaves of every state it wrote.
-
-:class:`StatefulFunction` caches programs per call signature and runs them:
-it reads the states, calls a compiled function of the program, and writes
-the results back only after the call has succeeded. Each transform
-(``jit``, ``grad``, ``StatefulMapping``) is a StatefulFunction that decides
-how the program is compiled.
+outputs followed by the leaves of every state it wrote. A
+:class:`TraceContext` says how each state's value enters the trace (a
+mapping removes a batched state's mapped axis) and which axis names
+collectives may use. Caching and running programs is
+:mod:`smap._dispatch`'s business.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import operator
 from collections.abc import Callable, Hashable, Sequence
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 import numpy as np
 from jax.extend.core import ClosedJaxpr
 
 from . import _compat
-from ._state import InvalidatedStateError, State, TraceFrame, active_frames
-from .nn import Module
+from ._state import State, TraceFrame
 
-__all__ = ["ArgSignature", "Program", "StatefulFunction", "TraceContext", "trace_program", "abstract", "resolve_argnums"]
+__all__ = ["Program", "TraceContext", "trace_program", "abstract"]
 
 PyTreeDef = Any
-
-
-def _leaf_signature(x: Any) -> Hashable:
-    if type(x) is _compat.ArrayImpl:
-        return (x.shape, x.dtype, x.weak_type)
-    try:
-        return (x.shape, x.dtype, getattr(x, "weak_type", False))
-    except AttributeError:
-        if isinstance(x, (bool, int, float, complex)):
-            return type(x)
-        raise TypeError(
-            f"expected arrays or Python scalars as arguments, got {type(x).__name__!r}; "
-            f"mark non-array arguments as static."
-        ) from None
-
-
-class ArgSignature(NamedTuple):
-    """The argument part of a cache key: what a trace of the function depends on."""
-
-    tree: PyTreeDef  # of (dynamic positional arguments, dynamic keyword arguments)
-    static: tuple  # ((position or name, value), ...) of the static arguments
-    n_args: int  # positional arguments in the call, static ones included
-    leaves: tuple  # (shape, dtype, weak_type) of each array leaf
-
-
-def _tree_signature(value: Any) -> Hashable:
-    leaves, tree = jax.tree_util.tree_flatten(value)
-    return (tree, *map(_leaf_signature, leaves))
 
 
 def abstract(x: Any) -> jax.core.ShapedArray:
     """The abstract value of an array leaf."""
     return jax.core.ShapedArray(np.shape(x), jax.numpy.result_type(x), weak_type=getattr(x, "weak_type", False))
-
-
-def resolve_argnums(argnums: int | Sequence[int] | None, n_args: int | None, what: str) -> tuple[int, ...]:
-    """Normalise ``static_argnums``-style indices (negative allowed) against ``n_args``."""
-    if argnums is None:
-        return ()
-    if isinstance(argnums, int):
-        argnums = (argnums,)
-    out = []
-    for i in argnums:
-        if not isinstance(i, (int, np.integer)):
-            raise TypeError(f"{what} must be ints, got {i!r}.")
-        if n_args is not None:
-            if not -n_args <= i < n_args:
-                raise ValueError(f"{what} index {i} is out of range for a function of {n_args} positional arguments.")
-            i = i % n_args
-        out.append(int(i))
-    return tuple(out)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -139,6 +89,22 @@ def trace_program(
     Array leaves of ``args`` and ``kwargs`` become inputs, with the abstract
     values ``arg_avals`` when given (a mapping traces one lane); static
     arguments are bound into ``fun`` by the caller.
+
+    Example:
+        >>> import jax.numpy as jnp, smap
+        >>> from smap._tracing import TraceContext, trace_program
+        >>> total = smap.State(jnp.zeros(()))
+        >>> def add(x):
+        ...     total.value = total.value + x
+        ...     return 2 * x
+        >>> program = trace_program(add, (jnp.ones(()),), {}, make_input=TraceContext().make_input, name="add")
+        >>> program.jaxpr  # inputs: x, then total; outputs: 2 * x, then total's new value
+        { lambda ; a:f32[] b:f32[]. let
+            c:f32[] = add b a
+            d:f32[] = mul 2.0:f32[] a
+          in (d, c) }
+        >>> program.states == (total,), program.written
+        (True, (0,))
     """
     leaves, in_tree = jax.tree_util.tree_flatten((args, kwargs))
     trace_holder: list[Any] = []
@@ -184,294 +150,3 @@ class TraceContext:
 
     def make_input(self, state: State, value: Any) -> Any:
         return jax.tree_util.tree_map(abstract, value)
-
-
-@dataclasses.dataclass(frozen=True)
-class Entry:
-    """A cached program and the function of it that a call runs.
-
-    ``run(arg_leaves, state_values)`` takes the program's state values in
-    the order of ``program.states`` and returns the call's result and the new
-    values of ``program.written_states``.
-    """
-
-    program: Program
-    state_signature: tuple
-    run: Callable[[list, list], tuple[Any, list]]
-
-    def current_signature(self) -> tuple | None:
-        """The states' signature now; None when one of them can no longer be read."""
-        try:
-            return tuple(_tree_signature(s.value) for s in self.program.states)
-        except InvalidatedStateError:
-            return None
-
-
-_stored_value = operator.attrgetter("_value")
-
-
-class _StateList:
-    """The states a transform passes to its compiled dispatcher, by identity.
-
-    It is a static argument of the dispatcher: hashing by identity keeps a
-    cached executable tied to the exact states it was traced with.
-    """
-
-    __slots__ = ("states", "index")
-
-    def __init__(self, states: Sequence[State]):
-        self.states = tuple(states)
-        self.index = {id(s): i for i, s in enumerate(self.states)}
-
-    def extended(self, more: Sequence[State]) -> _StateList:
-        return _StateList(self.states + tuple(more))
-
-
-class _MissingStates(Exception):
-    """Raised while tracing the dispatcher when the program touches new states."""
-
-    def __init__(self, states: Sequence[State]):
-        self.states = states
-
-
-class StatefulFunction:
-    """Trace, cache, compile, call and write back: the life of a transform call.
-
-    All calls go through one ``jax.jit`` dispatcher that takes the values of
-    the states touched so far, so JAX's own dispatch cache recognises a
-    signature (arguments and states) and the per-call work in Python is a
-    read of each state and a write of each written one. When the dispatcher
-    is traced for a new signature it looks up, or traces, the
-    :class:`Program` of the Python function and runs the subclass's function
-    of it (:meth:`_compile`).
-
-    Subclasses decide how a state's value enters the trace and which axis
-    names collectives may use (:meth:`_begin_trace`), and what a call does
-    with the program (:meth:`_compile`).
-    """
-
-    def __init__(
-        self,
-        fun: Callable,
-        *,
-        name: str,
-        static_argnums: Sequence[int] = (),
-        static_argnames: Sequence[str] = (),
-        donate_argnums: Sequence[int] = (),
-    ):
-        self.fun = fun
-        owner = fun if isinstance(fun, Module) else getattr(fun, "__self__", None)
-        if isinstance(owner, Module):
-            owner.states()  # records every state's path, for filters and errors
-        self.static_argnums = tuple(static_argnums)
-        self.static_argnames = tuple(static_argnames)
-        self.name = name
-        self._entries: dict[Hashable, list[Entry]] = {}
-        self._state_list = _StateList(())
-        self._nested_lists: dict[tuple[int, ...], _StateList] = {}
-        self._placed_values: list | None = None
-        for i in (*self.static_argnums, *donate_argnums):
-            if i < 0:
-                raise ValueError(
-                    f"{name}: negative static_argnums/donate_argnums need a function with a fixed "
-                    f"number of positional arguments."
-                )
-        self._dispatch = jax.jit(
-            self._dispatch_trace,
-            static_argnums=(0, *(i + 2 for i in self.static_argnums)),
-            static_argnames=self.static_argnames,
-            donate_argnums=tuple(i + 2 for i in donate_argnums),
-        )
-
-    # -- hooks -----------------------------------------------------------------
-
-    def _begin_trace(self, key: ArgSignature, leaves: list) -> TraceContext:
-        """What the trace of a new signature needs: state inputs and axis names."""
-        return TraceContext()
-
-    def _compile(self, program: Program, key: ArgSignature, context: TraceContext) -> Callable:
-        """The function ``run(arg_leaves, state_values) -> (result, written_values)``.
-
-        It runs inside the dispatcher's ``jax.jit`` trace; ``state_values``
-        follow ``program.states`` and ``written_values`` follow
-        ``program.written_states``.
-        """
-        raise NotImplementedError
-
-    # What a call returns, from what ``run`` returned (None: ``run``'s result).
-    _result: Callable[[Any], Any] | None = None
-
-    # -- signature -------------------------------------------------------------
-
-    def _split_static(self, args: tuple, kwargs: dict) -> tuple[tuple, dict, Hashable]:
-        if not self.static_argnums and not self.static_argnames:
-            return args, kwargs, ()
-        nums = tuple(i for i in self.static_argnums if i < len(args))
-        static = tuple((i, args[i]) for i in nums) + tuple(
-            (k, kwargs[k]) for k in self.static_argnames if k in kwargs
-        )
-        dyn_args = tuple(a for i, a in enumerate(args) if i not in nums)
-        dyn_kwargs = {k: v for k, v in kwargs.items() if k not in self.static_argnames}
-        return dyn_args, dyn_kwargs, static
-
-    def _bind_static(self, static: Hashable, n_args: int) -> Callable:
-        if not static:
-            return self.fun
-        positional = {k: v for k, v in static if isinstance(k, int)}
-        named = {k: v for k, v in static if isinstance(k, str)}
-
-        def bound(*dyn_args: Any, **dyn_kwargs: Any) -> Any:
-            it = iter(dyn_args)
-            full = [positional[i] if i in positional else next(it) for i in range(n_args)]
-            return self.fun(*full, **dyn_kwargs, **named)
-
-        return bound
-
-    def signature_key(self, *args: Any, **kwargs: Any) -> tuple[ArgSignature, list, tuple, dict]:
-        """The argument part of the cache key, with the leaves and the dynamic arguments."""
-        dyn_args, dyn_kwargs, static = self._split_static(args, kwargs)
-        leaves, tree = jax.tree_util.tree_flatten((dyn_args, dyn_kwargs))
-        key = ArgSignature(tree, static, len(args), tuple(map(_leaf_signature, leaves)))
-        return key, leaves, dyn_args, dyn_kwargs
-
-    # -- cache -----------------------------------------------------------------
-
-    def _lookup(self, key: Hashable) -> Entry | None:
-        for entry in self._entries.get(key, ()):
-            if entry.current_signature() == entry.state_signature:
-                return entry
-        return None
-
-    def _trace(self, key: Hashable, leaves: list, dyn_args: tuple, dyn_kwargs: dict) -> Entry:
-        context = self._begin_trace(key, leaves)
-        program = trace_program(
-            self._bind_static(key.static, key.n_args),
-            dyn_args,
-            dyn_kwargs,
-            make_input=context.make_input,
-            name=self.name,
-            arg_avals=context.arg_avals,
-            axis_env=context.axis_env,
-        )
-        entry = Entry(
-            program=program,
-            state_signature=tuple(_tree_signature(s.value) for s in program.states),
-            run=self._compile(program, key, context),
-        )
-        self._entries.setdefault(key, []).insert(0, entry)
-        return entry
-
-    def get_arg_cache_key(self, *args: Any, **kwargs: Any) -> Hashable:
-        """The cache key of a call: its argument signature and a state signature.
-
-        The state signature is that of the program the call would run now, or,
-        when the states have changed since (a mapping that made a state
-        batched), that of the program traced most recently for these arguments.
-
-        Example:
-            >>> import jax.numpy as jnp, smap
-            >>> f = smap.jit(lambda x: x + 1)
-            >>> _ = f(jnp.ones(2))
-            >>> f.get_jaxpr_by_cache(f.get_arg_cache_key(jnp.ones(2)))
-            { lambda ; a:f32[2]. let b:f32[2] = add a 1.0:f32[] in (b,) }
-        """
-        key = self.signature_key(*args, **kwargs)[0]
-        entry = self._lookup(key)
-        if entry is None and self._entries.get(key):
-            entry = self._entries[key][0]
-        return (key, entry.state_signature if entry is not None else None)
-
-    def get_jaxpr_by_cache(self, cache_key: Hashable) -> ClosedJaxpr:
-        """The traced program (a closed jaxpr) cached under ``cache_key``."""
-        key, state_signature = cache_key
-        for entry in self._entries.get(key, ()):
-            if entry.state_signature == state_signature:
-                return entry.program.jaxpr
-        raise KeyError(f"{self.name}: no program is cached under this key; call the function first.")
-
-    # -- call ------------------------------------------------------------------
-
-    def _dispatch_trace(self, state_list: _StateList, values: list, *args: Any, **kwargs: Any) -> tuple[Any, dict]:
-        key, leaves, dyn_args, dyn_kwargs = self.signature_key(*args, **kwargs)
-        entry = self._lookup(key) or self._trace(key, leaves, dyn_args, dyn_kwargs)
-        program = entry.program
-        missing = [s for s in program.states if id(s) not in state_list.index]
-        if missing:
-            raise _MissingStates(missing)
-        index = state_list.index
-        out, written = entry.run(leaves, [values[index[id(s)]] for s in program.states])
-        placed = self._placed_values
-        return out, {
-            index[id(s)]: _keep_placement(v, placed[index[id(s)]] if placed else None)
-            for s, v in zip(program.written_states, written)
-        }
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        frames = active_frames()
-        if frames:
-            return self._call_in_trace(args, kwargs)
-        while True:
-            state_list = self._state_list
-            values = list(map(_stored_value, state_list.states))
-            # The dispatcher's trace reads where the states live (see _keep_placement).
-            self._placed_values = values
-            try:
-                out, written = self._dispatch(state_list, values, *args, **kwargs)
-                break
-            except _MissingStates as missing:
-                self._state_list = state_list.extended(missing.states)
-            finally:
-                self._placed_values = None
-        if written:
-            states = state_list.states
-            if type(next(iter(written.values()))) is not _compat.ArrayImpl:
-                _check_not_traced(self.name, [states[i] for i in written], list(written.values()))
-            for i, value in written.items():
-                states[i]._value = value
-        return out if self._result is None else self._result(out)
-
-    def _call_in_trace(self, args: tuple, kwargs: dict) -> Any:
-        """A call while another smap transform traces: only this program's states take part."""
-        key, leaves, dyn_args, dyn_kwargs = self.signature_key(*args, **kwargs)
-        program = (self._lookup(key) or self._trace(key, leaves, dyn_args, dyn_kwargs)).program
-        state_list = self._nested_lists.setdefault(tuple(map(id, program.states)), _StateList(program.states))
-        self._placed_values = None
-        out, written = self._dispatch(state_list, [s.value for s in program.states], *args, **kwargs)
-        for i, value in written.items():
-            program.states[i].write_back(value)
-        return out if self._result is None else self._result(out)
-
-
-def _keep_placement(new: Any, old: Any) -> Any:
-    """A written state keeps the sharding its value had over several devices.
-
-    Only while tracing the dispatcher: JAX keys its compiled programs on the
-    inputs' shardings, so the constraint matches every call that reuses it.
-    """
-    if old is None:
-        return new
-
-    def keep(n: Any, o: Any) -> Any:
-        sharding = getattr(o, "sharding", None)
-        if (
-            isinstance(sharding, jax.sharding.NamedSharding)
-            and len(sharding.device_set) > 1
-            and np.shape(o) == np.shape(n)
-        ):
-            return jax.lax.with_sharding_constraint(n, sharding)
-        return n
-
-    try:
-        return jax.tree_util.tree_map(keep, new, old)
-    except ValueError:  # the structure changed: nothing to keep
-        return new
-
-
-def _check_not_traced(name: str, states: Sequence[State], values: Sequence[Any]) -> None:
-    leaf = jax.tree_util.tree_leaves(values)
-    if leaf and isinstance(leaf[0], jax.core.Tracer):
-        raise TypeError(
-            f"{name} writes {', '.join(s.describe() for s in states)} from inside a JAX "
-            f"transformation that smap does not see (jax.jit, jax.grad, ...). Use smap.jit "
-            f"and smap.grad around smap transforms so states are carried through."
-        )

@@ -10,7 +10,8 @@ import jax
 import jax.numpy as jnp
 
 from .._state import State
-from .._tracing import ArgSignature, Program, StatefulFunction, TraceContext
+from .._dispatch import ArgSignature, Runner, StatefulFunction
+from .._tracing import Program, TraceContext
 from ._signature import function_name
 
 __all__ = ["grad"]
@@ -65,7 +66,7 @@ class GradFunction(StatefulFunction):
         super().__init__(touching_grad_states, name=f"smap.grad({function_name(fun)})")
         functools.update_wrapper(self, fun, updated=())
 
-    def _compile(self, program: Program, key: ArgSignature, context: TraceContext) -> Callable:
+    def _runner(self, program: Program, key: ArgSignature, context: TraceContext) -> Runner:
         self._check_loss(program)
         tree = key.tree
         positions = tuple(self._argnum(p, key.n_args) for p in self._arg_positions)
@@ -110,7 +111,7 @@ class GradFunction(StatefulFunction):
                 f"got {shapes or 'no array'}."
             )
 
-    def _result(self, out: tuple) -> Any:
+    def _call_result(self, out: tuple) -> Any:
         value, aux, state_grads, arg_grads = out
         grads = []
         if self.grad_states:

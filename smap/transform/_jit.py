@@ -8,8 +8,9 @@ from typing import Any
 
 import jax
 
-from .._tracing import ArgSignature, Program, StatefulFunction, TraceContext, resolve_argnums
-from ._signature import check_static_argnums, function_name, positional_count
+from .._dispatch import ArgSignature, Runner, StatefulFunction
+from .._tracing import Program, TraceContext
+from ._signature import check_static_argnums, function_name, positional_count, resolve_argnums
 
 __all__ = ["jit"]
 
@@ -34,7 +35,7 @@ class JittedFunction(StatefulFunction):
         )
         functools.update_wrapper(self, fun, updated=())
 
-    def _compile(self, program: Program, key: ArgSignature, context: TraceContext) -> Callable:
+    def _runner(self, program: Program, key: ArgSignature, context: TraceContext) -> Runner:
         def run(arg_leaves: list, state_values: list) -> tuple[Any, list]:
             results = program(*arg_leaves, *jax.tree_util.tree_leaves(state_values))
             outs, written = results[: program.n_outs], results[program.n_outs :]

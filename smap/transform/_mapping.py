@@ -17,12 +17,13 @@ from __future__ import annotations
 import functools
 import warnings
 from collections.abc import Callable, Hashable, Sequence
-from typing import Any
+from typing import Any, cast
 
 import jax
 
 from .._state import State
-from .._tracing import ArgSignature, Program, StatefulFunction, TraceContext, abstract
+from .._dispatch import ArgSignature, Runner, StatefulFunction
+from .._tracing import Program, TraceContext, abstract
 from ._axes import AxisSpec, leaf_axes, leaf_names, normalise_state_axes, select_axis
 from ._plan import BatchAxisError, LaneInputs, LanePlan, plan
 from ._signature import check_static_argnums, function_name
@@ -220,7 +221,7 @@ class StatefulMapping(StatefulFunction):
 
     # -- before the trace: arguments --------------------------------------------
 
-    def _begin_trace(self, key: ArgSignature, leaves: list) -> _LaneTrace:
+    def _trace_context(self, key: ArgSignature, leaves: list) -> _LaneTrace:
         args, kwargs = jax.tree_util.tree_unflatten(key.tree, leaves)
         static_positions = {k for k, _ in key.static if isinstance(k, int)}
         arg_axes = self._arg_axes(args, kwargs, key.n_args, static_positions)
@@ -267,10 +268,10 @@ class StatefulMapping(StatefulFunction):
 
     # -- after the trace: the plan ---------------------------------------------
 
-    def _compile(self, program: Program, key: ArgSignature, context: _LaneTrace) -> Callable:
+    def _runner(self, program: Program, key: ArgSignature, context: TraceContext) -> Runner:
         lane_plan = plan(
             program,
-            context.findings(),
+            cast(_LaneTrace, context).findings(),  # the context _trace_context made
             out_axes=self.out_axes,
             state_out_axes=self.state_out_axes,
             axis_name=self.axis_name,
@@ -317,7 +318,7 @@ def _device_mapping(mapping_fn: Callable, mapping_kwargs: dict) -> tuple[Callabl
     return sharding.adapt(mapping_fn, mapping_kwargs)
 
 
-def _mapped_program(program: Program, lane_plan: LanePlan, mapping_fn: Callable) -> Callable:
+def _mapped_program(program: Program, lane_plan: LanePlan, mapping_fn: Callable) -> Runner:
     """The function of (argument leaves, state values) that runs ``program`` as ``lane_plan`` says."""
 
     def lane(*leaves: Any) -> tuple:

@@ -5,9 +5,27 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable, Sequence
 
-from .._tracing import resolve_argnums
+import numpy as np
 
-__all__ = ["check_static_argnums", "function_name", "positional_count"]
+__all__ = ["check_static_argnums", "function_name", "positional_count", "resolve_argnums"]
+
+
+def resolve_argnums(argnums: int | Sequence[int] | None, n_args: int | None, what: str) -> tuple[int, ...]:
+    """Normalise ``static_argnums``-style indices (negative allowed) against ``n_args``."""
+    if argnums is None:
+        return ()
+    if isinstance(argnums, int):
+        argnums = (argnums,)
+    out = []
+    for i in argnums:
+        if not isinstance(i, (int, np.integer)):
+            raise TypeError(f"{what} must be ints, got {i!r}.")
+        if n_args is not None:
+            if not -n_args <= i < n_args:
+                raise ValueError(f"{what} index {i} is out of range for a function of {n_args} positional arguments.")
+            i = i % n_args
+        out.append(int(i))
+    return tuple(out)
 
 
 def function_name(fun: Callable) -> str:

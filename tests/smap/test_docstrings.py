@@ -20,6 +20,7 @@ MODULES = [
     "smap.nn",
     "smap._state",
     "smap._tracing",
+    "smap._dispatch",
     "smap.transform._jit",
     "smap.transform._grad",
     "smap.transform._mapping",
