@@ -103,7 +103,15 @@ class _StateList:
 
 
 class _MissingStates(Exception):
-    """Raised while tracing the dispatcher when the program touches new states."""
+    """Raised while tracing the dispatcher when the program touches new states.
+
+    Why an exception: only the dispatcher's trace of a new signature learns
+    which states the program touches, and by then ``jax.jit`` has fixed the
+    dispatcher's inputs; raising is the one way to abandon that trace, and
+    the call retries with the new states among the inputs. Looking the
+    program up before every call instead would put Python signature work
+    back on the cached path, which ``jax.jit``'s C++ cache now does.
+    """
 
     def __init__(self, states: Sequence[State]):
         self.states = states
@@ -295,6 +303,9 @@ class StatefulFunction:
             state_list = self._state_list
             values = list(map(_stored_value, state_list.states))
             # The dispatcher's trace reads where the states live (see _keep_placement).
+            # Not an argument: the trace sees tracers, which do not carry an Auto
+            # mesh axis placement, and a static argument would key the cache on
+            # the values themselves.
             self._placed_values = values
             try:
                 out, written = self._dispatch(state_list, values, *args, **kwargs)

@@ -301,6 +301,15 @@ class StatefulMapping(StatefulFunction):
 
 
 class _SizeFoundInTrace(Exception):
+    """A batched state gave the mapped size after collectives were traced with a provisional one.
+
+    Why an exception: the size is learned at the state's first read, in the
+    middle of the user's function, and the rest of that function must not
+    run with the wrong size (``axis_size`` or an ``all_gather`` shape would
+    be wrong); raising stops it, and :meth:`StatefulMapping._trace` traces
+    again with the size, which it remembers for the signature.
+    """
+
     def __init__(self, size: int):
         self.size = size
 
