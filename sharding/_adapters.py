@@ -256,9 +256,14 @@ def pmap(devices: Sequence[Any] | None = None) -> Pmap:
 
 
 def adapt(mapping_fn: Callable, mapping_kwargs: dict) -> tuple[Callable, dict]:
-    """Turn ``jax.pmap``/``jax.shard_map`` (or partials of them) into adapters.
+    """The one rule that routes JAX's SPMD maps to the sharding layer.
 
-    Other mapping functions are returned unchanged.
+    ``jax.pmap`` and ``jax.shard_map`` (or partials of them) do not take
+    ``jax.vmap``'s calling convention (``smap.transform.MappingFn``): they
+    become the adapter that runs the lanes the same way, with the options
+    they were given. Any other function (``jax.vmap``, an adapter, a user's
+    function) is returned unchanged. ``StatefulMapping`` asks this of every
+    ``mapping_fn``.
     """
     keywords: dict = {}
     target = mapping_fn

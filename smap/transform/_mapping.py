@@ -17,7 +17,7 @@ from __future__ import annotations
 import functools
 import warnings
 from collections.abc import Callable, Hashable, Sequence
-from typing import Any, cast
+from typing import Any, Protocol, cast
 
 import jax
 
@@ -28,9 +28,48 @@ from ._axes import AxisSpec, leaf_axes, leaf_names, normalise_state_axes, select
 from ._plan import BatchAxisError, LaneInputs, LanePlan, plan
 from ._signature import check_static_argnums, function_name
 
-__all__ = ["StatefulMapping", "vmap2", "BatchAxisError"]
+__all__ = ["StatefulMapping", "vmap2", "MappingFn"]
 
 _POLICIES = ("ignore", "warn", "raise")
+
+
+class MappingFn(Protocol):
+    """What runs a per-lane program over the lanes: ``jax.vmap``'s calling convention.
+
+    ``mapping_fn(f, in_axes=..., out_axes=..., axis_name=..., axis_size=...)``
+    returns a function of the mapped arguments. ``StatefulMapping`` calls it
+    with ``in_axes`` and ``out_axes`` flat tuples of ints and Nones (one per
+    array leaf), ``axis_size`` always given, and the mapping's
+    ``mapping_kwargs``. ``jax.vmap`` and the ``sharding`` adapters follow
+    it; JAX's SPMD maps (``jax.pmap``, ``jax.shard_map``) do not, and the
+    sharding layer adapts them (``sharding.adapt``, the one place that says
+    which functions need adapting).
+
+    Example:
+        >>> import jax, jax.numpy as jnp, smap
+        >>> def loop(f, in_axes, out_axes, axis_name=None, axis_size=None):
+        ...     # a MappingFn that runs the lanes one by one (no axis_name support)
+        ...     def run(*args):
+        ...         lanes = [f(*[a if ax is None else jnp.take(a, i, ax) for a, ax in zip(args, in_axes)])
+        ...                  for i in range(axis_size)]
+        ...         return tuple(jnp.stack(outs, ax) if ax is not None else outs[0]
+        ...                      for outs, ax in zip(zip(*lanes), out_axes))
+        ...     return run
+        >>> double = smap.StatefulMapping(lambda x: 2 * x, mapping_fn=loop)
+        >>> double(jnp.arange(3.0))
+        Array([0., 2., 4.], dtype=float32)
+    """
+
+    def __call__(
+        self,
+        f: Callable,
+        /,
+        *,
+        in_axes: Any,
+        out_axes: Any,
+        axis_name: Hashable | None,
+        axis_size: int | None,
+    ) -> Callable: ...
 
 
 class _LaneTrace(TraceContext):
@@ -146,7 +185,8 @@ class StatefulMapping(StatefulFunction):
             avoid it.
         axis_name: the name collectives (``psum``, ``axis_index``, ...) use.
         name: a name for errors and reprs.
-        mapping_fn, mapping_kwargs: what maps the per-lane program, and
+        mapping_fn, mapping_kwargs: what maps the per-lane program (a :class:`MappingFn`,
+            or ``jax.pmap``/``jax.shard_map``, which the sharding layer adapts), and
             extra keyword arguments for it.
 
     Example:
@@ -176,7 +216,7 @@ class StatefulMapping(StatefulFunction):
         axis_size: int | None = None,
         axis_name: Hashable | None = None,
         name: str | None = None,
-        mapping_fn: Callable = jax.vmap,
+        mapping_fn: MappingFn | Callable[..., Any] = jax.vmap,
         mapping_kwargs: dict | None = None,
     ):
         if unexpected_out_state_mapping not in _POLICIES:
@@ -279,8 +319,7 @@ class StatefulMapping(StatefulFunction):
         )
         for i in lane_plan.unexpected_writes:
             self._unexpected_write(program.states[i])
-        mapping_fn, mapping_kwargs = _device_mapping(self.mapping_fn, self.mapping_kwargs)
-        return _mapped_program(program, lane_plan, functools.partial(mapping_fn, **mapping_kwargs))
+        return _mapped_program(program, lane_plan, _calling_convention(self.mapping_fn, self.mapping_kwargs))
 
     def _unexpected_write(self, state: State) -> None:
         message = (
@@ -314,20 +353,20 @@ class _SizeFoundInTrace(Exception):
         self.size = size
 
 
-def _device_mapping(mapping_fn: Callable, mapping_kwargs: dict) -> tuple[Callable, dict]:
-    """JAX's SPMD maps (``jax.pmap``, ``jax.shard_map``) do not take ``jax.vmap``'s
-    calling convention; the sharding layer (imported only for them) adapts them
-    and returns any other function unchanged."""
-    target = mapping_fn.func if isinstance(mapping_fn, functools.partial) else mapping_fn
-    module = getattr(target, "__module__", None) or ""
-    if target is jax.vmap or not (module == "jax" or module.startswith("jax.")):
-        return mapping_fn, mapping_kwargs
+def _calling_convention(mapping_fn: Callable, mapping_kwargs: dict) -> MappingFn:
+    """``mapping_fn`` with its ``mapping_kwargs`` bound, as a :class:`MappingFn`.
+
+    Which functions need adapting, and how, is the sharding layer's one rule
+    (``sharding.adapt``); it is imported at the first trace, so that
+    importing smap does not import it.
+    """
     import sharding
 
-    return sharding.adapt(mapping_fn, mapping_kwargs)
+    adapted, kwargs = sharding.adapt(mapping_fn, mapping_kwargs)
+    return functools.partial(adapted, **kwargs) if kwargs else adapted
 
 
-def _mapped_program(program: Program, lane_plan: LanePlan, mapping_fn: Callable) -> Runner:
+def _mapped_program(program: Program, lane_plan: LanePlan, mapping_fn: MappingFn) -> Runner:
     """The function of (argument leaves, state values) that runs ``program`` as ``lane_plan`` says."""
 
     def lane(*leaves: Any) -> tuple:
