@@ -292,7 +292,7 @@ def measure(programs: list[Program], calls: int, rounds: int, warmup: int) -> li
             jax.block_until_ready(p.step())
     samples: list[list[float]] = [[] for _ in programs]
     order = list(range(len(programs)))
-    for i in range(calls):
+    for _ in range(calls):
         for k in order:
             start = time.perf_counter()
             jax.block_until_ready(programs[k].step())
@@ -521,7 +521,7 @@ def main() -> int:
     assert set(k for k, v in cell_counts.items() if v) <= {"all-reduce"}, cell_counts
     comm_rows.append(
         ["smap recurrent cell (HiddenState batched)", "256", *(str(cell_counts[k]) for k in COLLECTIVES),
-         " ".join(collective_shapes(cell_hlo, "all-reduce")), "%d/%d" % gemm_and_outer_products(cell_hlo)]
+         " ".join(collective_shapes(cell_hlo, "all-reduce")), "{}/{}".format(*gemm_and_outer_products(cell_hlo))]
     )
 
     time_header = ["program", "batch", "per call (us)", "vs hand-written", "per-round ratio"]

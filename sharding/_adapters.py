@@ -165,7 +165,7 @@ class ShardMap(_Adapter):
         axes = self.axes
         return PartitionSpec(*([None] * axis), axes[0] if len(axes) == 1 else axes)
 
-    def _map(self, f, leaves, axes, lane_avals, out_axes, axis_name, axis_size):  # type: ignore[override]
+    def _map(self, f, leaves, axes, lane_avals, out_axes, axis_name, axis_size):
         mesh, mesh_axes = self.mesh_and_axes()
         sizes = tuple(mesh.shape[a] for a in mesh_axes)
         span = Span(axis_name, mesh_axes, sizes, Span.fresh_name(), self._local_lanes(axis_size, math.prod(sizes)), self.name)
@@ -191,7 +191,7 @@ class Pmap(_Adapter):
     def __init__(self, devices: Sequence[Any] | None = None):
         self.devices = None if devices is None else list(devices)
 
-    def _map(self, f, leaves, axes, lane_avals, out_axes, axis_name, axis_size):  # type: ignore[override]
+    def _map(self, f, leaves, axes, lane_avals, out_axes, axis_name, axis_size):
         devices = self.devices if self.devices is not None else jax.local_devices()
         n = min(len(devices), axis_size)
         local = self._local_lanes(axis_size, n)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -118,7 +119,7 @@ def place(target: Any, mapping: smap.StatefulMapping | None = None, *, mesh: Any
         else:
             spec = _rule_spec(state, rules) or PartitionSpec()
         sharding = NamedSharding(mesh, spec)
-        state.write_back(jax.tree_util.tree_map(lambda x: _put(x, sharding), state.peek()))
+        state.write_back(jax.tree_util.tree_map(functools.partial(_put, sharding=sharding), state.peek()))
 
 
 def _put(x: Any, sharding: NamedSharding) -> jax.Array:

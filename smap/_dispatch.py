@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 import operator
 from collections.abc import Callable, Hashable, Sequence
-from typing import Any, NamedTuple
+from typing import Any, Generic, NamedTuple, ParamSpec, TypeVar
 
 import jax
 import numpy as np
@@ -29,11 +29,14 @@ from .nn import Module
 
 __all__ = ["ArgSignature", "Runner", "StatefulFunction"]
 
+P = ParamSpec("P")
+R = TypeVar("R")
+
 Runner = Callable[[list, list], tuple[Any, list]]
 """``run(arg_leaves, state_values) -> (result, written_values)``: a transform's function of a program."""
 
 
-def _leaf_signature(x: Any) -> Hashable:
+def _leaf_signature(x: Any) -> tuple | type:
     if type(x) is _compat.ArrayImpl:
         return (x.shape, x.dtype, x.weak_type)
     try:
@@ -117,7 +120,7 @@ class _MissingStates(Exception):
         self.states = states
 
 
-class StatefulFunction:
+class StatefulFunction(Generic[P, R]):
     """Trace, cache, run and write back: the life of a transform call.
 
     A transform (``jit``, ``grad``, ``StatefulMapping``) is a subclass that
@@ -141,7 +144,7 @@ class StatefulFunction:
 
     def __init__(
         self,
-        fun: Callable,
+        fun: Callable[P, Any],
         *,
         name: str,
         static_argnums: Sequence[int] = (),
@@ -155,7 +158,7 @@ class StatefulFunction:
         self.static_argnums = tuple(static_argnums)
         self.static_argnames = tuple(static_argnames)
         self.name = name
-        self._entries: dict[Hashable, list[Entry]] = {}
+        self._entries: dict[ArgSignature, list[Entry]] = {}
         self._state_list = _StateList(())
         self._nested_lists: dict[tuple[int, ...], _StateList] = {}
         self._placed_values: list | None = None
@@ -192,7 +195,7 @@ class StatefulFunction:
 
     # -- signature -------------------------------------------------------------
 
-    def _split_static(self, args: tuple, kwargs: dict) -> tuple[tuple, dict, Hashable]:
+    def _split_static(self, args: tuple, kwargs: dict) -> tuple[tuple, dict, tuple]:
         if not self.static_argnums and not self.static_argnames:
             return args, kwargs, ()
         nums = tuple(i for i in self.static_argnums if i < len(args))
@@ -203,7 +206,7 @@ class StatefulFunction:
         dyn_kwargs = {k: v for k, v in kwargs.items() if k not in self.static_argnames}
         return dyn_args, dyn_kwargs, static
 
-    def _bind_static(self, static: Hashable, n_args: int) -> Callable:
+    def _bind_static(self, static: tuple, n_args: int) -> Callable:
         if not static:
             return self.fun
         positional = {k: v for k, v in static if isinstance(k, int)}
@@ -225,13 +228,13 @@ class StatefulFunction:
 
     # -- cache -----------------------------------------------------------------
 
-    def _lookup(self, key: Hashable) -> Entry | None:
+    def _lookup(self, key: ArgSignature) -> Entry | None:
         for entry in self._entries.get(key, ()):
             if entry.current_signature() == entry.state_signature:
                 return entry
         return None
 
-    def _trace(self, key: Hashable, leaves: list, dyn_args: tuple, dyn_kwargs: dict) -> Entry:
+    def _trace(self, key: ArgSignature, leaves: list, dyn_args: tuple, dyn_kwargs: dict) -> Entry:
         context = self._trace_context(key, leaves)
         program = trace_program(
             self._bind_static(key.static, key.n_args),
@@ -250,7 +253,7 @@ class StatefulFunction:
         self._entries.setdefault(key, []).insert(0, entry)
         return entry
 
-    def get_arg_cache_key(self, *args: Any, **kwargs: Any) -> Hashable:
+    def get_arg_cache_key(self, *args: Any, **kwargs: Any) -> tuple[ArgSignature, tuple | None]:
         """The cache key of a call: its argument signature and a state signature.
 
         The state signature is that of the program the call would run now, or,
@@ -270,7 +273,7 @@ class StatefulFunction:
             entry = self._entries[key][0]
         return (key, entry.state_signature if entry is not None else None)
 
-    def get_jaxpr_by_cache(self, cache_key: Hashable) -> ClosedJaxpr:
+    def get_jaxpr_by_cache(self, cache_key: tuple[ArgSignature, tuple | None]) -> ClosedJaxpr:
         """The traced program (a closed jaxpr) cached under ``cache_key``."""
         key, state_signature = cache_key
         for entry in self._entries.get(key, ()):
@@ -295,7 +298,7 @@ class StatefulFunction:
             for s, v in zip(program.written_states, written)
         }
 
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+    def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
         frames = active_frames()
         if frames:
             return self._call_in_trace(args, kwargs)

@@ -84,6 +84,7 @@ def canonical_value(value: Any, what: Callable[[], str]) -> Any:
 
 def check_same_structure(state: State, old: Any, new: Any, *, batched_axis: int | None = None) -> None:
     """Raise if `new` differs from `old` in tree structure, a shape or a dtype."""
+    old_tree: Any  # jaxlib's PyTreeDef has no type information
     old_leaves, old_tree = jax.tree_util.tree_flatten(old)
     new_leaves, new_tree = jax.tree_util.tree_flatten(new)
     if old_tree != new_tree:
@@ -200,13 +201,14 @@ class State:
         type that gives each lane its own value (as
         :class:`smap.random.RandomState` gives each lane its own key) returns
         ``(lanes, next)``: ``lanes`` stacks one value per lane along a new
-        axis 0, and ``next`` (with the structure, shapes and dtypes of
-        ``value``) is the value the state takes after a call whose lanes
-        wrote it with values that differ between lanes; the lanes' own
-        values are then dropped. A call whose lanes write a lane-independent
-        value writes that value, and one that does not write the state
-        leaves it as it was. The method runs under tracing: it must be a
-        pure function of ``value`` (a pytree of arrays) and ``axis_size``.
+        axis 0, and ``next`` is the value the state takes after a call whose
+        lanes wrote it with values that differ between lanes (the lanes' own
+        values are then dropped); each lane's value and ``next`` have the
+        structure, shapes and dtypes of ``value``. A call whose lanes write a
+        lane-independent value writes that value, and one that does not
+        write the state leaves it as it was. The method runs under tracing:
+        it must be a pure function of ``value`` (a pytree of arrays) and
+        ``axis_size``.
 
         Arguments:
             value: the state's value before the call.
@@ -279,6 +281,7 @@ def _value_repr(value: Any) -> str:
         return "<unset>"
     if type(value) is _Invalidated:
         return "<invalidated>"
+    tree: Any  # jaxlib's PyTreeDef has no type information
     leaves, tree = jax.tree_util.tree_flatten(value)
     if tree.num_leaves == 1 and tree.num_nodes == 1:
         return _leaf_repr(leaves[0])

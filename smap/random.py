@@ -141,7 +141,8 @@ class RandomState(State):
         if len(leaves) != 1 or jnp.ndim(leaves[0]) != 1:
             return None
         key = leaves[0]
-        if jax.config.jax_threefry_partitionable and jax.config.jax_default_prng_impl == "threefry2x32":
+        config: Any = jax.config  # its flags are attributes that type checkers do not see
+        if config.jax_threefry_partitionable and config.jax_default_prng_impl == "threefry2x32":
             # Then split(key, n + 1)[:n] == split(key, n): one split gives both.
             keys = jax.random.split(key, axis_size + 1)
             return keys[:axis_size], keys[axis_size]

@@ -4,19 +4,20 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, ParamSpec, overload
 
 import jax
 import jax.numpy as jnp
 
-from .._state import State
 from .._dispatch import ArgSignature, Runner, StatefulFunction
+from .._state import State
 from .._tracing import Program, TraceContext
 from ._signature import function_name
 
 __all__ = ["grad"]
 
 GradStates = State | Sequence[State] | Mapping[Any, State] | None
+P = ParamSpec("P")
 
 
 def _grad_state_list(grad_states: GradStates) -> tuple[list[State], Callable[[list], Any]]:
@@ -25,12 +26,14 @@ def _grad_state_list(grad_states: GradStates) -> tuple[list[State], Callable[[li
         return [], lambda grads: None
     if isinstance(grad_states, State):
         return [grad_states], lambda grads: grads[0]
+    container: Any = type(grad_states)  # a dict, list or tuple type, or a user's subclass of one
+    rebuild: Callable[[list], Any]
     if isinstance(grad_states, Mapping):
         keys, states = list(grad_states.keys()), list(grad_states.values())
-        rebuild = lambda grads: type(grad_states)(zip(keys, grads))  # noqa: E731
+        rebuild = lambda grads: container(zip(keys, grads))  # noqa: E731
     elif isinstance(grad_states, Sequence):
         states = list(grad_states)
-        rebuild = lambda grads: type(grad_states)(grads)  # noqa: E731
+        rebuild = lambda grads: container(grads)  # noqa: E731
     else:
         raise TypeError(
             f"grad_states must be a State, a sequence of States or a dict of States, got {type(grad_states).__name__}."
@@ -41,10 +44,10 @@ def _grad_state_list(grad_states: GradStates) -> tuple[list[State], Callable[[li
     return states, rebuild
 
 
-class GradFunction(StatefulFunction):
+class GradFunction(StatefulFunction[P, Any]):
     """A function returning gradients; see :func:`grad`."""
 
-    def __init__(self, fun: Callable, grad_states: GradStates, argnums: int | Sequence[int] | None, has_aux: bool, return_value: bool):
+    def __init__(self, fun: Callable[P, Any], grad_states: GradStates, argnums: int | Sequence[int] | None, has_aux: bool, return_value: bool):
         states, self._rebuild_state_grads = _grad_state_list(grad_states)
         self.grad_states = list({id(s): s for s in states}.values())
         if len(self.grad_states) != len(states):
@@ -56,11 +59,11 @@ class GradFunction(StatefulFunction):
         self.has_aux = has_aux
         self.return_value = return_value
 
-        def touching_grad_states(*args: Any, **kwargs: Any) -> Any:
+        def touching_grad_states(*args: P.args, **kwargs: P.kwargs) -> Any:
             # Touch every differentiated state first: they become the first
             # inputs of the program, and an unused one gets a zero gradient.
             for state in self.grad_states:
-                state.value
+                _ = state.value
             return fun(*args, **kwargs)
 
         super().__init__(touching_grad_states, name=f"smap.grad({function_name(fun)})")
@@ -119,19 +122,39 @@ class GradFunction(StatefulFunction):
         if self.argnums is not None:
             grads.append(arg_grads[0] if isinstance(self.argnums, int) else tuple(arg_grads))
         result = grads[0] if len(grads) == 1 else tuple(grads)
-        outputs = (result, value) if self.return_value else (result,)
+        outputs: tuple = (result, value) if self.return_value else (result,)
         if self.has_aux:
             outputs += (aux,)
         return outputs[0] if len(outputs) == 1 else outputs
 
 
+@overload
 def grad(
-    fun: Callable | None = None,
+    fun: Callable[P, Any],
     grad_states: GradStates = None,
     argnums: int | Sequence[int] | None = None,
     has_aux: bool = False,
     return_value: bool = False,
-) -> Any:
+) -> GradFunction[P]: ...
+
+
+@overload
+def grad(
+    fun: None = None,
+    grad_states: GradStates = None,
+    argnums: int | Sequence[int] | None = None,
+    has_aux: bool = False,
+    return_value: bool = False,
+) -> Callable[[Callable[P, Any]], GradFunction[P]]: ...
+
+
+def grad(
+    fun: Callable[P, Any] | None = None,
+    grad_states: GradStates = None,
+    argnums: int | Sequence[int] | None = None,
+    has_aux: bool = False,
+    return_value: bool = False,
+) -> GradFunction[P] | Callable[[Callable[P, Any]], GradFunction[P]]:
     """Gradients of a scalar loss with respect to States and/or arguments.
 
     States read by ``fun`` are inputs, states it writes are written back
@@ -162,6 +185,8 @@ def grad(
         >>> smap.grad(loss, grad_states={'w': w}, argnums=0, return_value=True)(jnp.array([1.0, 1.0]))
         (({'w': Array([6., 6.], dtype=float32)}, Array([ 6., 12.], dtype=float32)), Array(9., dtype=float32))
     """
-    if fun is None:
-        return functools.partial(grad, grad_states=grad_states, argnums=argnums, has_aux=has_aux, return_value=return_value)
-    return GradFunction(fun, grad_states, argnums, has_aux, return_value)
+
+    def differentiate(f: Callable[P, Any]) -> GradFunction[P]:
+        return GradFunction(f, grad_states, argnums, has_aux, return_value)
+
+    return differentiate if fun is None else differentiate(fun)

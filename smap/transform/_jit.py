@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, ParamSpec, TypeVar, overload
 
 import jax
 
@@ -14,13 +14,16 @@ from ._signature import check_static_argnums, function_name, positional_count, r
 
 __all__ = ["jit"]
 
+P = ParamSpec("P")
+R = TypeVar("R")
 
-class JittedFunction(StatefulFunction):
+
+class JittedFunction(StatefulFunction[P, R]):
     """A compiled stateful function; see :func:`jit`."""
 
     def __init__(
         self,
-        fun: Callable,
+        fun: Callable[P, R],
         static_argnums: int | Sequence[int] = (),
         static_argnames: str | Sequence[str] = (),
         donate_argnums: int | Sequence[int] = (),
@@ -44,13 +47,33 @@ class JittedFunction(StatefulFunction):
         return run
 
 
+@overload
 def jit(
-    fun: Callable | None = None,
+    fun: Callable[P, R],
     *,
     static_argnums: int | Sequence[int] = (),
     static_argnames: str | Sequence[str] = (),
     donate_argnums: int | Sequence[int] = (),
-) -> Any:
+) -> JittedFunction[P, R]: ...
+
+
+@overload
+def jit(
+    fun: None = None,
+    *,
+    static_argnums: int | Sequence[int] = (),
+    static_argnames: str | Sequence[str] = (),
+    donate_argnums: int | Sequence[int] = (),
+) -> Callable[[Callable[P, R]], JittedFunction[P, R]]: ...
+
+
+def jit(
+    fun: Callable[P, R] | None = None,
+    *,
+    static_argnums: int | Sequence[int] = (),
+    static_argnames: str | Sequence[str] = (),
+    donate_argnums: int | Sequence[int] = (),
+) -> JittedFunction[P, R] | Callable[[Callable[P, R]], JittedFunction[P, R]]:
     """Compile a function that reads and writes States, like ``jax.jit``.
 
     States read inside are inputs of the compiled program and states written
@@ -67,7 +90,8 @@ def jit(
         donate_argnums: positional arguments whose buffers may be reused.
 
     Returns:
-        A callable with ``get_arg_cache_key`` and ``get_jaxpr_by_cache``.
+        A callable with ``fun``'s signature, and ``get_arg_cache_key`` and
+        ``get_jaxpr_by_cache``.
 
     Example:
         >>> import jax.numpy as jnp, smap
@@ -81,8 +105,8 @@ def jit(
         >>> total.value
         Array(6., dtype=float32)
     """
-    if fun is None:
-        return functools.partial(
-            jit, static_argnums=static_argnums, static_argnames=static_argnames, donate_argnums=donate_argnums
-        )
-    return JittedFunction(fun, static_argnums, static_argnames, donate_argnums)
+
+    def compile_stateful(f: Callable[P, R]) -> JittedFunction[P, R]:
+        return JittedFunction(f, static_argnums, static_argnames, donate_argnums)
+
+    return compile_stateful if fun is None else compile_stateful(fun)

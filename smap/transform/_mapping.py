@@ -17,12 +17,12 @@ from __future__ import annotations
 import functools
 import warnings
 from collections.abc import Callable, Hashable, Sequence
-from typing import Any, Protocol, cast
+from typing import Any, ParamSpec, Protocol, TypeVar, cast, overload
 
 import jax
 
+from .._dispatch import ArgSignature, Entry, Runner, StatefulFunction
 from .._state import State
-from .._dispatch import ArgSignature, Runner, StatefulFunction
 from .._tracing import Program, TraceContext, abstract
 from ._axes import AxisSpec, leaf_axes, leaf_names, normalise_state_axes, select_axis
 from ._plan import BatchAxisError, LaneInputs, LanePlan, plan
@@ -31,6 +31,8 @@ from ._signature import check_static_argnums, function_name
 __all__ = ["StatefulMapping", "vmap2", "MappingFn"]
 
 _POLICIES = ("ignore", "warn", "raise")
+P = ParamSpec("P")
+R = TypeVar("R")
 
 
 class MappingFn(Protocol):
@@ -132,30 +134,36 @@ def _own_lane_input(state: State, value: Any, name: str) -> Any | None:
     if found is None:
         return None
     lanes, after = found
-    value_shape = jax.eval_shape(lambda v: v, value)
-    if (
-        jax.tree_util.tree_structure(lanes) != jax.tree_util.tree_structure(value)
-        or jax.tree_util.tree_structure(after) != jax.tree_util.tree_structure(value)
-        or any(x.shape[:1] != (1,) for x in jax.tree_util.tree_leaves(lanes))
-        or jax.tree_util.tree_leaves(jax.tree_util.tree_map(_same_aval, after, value_shape)).count(False)
+    like = jax.eval_shape(lambda v: v, value)
+    if not all(x.shape[:1] == (1,) for x in jax.tree_util.tree_leaves(lanes)) or not (
+        _same_shapes(jax.tree_util.tree_map(_drop_lane_axis, lanes), like) and _same_shapes(after, like)
     ):
         raise TypeError(
             f"{name}: {type(state).__name__}.lane_values must return (the lanes' values stacked along a new "
-            f"axis 0, the next value with the structure, shapes and dtypes of the value) for {state.describe()}; "
-            f"got {lanes} and {after} for a value {value_shape}."
+            f"axis 0, the next value), each value with the structure, shapes and dtypes of the state's value "
+            f"{like}; got {lanes} and {after} for {state.describe()}."
         )
-    return jax.tree_util.tree_map(lambda x: jax.core.ShapedArray(x.shape[1:], x.dtype, x.weak_type), lanes)
+    return jax.tree_util.tree_map(lambda x: jax.core.ShapedArray(x.shape, x.dtype, x.weak_type), like)
 
 
-def _same_aval(a: jax.ShapeDtypeStruct, b: jax.ShapeDtypeStruct) -> bool:
-    return a.shape == b.shape and a.dtype == b.dtype
+def _drop_lane_axis(x: jax.ShapeDtypeStruct) -> jax.ShapeDtypeStruct:
+    return jax.ShapeDtypeStruct(x.shape[1:], x.dtype)
+
+
+def _same_shapes(tree: Any, like: Any) -> bool:
+    """Whether two pytrees of ShapeDtypeStructs agree in structure, shapes and dtypes."""
+    structure: Any = jax.tree_util.tree_structure(tree)
+    if structure != jax.tree_util.tree_structure(like):
+        return False
+    pairs = zip(jax.tree_util.tree_leaves(tree), jax.tree_util.tree_leaves(like))
+    return all(a.shape == b.shape and a.dtype == b.dtype for a, b in pairs)
 
 
 def _drop_axis(aval: jax.core.ShapedArray, axis: int) -> jax.core.ShapedArray:
     return aval.update(shape=aval.shape[:axis] + aval.shape[axis + 1 :])
 
 
-class StatefulMapping(StatefulFunction):
+class StatefulMapping(StatefulFunction[P, R]):
     """Map a function that reads and writes States over a batch.
 
     ``mapping_fn`` (``jax.vmap`` by default) runs the traced per-lane program
@@ -204,7 +212,7 @@ class StatefulMapping(StatefulFunction):
 
     def __init__(
         self,
-        fun: Callable,
+        fun: Callable[P, R],
         *,
         in_axes: AxisSpec = 0,
         out_axes: AxisSpec = 0,
@@ -242,7 +250,7 @@ class StatefulMapping(StatefulFunction):
         self.axis_name = axis_name
         self.mapping_fn = mapping_fn
         self.mapping_kwargs = dict(mapping_kwargs or {})
-        self._sizes_found_in_trace: dict[Hashable, int] = {}
+        self._sizes_found_in_trace: dict[ArgSignature, int] = {}
         functools.update_wrapper(self, fun, updated=())
 
     def state_axis(self, state: State) -> int | None:
@@ -278,7 +286,8 @@ class StatefulMapping(StatefulFunction):
             ndim = jax.numpy.ndim(leaf)
             if not -ndim <= axis < ndim:
                 raise ValueError(
-                    f"{self.name}: in_axes maps {leaf_name} along axis {axis}, but it has shape {jax.numpy.shape(leaf)}."
+                    f"{self.name}: in_axes maps {leaf_name} along axis {axis}, "
+                    f"but it has shape {jax.numpy.shape(leaf)}."
                 )
             axis %= ndim
             context._check_size(jax.numpy.shape(leaf)[axis], f"{leaf_name} (axis {axis})")
@@ -331,7 +340,7 @@ class StatefulMapping(StatefulFunction):
         if self.unexpected_out_state_mapping == "warn":
             warnings.warn(message + "; it is written back with the mapped axis at 0.", UserWarning, stacklevel=4)
 
-    def _trace(self, key: Hashable, leaves: list, dyn_args: tuple, dyn_kwargs: dict) -> Any:
+    def _trace(self, key: ArgSignature, leaves: list, dyn_args: tuple, dyn_kwargs: dict) -> Entry:
         try:
             return super()._trace(key, leaves, dyn_args, dyn_kwargs)
         except _SizeFoundInTrace as found:
@@ -373,10 +382,11 @@ def _mapped_program(program: Program, lane_plan: LanePlan, mapping_fn: MappingFn
         return tuple(program(*leaves))
 
     def run(arg_leaves: list, state_values: list) -> tuple[Any, list]:
-        state_leaves, next_values = [], {}
+        state_leaves: list = []
+        next_values: dict[int, Any] = {}
         for i, value in enumerate(state_values):
             if i in lane_plan.own_lanes:
-                value, next_values[i] = program.states[i].lane_values(value, lane_plan.axis_size)
+                value, next_values[i] = cast(tuple, program.states[i].lane_values(value, lane_plan.axis_size))
             state_leaves.extend(jax.tree_util.tree_leaves(value))
         mapped = mapping_fn(
             lane,
@@ -395,8 +405,9 @@ def _mapped_program(program: Program, lane_plan: LanePlan, mapping_fn: MappingFn
     return run
 
 
+@overload
 def vmap2(
-    fn: Callable | None = None,
+    fn: Callable[P, R],
     *,
     in_axes: AxisSpec = 0,
     out_axes: AxisSpec = 0,
@@ -405,7 +416,34 @@ def vmap2(
     state_in_axes: Any = None,
     state_out_axes: Any = None,
     unexpected_out_state_mapping: str = "ignore",
-) -> Any:
+) -> StatefulMapping[P, R]: ...
+
+
+@overload
+def vmap2(
+    fn: None = None,
+    *,
+    in_axes: AxisSpec = 0,
+    out_axes: AxisSpec = 0,
+    axis_name: Hashable | None = None,
+    axis_size: int | None = None,
+    state_in_axes: Any = None,
+    state_out_axes: Any = None,
+    unexpected_out_state_mapping: str = "ignore",
+) -> Callable[[Callable[P, R]], StatefulMapping[P, R]]: ...
+
+
+def vmap2(
+    fn: Callable[P, R] | None = None,
+    *,
+    in_axes: AxisSpec = 0,
+    out_axes: AxisSpec = 0,
+    axis_name: Hashable | None = None,
+    axis_size: int | None = None,
+    state_in_axes: Any = None,
+    state_out_axes: Any = None,
+    unexpected_out_state_mapping: str = "ignore",
+) -> StatefulMapping[P, R] | Callable[[Callable[P, R]], StatefulMapping[P, R]]:
     """A :class:`StatefulMapping` with ``mapping_fn=jax.vmap``; also a decorator.
 
     Example:
@@ -416,18 +454,20 @@ def vmap2(
         >>> scale(jnp.array([1.0, 2.0]), 3.0)
         Array([3., 6.], dtype=float32)
     """
-    options = dict(
-        in_axes=in_axes,
-        out_axes=out_axes,
-        axis_name=axis_name,
-        axis_size=axis_size,
-        state_in_axes=state_in_axes,
-        state_out_axes=state_out_axes,
-        unexpected_out_state_mapping=unexpected_out_state_mapping,
-    )
-    if fn is None:
-        return functools.partial(vmap2, **options)
-    return StatefulMapping(fn, mapping_fn=jax.vmap, **options)
+    def mapping(f: Callable[P, R]) -> StatefulMapping[P, R]:
+        return StatefulMapping(
+            f,
+            in_axes=in_axes,
+            out_axes=out_axes,
+            axis_name=axis_name,
+            axis_size=axis_size,
+            state_in_axes=state_in_axes,
+            state_out_axes=state_out_axes,
+            unexpected_out_state_mapping=unexpected_out_state_mapping,
+            mapping_fn=jax.vmap,
+        )
+
+    return mapping if fn is None else mapping(fn)
 
 
 StatefulMapping.__module__ = "smap.transform"

@@ -923,7 +923,7 @@ def strategies_for(program: Callable) -> list:
     """The reference by hand, every core strategy, and one layout of each alias."""
     position = PROGRAMS.index(program)
     chosen = [REFERENCE, *CORE]
-    for family, (name, layouts) in enumerate(ALIASES.items()):
+    for family, layouts in enumerate(ALIASES.values()):
         chosen.append(layouts[(position + family) % len(layouts)])
     return [pytest.param(strategy, id=strategy.id) for strategy in chosen]
 

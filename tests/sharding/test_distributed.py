@@ -63,7 +63,10 @@ def test_a_process_that_dies_stops_the_run_with_a_clear_message():
 
 
 def test_launcher_sets_each_process_up_and_prefixes_its_output():
-    code = "import os; print(os.environ['SMAP_PROCESS_ID'], os.environ['SMAP_NUM_PROCESSES'], os.environ['SMAP_CPU_DEVICES'], os.environ['SMAP_COORDINATOR_ADDRESS'].split(':')[0])"
+    code = (
+        "import os; print(os.environ['SMAP_PROCESS_ID'], os.environ['SMAP_NUM_PROCESSES'], "
+        "os.environ['SMAP_CPU_DEVICES'], os.environ['SMAP_COORDINATOR_ADDRESS'].split(':')[0])"
+    )
     result = _launch("-n", "3", "-d", "2", "--", sys.executable, "-c", code)
     assert result.returncode == 0, result.stderr
     assert sorted(result.stdout.splitlines()) == ["[p0] 0 3 2 127.0.0.1", "[p1] 1 3 2 127.0.0.1", "[p2] 2 3 2 127.0.0.1"]

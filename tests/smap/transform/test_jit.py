@@ -419,10 +419,10 @@ def test_state_created_inside_jit_and_kept_raises_when_read():
 
     np.testing.assert_array_equal(np.asarray(f(jnp.ones(2))), np.full(2, 2.0))
     with pytest.raises(RuntimeError, match="created inside"):
-        kept[0].value
+        _ = kept[0].value
     # The error is stable: no later read hands out a leaked tracer.
     with pytest.raises(RuntimeError, match="created inside"):
-        kept[0].value
+        _ = kept[0].value
 
 
 def test_state_created_inside_jit_can_be_used_there(close):

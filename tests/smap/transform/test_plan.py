@@ -94,7 +94,7 @@ def test_a_state_with_its_own_lanes_takes_its_next_value_when_written_per_lane()
     unread = smap.random.RandomState(1)
 
     def f(x):
-        unread.value  # read, not written: its key does not advance
+        _ = unread.value  # read, not written: its key does not advance
         return x + rng.normal()
 
     program = trace(f, jnp.ones(()))
