@@ -1,15 +1,15 @@
-"""``StatefulMapping`` and ``vmap2``: map a stateful function over a batch.
+"""The mapped program: ``StatefulMapping`` and ``vmap2`` map a stateful function over a batch.
 
 A call reads as a short story. The function is traced once per signature
 into a per-lane program whose inputs are its arguments and the states it
-touches; a state selected by ``state_in_axes`` enters with its mapped axis
-removed, a random state enters as one key. The plan then says, for every
-input, whether it is split over the lanes, and for every output, where its
-mapped axis goes: states written with a per-lane value follow
-``state_out_axes`` (or the unexpected-write policy), states written with a
-lane-independent value are written back as they are. ``mapping_fn`` runs the
-program over the lanes with ``jax.vmap``'s calling convention, and the
-results are written back once the call has succeeded.
+touches (:class:`_LaneTrace` decides how each enters the lanes: a state
+selected by ``state_in_axes`` enters with its mapped axis removed, a state
+whose type gives each lane its own value, such as a random key, enters as
+one lane's value). :func:`~smap.transform._plan.plan` turns the program and
+those findings into a :class:`~smap.transform._plan.LanePlan`, and
+:func:`_mapped_program` runs the plan: ``mapping_fn`` (a :class:`MappingFn`)
+maps the program over the lanes, and the results are written back once the
+call has succeeded.
 """
 
 from __future__ import annotations
