@@ -195,7 +195,11 @@ def _written_axes(
             axes.extend([0 if per_lane else None] * n)
             continue
         if in_axes is not None:
-            if selected and out_axis is not None and any(out_axis % (a.ndim + 1) != ax for a, ax in zip(avals, in_axes)):
+            if (
+                selected
+                and out_axis is not None
+                and any(out_axis % (a.ndim + 1) != ax for a, ax in zip(avals, in_axes))
+            ):
                 raise BatchAxisError(
                     f"{name}: {state.describe()} is mapped along axis {in_axes[0]} by state_in_axes "
                     f"but along axis {out_axis} by state_out_axes; a state keeps one mapped axis."

@@ -83,8 +83,7 @@ def test_a_reduction_over_the_axis_name_is_written_back_as_it_is():
         mean.value = jax.lax.pmean(x, "i")
         return x - mean.value
 
-    program = trace_program(f, (jnp.ones(()),), {}, make_input=lambda s, v: abstract(v), name="f",
-                            axis_env=[("i", 3)])
+    program = trace_program(f, (jnp.ones(()),), {}, make_input=lambda s, v: abstract(v), name="f", axis_env=[("i", 3)])
     result = plan(program, LaneInputs(arg_axes=(0,), axis_size=3), axis_name="i")
     assert result == LanePlan(in_axes=(0, None), out_axes=(0, None), axis_name="i", axis_size=3)
 
