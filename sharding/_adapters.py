@@ -172,7 +172,7 @@ class ShardMap(_Adapter):
         body = self._local_program(f, lane_avals, axes, out_axes, axis_name, span)
         in_specs = tuple(self.lane_spec(jnp.ndim(x), a) for x, a in zip(leaves, axes))
         out_specs = tuple(self.lane_spec(0, a) for a in out_axes)
-        return list(_compat.shard_map(body, mesh, in_specs, out_specs)(*leaves))
+        return list(_compat.shard_map(body, mesh, in_specs, out_specs, mesh_axes)(*leaves))
 
     def __repr__(self) -> str:
         return f"sharding.shard_map(mesh={self._mesh!r}, axis={self._axis!r})"
