@@ -112,9 +112,12 @@ def place(target: Any, mapping: smap.StatefulMapping | None = None, *, mesh: Any
     """Put the values of the states in ``target`` on the mesh, ahead of the first call.
 
     With ``mapping``, batched states are partitioned as :func:`spec_for` says;
-    without it, every state follows ``rules`` or is replicated over ``mesh``.
-    Transforms keep a written state's placement, so states stay where this
-    puts them.
+    without it, every state follows ``rules`` (as :func:`spec_for` reads them)
+    or is replicated over ``mesh``. Transforms keep a written state's
+    placement, so states stay where this puts them. A string in ``rules`` is a
+    tag; one that selects no state's tag but names a state's path is a
+    ``ValueError`` (write ``smap.filter.AtPath(path)``), raised before any
+    state moves.
 
     Example:
         >>> import jax, jax.numpy as jnp, smap, sharding
