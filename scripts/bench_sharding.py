@@ -47,6 +47,25 @@ Runs on 8 emulated CPU devices (set here, before JAX starts). In one run:
     partitioned ``P('data')``; only the ``pmean`` the program writes
     communicates).
 
+(c) Data and model parallelism at once (``--part hybrid``), on a mesh
+    ``make_mesh(data=4, model=2)``: one SGD step of a two-layer MLP (128 ->
+    512 -> 128, tanh, squared error) in the Megatron layout (W1 ``P(None,
+    'model')`` over its output axis, b1 ``P('model')``, W2 ``P('model', None)``
+    over its input axis, b2 replicated), the batch over ``'data'``:
+
+    * ``hand-written``: ``jax.jit`` of the step on the whole batch, with
+      ``in_shardings``/``out_shardings`` of those ``NamedSharding``s (GSPMD);
+    * ``smap``: the params are ``ParamState``s placed by ``sharding.place``
+      rules (by tag and by path), the mapped function is one example's loss
+      under ``sharding.shard_map(mesh, axis='data')``, and ``smap.grad`` of the
+      mean loss and the update run under ``smap.jit``.
+
+    Both give the same params (checked). Reported: the time ratio, the
+    collectives of each compiled program by kind and the all-reduce result
+    shapes, the all-gathers whose result is a whole weight (must be none),
+    and each weight's bytes per device (must be its size / 2 for the split
+    ones, on both sides).
+
 Blocking: every timed call is waited for before the next starts. On JAX
 0.10.2's CPU backend with 8 emulated devices on 2 cores, a loop of a few dozen
 unblocked calls of any program with an all-reduce (plain ``jax.jit(jax.shard_map
@@ -54,7 +73,8 @@ unblocked calls of any program with an all-reduce (plain ``jax.jit(jax.shard_map
 to join the rendezvous, but only 7 of them arrived"), so the times here are
 per-call latencies, dispatch included, for both sides alike.
 
-Run:  python scripts/bench_sharding.py             (full run, about a minute on 2 cores)
+Run:  python scripts/bench_sharding.py             (full run, a few minutes on 2 cores)
+      python scripts/bench_sharding.py --part hybrid (only (c))
       python scripts/bench_sharding.py --quick     (smoke run, batch 256 only, few calls)
       python scripts/bench_sharding.py --markdown  (also print the tables as Markdown)
       python scripts/bench_sharding.py --profile /tmp/prof  (also: device time per HLO op, batch 256)
@@ -381,6 +401,134 @@ def hidden_state_program(mesh: Any, x: jax.Array, steps: int = 3) -> tuple[str, 
     return hlo, spec, str(table)
 
 
+# -- (c) hybrid data and model parallelism -------------------------------------------
+
+HYBRID_D, HYBRID_H = 128, 512  # a Megatron MLP: D -> H (W1 split over H) -> D (W2 split over H)
+HYBRID_RULES = {"column": P(None, "model"), "row": P("model", None), smap.filter.AtPath("b1"): P("model")}
+HYBRID_SPECS = {"w1": P(None, "model"), "b1": P("model"), "w2": P("model", None), "b2": P()}
+
+
+def hybrid_init() -> dict[str, jax.Array]:
+    k1, k2 = jax.random.split(jax.random.PRNGKey(3))
+    return {
+        "w1": jax.random.normal(k1, (HYBRID_D, HYBRID_H), F32) / np.sqrt(HYBRID_D),
+        "b1": jnp.zeros((HYBRID_H,), F32),
+        "w2": jax.random.normal(k2, (HYBRID_H, HYBRID_D), F32) / np.sqrt(HYBRID_H),
+        "b2": jnp.zeros((HYBRID_D,), F32),
+    }
+
+
+def hybrid_loss(p: dict, x: jax.Array, y: jax.Array) -> jax.Array:
+    """Squared error of one example (or, by broadcasting, a batch of them)."""
+    h = jnp.tanh(x @ p["w1"] + p["b1"])
+    return jnp.sum((h @ p["w2"] + p["b2"] - y) ** 2, axis=-1)
+
+
+def hybrid_data(mesh: Any, batch: int) -> tuple[jax.Array, jax.Array]:
+    kx, ky = jax.random.split(jax.random.PRNGKey(4))
+    data = NamedSharding(mesh, P("data"))
+    x = jax.random.normal(kx, (batch, HYBRID_D), F32)
+    return jax.device_put(x, data), jax.device_put(jax.random.normal(ky, (batch, HYBRID_D), F32), data)
+
+
+def hybrid_hand_written(mesh: Any, x: jax.Array, y: jax.Array) -> Program:
+    """jax.jit with NamedShardings (GSPMD): the params in the Megatron layout, the batch over 'data'."""
+    shardings = {k: NamedSharding(mesh, spec) for k, spec in HYBRID_SPECS.items()}
+    data = NamedSharding(mesh, P("data"))
+
+    def train_step(p, xb, yb):
+        loss, grads = jax.value_and_grad(lambda p: hybrid_loss(p, xb, yb).mean())(p)
+        return {k: p[k] - LR * grads[k] for k in p}, loss
+
+    step = jax.jit(train_step, in_shardings=(shardings, data, data), out_shardings=(shardings, None))
+    params = jax.device_put(hybrid_init(), shardings)
+
+    def call():
+        nonlocal params
+        params, loss = step(params, x, y)
+        return params, loss
+
+    ordered = lambda: [params[k] for k in HYBRID_SPECS]  # noqa: E731
+    return Program("hand-written jax.jit + NamedSharding", call, ordered, lambda: step.lower(params, x, y).compile().as_text(), False)
+
+
+class HybridMLP(smap.nn.Module):
+    def __init__(self):
+        p = hybrid_init()
+        self.w1 = smap.ParamState(p["w1"], tag="column")
+        self.b1 = smap.ParamState(p["b1"])
+        self.w2 = smap.ParamState(p["w2"], tag="row")
+        self.b2 = smap.ParamState(p["b2"])
+
+    def __call__(self, x, y):  # one lane: one example
+        return hybrid_loss({k: getattr(self, k).value for k in HYBRID_SPECS}, x, y)
+
+
+def hybrid_smap(mesh: Any, x: jax.Array, y: jax.Array) -> tuple[Program, HybridMLP, Any]:
+    """smap: lanes over 'data' (one example each), the params placed over 'model' by rules."""
+    mlp = HybridMLP()
+    losses = smap.StatefulMapping(mlp, axis_name="batch", mapping_fn=sharding.shard_map(mesh, axis="data"))
+    params = [getattr(mlp, k) for k in HYBRID_SPECS]
+    loss_grad = smap.grad(lambda xb, yb: losses(xb, yb).mean(), grad_states=params, return_value=True)
+
+    @smap.jit
+    def train_step(xb, yb):
+        grads, loss = loss_grad(xb, yb)
+        for s, g in zip(params, grads):
+            s.value = s.value - LR * g
+        return loss
+
+    sharding.place(mlp, losses, rules=HYBRID_RULES)
+    values = lambda: [s.value for s in params]  # noqa: E731
+
+    def call():
+        return train_step(x, y), values()
+
+    program = Program("smap, sharding.shard_map(axis='data')", call, values, lambda: smap_hlo(train_step, x, y), True)
+    return program, mlp, losses
+
+
+def whole_weight_gathers(hlo: str, shapes: list[tuple[int, ...]]) -> int:
+    """All-gathers whose result has the shape of a whole weight."""
+    wanted = {"f32[" + ",".join(map(str, s)) + "]" for s in shapes}
+    return sum(shape in wanted for shape in collective_shapes(hlo, "all-gather"))
+
+
+def hybrid_case(batch: int, calls: int, rounds: int, warmup: int) -> tuple[list[list[str]], list[list[str]], list[list[str]], float, str]:
+    """The Megatron MLP step on a 4x2 (data x model) mesh: smap against GSPMD by hand."""
+    mesh = sharding.make_mesh(data=4, model=2)
+    x, y = hybrid_data(mesh, batch)
+    hand = hybrid_hand_written(mesh, x, y)
+    mine, mlp, losses = hybrid_smap(mesh, x, y)
+    programs = [hand, mine]
+    check_same(programs)
+    timings = measure(programs, calls, rounds, warmup)
+    time_rows = [
+        [t.name, str(batch), f"{t.median_s * 1e6:.0f}", f"{t.median_s / timings[0].median_s:.3f}",
+         f"{min(t.round_ratios):.2f}..{max(t.round_ratios):.2f}"]
+        for t in timings
+    ]
+    shapes = [v.shape for v in hybrid_init().values() if v.ndim == 2] + [(HYBRID_H,)]
+    comm_rows = []
+    for p in programs:
+        hlo = p.hlo()
+        counts = collectives(hlo)
+        gathers = whole_weight_gathers(hlo, shapes)
+        assert gathers == 0, f"{p.name}: {gathers} all-gather(s) of a whole weight"
+        comm_rows.append([p.name, *(str(counts[k]) for k in COLLECTIVES), str(gathers),
+                          " ".join(collective_shapes(hlo, "all-reduce"))])
+    model_size = mesh.shape["model"]
+    byte_rows = []
+    for name, hand_value, state in zip(HYBRID_SPECS, hand.params(), [getattr(mlp, k) for k in HYBRID_SPECS]):
+        per_device = {p: max(s.data.nbytes for s in v.addressable_shards) for p, v in (("hand", hand_value), ("smap", state.value))}
+        split = HYBRID_SPECS[name] != P()
+        expected = state.value.nbytes // (model_size if split else 1)
+        assert per_device["smap"] == per_device["hand"] == expected, (name, per_device, expected)
+        byte_rows.append([name, str(tuple(state.value.shape)), str(state.value.sharding.spec), f"{state.value.nbytes:,}",
+                          f"{per_device['hand']:,}", f"{per_device['smap']:,}"])
+    return time_rows, comm_rows, byte_rows, timings[1].median_s / timings[0].median_s, str(sharding.describe(mlp, losses))
+
+
 # -- profile (--profile) ---------------------------------------------------------
 
 
@@ -467,6 +615,10 @@ def main() -> int:
         default=None,
         help="also profile the programs at the first batch size (JAX profiler traces written to DIR)",
     )
+    parser.add_argument(
+        "--part", choices=("all", "data", "hybrid"), default="all",
+        help="data: (a) and (b), the data-parallel step; hybrid: (c), data and model parallelism; all: both",
+    )
     args = parser.parse_args()
     batches = args.batches or ([256] if args.quick else [256, 1024])
     for batch in batches:
@@ -476,9 +628,48 @@ def main() -> int:
     warmup = 5 if args.quick else 50
 
     assert jax.device_count() == N_DEVICES, f"expected {N_DEVICES} emulated devices, got {jax.device_count()}"
-    mesh = sharding.make_mesh(data=N_DEVICES)
     started = time.perf_counter()
     print(f"bench_sharding: {datetime.date.today().isoformat()}, {machine()}")
+    if args.part in ("all", "data"):
+        data_parallel(args, batches, calls, warmup)
+    if args.part in ("all", "hybrid"):
+        hybrid(args, batches, calls, warmup)
+    print(f"\ntotal {time.perf_counter() - started:.0f} s")
+    return 0
+
+
+def hybrid(args: argparse.Namespace, batches: list[int], calls: int, warmup: int) -> None:
+    print(f"\n(c) data and model parallelism: mesh data=4 x model=2; MLP {HYBRID_D}->{HYBRID_H}->{HYBRID_D}, "
+          f"tanh, squared error, f32, SGD; W1 P(None, 'model'), b1 P('model'), W2 P('model', None), b2 replicated")
+    time_rows, comm_rows, byte_rows, verdicts = [], [], [], []
+    for batch in batches:
+        t, c, b, ratio, described = hybrid_case(batch, calls, args.rounds, warmup)
+        time_rows += t
+        comm_rows += [[r[0], str(batch), *r[1:]] for r in c]
+        byte_rows = b
+        verdicts.append(f"batch {batch}: smap / hand-written = {ratio:.3f} "
+                        f"({'meets' if ratio <= TARGET else 'misses'} the target <= {TARGET:.2f})")
+    time_header = ["program", "batch", "per call (us)", "vs hand-written", "per-round ratio"]
+    comm_header = ["program", "batch", *COLLECTIVES, "whole-weight all-gathers", "all-reduce results"]
+    byte_header = ["weight", "shape", "spec", "bytes", "bytes/device, hand-written", "bytes/device, smap"]
+    print(table(time_header, time_rows, False))
+    print()
+    print(table(comm_header, comm_rows, False))
+    print()
+    print(table(byte_header, byte_rows, False))
+    print()
+    print("sharding.describe(mlp, losses):")
+    print(described)
+    print()
+    print("\n".join(verdicts))
+    if args.markdown:
+        for header, rows in ((time_header, time_rows), (comm_header, comm_rows), (byte_header, byte_rows)):
+            print()
+            print(table(header, rows, True))
+
+
+def data_parallel(args: argparse.Namespace, batches: list[int], calls: int, warmup: int) -> None:
+    mesh = sharding.make_mesh(data=N_DEVICES)
     print(f"8 emulated CPU devices, mesh {dict(mesh.shape)}; MLP {D_IN}->{D_HIDDEN}->{D_OUT}, f32, SGD lr={LR}")
     print(f"{calls} blocked calls per program and batch, in turn; median per-call time; {args.rounds} rounds\n")
 
@@ -555,8 +746,6 @@ def main() -> int:
         if args.profile:
             print()
             print(table(profile_header, profile_rows, True))
-    print(f"\ntotal {time.perf_counter() - started:.0f} s")
-    return 0
 
 
 if __name__ == "__main__":

@@ -9,7 +9,9 @@ lanes of all devices (see :mod:`sharding._spanning`).
 
 - :class:`ShardMap` runs the blocks with ``jax.shard_map`` over mesh axes: the
   mapped axis of arguments, outputs and batched states is partitioned over
-  those axes, and stays so between calls.
+  those axes, and stays so between calls. The ``shard_map`` is manual over
+  those axes only; the other mesh axes are left to XLA, so values split over
+  them (a weight over ``'model'``) stay split inside the call.
 - :class:`Pmap` runs them with ``jax.pmap`` over a list of devices.
 """
 
@@ -125,7 +127,8 @@ class ShardMap(_Adapter):
     Arguments:
         mesh: the device mesh; ``None`` takes the ambient one (``jax.set_mesh``).
         axis: the mesh axis (or tuple of axes) that the lanes are split over;
-            ``None`` means every axis of the mesh.
+            ``None`` means every axis of the mesh. The other axes are left to
+            the compiler: values keep their shardings over them during a call.
     """
 
     name = "sharding.shard_map"
@@ -172,7 +175,7 @@ class ShardMap(_Adapter):
         body = self._local_program(f, lane_avals, axes, out_axes, axis_name, span)
         in_specs = tuple(self.lane_spec(jnp.ndim(x), a) for x, a in zip(leaves, axes))
         out_specs = tuple(self.lane_spec(0, a) for a in out_axes)
-        return list(_compat.shard_map(body, mesh, in_specs, out_specs)(*leaves))
+        return list(_compat.shard_map(body, mesh, in_specs, out_specs, mesh_axes)(*leaves))
 
     def __repr__(self) -> str:
         return f"sharding.shard_map(mesh={self._mesh!r}, axis={self._axis!r})"
@@ -226,7 +229,10 @@ def shard_map(mesh: Any = None, axis: str | Sequence[str] | None = "data") -> Sh
     Every lane runs the same program as under ``jax.vmap``; collectives on the
     mapping's ``axis_name`` see all lanes. The mapped axis of arguments,
     outputs and batched states is partitioned over the mesh axis, so batched
-    states stay sharded between calls.
+    states stay sharded between calls. Every other mesh axis is left to the
+    compiler: a state split over it (by ``sharding.place`` rules, or as it
+    was put there) stays split while the lanes compute (data and model
+    parallelism at once).
 
     Arguments:
         mesh: a ``jax.sharding.Mesh``; ``None`` takes the ambient mesh.

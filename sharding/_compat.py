@@ -31,9 +31,16 @@ def is_shard_map(fn: Any) -> bool:
     )
 
 
-def shard_map(f: Callable, mesh: Any, in_specs: Any, out_specs: Any) -> Callable:
-    """``jax.shard_map`` without replication checks."""
-    return jax.shard_map(f, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)
+def shard_map(f: Callable, mesh: Any, in_specs: Any, out_specs: Any, manual_axes: Sequence[str]) -> Callable:
+    """``jax.shard_map`` without replication checks, manual over ``manual_axes`` only.
+
+    The other mesh axes are left to the compiler (``axis_names``, the same
+    keyword in JAX 0.9 to 0.12): values keep their shardings over them inside
+    the mapped program.
+    """
+    return jax.shard_map(
+        f, mesh=mesh, in_specs=in_specs, out_specs=out_specs, axis_names=frozenset(manual_axes), check_vma=False
+    )
 
 
 def make_auto_mesh(shape: Sequence[int], names: Sequence[str], devices: Sequence[Any] | None = None) -> Mesh:

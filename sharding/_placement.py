@@ -12,7 +12,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 import smap
-from smap.filter import to_filter
+from smap.filter import AtPath, to_filter
 
 from ._adapters import ShardMap, adapt
 
@@ -44,13 +44,30 @@ def _rule_spec(state: smap.State, rules: Rules | None) -> PartitionSpec | None:
     return None
 
 
+def _check_tag_rules(states: Iterable[smap.State], rules: Rules | None) -> None:
+    """A string selects by tag; one that selects nothing but names a path is a mistake."""
+    states = list(states)
+    for selector in rules or {}:
+        if isinstance(selector, str) and not any(selector in s.tags for s in states):
+            at_path = AtPath(selector)
+            if any(at_path(s.path, s) for s in states):
+                raise ValueError(
+                    f"the rule {selector!r} selects states tagged {selector!r}, and none is; a string in "
+                    f"rules is a tag. For the state at path {selector!r}, write smap.filter.AtPath({selector!r})."
+                )
+
+
 def spec_for(mapping: smap.StatefulMapping, state: smap.State, rules: Rules | None = None) -> PartitionSpec:
     """The PartitionSpec that ``state`` gets under ``mapping``.
 
     A state that ``mapping.state_in_axes`` batches along axis ``a`` is
-    partitioned over the mapping's mesh axis at dimension ``a``; a shared
-    state is replicated, unless ``rules`` (``{selector: PartitionSpec}``, the
-    selectors of ``state_in_axes``) place its other dimensions.
+    partitioned over the mapping's lane axes at dimension ``a``; its other
+    dimensions, and all of a shared state, are replicated unless ``rules``
+    place them. ``rules`` is ``{selector: PartitionSpec}``: a selector is any
+    filter of ``state_in_axes`` (a State type, a tag string, a filter such as
+    ``smap.filter.AtPath('mlp.w1')`` for a dotted path), and the first rule
+    that selects a state gives the spec of its leading dimensions. A batched
+    state's rule leaves its mapped dimension ``None``.
 
     Example:
         >>> import jax, jax.numpy as jnp, smap, sharding
@@ -96,9 +113,12 @@ def place(target: Any, mapping: smap.StatefulMapping | None = None, *, mesh: Any
     """Put the values of the states in ``target`` on the mesh, ahead of the first call.
 
     With ``mapping``, batched states are partitioned as :func:`spec_for` says;
-    without it, every state follows ``rules`` or is replicated over ``mesh``.
-    Transforms keep a written state's placement, so states stay where this
-    puts them.
+    without it, every state follows ``rules`` (as :func:`spec_for` reads them)
+    or is replicated over ``mesh``. Transforms keep a written state's
+    placement, so states stay where this puts them. A string in ``rules`` is a
+    tag; one that selects no state's tag but names a state's path is a
+    ``ValueError`` (write ``smap.filter.AtPath(path)``), raised before any
+    state moves.
 
     Example:
         >>> import jax, jax.numpy as jnp, smap, sharding
@@ -113,7 +133,9 @@ def place(target: Any, mapping: smap.StatefulMapping | None = None, *, mesh: Any
         mesh = adapter.mesh if mesh is None else mesh
     if mesh is None:
         raise ValueError("place needs a mesh, or a mapping that runs on one.")
-    for state in _states(target).values():
+    states = _states(target)
+    _check_tag_rules(states.values(), rules)
+    for state in states.values():
         if mapping is not None:
             spec = spec_for(mapping, state, rules)
         else:
@@ -140,19 +162,25 @@ class StateRow:
     dtype: str
     spec: str
     bytes_per_device: int
+    gathered: str | None = None  # with a mapping: the lane axes a call gathers it over, or "no"
 
 
 class StateTable(list):
     """The rows of :func:`describe`; prints as an aligned table."""
 
-    HEADER = ("path", "type", "shape", "dtype", "spec", "bytes/device")
+    HEADER = ("path", "type", "shape", "dtype", "spec", "bytes/device", "gathered")
 
     def __str__(self) -> str:
-        rows = [self.HEADER] + [
-            (r.path, r.type, str(r.shape), r.dtype, r.spec, f"{r.bytes_per_device:,}") for r in self
+        columns = 7 if any(r.gathered is not None for r in self) else 6
+        rows = [self.HEADER[:columns]] + [
+            (r.path, r.type, str(r.shape), r.dtype, r.spec, f"{r.bytes_per_device:,}", str(r.gathered))[:columns]
+            for r in self
         ]
-        widths = [max(len(row[i]) for row in rows) for i in range(len(self.HEADER))]
-        lines = ["  ".join(cell.ljust(w) if i < 5 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths))).rstrip() for row in rows]
+        widths = [max(len(row[i]) for row in rows) for i in range(columns)]
+        lines = [
+            "  ".join(cell.rjust(w) if i == 5 else cell.ljust(w) for i, (cell, w) in enumerate(zip(row, widths))).rstrip()
+            for row in rows
+        ]
         lines.insert(1, "  ".join("-" * w for w in widths))
         return "\n".join(lines)
 
@@ -176,8 +204,41 @@ def _bytes_per_device(x: Any) -> int:
     return int(np.prod(np.shape(x))) * np.dtype(x.dtype).itemsize
 
 
-def describe(target: Any) -> StateTable:
+def _gathered(leaves: list, axis: int | None, adapter: ShardMap) -> str:
+    """The lane axes over which a call gathers these leaves, read from their shardings.
+
+    The call's ``shard_map`` is manual over the lane axes only and takes a
+    value whole over them, except its mapped dimension ``axis``, which it
+    takes split over exactly the lane axes in order. So a leaf is gathered
+    over each lane axis that splits one of its other dimensions (or that
+    splits its mapped dimension in another order). Splits over the other
+    mesh axes stay in place during the call.
+    """
+    lanes = adapter.axes
+    gathered: set[str] = set()
+    for x in leaves:
+        sharding = getattr(x, "sharding", None)
+        if not isinstance(sharding, NamedSharding) or sharding.mesh != adapter.mesh:
+            return "not on mesh"
+        mapped = None if axis is None else axis % np.ndim(x)
+        for dim, entry in enumerate(sharding.spec):
+            names = (entry,) if isinstance(entry, str) else tuple(entry or ())
+            on_lanes = tuple(n for n in names if n in lanes)
+            if dim != mapped or on_lanes not in ((), lanes):
+                gathered.update(on_lanes)
+    return "over " + ",".join(a for a in lanes if a in gathered) if gathered else "no"
+
+
+def describe(target: Any, mapping: smap.StatefulMapping | None = None) -> StateTable:
     """One row per state: path, type, shape, dtype, PartitionSpec, bytes per device.
+
+    ``bytes/device`` is the largest piece of the state one device holds at
+    rest. With ``mapping`` (one that runs with ``sharding.shard_map`` or
+    ``jax.shard_map``), a ``gathered`` column says, per state, over which of
+    the mapping's lane axes its call gathers it whole (``no`` when it does not,
+    ``not on mesh`` for a value not yet placed on the mapping's mesh). It is
+    read from the state's sharding and the lane axes: a call is manual over the
+    lane axes only, so splits over every other mesh axis stay during the call.
 
     Example:
         >>> import jax.numpy as jnp, smap, sharding
@@ -189,10 +250,12 @@ def describe(target: Any) -> StateTable:
         ----  ----------  ------  -------  ----------  ------------
         w     ParamState  (2, 3)  float32  TFRT_CPU_0            24
     """
+    adapter = None if mapping is None else _adapter(mapping)
     table = StateTable()
     for path, state in _states(target).items():
         leaves = jax.tree_util.tree_leaves(state.peek())
         single = len(leaves) == 1
+        axis = None if mapping is None else mapping.state_axis(state)
         table.append(
             StateRow(
                 path=path,
@@ -201,6 +264,7 @@ def describe(target: Any) -> StateTable:
                 dtype=str(leaves[0].dtype) if single else ",".join(sorted({str(x.dtype) for x in leaves})),
                 spec=_spec_text(leaves[0]) if single else "; ".join(sorted({_spec_text(x) for x in leaves})),
                 bytes_per_device=sum(_bytes_per_device(x) for x in leaves),
+                gathered=None if adapter is None else _gathered(leaves, axis, adapter),
             )
         )
     return table

@@ -18,6 +18,7 @@ Example:
 
 from __future__ import annotations
 
+import fnmatch
 from collections.abc import Callable, Hashable, Iterable
 from typing import Union
 
@@ -32,6 +33,7 @@ __all__ = [
     "Everything",
     "Nothing",
     "WithTag",
+    "AtPath",
     "StateSet",
     "to_filter",
     "FilterLike",
@@ -112,6 +114,38 @@ class WithTag(Filter):
 
     def __repr__(self) -> str:
         return f"WithTag({self.tag!r})"
+
+
+class AtPath(Filter):
+    """Selects states whose dotted path in their Module matches ``pattern``.
+
+    ``pattern`` is a shell-style glob over the dotted path (``fnmatch``):
+    ``'mlp.w1'`` selects one state, ``'layers.*.w'`` the ``w`` of every layer
+    (``*`` also crosses dots). A state outside any Module has the empty path
+    and is never selected.
+
+    Example:
+        >>> import jax.numpy as jnp, smap
+        >>> class Net(smap.nn.Module):
+        ...     def __init__(self):
+        ...         self.layers = [smap.ParamState(jnp.zeros(2)), smap.ParamState(jnp.zeros(3))]
+        >>> list(Net().states(smap.filter.AtPath('layers.1')))
+        ['layers.1']
+    """
+
+    def __init__(self, pattern: str):
+        if not isinstance(pattern, str) or not pattern:
+            raise TypeError(f"AtPath expects a non-empty string such as 'mlp.w1' or 'layers.*.w', got {pattern!r}.")
+        self.pattern = pattern
+
+    def __call__(self, path: Path, state: State) -> bool:
+        return bool(path) and fnmatch.fnmatchcase(".".join(map(str, path)), self.pattern)
+
+    def _key(self) -> tuple:
+        return (self.pattern,)
+
+    def __repr__(self) -> str:
+        return f"AtPath({self.pattern!r})"
 
 
 class StateSet(Filter):
@@ -291,5 +325,5 @@ def to_filter(selector: FilterLike) -> Filter:
     )
 
 
-for _cls in (Filter, OfType, WithTag, StateSet, Not, All, Any, Everything, Nothing):
+for _cls in (Filter, OfType, WithTag, AtPath, StateSet, Not, All, Any, Everything, Nothing):
     _cls.__module__ = "smap.filter"

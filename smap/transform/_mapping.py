@@ -15,6 +15,7 @@ call has succeeded.
 from __future__ import annotations
 
 import functools
+import re
 import warnings
 from collections.abc import Callable, Hashable, Sequence
 from typing import Any, ParamSpec, Protocol, TypeVar, cast, overload
@@ -342,10 +343,22 @@ class StatefulMapping(StatefulFunction[P, R]):
 
     def _trace(self, key: ArgSignature, leaves: list, dyn_args: tuple, dyn_kwargs: dict) -> Entry:
         try:
-            return super()._trace(key, leaves, dyn_args, dyn_kwargs)
-        except _SizeFoundInTrace as found:
-            self._sizes_found_in_trace[key] = found.size
-            return super()._trace(key, leaves, dyn_args, dyn_kwargs)
+            try:
+                return super()._trace(key, leaves, dyn_args, dyn_kwargs)
+            except _SizeFoundInTrace as found:
+                self._sizes_found_in_trace[key] = found.size
+                return super()._trace(key, leaves, dyn_args, dyn_kwargs)
+        except NameError as error:
+            unbound = re.search(r"unbound axis name: (.+?)(?:\. |\.?$)", str(error))
+            if unbound is None:
+                raise
+            raise NameError(
+                f"{self.name}: the program uses a collective over the axis {unbound.group(1)!r}, which is not "
+                f"bound in it. A collective in the mapped program names the mapping's axis_name "
+                f"({self.axis_name!r}) or an axis that a jax.shard_map inside the program makes manual "
+                f"(jax.shard_map(..., axis_names={{{unbound.group(1)!r}}})); a mesh axis that the mapping_fn "
+                f"leaves to the compiler (such as 'model' under sharding.shard_map(mesh, axis='data')) is not."
+            ) from None
 
 
 class _SizeFoundInTrace(Exception):

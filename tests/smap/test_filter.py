@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import pytest
 
 import smap
-from smap.filter import All, Any, Everything, Not, Nothing, OfType, WithTag, to_filter
+from smap.filter import All, Any, AtPath, Everything, Not, Nothing, OfType, WithTag, to_filter
 
 
 def _states():
@@ -150,6 +150,36 @@ def test_filter_used_by_module_states_receives_the_dotted_path():
     assert list(net.states(only_dec)) == ["dec.weight", "dec.bias"]
     weights = lambda path, state: path[-1] == "weight"  # noqa: E731
     assert list(net.states(weights)) == ["enc.weight", "dec.weight"]
+
+
+def test_at_path_globs_the_dotted_path():
+    class Linear(smap.nn.Module):
+        def __init__(self):
+            self.weight = smap.ParamState(jnp.ones(2))
+            self.bias = smap.ParamState(jnp.zeros(2))
+
+    class Net(smap.nn.Module):
+        def __init__(self):
+            self.layers = [Linear(), Linear()]
+            self.head = {"weight": smap.ParamState(jnp.ones(1))}
+
+    net = Net()
+    assert list(net.states(AtPath("layers.1.weight"))) == ["layers.1.weight"]
+    assert list(net.states(AtPath("layers.*.weight"))) == ["layers.0.weight", "layers.1.weight"]
+    assert list(net.states(AtPath("*weight"))) == ["layers.0.weight", "layers.1.weight", "head.weight"]
+    assert list(net.states(AtPath("layers.?.b*"))) == ["layers.0.bias", "layers.1.bias"]
+    assert list(net.states(AtPath("layers.1"))) == []  # a whole path, not a prefix
+    assert list(net.states(AtPath("Layers.1.weight"))) == []  # case-sensitive
+    assert AtPath("*")((), smap.State(jnp.zeros(1))) is False  # a state outside a Module has no path
+    assert AtPath("w") == AtPath("w") and AtPath("w") != AtPath("v")
+    assert repr(AtPath("layers.*.w")) == "AtPath('layers.*.w')"
+    assert list(net.states(AtPath("layers.*") & WithTag("x"))) == []
+
+
+@pytest.mark.parametrize("bad", [3, "", None])
+def test_at_path_needs_a_pattern(bad):
+    with pytest.raises(TypeError, match="AtPath expects a non-empty string"):
+        AtPath(bad)
 
 
 @pytest.mark.parametrize(
