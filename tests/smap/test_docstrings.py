@@ -23,6 +23,8 @@ MODULES = [
     "smap.transform._jit",
     "smap.transform._grad",
     "smap.transform._mapping",
+    "smap.checkpoint",
+    "smap.checkpoint._checkpoint",
 ]
 
 
