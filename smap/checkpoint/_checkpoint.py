@@ -314,6 +314,10 @@ def _read_leaf(folder: Path, entry: dict, sharding: Any, what: str) -> jax.Array
             raise CheckpointError(
                 f"{what}: a typed key array is restored onto a NamedSharding or one device, not {sharding}."
             )
+        try:
+            sharding.shard_shape(shape)
+        except ValueError as error:
+            raise CheckpointError(f"{what} cannot be placed as asked: {error}") from None
         wanted = {_ranges(i, shape) for i in sharding.addressable_devices_indices_map(shape).values()}
     saved = [(tuple(map(tuple, s["index"])), s) for s in entry["shards"]]
     pieces = [

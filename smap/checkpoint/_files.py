@@ -104,7 +104,7 @@ def encode(array: np.ndarray) -> bytes:
     are stored as unsigned integers of the same width; the manifest keeps the
     real dtype.
     """
-    array = np.ascontiguousarray(array)
+    array = np.asarray(array, order="C")  # (np.ascontiguousarray makes scalars 1-d)
     if array.dtype.kind not in "biufc":
         array = array.view(np.dtype(f"u{array.dtype.itemsize}"))
     buffer = io.BytesIO()
