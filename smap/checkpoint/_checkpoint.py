@@ -425,7 +425,7 @@ def restore(
     values, error = {}, None
     try:
         for name, state in states.items():
-            leaves, tree = _leaves(state)
+            _, tree = _leaves(state)
             read = [
                 _read_leaf(folder, entry, sharding, f"state {name + entry['path']!r}")
                 for entry, sharding in zip(saved[name]["leaves"], placements[name])

@@ -26,8 +26,7 @@ from jax.sharding import PartitionSpec as P
 
 import sharding
 import smap
-from smap.checkpoint import CheckpointError
-from smap.checkpoint import _files
+from smap.checkpoint import CheckpointError, _files
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 B = 8
