@@ -148,7 +148,7 @@ def save(
 
     records, writes = {}, []
     for i, (name, state) in enumerate(states.items()):
-        leaves, tree = _leaves(state)
+        leaves, _ = _leaves(state)
         entries = []
         for j, (path, x) in enumerate(leaves):
             signature = _signature(x)
@@ -158,7 +158,7 @@ def save(
             shards, mine = _plan(data, f"{i}.{j}")
             entries.append({"path": path, **signature, "shards": shards})
             writes.extend(mine)
-        records[name] = {"type": _type_name(state), "tree": str(tree), "leaves": entries}
+        records[name] = {"type": _type_name(state), "leaves": entries}
 
     process, processes = jax.process_index(), jax.process_count()
     partial = _files.partial_dir(directory, step)
@@ -255,9 +255,10 @@ def _mismatches(saved: Mapping[str, dict], states: Mapping[str, State]) -> list[
         if record["type"] != _type_name(state):
             problems.append(f"{name!r}: a {record['type']} in the checkpoint, a {_type_name(state)} in the target")
             continue
-        leaves, tree = _leaves(state)
-        if record["tree"] != str(tree):
-            problems.append(f"{name!r}: structure {record['tree']} in the checkpoint, {tree} in the target")
+        leaves, _ = _leaves(state)
+        saved_paths, paths = [entry["path"] for entry in record["leaves"]], [path for path, _ in leaves]
+        if saved_paths != paths:  # (tree structures are compared by their leaves' key paths, which name them stably)
+            problems.append(f"{name!r}: leaves {saved_paths} in the checkpoint, {paths} in the target")
             continue
         for (path, x), entry in zip(leaves, record["leaves"]):
             signature, expected = _signature(x), {k: entry[k] for k in ("shape", "dtype", "key_impl") if k in entry}

@@ -5,7 +5,7 @@
 
 The states (`build`) live on a mesh over every process's devices: a batched
 state split over the lanes, a parameter split by a rule, replicated states
-and a random state. ``save`` writes step 1 of ``values(0)``; ``restore``
+and a random state; and a counter each process holds on its own device. ``save`` writes step 1 of ``values(0)``; ``restore``
 loads the latest step into zeros and prints, from each process, the values
 (as JSON) and the shard files that process read.
 """
@@ -29,6 +29,7 @@ def values(shift):
         "hidden": np.arange(BATCH * 3, dtype=np.float32).reshape(BATCH, 3) + shift,
         "w": np.arange(4 * BATCH, dtype=np.float32).reshape(4, BATCH) * 0.5 + shift,
         "opt": {"count": np.int32(shift), "mu": np.full((4, BATCH), shift + 0.25, np.float32)},
+        "count": np.arange(3, dtype=np.int32) + shift,
     }
 
 
@@ -39,9 +40,10 @@ def build(init, mesh):
         "w": smap.ParamState(init["w"]),
         "opt": smap.LongTermState(init["opt"]),
         "rng": smap.random.RandomState(5),
+        "count": smap.State(init["count"]),  # not placed: a local array in each process
     }
     mapping = smap.StatefulMapping(lambda x: x, state_in_axes=smap.HiddenState, mapping_fn=sharding.shard_map(mesh))
-    sharding.place(states, mapping, rules=RULES)
+    sharding.place([state for name, state in states.items() if name != "count"], mapping, rules=RULES)
     return states, mapping
 
 
@@ -69,6 +71,7 @@ def main(mode, directory):
     step = smap.checkpoint.restore(directory, states, mapping=mapping, rules=RULES)
     got = sharding.to_host({name: state.value for name, state in states.items()})
     specs = {name: str(state.value.sharding.spec) for name, state in states.items() if name != "opt"}
+    assert states["count"].value.sharding.mesh == mesh  # restore placed it on the mesh (replicated)
     draws = sharding.to_host(states["rng"].normal(size=3))
     result = {
         "process": jax.process_index(),

@@ -49,6 +49,7 @@ def test_two_processes_save_one_restores_and_saves_two_restore(tmp_path):
     assert _writers(manifest, "hidden") == [[0, 0, 1, 1]]  # split over the lanes of 4 devices
     assert _writers(manifest, "w") == [[0, 0, 1, 1]]  # split over 'data' by a rule
     assert _writers(manifest, "opt") == [[0], [0]] and _writers(manifest, "rng") == [[0]]  # replicated
+    assert _writers(manifest, "count") == [[0]]  # each process holds it whole: process 0 writes it
     assert not list((tmp_path / "step_00000001").glob("process_*"))
 
     # 1 process, 8 devices, restores
@@ -59,6 +60,7 @@ def test_two_processes_save_one_restores_and_saves_two_restore(tmp_path):
     jax.tree_util.tree_map(np.testing.assert_array_equal, got, worker.values(0))
     assert states["hidden"].value.sharding.spec == P("data") and len(states["hidden"].value.devices()) == 8
     assert states["w"].value.sharding.spec == P(None, "data")
+    assert states["count"].value.sharding.spec == P() and len(states["count"].value.devices()) == 8
     np.testing.assert_array_equal(states["rng"].normal(size=3), smap.random.RandomState(5).normal(size=3))
 
     # ... and saves step 2 from 8 devices
@@ -76,8 +78,9 @@ def test_two_processes_save_one_restores_and_saves_two_restore(tmp_path):
         values.pop("rng")
         jax.tree_util.tree_map(lambda e, g: np.testing.assert_array_equal(np.asarray(g), e), worker.values(1), values)
         assert result["specs"]["hidden"] == str(P("data")) and result["specs"]["w"] == str(P(None, "data"))
+        assert result["specs"]["count"] == str(P())
         np.testing.assert_allclose(result["draws"], expected_draws, rtol=1e-6)
-    # hidden (state 0) and w (state 1) were saved as 8 one-row / one-column files; opt and rng whole
+    # hidden (state 0) and w (state 1) were saved as 8 one-row / one-column files; opt, rng and count whole
     for p, result in enumerate(results):
         expected = [name for i in (0, 1) for name in [f"{i}.0.{k}.npy" for k in range(4 * p, 4 * p + 4)]]
-        assert result["read"] == sorted(expected + ["2.0.0.npy", "2.1.0.npy", "3.0.0.npy"]), result["read"]
+        assert result["read"] == sorted(expected + ["2.0.0.npy", "2.1.0.npy", "3.0.0.npy", "4.0.0.npy"]), result["read"]

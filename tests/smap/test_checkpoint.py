@@ -287,7 +287,7 @@ def test_mismatched_target_names_every_state_and_changes_none(tmp_path):
         "'shape': float32[2,3] in the checkpoint, float32[3,2] in the target",
         "'dtype': float32[2] in the checkpoint, int32[2] in the target",
         "'kind': a smap.LongTermState in the checkpoint, a smap.ParamState in the target",
-        "'tree': structure PyTreeDef({'a': *}) in the checkpoint, PyTreeDef({'b': *}) in the target",
+        "'tree': leaves [\"['a']\"] in the checkpoint, [\"['b']\"] in the target",
         "\"leaf['b']\": float32[2] in the checkpoint, float32[3] in the target",
     ]:
         assert line in message, message
