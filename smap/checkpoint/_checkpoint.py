@@ -15,7 +15,7 @@ import numpy as np
 from jax.sharding import NamedSharding, SingleDeviceSharding
 
 from .. import nn
-from .._state import State
+from .._state import State, active_frames
 from . import _files
 
 __all__ = ["CheckpointError", "save", "restore", "steps"]
@@ -36,7 +36,10 @@ CheckpointError.__module__ = "smap.checkpoint"
 # -- the target's states ------------------------------------------------------
 
 
-def _states_of(target: Any) -> dict[str, State]:
+def _states_of(target: Any, what: str) -> dict[str, State]:
+    """The states of ``target`` by name; checkpoints are taken outside transforms only."""
+    if active_frames():
+        raise CheckpointError(f"{what} runs outside transforms (jit, grad, mappings): their states are being traced.")
     if isinstance(target, nn.Module):
         return target.states()
     if isinstance(target, Mapping):
@@ -142,10 +145,39 @@ def save(
     if keep is not None and (isinstance(keep, bool) or not isinstance(keep, int) or keep < 1):
         raise ValueError(f"save: keep must be None or a positive int, got {keep!r}.")
     directory = Path(directory)
-    states = _states_of(target)
+    states = _states_of(target, "save")
     if not overwrite and step in _files.complete_steps(directory):
         raise CheckpointError(f"{directory}: step {step} exists; pass overwrite=True to replace it.")
+    records, writes = _layout(states)
 
+    partial = _files.partial_dir(directory, step)
+    if jax.process_index() == 0:
+        directory.mkdir(parents=True, exist_ok=True)
+        _files.sync_dir(directory.parent)
+        if partial.exists():  # left by an interrupted save
+            shutil.rmtree(partial)
+        partial.mkdir()
+    _barrier(f"smap.checkpoint.save {step}: started")
+    written = _write_shards(partial, writes)
+    _barrier(f"smap.checkpoint.save {step}: shards written")
+    if jax.process_index() == 0:
+        written.update(_checksums_of_others(partial))
+        for record in records.values():
+            for entry in record["leaves"]:
+                for shard in entry["shards"]:
+                    shard.update(written[shard["file"]])
+        manifest = {"format": FORMAT, "version": VERSION, "step": step, "processes": jax.process_count(),
+                    "states": records}
+        _files.write_durably(partial / _files.MANIFEST, json.dumps(manifest, indent=1).encode())
+        _files.commit(partial, _files.step_dir(directory, step))
+        if keep is not None:
+            for old in _files.complete_steps(directory)[:-keep]:
+                _files.remove(_files.step_dir(directory, old))
+    _barrier(f"smap.checkpoint.save {step}: committed")
+
+
+def _layout(states: Mapping[str, State]) -> tuple[dict, list[tuple[str, jax.Array]]]:
+    """The manifest's records of ``states`` (checksums to come), and the shards this process writes."""
     records, writes = {}, []
     for i, (name, state) in enumerate(states.items()):
         leaves, _ = _leaves(state)
@@ -159,41 +191,34 @@ def save(
             entries.append({"path": path, **signature, "shards": shards})
             writes.extend(mine)
         records[name] = {"type": _type_name(state), "leaves": entries}
+    return records, writes
 
-    process, processes = jax.process_index(), jax.process_count()
-    partial = _files.partial_dir(directory, step)
-    if process == 0:
-        directory.mkdir(parents=True, exist_ok=True)
-        if partial.exists():  # left by an interrupted save
-            shutil.rmtree(partial)
-        partial.mkdir()
-    _barrier(f"smap.checkpoint.save {step}: started")
+
+def _write_shards(partial: Path, writes: list[tuple[str, jax.Array]]) -> dict[str, dict]:
+    """Write this process's shards durably; their checksums by file name.
+
+    Processes other than 0 also leave them in ``process_<i>.json`` for process 0.
+    """
+    process = jax.process_index()
     written = {}
     for file, shard in writes:
         data = _files.encode(np.asarray(shard))
         _files.write_durably(partial / file, data)
         written[file] = {"sha256": _files.sha256(data), "process": process}
-    if processes > 1:
+    if process > 0:
         _files.write_durably(partial / f"process_{process}.json", json.dumps(written).encode())
     _files.sync_dir(partial)
-    _barrier(f"smap.checkpoint.save {step}: shards written")
-    if process == 0:
-        for p in range(1, processes):
-            record = partial / f"process_{p}.json"
-            written.update(json.loads(record.read_bytes()))
-            record.unlink()
-        (partial / f"process_{process}.json").unlink(missing_ok=True)
-        for record in records.values():
-            for entry in record["leaves"]:
-                for shard in entry["shards"]:
-                    shard.update(written[shard["file"]])
-        manifest = {"format": FORMAT, "version": VERSION, "step": step, "processes": processes, "states": records}
-        _files.write_durably(partial / _files.MANIFEST, json.dumps(manifest, indent=1).encode())
-        _files.commit(partial, _files.step_dir(directory, step))
-        if keep is not None:
-            for old in _files.complete_steps(directory)[:-keep]:
-                _files.remove(_files.step_dir(directory, old))
-    _barrier(f"smap.checkpoint.save {step}: committed")
+    return written
+
+
+def _checksums_of_others(partial: Path) -> dict[str, dict]:
+    """On process 0, once all have written: the checksums the other processes left (files removed)."""
+    written = {}
+    for p in range(1, jax.process_count()):
+        record = partial / f"process_{p}.json"
+        written.update(json.loads(record.read_bytes()))
+        record.unlink()
+    return written
 
 
 def _check_step(step: Any) -> int:
@@ -412,7 +437,7 @@ def restore(
     if rules is not None and mesh is None and mapping is None:
         raise ValueError("restore: rules place states on a mesh; give mesh= (or mapping=) too.")
     directory = Path(directory)
-    states = _states_of(target)
+    states = _states_of(target, "restore")
     step = _find_step(directory, step)
     folder = _files.step_dir(directory, step)
     saved = _read_manifest(folder)["states"]

@@ -255,6 +255,15 @@ def test_bad_requests_are_clear_errors(tmp_path):
         smap.checkpoint.restore(tmp_path, {"w": w}, rules={smap.ParamState: P("data")})
     assert smap.checkpoint.steps(tmp_path) == [2]
 
+    @smap.jit
+    def inside():
+        smap.checkpoint.restore(tmp_path, {"w": w})
+        return w.value
+
+    with pytest.raises(CheckpointError, match=r"restore runs outside transforms \(jit, grad, mappings\)"):
+        inside()
+    np.testing.assert_array_equal(w.value, np.ones(3))
+
 
 def test_mismatched_target_names_every_state_and_changes_none(tmp_path):
     saved = {
