@@ -5,9 +5,10 @@
 
 The states (`build`) live on a mesh over every process's devices: a batched
 state split over the lanes, a parameter split by a rule, replicated states
-and a random state; and a counter each process holds on its own device. ``save`` writes step 1 of ``values(0)``; ``restore``
-loads the latest step into zeros and prints, from each process, the values
-(as JSON) and the shard files that process read.
+and a random state; and a counter each process holds on its own device.
+``save`` writes step 1 of ``values(0)``; ``restore`` loads the latest step
+into zeros and prints, from each process, the values (as JSON) and the
+shard files that process read.
 """
 
 import json
