@@ -3,6 +3,8 @@
     python scripts/demo.py                      # 8 emulated CPU devices, shard_map
     python scripts/demo.py --mapping pmap --devices 4
     python scripts/demo.py --processes 2 --devices 4
+    python scripts/demo.py --checkpoint-dir ckpt --stop-after-epoch 5   # stopped after epoch 5 ...
+    python scripts/demo.py --checkpoint-dir ckpt --resume --devices 4   # ... resumed, on 4 devices
 
 The network is an ordinary stateful module: parameters are ``ParamState``s,
 Adam's moments live in a ``LongTermState``, dropout draws from
@@ -10,6 +12,10 @@ Adam's moments live in a ``LongTermState``, dropout draws from
 over the batch, averages gradients with ``jax.lax.pmean`` over the batch axis
 and updates the shared parameters. Whichever ``--mapping``, ``--devices`` and
 ``--processes``, the same seed gives the same parameters (to float round-off).
+With ``--checkpoint-dir`` every state (parameters, Adam's moments, the random
+key) is saved after each epoch with ``smap.checkpoint``; ``--resume`` goes on
+from the latest epoch saved there, on any number of devices or processes, and
+ends with the parameters of an uninterrupted run.
 Needs the ``demo`` extra (scikit-learn for the data set, optax).
 """
 
@@ -41,7 +47,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--learning-rate", type=float, default=3e-3, help="Adam's learning rate (default 3e-3)")
     parser.add_argument("--seed", type=int, default=0, help="seed of parameters, dropout and shuffling (default 0)")
     parser.add_argument("--save", metavar="PATH", help="save the final parameters to PATH (.npz)")
+    parser.add_argument("--checkpoint-dir", metavar="DIR", help="save every state after each epoch (the last 3 kept)")
+    parser.add_argument("--resume", action="store_true", help="go on from the latest checkpoint in --checkpoint-dir")
+    parser.add_argument("--stop-after-epoch", type=int, metavar="K", help="stop after epoch K, as if interrupted")
     args = parser.parse_args(argv)
+    if args.resume and not args.checkpoint_dir:
+        parser.error("--resume needs --checkpoint-dir")
+    if args.stop_after_epoch is not None and args.stop_after_epoch < 1:
+        parser.error(f"--stop-after-epoch must be at least 1, got {args.stop_after_epoch}")
     if args.processes < 1:
         parser.error(f"--processes must be at least 1, got {args.processes}")
     if args.devices < 1:
@@ -142,6 +155,13 @@ def train(args: argparse.Namespace) -> int:
     if args.mapping != "vmap" and args.batch_size % jax.device_count():
         print(f"--batch-size {args.batch_size} cannot be split evenly over {jax.device_count()} devices", file=sys.stderr)
         return 2
+    if args.checkpoint_dir and not args.resume and smap.checkpoint.steps(args.checkpoint_dir):
+        print(
+            f"{args.checkpoint_dir} already holds checkpoints (epochs {smap.checkpoint.steps(args.checkpoint_dir)}); "
+            f"pass --resume to go on from them, or choose another --checkpoint-dir",
+            file=sys.stderr,
+        )
+        return 2
     x_train, y_train, x_test, y_test = load_digits(args.seed)
     model, step, states, mesh = build(args)
     say(f"devices: {jax.device_count()} ({n_processes} process(es)), mapping: {args.mapping}")
@@ -151,8 +171,17 @@ def train(args: argparse.Namespace) -> int:
     steps = len(x_train) // args.batch_size
     rows = args.batch_size // n_processes
     shuffle = np.random.default_rng(args.seed + 1)
-    for epoch in range(1, args.epochs + 1):
+    done = 0
+    if args.resume and smap.checkpoint.steps(args.checkpoint_dir):
+        done = smap.checkpoint.restore(args.checkpoint_dir, states)  # onto the devices build placed them on
+        say(f"resumed from {args.checkpoint_dir} after epoch {done}")
+    elif args.resume:
+        say(f"no checkpoint in {args.checkpoint_dir} yet: starting from epoch 1")
+    last = min(args.epochs, args.stop_after_epoch or args.epochs)
+    for epoch in range(1, last + 1):
         order = shuffle.permutation(len(x_train))
+        if epoch <= done:
+            continue  # trained before the checkpoint; the shuffle advances all the same
         start, losses, correct = time.perf_counter(), [], []
         for i in range(steps):
             batch = order[i * args.batch_size : (i + 1) * args.batch_size]
@@ -170,6 +199,8 @@ def train(args: argparse.Namespace) -> int:
             f"epoch {epoch:2d}  loss {np.mean(losses):.4f}  train accuracy {np.mean(correct):.3f}  "
             f"{steps * args.batch_size / seconds:,.0f} examples/s"
         )
+        if args.checkpoint_dir:
+            smap.checkpoint.save(args.checkpoint_dir, states, step=epoch, keep=3)
     params = sharding.to_host({k: s.value for k, s in model.states(smap.ParamState).items()})
     test_accuracy = accuracy(params, x_test, y_test)
     say(f"test accuracy: {test_accuracy:.3f}")

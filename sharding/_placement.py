@@ -136,12 +136,26 @@ def place(target: Any, mapping: smap.StatefulMapping | None = None, *, mesh: Any
     states = _states(target)
     _check_tag_rules(states.values(), rules)
     for state in states.values():
-        if mapping is not None:
-            spec = spec_for(mapping, state, rules)
-        else:
-            spec = _rule_spec(state, rules) or PartitionSpec()
-        sharding = NamedSharding(mesh, spec)
+        sharding = placement(state, mesh, mapping, rules)
         state.write_back(jax.tree_util.tree_map(functools.partial(_put, sharding=sharding), state.peek()))
+
+
+def placement(
+    state: smap.State, mesh: Any, mapping: smap.StatefulMapping | None = None, rules: Rules | None = None
+) -> NamedSharding:
+    """The sharding :func:`place` gives ``state`` on ``mesh`` (the mapping's mesh when ``mesh`` is None).
+
+    Example:
+        >>> import jax, jax.numpy as jnp, smap, sharding
+        >>> from sharding._placement import placement
+        >>> mesh = sharding.make_mesh(data=jax.device_count())
+        >>> placement(smap.ParamState(jnp.ones(4)), mesh).spec
+        PartitionSpec()
+    """
+    if mapping is not None:
+        mesh = _adapter(mapping).mesh if mesh is None else mesh
+        return NamedSharding(mesh, spec_for(mapping, state, rules))
+    return NamedSharding(mesh, _rule_spec(state, rules) or PartitionSpec())
 
 
 def _put(x: Any, sharding: NamedSharding) -> jax.Array:

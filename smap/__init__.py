@@ -16,7 +16,7 @@ Example:
     Array([1., 2., 3.], dtype=float32)
 """
 
-from . import filter, nn, random, transform
+from . import checkpoint, filter, nn, random, transform
 from ._state import HiddenState, LongTermState, ParamState, ShortTermState, State
 from .transform import BatchAxisError, StatefulMapping, grad, jit, vmap2
 
@@ -38,6 +38,7 @@ __all__ = [
     "random",
     "filter",
     "transform",
+    "checkpoint",
 ]
 
 __version__ = "0.1.0"

@@ -52,6 +52,31 @@ def test_same_seed_gives_the_same_parameters_whatever_the_mapping(tmp_path, opti
     close(dict(got), dict(expected), rtol=1e-4, atol=1e-5)
 
 
+def test_a_run_stopped_and_resumed_on_other_devices_ends_like_an_uninterrupted_one(tmp_path, close):
+    reference = tmp_path / "uninterrupted.npz"
+    result = _demo("--devices", "4", "--epochs", "2", "--save", str(reference))
+    assert result.returncode == 0, result.stdout + result.stderr
+
+    checkpoints = tmp_path / "checkpoints"
+    result = _demo("--devices", "4", "--epochs", "2", "--checkpoint-dir", str(checkpoints), "--stop-after-epoch", "1")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert re.findall(r"epoch +(\d+) +loss", result.stdout) == ["1"]
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["step_00000001"]
+
+    resumed = tmp_path / "resumed.npz"
+    options = ("--epochs", "2", "--checkpoint-dir", str(checkpoints), "--save", str(resumed))
+    result = _demo("--devices", "2", *options)
+    assert result.returncode == 2 and "already holds checkpoints (epochs [1]); pass --resume" in result.stderr
+    result = _demo("--devices", "2", "--resume", *options)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"resumed from {checkpoints} after epoch 1" in result.stdout
+    assert re.findall(r"epoch +(\d+) +loss", result.stdout) == ["2"]
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["step_00000001", "step_00000002"]
+    # parameters, Adam's moments and the dropout stream all went on where they stopped
+    expected, got = np.load(reference), np.load(resumed)
+    close(dict(got), dict(expected), rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize(
     "options, message",
     [
@@ -59,6 +84,8 @@ def test_same_seed_gives_the_same_parameters_whatever_the_mapping(tmp_path, opti
         (["--processes", "0"], "--processes must be at least 1"),
         (["--processes", "2", "--mapping", "pmap"], "use --mapping shard_map with --processes"),
         (["--mapping", "tpu"], "invalid choice: 'tpu'"),
+        (["--resume"], "--resume needs --checkpoint-dir"),
+        (["--stop-after-epoch", "0"], "--stop-after-epoch must be at least 1"),
     ],
 )
 def test_options_that_make_no_sense_get_a_message_not_a_traceback(options, message):

@@ -25,6 +25,8 @@ MODULES = [
     "smap.transform._grad",
     "smap.transform._mapping",
     "smap.transform._plan",
+    "smap.checkpoint",
+    "smap.checkpoint._checkpoint",
 ]
 
 
