@@ -19,6 +19,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from . import _compat, _locks
+
 __all__ = [
     "State",
     "ShortTermState",
@@ -129,9 +131,10 @@ class State:
         Array([1., 1., 1.], dtype=float32)
     """
 
-    __slots__ = ("_value", "_tags", "_owner", "_name", "__weakref__")
+    __slots__ = ("_value", "_tags", "_owner", "_name", "_lock", "__weakref__")
 
     def __init__(self, value: Any, tag: str | Sequence[str] | None = None):
+        self._lock = _locks.new_lock()
         self._owner = None
         self._name = None
         self._tags = _normalise_tags(tag)
