@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import operator
+import threading
 from collections.abc import Callable, Hashable, Sequence
 from typing import Any, NamedTuple
 
@@ -24,7 +25,7 @@ import jax
 import numpy as np
 from jax.extend.core import ClosedJaxpr
 
-from . import _compat
+from . import _compat, _locks
 from ._state import InvalidatedStateError, State, TraceFrame, active_frames
 from .nn import Module
 
@@ -217,11 +218,12 @@ class _StateList:
     cached executable tied to the exact states it was traced with.
     """
 
-    __slots__ = ("states", "index")
+    __slots__ = ("states", "index", "locks")
 
     def __init__(self, states: Sequence[State]):
         self.states = tuple(states)
         self.index = {id(s): i for i, s in enumerate(self.states)}
+        self.locks = _locks.ordered(self.states)
 
     def extended(self, more: Sequence[State]) -> _StateList:
         return _StateList(self.states + tuple(more))
@@ -269,7 +271,7 @@ class StatefulFunction:
         self._entries: dict[Hashable, list[Entry]] = {}
         self._state_list = _StateList(())
         self._nested_lists: dict[tuple[int, ...], _StateList] = {}
-        self._placed_values: list | None = None
+        self._placement = threading.local()  # .values: the state values of this thread's call
         for i in (*self.static_argnums, *donate_argnums):
             if i < 0:
                 raise ValueError(
@@ -400,7 +402,7 @@ class StatefulFunction:
             raise _MissingStates(missing)
         index = state_list.index
         out, written = entry.run(leaves, [values[index[id(s)]] for s in program.states])
-        placed = self._placed_values
+        placed = getattr(self._placement, "values", None)
         return out, {
             index[id(s)]: _keep_placement(v, placed[index[id(s)]] if placed else None)
             for s, v in zip(program.written_states, written)
@@ -412,30 +414,33 @@ class StatefulFunction:
             return self._call_in_trace(args, kwargs)
         while True:
             state_list = self._state_list
-            values = list(map(_stored_value, state_list.states))
-            # The dispatcher's trace reads where the states live (see _keep_placement).
-            self._placed_values = values
-            try:
-                out, written = self._dispatch(state_list, values, *args, **kwargs)
-                break
-            except _MissingStates as missing:
-                self._state_list = state_list.extended(missing.states)
-            finally:
-                self._placed_values = None
-        if written:
-            states = state_list.states
-            if type(next(iter(written.values()))) is not _compat.ArrayImpl:
-                _check_not_traced(self.name, [states[i] for i in written], list(written.values()))
-            for i, value in written.items():
-                states[i]._value = value
-        return out if self._result is None else self._result(out)
+            # A call reads, computes and writes back its states as one step for other threads.
+            with _locks.Holding(state_list.locks):
+                values = list(map(_stored_value, state_list.states))
+                # The dispatcher's trace reads where the states live (see _keep_placement).
+                self._placement.values = values
+                try:
+                    out, written = self._dispatch(state_list, values, *args, **kwargs)
+                except _MissingStates as missing:
+                    current = self._state_list
+                    self._state_list = current.extended([s for s in missing.states if id(s) not in current.index])
+                    continue
+                finally:
+                    self._placement.values = None
+                if written:
+                    states = state_list.states
+                    if type(next(iter(written.values()))) is not _compat.ArrayImpl:
+                        _check_not_traced(self.name, [states[i] for i in written], list(written.values()))
+                    for i, value in written.items():
+                        states[i]._value = value
+            return out if self._result is None else self._result(out)
 
     def _call_in_trace(self, args: tuple, kwargs: dict) -> Any:
         """A call while another smap transform traces: only this program's states take part."""
         key, leaves, dyn_args, dyn_kwargs = self.signature_key(*args, **kwargs)
         program = (self._lookup(key) or self._trace(key, leaves, dyn_args, dyn_kwargs)).program
         state_list = self._nested_lists.setdefault(tuple(map(id, program.states)), _StateList(program.states))
-        self._placed_values = None
+        self._placement.values = None
         out, written = self._dispatch(state_list, [s.value for s in program.states], *args, **kwargs)
         for i, value in written.items():
             program.states[i].write_back(value)
