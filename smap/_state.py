@@ -369,13 +369,21 @@ class TraceFrame:
 
     ``make_input(state, value)`` turns the value a state has outside the frame
     into the value the traced function sees (typically fresh tracers that
-    become inputs of the traced program). States created while the frame is
+    become inputs of the traced program); ``check_write(state, current, new)``
+    checks a write against the state's current value in the frame (by default
+    the same structure, shapes and dtypes). States created while the frame is
     active belong to it: they are plain Python objects to the frame, and
     their values must not escape it (see :meth:`invalidate_created`).
     """
 
-    def __init__(self, make_input: Callable[[State, Any], Any], name: str):
+    def __init__(
+        self,
+        make_input: Callable[[State, Any], Any],
+        name: str,
+        check_write: Callable[[State, Any, Any], None] = check_same_structure,
+    ):
         self.make_input = make_input
+        self.check_write = check_write
         self.name = name
         self.states: list[State] = []
         self.written: dict[int, State] = {}
@@ -425,7 +433,7 @@ class TraceFrame:
         if current is MISSING:
             current = self._touch(state)
         if check:
-            check_same_structure(state, current, value)
+            self.check_write(state, current, value)
         check_not_traced(state, value, self)
         self._values[key] = value
         self.written[key] = state

@@ -26,7 +26,7 @@ import numpy as np
 from jax.extend.core import ClosedJaxpr
 
 from . import _compat, _locks
-from ._state import InvalidatedStateError, State, TraceFrame, active_frames
+from ._state import InvalidatedStateError, State, TraceFrame, active_frames, check_same_structure
 from .nn import Module
 
 __all__ = ["ArgSignature", "Program", "StatefulFunction", "TraceContext", "trace_program", "abstract", "resolve_argnums"]
@@ -129,6 +129,7 @@ def trace_program(
     *,
     make_input: Callable[[State, Any], Any],
     name: str,
+    check_write: Callable[[State, Any, Any], None] = check_same_structure,
     arg_avals: Sequence[jax.core.ShapedArray] | None = None,
     axis_env: Sequence[tuple[Hashable, int]] = (),
 ) -> Program:
@@ -139,7 +140,8 @@ def trace_program(
     (a pytree of ShapedArrays like ``value``) its input takes in the program.
     Array leaves of ``args`` and ``kwargs`` become inputs, with the abstract
     values ``arg_avals`` when given (a mapping traces one lane); static
-    arguments are bound into ``fun`` by the caller.
+    arguments are bound into ``fun`` by the caller. ``check_write(state,
+    current, new)`` checks each write of a state inside the trace.
     """
     leaves, in_tree = jax.tree_util.tree_flatten((args, kwargs))
     trace_holder: list[Any] = []
@@ -149,7 +151,7 @@ def trace_program(
         avals = make_input(state, value)
         return jax.tree_util.tree_map(lambda aval: _compat.new_input(trace, aval), avals)
 
-    frame = TraceFrame(state_input, name)
+    frame = TraceFrame(state_input, name, check_write)
     result: dict[str, Any] = {}
 
     def traced(*arg_leaves: Any) -> tuple[list, list]:
@@ -185,6 +187,10 @@ class TraceContext:
 
     def make_input(self, state: State, value: Any) -> Any:
         return jax.tree_util.tree_map(abstract, value)
+
+    def check_write(self, state: State, current: Any, new: Any) -> None:
+        """Check a write inside the trace against the state's value there."""
+        check_same_structure(state, current, new)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -351,6 +357,7 @@ class StatefulFunction:
             dyn_args,
             dyn_kwargs,
             make_input=context.make_input,
+            check_write=context.check_write,
             name=self.name,
             arg_avals=context.arg_avals,
             axis_env=context.axis_env,

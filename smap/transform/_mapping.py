@@ -21,7 +21,7 @@ from typing import Any
 
 import jax
 
-from .._state import State
+from .._state import State, check_same_structure
 from .._tracing import ArgSignature, Program, StatefulFunction, TraceContext, abstract
 from ..random import RandomState
 from ._axes import AxisSpec, leaf_axes, leaf_names, normalise_state_axes, resolve_axis, select_axis
@@ -50,6 +50,8 @@ class _LaneTrace(TraceContext):
         self.size_source = size_source
         self.state_axes: dict[int, list[int]] = {}
         self.split_keys: set[int] = set()
+        # Shared states written with a lane's slice: id -> (out axis, the state's sizes along it).
+        self.lane_shaped: dict[int, tuple[int, set[int]]] = {}
         self.axis_env: tuple = ()
 
     def make_input(self, state: State, value: Any) -> Any:
@@ -73,6 +75,26 @@ class _LaneTrace(TraceContext):
             axes.append(ax)
         self.state_axes[id(state)] = axes
         return jax.tree_util.tree_unflatten(tree, [_drop_axis(abstract(x), a) for x, a in zip(leaves, axes)])
+
+    def check_write(self, state: State, current: Any, new: Any) -> None:
+        """A shared state that ``state_out_axes`` selects may be written with a lane's slice of it.
+
+        Then the value written back, the lanes' values stacked along the
+        selected axis, has the state's shape (checked in ``_written_axes``).
+        """
+        try:
+            check_same_structure(state, current, new)
+            return
+        except ValueError:
+            selected, axis = select_axis(self.mapping.state_out_axes, state.path, state, "state_out_axes")
+            if id(state) in self.state_axes or id(state) in self.split_keys or not selected or axis is None:
+                raise
+            leaves = jax.tree_util.tree_leaves(current)
+            if not leaves or not all(-x.ndim <= axis < x.ndim for x in leaves):
+                raise
+        lane = jax.tree_util.tree_map(lambda x: _drop_axis(abstract(x), axis % x.ndim), current)
+        check_same_structure(state, lane, new)
+        self.lane_shaped[id(state)] = (axis, {x.shape[axis % x.ndim] for x in leaves})
 
     def _check_size(self, size: int, source: str) -> None:
         if self.axis_size is None:
@@ -159,8 +181,8 @@ class StatefulMapping(StatefulFunction):
             raise ValueError(
                 f"unexpected_out_state_mapping must be one of {_POLICIES}, got {unexpected_out_state_mapping!r}."
             )
-        if axis_size is not None and (not isinstance(axis_size, int) or axis_size < 1):
-            raise ValueError(f"axis_size must be a positive int, got {axis_size!r}.")
+        if axis_size is not None and (not isinstance(axis_size, int) or isinstance(axis_size, bool) or axis_size < 0):
+            raise ValueError(f"axis_size must be a non-negative int, got {axis_size!r}.")
         static_argnums, static_argnames = check_static_argnums(fun, static_argnums, static_argnames)
         super().__init__(
             fun,
@@ -303,20 +325,25 @@ class StatefulMapping(StatefulFunction):
             start += n
             per_lane = any(deps)
             in_axes = context.state_axes.get(id(state))
-            selected, out_axis = select_axis(self.state_out_axes, state.path, state)
+            selected, out_axis = select_axis(self.state_out_axes, state.path, state, "state_out_axes")
             if id(state) in context.split_keys:
                 advance.append(per_lane)
                 axes.extend([0 if per_lane else None] * n)
                 continue
             advance.append(False)
             if in_axes is not None:
-                if selected and out_axis is not None and any(out_axis % (a.ndim + 1) != ax for a, ax in zip(avals, in_axes)):
+                if selected and out_axis is not None and any(
+                    not -a.ndim - 1 <= out_axis <= a.ndim or out_axis % (a.ndim + 1) != ax
+                    for a, ax in zip(avals, in_axes)
+                ):
                     raise BatchAxisError(
                         f"{self.name}: {state.describe()} is mapped along axis {in_axes[0]} by state_in_axes "
                         f"but along axis {out_axis} by state_out_axes; a state keeps one mapped axis."
                     )
                 axes.extend(in_axes)
                 continue
+            if id(state) in context.lane_shaped:
+                self._check_lane_shaped(state, context, per_lane)
             if not per_lane:
                 axes.extend([None] * n)
                 continue
@@ -324,6 +351,16 @@ class StatefulMapping(StatefulFunction):
                 out_axis = self._unexpected_write(state)
             axes.extend(resolve_axis(out_axis, a.ndim + 1, f"{self.name}: state_out_axes for {state.describe()}") for a in avals)
         return axes, advance
+
+    def _check_lane_shaped(self, state: State, context: _LaneTrace, per_lane: bool) -> None:
+        """A state written with a lane's slice must get back its own shape once the lanes are stacked."""
+        axis, sizes = context.lane_shaped[id(state)]
+        if not per_lane or sizes != {context.axis_size}:
+            got = "the same value in every lane" if not per_lane else f"{context.axis_size} lanes"
+            raise ValueError(
+                f"{self.name}: {state.describe()} is written with a slice of its value along axis {axis} "
+                f"(state_out_axes), so it needs one slice per lane and {sorted(sizes)[0]} lanes, got {got}."
+            )
 
     def _unexpected_write(self, state: State) -> int:
         message = (

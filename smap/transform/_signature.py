@@ -40,10 +40,29 @@ def check_static_argnums(
     for name in names:
         if not isinstance(name, str):
             raise TypeError(f"static_argnames must be strings, got {name!r}.")
+    _check_names_exist(fun, names)
     both = _positional_or_keyword(fun)
     nums = tuple(dict.fromkeys(nums + tuple(i for i, n in enumerate(both) if n in names)))
     names = tuple(dict.fromkeys(names + tuple(both[i] for i in nums if 0 <= i < len(both) and both[i])))
     return nums, names
+
+
+def _check_names_exist(fun: Callable, names: tuple[str, ...]) -> None:
+    """As ``jax.jit``: static_argnames must name parameters (unless ``fun`` takes ``**kwargs``)."""
+    try:
+        parameters = inspect.signature(fun).parameters
+    except (TypeError, ValueError):
+        return
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+        return
+    keyword = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    known = [n for n, p in parameters.items() if p.kind in keyword]
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise ValueError(
+            f"{function_name(fun)} has invalid argnames {unknown} in static_argnames: it takes no such "
+            f"parameters (it takes {known or 'none by name'})."
+        )
 
 
 def _positional_or_keyword(fun: Callable) -> list[str]:
