@@ -11,6 +11,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 import smap
+from smap import _locks
 from smap.filter import to_filter
 
 from ._adapters import ShardMap, adapt
@@ -21,6 +22,8 @@ Rules = Mapping[Any, PartitionSpec]
 
 
 def _adapter(mapping: smap.StatefulMapping) -> ShardMap:
+    if not isinstance(mapping, smap.StatefulMapping):
+        raise TypeError(f"mapping must be a smap.StatefulMapping, got {type(mapping).__name__}.")
     adapter, _ = adapt(mapping.mapping_fn, mapping.mapping_kwargs)
     if not isinstance(adapter, ShardMap):
         raise TypeError(
@@ -33,6 +36,11 @@ def _adapter(mapping: smap.StatefulMapping) -> ShardMap:
 def _rule_spec(state: smap.State, rules: Rules | None) -> PartitionSpec | None:
     """The first rule that selects ``state``, checked against its rank."""
     for selector, spec in (rules or {}).items():
+        if not isinstance(spec, PartitionSpec):
+            raise TypeError(
+                f"rules[{selector!r}] must be a PartitionSpec, got {type(spec).__name__} {spec!r}; "
+                f"write PartitionSpec({spec!r}) to partition the first dimension."
+            )
         if to_filter(selector)(state.path, state):
             ndim = min((np.ndim(x) for x in jax.tree_util.tree_leaves(state.peek())), default=0)
             if len(spec) > ndim:
@@ -61,6 +69,7 @@ def spec_for(mapping: smap.StatefulMapping, state: smap.State, rules: Rules | No
         PartitionSpec('data',)
     """
     adapter = _adapter(mapping)
+    _check_state(state, "spec_for: state")
     value = state.peek()
     ndim = min(np.ndim(x) for x in jax.tree_util.tree_leaves(value)) if jax.tree_util.tree_leaves(value) else 0
     axis = mapping.state_axis(state)
@@ -79,16 +88,49 @@ def spec_for(mapping: smap.StatefulMapping, state: smap.State, rules: Rules | No
     return PartitionSpec(*entries)
 
 
+def _check_state(state: Any, what: str) -> None:
+    if not isinstance(state, smap.State):
+        raise TypeError(f"{what} must be a smap.State, got {type(state).__name__}; wrap arrays in a State.")
+
+
 def _states(target: Any) -> dict[str, smap.State]:
     if isinstance(target, smap.nn.Module):
         return target.states()
     if isinstance(target, smap.State):
         return {".".join(map(str, target.path)) or type(target).__name__: target}
     if isinstance(target, Mapping):
-        return {str(k): v for k, v in target.items()}
-    if isinstance(target, Iterable):
-        return {".".join(map(str, s.path)) or f"[{i}]": s for i, s in enumerate(target)}
-    raise TypeError(f"expected a Module, a State, or a dict or list of States, got {type(target).__name__}.")
+        states = {str(k): v for k, v in target.items()}
+        for k, v in target.items():
+            _check_state(v, f"target[{k!r}]")
+        return states
+    if isinstance(target, Iterable) and not isinstance(target, (jax.Array, np.ndarray, str)):
+        states = list(target)
+        for i, s in enumerate(states):
+            _check_state(s, f"target[{i}]")
+        return {".".join(map(str, s.path)) or f"[{i}]": s for i, s in enumerate(states)}
+    raise TypeError(
+        f"target must be a Module, a State, or a dict or list of States, got {type(target).__name__}."
+    )
+
+
+def _check_divides(state: smap.State, spec: PartitionSpec, mesh: Any) -> None:
+    """Every dimension that ``spec`` partitions is a multiple of its mesh axes' size."""
+    for leaf in jax.tree_util.tree_leaves(state.peek()):
+        for dim, entry in enumerate(spec):
+            names = () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+            for name in names:
+                if name not in mesh.shape:
+                    raise ValueError(
+                        f"the spec {spec} for {state.describe()} names mesh axis {name!r}, but the mesh "
+                        f"has axes {tuple(mesh.axis_names)}."
+                    )
+            size = int(np.prod([mesh.shape[name] for name in names]))
+            if dim < np.ndim(leaf) and np.shape(leaf)[dim] % size:
+                axes = " x ".join(f"{name!r} ({mesh.shape[name]})" for name in names)
+                raise ValueError(
+                    f"{state.describe()} has size {np.shape(leaf)[dim]} in dimension {dim}, which the "
+                    f"mesh axis {axes} of size {size} does not divide (spec {spec})."
+                )
 
 
 def place(target: Any, mapping: smap.StatefulMapping | None = None, *, mesh: Any = None, rules: Rules | None = None) -> None:
@@ -112,13 +154,19 @@ def place(target: Any, mapping: smap.StatefulMapping | None = None, *, mesh: Any
         mesh = adapter.mesh if mesh is None else mesh
     if mesh is None:
         raise ValueError("place needs a mesh, or a mapping that runs on one.")
-    for state in _states(target).values():
+    states = list(_states(target).values())
+    placed = []  # every value is placed before any state changes: a failure leaves them all where they were
+    for state in states:
         if mapping is not None:
             spec = spec_for(mapping, state, rules)
         else:
             spec = _rule_spec(state, rules) or PartitionSpec()
+        _check_divides(state, spec, mesh)
         sharding = NamedSharding(mesh, spec)
-        state.write_back(jax.tree_util.tree_map(lambda x: _put(x, sharding), state.peek()))
+        placed.append(jax.tree_util.tree_map(lambda x: _put(x, sharding), state.peek()))
+    with _locks.Holding(_locks.ordered(states)):
+        for state, value in zip(states, placed):
+            state.write_back(value)
 
 
 def _put(x: Any, sharding: NamedSharding) -> jax.Array:

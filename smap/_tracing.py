@@ -392,6 +392,10 @@ class StatefulFunction:
 
     def get_jaxpr_by_cache(self, cache_key: Hashable) -> ClosedJaxpr:
         """The traced program (a closed jaxpr) cached under ``cache_key``."""
+        if not (isinstance(cache_key, tuple) and len(cache_key) == 2 and isinstance(cache_key[0], ArgSignature)):
+            raise TypeError(
+                f"{self.name}: get_jaxpr_by_cache takes a key from get_arg_cache_key(*args), got {cache_key!r}."
+            )
         key, state_signature = cache_key
         for entry in self._entries.get(key, ()):
             if entry.state_signature == state_signature:

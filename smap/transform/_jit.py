@@ -9,7 +9,7 @@ from typing import Any
 import jax
 
 from .._tracing import ArgSignature, Program, StatefulFunction, TraceContext, resolve_argnums
-from ._signature import check_static_argnums, function_name, positional_count
+from ._signature import check_callable, check_static_argnums, function_name, positional_count
 
 __all__ = ["jit"]
 
@@ -24,6 +24,7 @@ class JittedFunction(StatefulFunction):
         static_argnames: str | Sequence[str] = (),
         donate_argnums: int | Sequence[int] = (),
     ):
+        check_callable(fun, "smap.jit: fun")
         static_argnums, static_argnames = check_static_argnums(fun, static_argnums, static_argnames)
         super().__init__(
             fun,

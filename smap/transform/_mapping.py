@@ -26,7 +26,7 @@ from .._tracing import ArgSignature, Program, StatefulFunction, TraceContext, ab
 from ..random import RandomState
 from ._axes import AxisSpec, leaf_axes, leaf_names, normalise_state_axes, resolve_axis, select_axis
 from ._lanes import lane_dependent
-from ._signature import check_static_argnums, function_name
+from ._signature import check_callable, check_static_argnums, function_name
 
 __all__ = ["StatefulMapping", "vmap2", "BatchAxisError"]
 
@@ -177,6 +177,8 @@ class StatefulMapping(StatefulFunction):
         mapping_fn: Callable = jax.vmap,
         mapping_kwargs: dict | None = None,
     ):
+        check_callable(fun, f"{name or 'StatefulMapping'}: fun")
+        check_callable(mapping_fn, f"{name or function_name(fun)}: mapping_fn")
         if unexpected_out_state_mapping not in _POLICIES:
             raise ValueError(
                 f"unexpected_out_state_mapping must be one of {_POLICIES}, got {unexpected_out_state_mapping!r}."
@@ -475,6 +477,7 @@ def vmap2(
     )
     if fn is None:
         return functools.partial(vmap2, **options)
+    check_callable(fn, "smap.vmap: fn")
     return StatefulMapping(fn, mapping_fn=jax.vmap, **options)
 
 

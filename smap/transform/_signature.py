@@ -7,7 +7,13 @@ from collections.abc import Callable, Sequence
 
 from .._tracing import resolve_argnums
 
-__all__ = ["check_static_argnums", "function_name", "positional_count"]
+__all__ = ["check_callable", "check_static_argnums", "function_name", "positional_count"]
+
+
+def check_callable(value: object, what: str) -> None:
+    """Reject a non-callable where a function belongs, as JAX's transforms do, naming the argument."""
+    if not callable(value):
+        raise TypeError(f"{what} must be callable, got {type(value).__name__} {value!r}.")
 
 
 def function_name(fun: Callable) -> str:
