@@ -42,7 +42,7 @@ def test_spec_for_and_describe_given_arrays_name_what_they_expect():
         sharding.spec_for(mapping_on(mesh), jnp.ones(3))
     with pytest.raises(TypeError, match=r"mapping must be a smap\.StatefulMapping, got ArrayImpl"):
         sharding.spec_for(jnp.ones(3), smap.State(jnp.ones(3)))
-    with pytest.raises(TypeError, match=r"target must be a Module, a State, or a dict or list of States, got ArrayImpl"):
+    with pytest.raises(TypeError, match=r"target must be a Module, a State, or a dict or list of States, got Array"):
         sharding.describe(jnp.ones(3))
     with pytest.raises(TypeError, match=r"target\['a'\] must be a smap\.State, got ArrayImpl"):
         sharding.describe({"a": jnp.ones(3)})
