@@ -11,8 +11,8 @@ Example:
     ...                                 mapping_fn=sharding.shard_map(mesh, axis='data'))
     >>> float(step_all(jnp.ones(jax.device_count()))[0]) == jax.device_count()
     True
-    >>> count.value.sharding.spec
-    PartitionSpec('data',)
+    >>> tuple(count.value.sharding.spec)
+    ('data',)
 """
 
 from ._adapters import Pmap, ShardMap, adapt, pmap, shard_map

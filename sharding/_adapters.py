@@ -192,7 +192,7 @@ class Pmap(_Adapter):
     name = "sharding.pmap"
 
     def __init__(self, devices: Sequence[Any] | None = None):
-        self.devices = None if devices is None else list(devices)
+        self.devices = None if devices is None else _check_devices(devices, "sharding.pmap")
 
     def _map(self, f, leaves, axes, lane_avals, out_axes, axis_name, axis_size):
         devices = self.devices if self.devices is not None else jax.local_devices()
@@ -221,6 +221,22 @@ class Pmap(_Adapter):
 
     def __repr__(self) -> str:
         return f"sharding.pmap(devices={self.devices!r})"
+
+
+def _check_devices(devices: Sequence[Any], what: str) -> list:
+    """``devices`` as a list, or an error naming the argument and what it must hold."""
+    if isinstance(devices, (str, bytes)) or not isinstance(devices, Sequence):
+        raise TypeError(f"{what}: devices must be a list of JAX devices, got {type(devices).__name__} {devices!r}.")
+    devices = list(devices)
+    if not devices:
+        raise ValueError(f"{what}: devices is empty; give at least one device (or None for all local devices).")
+    for i, device in enumerate(devices):
+        if not isinstance(device, jax.Device):
+            raise TypeError(
+                f"{what}: devices[{i}] must be a JAX device (an entry of jax.devices()), "
+                f"got {type(device).__name__} {device!r}."
+            )
+    return devices
 
 
 def shard_map(mesh: Any = None, axis: str | Sequence[str] | None = "data") -> ShardMap:

@@ -102,8 +102,8 @@ def global_batch(local: Any, mesh: Any, axis: str | tuple[str, ...] = "data") ->
         >>> import jax, numpy as np, sharding
         >>> mesh = sharding.make_mesh(data=jax.device_count())
         >>> x = sharding.global_batch(np.ones((jax.device_count() * 2, 3), np.float32), mesh)
-        >>> x.sharding.spec
-        PartitionSpec('data',)
+        >>> tuple(x.sharding.spec)
+        ('data',)
     """
     sharding = NamedSharding(mesh, PartitionSpec(axis))
     return jax.tree_util.tree_map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), local)

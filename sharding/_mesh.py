@@ -40,6 +40,11 @@ def make_mesh(*, devices: Sequence[Any] | None = None, **axes: int) -> Mesh:
         if not isinstance(size, int) or size < 1:
             raise ValueError(f"make_mesh: axis {name!r} must have a positive int size, got {size!r}.")
     devices = list(jax.devices() if devices is None else devices)
+    repeated = sorted({str(d) for d in devices if devices.count(d) > 1})
+    if repeated:
+        raise ValueError(
+            f"make_mesh: devices lists {', '.join(repeated)} more than once; a mesh holds each device once."
+        )
     total = math.prod(axes.values())
     if total != len(devices):
         shape = ", ".join(f"{k}={v}" for k, v in axes.items())

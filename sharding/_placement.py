@@ -12,6 +12,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 import smap
+from smap import _locks
 from smap.filter import AtPath, to_filter
 
 from ._adapters import ShardMap, adapt
@@ -22,6 +23,8 @@ Rules = Mapping[Any, PartitionSpec]
 
 
 def _adapter(mapping: smap.StatefulMapping) -> ShardMap:
+    if not isinstance(mapping, smap.StatefulMapping):
+        raise TypeError(f"mapping must be a smap.StatefulMapping, got {type(mapping).__name__}.")
     adapter, _ = adapt(mapping.mapping_fn, mapping.mapping_kwargs)
     if not isinstance(adapter, ShardMap):
         raise TypeError(
@@ -34,6 +37,11 @@ def _adapter(mapping: smap.StatefulMapping) -> ShardMap:
 def _rule_spec(state: smap.State, rules: Rules | None) -> PartitionSpec | None:
     """The first rule that selects ``state``, checked against its rank."""
     for selector, spec in (rules or {}).items():
+        if not isinstance(spec, PartitionSpec):
+            raise TypeError(
+                f"rules[{selector!r}] must be a PartitionSpec, got {type(spec).__name__} {spec!r}; "
+                f"write PartitionSpec({spec!r}) to partition the first dimension."
+            )
         if to_filter(selector)(state.path, state):
             ndim = min((np.ndim(x) for x in jax.tree_util.tree_leaves(state.peek())), default=0)
             if len(spec) > ndim:
@@ -75,10 +83,11 @@ def spec_for(mapping: smap.StatefulMapping, state: smap.State, rules: Rules | No
         >>> h = smap.HiddenState(jnp.zeros((jax.device_count(), 3)))
         >>> step = smap.StatefulMapping(lambda x: x, state_in_axes=smap.HiddenState,
         ...                             mapping_fn=sharding.shard_map(mesh))
-        >>> sharding.spec_for(step, h)
-        PartitionSpec('data',)
+        >>> tuple(sharding.spec_for(step, h))
+        ('data',)
     """
     adapter = _adapter(mapping)
+    _check_state(state, "spec_for: state")
     value = state.peek()
     ndim = min(np.ndim(x) for x in jax.tree_util.tree_leaves(value)) if jax.tree_util.tree_leaves(value) else 0
     axis = mapping.state_axis(state)
@@ -97,16 +106,49 @@ def spec_for(mapping: smap.StatefulMapping, state: smap.State, rules: Rules | No
     return PartitionSpec(*entries)
 
 
+def _check_state(state: Any, what: str) -> None:
+    if not isinstance(state, smap.State):
+        raise TypeError(f"{what} must be a smap.State, got {type(state).__name__}; wrap arrays in a State.")
+
+
 def _states(target: Any) -> dict[str, smap.State]:
     if isinstance(target, smap.nn.Module):
         return target.states()
     if isinstance(target, smap.State):
         return {".".join(map(str, target.path)) or type(target).__name__: target}
     if isinstance(target, Mapping):
-        return {str(k): v for k, v in target.items()}
-    if isinstance(target, Iterable):
-        return {".".join(map(str, s.path)) or f"[{i}]": s for i, s in enumerate(target)}
-    raise TypeError(f"expected a Module, a State, or a dict or list of States, got {type(target).__name__}.")
+        states = {str(k): v for k, v in target.items()}
+        for k, v in target.items():
+            _check_state(v, f"target[{k!r}]")
+        return states
+    if isinstance(target, Iterable) and not isinstance(target, (jax.Array, np.ndarray, str)):
+        states = list(target)
+        for i, s in enumerate(states):
+            _check_state(s, f"target[{i}]")
+        return {".".join(map(str, s.path)) or f"[{i}]": s for i, s in enumerate(states)}
+    raise TypeError(
+        f"target must be a Module, a State, or a dict or list of States, got {type(target).__name__}."
+    )
+
+
+def _check_divides(state: smap.State, spec: PartitionSpec, mesh: Any) -> None:
+    """Every dimension that ``spec`` partitions is a multiple of its mesh axes' size."""
+    for leaf in jax.tree_util.tree_leaves(state.peek()):
+        for dim, entry in enumerate(spec):
+            names = () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+            for name in names:
+                if name not in mesh.shape:
+                    raise ValueError(
+                        f"the spec {spec} for {state.describe()} names mesh axis {name!r}, but the mesh "
+                        f"has axes {tuple(mesh.axis_names)}."
+                    )
+            size = int(np.prod([mesh.shape[name] for name in names]))
+            if dim < np.ndim(leaf) and np.shape(leaf)[dim] % size:
+                axes = " x ".join(f"{name!r} ({mesh.shape[name]})" for name in names)
+                raise ValueError(
+                    f"{state.describe()} has size {np.shape(leaf)[dim]} in dimension {dim}, which the "
+                    f"mesh axis {axes} of size {size} does not divide (spec {spec})."
+                )
 
 
 def place(target: Any, mapping: smap.StatefulMapping | None = None, *, mesh: Any = None, rules: Rules | None = None) -> None:
@@ -125,19 +167,24 @@ def place(target: Any, mapping: smap.StatefulMapping | None = None, *, mesh: Any
         >>> mesh = sharding.make_mesh(data=jax.device_count())
         >>> w = smap.ParamState(jnp.ones((4, 4)))
         >>> sharding.place([w], mesh=mesh)
-        >>> w.value.sharding.spec
-        PartitionSpec()
+        >>> tuple(w.value.sharding.spec)
+        ()
     """
     if mapping is not None:
         adapter = _adapter(mapping)
         mesh = adapter.mesh if mesh is None else mesh
     if mesh is None:
         raise ValueError("place needs a mesh, or a mapping that runs on one.")
-    states = _states(target)
-    _check_tag_rules(states.values(), rules)
-    for state in states.values():
+    states = list(_states(target).values())
+    _check_tag_rules(states, rules)
+    placed = []  # every value is placed before any state changes: a failure leaves them all where they were
+    for state in states:
         sharding = placement(state, mesh, mapping, rules)
-        state.write_back(jax.tree_util.tree_map(functools.partial(_put, sharding=sharding), state.peek()))
+        _check_divides(state, sharding.spec, mesh)
+        placed.append(jax.tree_util.tree_map(functools.partial(_put, sharding=sharding), state.peek()))
+    with _locks.Holding(_locks.ordered(states)):
+        for state, value in zip(states, placed):
+            state.write_back(value)
 
 
 def placement(
@@ -149,8 +196,8 @@ def placement(
         >>> import jax, jax.numpy as jnp, smap, sharding
         >>> from sharding._placement import placement
         >>> mesh = sharding.make_mesh(data=jax.device_count())
-        >>> placement(smap.ParamState(jnp.ones(4)), mesh).spec
-        PartitionSpec()
+        >>> tuple(placement(smap.ParamState(jnp.ones(4)), mesh).spec)
+        ()
     """
     if mapping is not None:
         mesh = _adapter(mapping).mesh if mesh is None else mesh
@@ -207,7 +254,8 @@ def _spec_text(x: Any) -> str:
         entries = [repr(e) for e in sharding.spec]
         return f"P({', '.join(entries)}{',' if len(entries) == 1 else ''})"
     if sharding is not None and len(sharding.device_set) == 1:
-        return f"{next(iter(sharding.device_set))}"
+        device = next(iter(sharding.device_set))
+        return f"{device.platform}:{device.id}"  # the same on every JAX version (str(device) is not)
     return str(sharding)
 
 
@@ -260,9 +308,9 @@ def describe(target: Any, mapping: smap.StatefulMapping | None = None) -> StateT
         ...     def __init__(self):
         ...         self.w = smap.ParamState(jnp.ones((2, 3)))
         >>> print(sharding.describe(Layer()))  # doctest: +NORMALIZE_WHITESPACE
-        path  type        shape   dtype    spec        bytes/device
-        ----  ----------  ------  -------  ----------  ------------
-        w     ParamState  (2, 3)  float32  TFRT_CPU_0            24
+        path  type        shape   dtype    spec   bytes/device
+        ----  ----------  ------  -------  -----  ------------
+        w     ParamState  (2, 3)  float32  cpu:0            24
     """
     adapter = None if mapping is None else _adapter(mapping)
     table = StateTable()

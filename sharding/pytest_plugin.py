@@ -22,7 +22,9 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 from typing import Any
+from xml.etree import ElementTree
 
 import pytest
 
@@ -87,16 +89,41 @@ def pytest_pyfunc_call(pyfuncitem: pytest.Function) -> bool | None:
     if os.environ.get(_SUBPROCESS_ENV):
         pytest.fail(f"the subprocess for {pyfuncitem.nodeid} has fewer than {n} devices.")
     env = {**os.environ, _SUBPROCESS_ENV: "1"}
-    command = [
-        sys.executable, "-m", "pytest", pyfuncitem.nodeid, f"--cpu-devices={n}",
-        "-p", "sharding.pytest_plugin", "-p", "no:xdist", "-p", "no:cacheprovider", "-q", "--no-header",
-    ]
-    result = subprocess.run(
-        command, cwd=pyfuncitem.config.rootpath, env=env, capture_output=True, text=True, timeout=600
-    )
-    if result.returncode != 0:
+    with tempfile.TemporaryDirectory() as tmp:
+        report = os.path.join(tmp, "report.xml")
+        command = [
+            sys.executable, "-m", "pytest", pyfuncitem.nodeid, f"--cpu-devices={n}", f"--junit-xml={report}",
+            "-p", "sharding.pytest_plugin", "-p", "no:xdist", "-p", "no:cacheprovider", "-q", "--no-header",
+        ]
+        result = subprocess.run(
+            command, cwd=pyfuncitem.config.rootpath, env=env, capture_output=True, text=True, timeout=600
+        )
+        outcome = _outcome(report)
+    if result.returncode != 0 or outcome is None:
         pytest.fail(
             f"{pyfuncitem.nodeid} failed in a subprocess with {n} devices:\n{result.stdout}\n{result.stderr}",
             pytrace=False,
         )
+    kind, message = outcome
+    if kind == "xfail":
+        pytest.xfail(message)
+    if kind == "skip":
+        pytest.skip(message)
     return True
+
+
+def _outcome(report: str) -> tuple[str, str] | None:
+    """What the subprocess's one test did: ("pass", ""), ("skip", reason) or ("xfail", reason); None if it ran none."""
+    try:
+        cases = list(ElementTree.parse(report).iter("testcase"))
+    except (OSError, ElementTree.ParseError):
+        return None
+    if len(cases) != 1:
+        return None
+    skipped = cases[0].find("skipped")
+    if skipped is None:
+        return "pass", ""
+    message = skipped.get("message", "")
+    if skipped.get("type") == "pytest.xfail":
+        return "xfail", message
+    return "skip", message.removeprefix("Skipped: ")

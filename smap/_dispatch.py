@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import operator
+import threading
 from collections.abc import Callable, Hashable, Sequence
 from typing import Any, Generic, NamedTuple, ParamSpec, TypeVar
 
@@ -22,7 +23,7 @@ import jax
 import numpy as np
 from jax.extend.core import ClosedJaxpr
 
-from . import _compat
+from . import _compat, _locks
 from ._state import InvalidatedStateError, State, active_frames
 from ._tracing import Program, PyTreeDef, TraceContext, trace_program
 from .nn import Module
@@ -95,11 +96,12 @@ class _StateList:
     cached executable tied to the exact states it was traced with.
     """
 
-    __slots__ = ("states", "index")
+    __slots__ = ("states", "index", "locks")
 
     def __init__(self, states: Sequence[State]):
         self.states = tuple(states)
         self.index = {id(s): i for i, s in enumerate(self.states)}
+        self.locks = _locks.ordered(self.states)
 
     def extended(self, more: Sequence[State]) -> _StateList:
         return _StateList(self.states + tuple(more))
@@ -161,7 +163,7 @@ class StatefulFunction(Generic[P, R]):
         self._entries: dict[ArgSignature, list[Entry]] = {}
         self._state_list = _StateList(())
         self._nested_lists: dict[tuple[int, ...], _StateList] = {}
-        self._placed_values: list | None = None
+        self._placement = threading.local()  # .values: the state values of this thread's call
         for i in (*self.static_argnums, *donate_argnums):
             if i < 0:
                 raise ValueError(
@@ -241,6 +243,7 @@ class StatefulFunction(Generic[P, R]):
             dyn_args,
             dyn_kwargs,
             make_input=context.make_input,
+            check_write=context.check_write,
             name=self.name,
             arg_avals=context.arg_avals,
             axis_env=context.axis_env,
@@ -275,6 +278,10 @@ class StatefulFunction(Generic[P, R]):
 
     def get_jaxpr_by_cache(self, cache_key: tuple[ArgSignature, tuple | None]) -> ClosedJaxpr:
         """The traced program (a closed jaxpr) cached under ``cache_key``."""
+        if not (isinstance(cache_key, tuple) and len(cache_key) == 2 and isinstance(cache_key[0], ArgSignature)):
+            raise TypeError(
+                f"{self.name}: get_jaxpr_by_cache takes a key from get_arg_cache_key(*args), got {cache_key!r}."
+            )
         key, state_signature = cache_key
         for entry in self._entries.get(key, ()):
             if entry.state_signature == state_signature:
@@ -292,7 +299,7 @@ class StatefulFunction(Generic[P, R]):
             raise _MissingStates(missing)
         index = state_list.index
         out, written = entry.run(leaves, [values[index[id(s)]] for s in program.states])
-        placed = self._placed_values
+        placed = getattr(self._placement, "values", None)
         return out, {
             index[id(s)]: _keep_placement(v, placed[index[id(s)]] if placed else None)
             for s, v in zip(program.written_states, written)
@@ -304,33 +311,36 @@ class StatefulFunction(Generic[P, R]):
             return self._call_in_trace(args, kwargs)
         while True:
             state_list = self._state_list
-            values = list(map(_stored_value, state_list.states))
-            # The dispatcher's trace reads where the states live (see _keep_placement).
-            # Not an argument: the trace sees tracers, which do not carry an Auto
-            # mesh axis placement, and a static argument would key the cache on
-            # the values themselves.
-            self._placed_values = values
-            try:
-                out, written = self._dispatch(state_list, values, *args, **kwargs)
-                break
-            except _MissingStates as missing:
-                self._state_list = state_list.extended(missing.states)
-            finally:
-                self._placed_values = None
-        if written:
-            states = state_list.states
-            if type(next(iter(written.values()))) is not _compat.ArrayImpl:
-                _check_not_traced(self.name, [states[i] for i in written], list(written.values()))
-            for i, value in written.items():
-                states[i]._value = value
-        return out if self._call_result is None else self._call_result(out)
+            # A call reads, computes and writes back its states as one step for other threads.
+            with _locks.Holding(state_list.locks):
+                values = list(map(_stored_value, state_list.states))
+                # The dispatcher's trace reads where the states live (see _keep_placement).
+                # Not an argument: the trace sees tracers, which do not carry an Auto
+                # mesh axis placement, and a static argument would key the cache on
+                # the values themselves.
+                self._placement.values = values
+                try:
+                    out, written = self._dispatch(state_list, values, *args, **kwargs)
+                except _MissingStates as missing:
+                    current = self._state_list
+                    self._state_list = current.extended([s for s in missing.states if id(s) not in current.index])
+                    continue
+                finally:
+                    self._placement.values = None
+                if written:
+                    states = state_list.states
+                    if type(next(iter(written.values()))) is not _compat.ArrayImpl:
+                        _check_not_traced(self.name, [states[i] for i in written], list(written.values()))
+                    for i, value in written.items():
+                        states[i]._value = value
+            return out if self._call_result is None else self._call_result(out)
 
     def _call_in_trace(self, args: tuple, kwargs: dict) -> Any:
         """A call while another smap transform traces: only this program's states take part."""
         key, leaves, dyn_args, dyn_kwargs = self.signature_key(*args, **kwargs)
         program = (self._lookup(key) or self._trace(key, leaves, dyn_args, dyn_kwargs)).program
         state_list = self._nested_lists.setdefault(tuple(map(id, program.states)), _StateList(program.states))
-        self._placed_values = None
+        self._placement.values = None
         out, written = self._dispatch(state_list, [s.value for s in program.states], *args, **kwargs)
         for i, value in written.items():
             program.states[i].write_back(value)

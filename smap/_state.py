@@ -19,6 +19,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from . import _compat, _locks
+
 __all__ = [
     "State",
     "ShortTermState",
@@ -105,6 +107,30 @@ def check_same_structure(state: State, old: Any, new: Any, *, batched_axis: int 
             )
 
 
+def _has_tracer(value: Any) -> bool:
+    return any(isinstance(x, jax.core.Tracer) for x in jax.tree_util.tree_leaves(value))
+
+
+def check_not_traced(state: State, new: Any, frame: TraceFrame | None) -> None:
+    """Refuse to store a value traced by a JAX transformation that smap does not see.
+
+    Outside smap's transforms (``frame`` None) a state may not take a tracer;
+    inside one, only tracers of the trace the frame opened. Such a value would
+    outlive its trace, and the state would fail later without saying why. A
+    state whose value is itself traced (it was created inside the trace) may.
+    """
+    if not _has_tracer(new) or (frame is not None and _compat.current_trace() is frame.trace):
+        return
+    if frame is None and _has_tracer(state._value):
+        return
+    where = "a JAX transformation" if frame is None else f"a JAX transformation inside {frame.name}"
+    raise TypeError(
+        f"{state.describe()} is written with a value traced by {where} that smap does not see "
+        f"(jax.jit, jax.vmap, jax.grad, ...); the state would hold a tracer after it returns. "
+        f"Use smap.jit, smap.grad or smap.vmap, which carry states through, or return the value instead."
+    )
+
+
 def _dtype(x: Any) -> Any:
     dtype = getattr(x, "dtype", None)
     return dtype if dtype is not None else jnp.result_type(x)
@@ -130,9 +156,10 @@ class State:
         Array([1., 1., 1.], dtype=float32)
     """
 
-    __slots__ = ("_value", "_tags", "_owner", "_name", "__weakref__")
+    __slots__ = ("_value", "_tags", "_owner", "_name", "_lock", "__weakref__")
 
     def __init__(self, value: Any, tag: str | Sequence[str] | None = None):
+        self._lock = _locks.new_lock()
         self._owner = None
         self._name = None
         self._tags = _normalise_tags(tag)
@@ -167,6 +194,7 @@ class State:
             frames[-1].write(self, new, check=True)
         else:
             check_same_structure(self, self._stored(), new)
+            check_not_traced(self, new, None)
             self._value = new
 
     def reset(self, value: Any) -> None:
@@ -184,6 +212,7 @@ class State:
         if frames:
             frames[-1].write(self, value, check=False)
         else:
+            check_not_traced(self, value, None)
             self._value = value
 
     def write_back(self, value: Any) -> None:
@@ -380,20 +409,30 @@ class TraceFrame:
 
     ``make_input(state, value)`` turns the value a state has outside the frame
     into the value the traced function sees (typically fresh tracers that
-    become inputs of the traced program). States created while the frame is
+    become inputs of the traced program); ``check_write(state, current, new)``
+    checks a write against the state's current value in the frame (by default
+    the same structure, shapes and dtypes). States created while the frame is
     active belong to it: they are plain Python objects to the frame, and
     their values must not escape it (see :meth:`invalidate_created`).
     """
 
-    def __init__(self, make_input: Callable[[State, Any], Any], name: str):
+    def __init__(
+        self,
+        make_input: Callable[[State, Any], Any],
+        name: str,
+        check_write: Callable[[State, Any, Any], None] = check_same_structure,
+    ):
         self.make_input = make_input
+        self.check_write = check_write
         self.name = name
         self.states: list[State] = []
         self.written: dict[int, State] = {}
         self._values: dict[int, Any] = {}
         self._created: dict[int, State] = {}
+        self.trace: Any = None
 
     def __enter__(self) -> TraceFrame:
+        self.trace = _compat.current_trace()
         active_frames().append(self)
         return self
 
@@ -434,7 +473,8 @@ class TraceFrame:
         if current is MISSING:
             current = self._touch(state)
         if check:
-            check_same_structure(state, current, value)
+            self.check_write(state, current, value)
+        check_not_traced(state, value, self)
         self._values[key] = value
         self.written[key] = state
 

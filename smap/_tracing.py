@@ -22,7 +22,7 @@ import numpy as np
 from jax.extend.core import ClosedJaxpr
 
 from . import _compat
-from ._state import State, TraceFrame
+from ._state import State, TraceFrame, check_same_structure
 
 __all__ = ["Program", "TraceContext", "trace_program", "abstract"]
 
@@ -78,6 +78,7 @@ def trace_program(
     *,
     make_input: Callable[[State, Any], Any],
     name: str,
+    check_write: Callable[[State, Any, Any], None] = check_same_structure,
     arg_avals: Sequence[jax.core.ShapedArray] | None = None,
     axis_env: Sequence[tuple[Hashable, int]] = (),
 ) -> Program:
@@ -88,7 +89,8 @@ def trace_program(
     (a pytree of ShapedArrays like ``value``) its input takes in the program.
     Array leaves of ``args`` and ``kwargs`` become inputs, with the abstract
     values ``arg_avals`` when given (a mapping traces one lane); static
-    arguments are bound into ``fun`` by the caller.
+    arguments are bound into ``fun`` by the caller. ``check_write(state,
+    current, new)`` checks each write of a state inside the trace.
 
     Example:
         >>> import jax.numpy as jnp, smap
@@ -114,7 +116,7 @@ def trace_program(
         avals = make_input(state, value)
         return jax.tree_util.tree_map(lambda aval: _compat.new_input(trace, aval), avals)
 
-    frame = TraceFrame(state_input, name)
+    frame = TraceFrame(state_input, name, check_write)
     result: dict[str, Any] = {}
 
     def traced(*arg_leaves: Any) -> tuple[list, list]:
@@ -150,3 +152,7 @@ class TraceContext:
 
     def make_input(self, state: State, value: Any) -> Any:
         return jax.tree_util.tree_map(abstract, value)
+
+    def check_write(self, state: State, current: Any, new: Any) -> None:
+        """Check a write inside the trace against the state's value there."""
+        check_same_structure(state, current, new)

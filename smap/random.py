@@ -19,15 +19,17 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import secrets
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ._state import State
+from . import _locks
+from ._state import State, active_frames
 
 __all__ = [
     "RandomState",
@@ -63,6 +65,10 @@ def _as_key(seed_or_key: Any) -> jax.Array:
         seed_or_key = secrets.randbits(32)
     if isinstance(seed_or_key, (int, np.integer)):
         return jax.random.PRNGKey(int(seed_or_key))
+    if not isinstance(seed_or_key, (jax.Array, np.ndarray)):
+        raise TypeError(
+            f"seed expects an int or a JAX PRNG key, got {type(seed_or_key).__name__} {seed_or_key!r}."
+        )
     key = jnp.asarray(seed_or_key) if not isinstance(seed_or_key, jax.Array) else seed_or_key
     if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
         return jax.random.key_data(key)
@@ -78,9 +84,14 @@ def _as_key(seed_or_key: Any) -> jax.Array:
 def _shape(size: Size, *params: Any) -> tuple[int, ...]:
     if size is None:
         return jnp.broadcast_shapes(*(jnp.shape(p) for p in params)) if params else ()
-    if isinstance(size, (int, np.integer)):
-        return (int(size),)
-    return tuple(int(s) for s in size)
+    dims = (size,) if isinstance(size, (int, np.integer)) else size
+    try:
+        dims = tuple(dims)
+    except TypeError:
+        dims = None
+    if dims is None or not all(isinstance(d, (int, np.integer)) and not isinstance(d, bool) and d >= 0 for d in dims):
+        raise ValueError(f"size must be None, a non-negative int or a tuple of them, got {size!r}.")
+    return tuple(int(d) for d in dims)
 
 
 class RandomState(State):
@@ -168,9 +179,22 @@ class RandomState(State):
             >>> smap.random.RandomState(0).split_key(4).shape
             (4, 2)
         """
-        key, sub = jax.random.split(self.value)
-        self.value = key
-        return sub if n is None else jax.random.split(sub, n)
+        if n is not None and (not isinstance(n, (int, np.integer)) or isinstance(n, bool) or n < 0):
+            raise ValueError(f"split_key: n must be None or a non-negative int, got {n!r}.")
+        return self._draw(lambda key: key if n is None else jax.random.split(key, n))
+
+    def _draw(self, sample: Callable[[jax.Array], Any]) -> Any:
+        """``sample(key)`` with a new key; the state's key advances only if it succeeds.
+
+        Outside a transform the read, the draw and the write of the key are one
+        step for other threads (inside one, the transform's call is that step).
+        """
+        lock = contextlib.nullcontext() if active_frames() else _locks.lock_of(self)
+        with lock:
+            key, sub = jax.random.split(self.value)
+            out = sample(sub)
+            self.value = key
+        return out
 
     def normal(self, loc: Any = 0.0, scale: Any = 1.0, size: Size = None, dtype: Any = None) -> jax.Array:
         """Normal draws with mean ``loc`` and standard deviation ``scale``.
@@ -182,8 +206,8 @@ class RandomState(State):
         """
         loc, scale = jnp.asarray(loc), jnp.asarray(scale)
         dtype = dtype or jnp.result_type(loc, scale, float)
-        z = jax.random.normal(self.split_key(), _shape(size, loc, scale), dtype)
-        return (loc + scale * z).astype(dtype)
+        shape = _shape(size, loc, scale)
+        return self._draw(lambda key: (loc + scale * jax.random.normal(key, shape, dtype)).astype(dtype))
 
     def uniform(self, low: Any = 0.0, high: Any = 1.0, size: Size = None, dtype: Any = None) -> jax.Array:
         """Uniform draws in ``[low, high)``.
@@ -197,7 +221,7 @@ class RandomState(State):
         low, high = jnp.asarray(low), jnp.asarray(high)
         dtype = dtype or jnp.result_type(low, high, float)
         shape = _shape(size, low, high)
-        return jax.random.uniform(self.split_key(), shape, dtype, minval=low, maxval=high)
+        return self._draw(lambda key: jax.random.uniform(key, shape, dtype, minval=low, maxval=high))
 
     def bernoulli(self, p: Any = 0.5, size: Size = None) -> jax.Array:
         """Boolean draws that are ``True`` with probability ``p``.
@@ -208,7 +232,8 @@ class RandomState(State):
             dtype('bool')
         """
         p = jnp.asarray(p)
-        return jax.random.bernoulli(self.split_key(), p, _shape(size, p))
+        shape = _shape(size, p)
+        return self._draw(lambda key: jax.random.bernoulli(key, p, shape))
 
     def randint(self, low: Any, high: Any = None, size: Size = None, dtype: Any = int) -> jax.Array:
         """Integers in ``[low, high)``, or ``[0, low)`` when ``high`` is None.
@@ -222,7 +247,8 @@ class RandomState(State):
         if high is None:
             low, high = 0, low
         low, high = jnp.asarray(low), jnp.asarray(high)
-        return jax.random.randint(self.split_key(), _shape(size, low, high), low, high, dtype)
+        shape = _shape(size, low, high)
+        return self._draw(lambda key: jax.random.randint(key, shape, low, high, dtype))
 
     def choice(self, a: Any, size: Size = None, replace: bool = True, p: Any = None) -> jax.Array:
         """Draws from the entries of ``a`` (or from ``arange(a)`` for an int).
@@ -234,7 +260,8 @@ class RandomState(State):
         """
         a = a if isinstance(a, (int, np.integer)) else jnp.asarray(a)
         p = None if p is None else jnp.asarray(p)
-        return jax.random.choice(self.split_key(), a, _shape(size), replace, p)
+        shape = _shape(size)
+        return self._draw(lambda key: jax.random.choice(key, a, shape, replace, p))
 
     def permutation(self, x: Any) -> jax.Array:
         """A random permutation of ``x`` (or of ``arange(x)`` for an int).
@@ -245,7 +272,7 @@ class RandomState(State):
             [0, 1, 2, 3]
         """
         x = x if isinstance(x, (int, np.integer)) else jnp.asarray(x)
-        return jax.random.permutation(self.split_key(), x)
+        return self._draw(lambda key: jax.random.permutation(key, x))
 
     def truncated_normal(
         self, lower: Any, upper: Any, size: Size = None, loc: Any = 0.0, scale: Any = 1.0, dtype: Any = None
@@ -260,11 +287,13 @@ class RandomState(State):
         """
         lower, upper, loc, scale = map(jnp.asarray, (lower, upper, loc, scale))
         dtype = dtype or jnp.result_type(loc, scale, float)
-        z = jax.random.truncated_normal(
-            self.split_key(), (lower - loc) / scale, (upper - loc) / scale,
-            _shape(size, lower, upper, loc, scale), dtype,
-        )
-        return (loc + scale * z).astype(dtype)
+        shape = _shape(size, lower, upper, loc, scale)
+
+        def sample(key: jax.Array) -> jax.Array:
+            z = jax.random.truncated_normal(key, (lower - loc) / scale, (upper - loc) / scale, shape, dtype)
+            return (loc + scale * z).astype(dtype)
+
+        return self._draw(sample)
 
 
 RandomState.__module__ = "smap.random"

@@ -14,6 +14,16 @@ block's content, with two allowances:
 
 A block opened with ```python no-run is shown to readers but not run.
 A python block with no text block after it only has to run without error.
+
+A block opened with ```python launch processes=N devices=M is a whole
+program for several processes: it runs on its own, as N processes with M
+emulated CPU devices each, through ``scripts/launch_local.py`` (bounded in
+time), and must exit without error; the lines of the text block after it
+must appear, in order, among the lines the processes print (``[p0] ...``;
+the processes' logs interleave with them).
+
+Every ``python scripts/<name>.py --flag ...`` command quoted in the docs
+names a script that exists and flags that its ``--help`` lists.
 """
 
 from __future__ import annotations
@@ -51,6 +61,7 @@ class Example:
     code: str
     line: int
     expected: str | None  # the text block that follows, if any
+    launch: dict[str, int] | None = None  # processes and devices of a `launch` block
 
 
 def markdown_files() -> list[Path]:
@@ -97,13 +108,17 @@ def examples(path: Path) -> tuple[list[Example], int]:
         if "no-run" in block.options:
             skipped += 1
             continue
+        launch = None
+        if "launch" in block.options:
+            settings = dict(option.split("=", 1) for option in block.options if "=" in option)
+            launch = {"processes": int(settings.get("processes", 2)), "devices": int(settings.get("devices", 1))}
         expected = None
         if k + 1 < len(blocks):
             nxt, _ = blocks[k + 1]
             between = lines[after : nxt.line - 1]
             if nxt.lang == "text" and all(not line.strip() for line in between):
                 expected = nxt.code
-        found.append(Example(block.code, block.line, expected))
+        found.append(Example(block.code, block.line, expected, launch))
     return found, skipped
 
 
@@ -223,11 +238,17 @@ IDS = [p.name if _names.count(p.name) == 1 else p.relative_to(ROOT).as_posix() f
 
 @pytest.mark.parametrize("path", DOC_FILES, ids=IDS)
 def test_markdown_examples(path: Path) -> None:
-    blocks, n_no_run = examples(path)
-    if not blocks:
+    found, n_no_run = examples(path)
+    blocks = [b for b in found if b.launch is None]
+    for block in found:
+        if block.launch is not None:
+            run_launched(path, block)
+    if not found:
         reason = "only no-run python blocks" if n_no_run else "no python blocks"
         pytest.skip(f"{path.relative_to(ROOT)}: {reason}")
 
+    if not blocks:
+        return
     results, running, stderr = run_file(path, blocks)
     by_line = {r["line"]: r for r in results}
     failures = []
@@ -252,3 +273,68 @@ def test_markdown_examples(path: Path) -> None:
             )
     if failures:
         pytest.fail(f"{len(failures)} problem(s) in {path.relative_to(ROOT)}:\n\n" + "\n\n".join(failures), pytrace=False)
+
+
+LAUNCHER = ROOT / "scripts" / "launch_local.py"
+LAUNCH_TIMEOUT_S = 240
+
+
+def run_launched(path: Path, block: Example) -> None:
+    """Run a ``launch`` block as several processes through scripts/launch_local.py."""
+    rel = path.relative_to(ROOT)
+    env = subprocess_env()
+    env["XLA_FLAGS"] = " ".join(f for f in env["XLA_FLAGS"].split() if not f.startswith(DEVICE_COUNT_FLAG))
+    with tempfile.TemporaryDirectory() as tmp:
+        job = Path(tmp) / "job.py"
+        job.write_text(block.code, encoding="utf-8")
+        command = [
+            sys.executable, str(LAUNCHER), "--processes", str(block.launch["processes"]),
+            "--devices", str(block.launch["devices"]), "--timeout", str(LAUNCH_TIMEOUT_S),
+            "--", sys.executable, str(job),
+        ]
+        proc = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT_S + 60)
+    output = proc.stdout + proc.stderr
+    if proc.returncode != 0:
+        pytest.fail(f"{show(block, path)}\nexited with code {proc.returncode}:\n{output[-5000:]}", pytrace=False)
+    if block.expected is not None:
+        printed = iter(normalise(proc.stdout).splitlines())
+        missing = [line for line in normalise(block.expected).splitlines() if line not in printed]
+        if missing:
+            pytest.fail(
+                f"{rel}, block at line {block.line}: these lines were not printed, in this order: {missing}\n"
+                f"--- output ---\n{output[-5000:]}",
+                pytrace=False,
+            )
+
+
+SCRIPT_COMMAND = re.compile(r"python (scripts/[\w/]+\.py)([^`\n#]*)")
+
+
+def script_commands() -> list[tuple[str, str, list[str]]]:
+    """Every ``python scripts/... --flags`` command in the docs: (where, script, flags)."""
+    commands = []
+    for path in DOC_FILES:
+        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+            for match in SCRIPT_COMMAND.finditer(line):
+                args = match.group(2).split()
+                own = args[: args.index("--")] if "--" in args else args
+                flags = [a.split("=", 1)[0] for a in own if a.startswith("--")]
+                commands.append((f"{path.relative_to(ROOT)}:{number}", match.group(1), flags))
+    return commands
+
+
+def test_script_commands_in_the_docs_exist_and_take_their_flags() -> None:
+    commands = script_commands()
+    assert any(where.startswith("docs/performance.md") for where, _, _ in commands)
+    helps: dict[str, str] = {}
+    for where, script, flags in commands:
+        assert (ROOT / script).is_file(), f"{where}: {script} does not exist"
+        if script not in helps:
+            proc = subprocess.run(
+                [sys.executable, script, "--help"], cwd=ROOT, env=subprocess_env(), capture_output=True, text=True,
+                timeout=TIMEOUT_S,
+            )
+            assert proc.returncode == 0, f"{script} --help failed:\n{proc.stderr[-3000:]}"
+            helps[script] = proc.stdout
+        for flag in flags:
+            assert re.search(rf"{re.escape(flag)}\b", helps[script]), f"{where}: {script} takes no {flag}"

@@ -30,14 +30,22 @@ def normalise_state_axes(spec: Any, what: str) -> StateAxes:
     return {0: filters.to_filter(spec)}
 
 
-def select_axis(axes: StateAxes, path: tuple[Hashable, ...], state: State) -> tuple[bool, int | None]:
-    """Whether a state is selected by ``axes`` and on which axis (``None``: shared)."""
+def select_axis(
+    axes: StateAxes, path: tuple[Hashable, ...], state: State, what: str = "state_in_axes"
+) -> tuple[bool, int | None]:
+    """Whether a state is selected by ``axes`` and on which axis (``None``: shared).
+
+    A state that two entries select at different axes is an error: a state has one mapped axis.
+    """
     if None in axes and axes[None](path, state):
         return True, None
-    for axis, selector in axes.items():
-        if axis is not None and selector(path, state):
-            return True, axis
-    return False, None
+    chosen = [axis for axis, selector in axes.items() if axis is not None and selector(path, state)]
+    if len(chosen) > 1:
+        raise ValueError(
+            f"{what} selects {state.describe()} at axis {chosen[0]} and at axis {chosen[1]}; "
+            f"a state is mapped along one axis: make the selectors exclusive."
+        )
+    return (True, chosen[0]) if chosen else (False, None)
 
 
 def resolve_axis(axis: int, ndim: int, what: str) -> int:

@@ -8,11 +8,12 @@ from typing import Any, ParamSpec, overload
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from .._dispatch import ArgSignature, Runner, StatefulFunction
 from .._state import State
 from .._tracing import Program, TraceContext
-from ._signature import function_name
+from ._signature import check_callable, function_name
 
 __all__ = ["grad"]
 
@@ -44,10 +45,21 @@ def _grad_state_list(grad_states: GradStates) -> tuple[list[State], Callable[[li
     return states, rebuild
 
 
+def _check_argnums(argnums: Any) -> None:
+    positions = (argnums,) if isinstance(argnums, int) else argnums
+    if argnums is None or (
+        isinstance(positions, Sequence) and all(isinstance(p, int) and not isinstance(p, bool) for p in positions)
+    ):
+        return
+    raise TypeError(f"smap.grad: argnums must be an int, a sequence of ints or None, got {argnums!r}.")
+
+
 class GradFunction(StatefulFunction[P, Any]):
     """A function returning gradients; see :func:`grad`."""
 
     def __init__(self, fun: Callable[P, Any], grad_states: GradStates, argnums: int | Sequence[int] | None, has_aux: bool, return_value: bool):
+        check_callable(fun, "smap.grad: fun")
+        _check_argnums(argnums)
         states, self._rebuild_state_grads = _grad_state_list(grad_states)
         self.grad_states = list({id(s): s for s in states}.values())
         if len(self.grad_states) != len(states):
@@ -64,7 +76,10 @@ class GradFunction(StatefulFunction[P, Any]):
             # inputs of the program, and an unused one gets a zero gradient.
             for state in self.grad_states:
                 _ = state.value
-            return fun(*args, **kwargs)
+            out = fun(*args, **kwargs)
+            if has_aux:
+                self._check_aux(out)
+            return out
 
         super().__init__(touching_grad_states, name=f"smap.grad({function_name(fun)})")
         functools.update_wrapper(self, fun, updated=())
@@ -95,6 +110,16 @@ class GradFunction(StatefulFunction[P, Any]):
 
         return run
 
+    def _check_aux(self, out: Any) -> None:
+        if not isinstance(out, (tuple, list)) or len(out) != 2:
+            raise TypeError(f"{self.name}: with has_aux=True the function must return a pair (loss, aux).")
+        for path, leaf in jax.tree_util.tree_flatten_with_path(out[1])[0]:
+            if not isinstance(leaf, (jax.Array, np.ndarray, np.generic, bool, int, float, complex)):
+                raise TypeError(
+                    f"{self.name}: with has_aux=True, aux must be a pytree of arrays, but "
+                    f"aux{jax.tree_util.keystr(path)} is a {type(leaf).__name__}: {leaf!r}."
+                )
+
     def _argnum(self, p: int, n_args: int) -> int:
         if not -n_args <= p < n_args:
             raise ValueError(f"{self.name}: argnums {p} is out of range for a call with {n_args} positional arguments.")
@@ -103,9 +128,7 @@ class GradFunction(StatefulFunction[P, Any]):
     def _check_loss(self, program: Program) -> None:
         out_avals = program.jaxpr.out_avals[: program.n_outs]
         if self.has_aux:
-            children = program.out_tree.children()
-            if len(children) != 2:
-                raise TypeError(f"{self.name}: with has_aux=True the function must return a pair (loss, aux).")
+            children = program.out_tree.children()  # (loss, aux): checked by _check_aux
             out_avals = out_avals[: children[0].num_leaves]
         if len(out_avals) != 1 or out_avals[0].shape != () or not jnp.issubdtype(out_avals[0].dtype, jnp.inexact):
             shapes = ", ".join(f"{a.dtype}{list(a.shape)}" for a in out_avals)

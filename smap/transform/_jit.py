@@ -10,7 +10,7 @@ import jax
 
 from .._dispatch import ArgSignature, Runner, StatefulFunction
 from .._tracing import Program, TraceContext
-from ._signature import check_static_argnums, function_name, positional_count, resolve_argnums
+from ._signature import check_callable, check_static_argnums, function_name, positional_count, resolve_argnums
 
 __all__ = ["jit"]
 
@@ -28,6 +28,7 @@ class JittedFunction(StatefulFunction[P, R]):
         static_argnames: str | Sequence[str] = (),
         donate_argnums: int | Sequence[int] = (),
     ):
+        check_callable(fun, "smap.jit: fun")
         static_argnums, static_argnames = check_static_argnums(fun, static_argnums, static_argnames)
         super().__init__(
             fun,

@@ -23,11 +23,11 @@ from typing import Any, ParamSpec, Protocol, TypeVar, cast, overload
 import jax
 
 from .._dispatch import ArgSignature, Entry, Runner, StatefulFunction
-from .._state import State
+from .._state import State, check_same_structure
 from .._tracing import Program, TraceContext, abstract
 from ._axes import AxisSpec, leaf_axes, leaf_names, normalise_state_axes, select_axis
 from ._plan import BatchAxisError, LaneInputs, LanePlan, plan
-from ._signature import check_static_argnums, function_name
+from ._signature import check_callable, check_static_argnums, function_name
 
 __all__ = ["StatefulMapping", "vmap2", "MappingFn"]
 
@@ -85,6 +85,8 @@ class _LaneTrace(TraceContext):
         self.size_source = size_source
         self.state_axes: dict[State, tuple[int, ...]] = {}
         self.own_lanes: set[State] = set()
+        # Shared states written with a lane's slice: state -> (out axis, the state's sizes along it).
+        self.lane_shaped: dict[State, tuple[int, frozenset[int]]] = {}
         self.axis_env: tuple = ()
 
     def make_input(self, state: State, value: Any) -> Any:
@@ -111,7 +113,27 @@ class _LaneTrace(TraceContext):
 
     def findings(self) -> LaneInputs:
         """What this trace found, for :func:`~smap.transform._plan.plan`."""
-        return LaneInputs(tuple(self.arg_axes), dict(self.state_axes), frozenset(self.own_lanes), self.axis_size)
+        return LaneInputs(tuple(self.arg_axes), dict(self.state_axes), frozenset(self.own_lanes), self.axis_size, dict(self.lane_shaped))
+
+    def check_write(self, state: State, current: Any, new: Any) -> None:
+        """A shared state that ``state_out_axes`` selects may be written with a lane's slice of it.
+
+        Then the value written back, the lanes' values stacked along the
+        selected axis, has the state's shape (checked in ``_written_axes``).
+        """
+        try:
+            check_same_structure(state, current, new)
+            return
+        except ValueError:
+            selected, axis = select_axis(self.mapping.state_out_axes, state.path, state, "state_out_axes")
+            if state in self.state_axes or state in self.own_lanes or not selected or axis is None:
+                raise
+            leaves = jax.tree_util.tree_leaves(current)
+            if not leaves or not all(-x.ndim <= axis < x.ndim for x in leaves):
+                raise
+        lane = jax.tree_util.tree_map(lambda x: _drop_axis(abstract(x), axis % x.ndim), current)
+        check_same_structure(state, lane, new)
+        self.lane_shaped[state] = (axis, frozenset(x.shape[axis % x.ndim] for x in leaves))
 
     def _check_size(self, size: int, source: str) -> None:
         if self.axis_size is None:
@@ -228,12 +250,14 @@ class StatefulMapping(StatefulFunction[P, R]):
         mapping_fn: MappingFn | Callable[..., Any] = jax.vmap,
         mapping_kwargs: dict | None = None,
     ):
+        check_callable(fun, f"{name or 'StatefulMapping'}: fun")
+        check_callable(mapping_fn, f"{name or function_name(fun)}: mapping_fn")
         if unexpected_out_state_mapping not in _POLICIES:
             raise ValueError(
                 f"unexpected_out_state_mapping must be one of {_POLICIES}, got {unexpected_out_state_mapping!r}."
             )
-        if axis_size is not None and (not isinstance(axis_size, int) or axis_size < 1):
-            raise ValueError(f"axis_size must be a positive int, got {axis_size!r}.")
+        if axis_size is not None and (not isinstance(axis_size, int) or isinstance(axis_size, bool) or axis_size < 0):
+            raise ValueError(f"axis_size must be a non-negative int, got {axis_size!r}.")
         static_argnums, static_argnames = check_static_argnums(fun, static_argnums, static_argnames)
         super().__init__(
             fun,
@@ -480,7 +504,10 @@ def vmap2(
             mapping_fn=jax.vmap,
         )
 
-    return mapping if fn is None else mapping(fn)
+    if fn is None:
+        return mapping
+    check_callable(fn, "smap.vmap: fn")
+    return mapping(fn)
 
 
 StatefulMapping.__module__ = "smap.transform"

@@ -46,12 +46,16 @@ class LaneInputs:
         own_lanes: the states whose type gives each lane its own value
             (:meth:`smap.State.lane_values`), such as a random key.
         axis_size: the number of lanes, or None when nothing gave it.
+        lane_shaped: the shared states that ``state_out_axes`` selects and
+            the lanes wrote with a lane's slice of their value: the selected
+            axis and the state's sizes along it.
     """
 
     arg_axes: tuple[int | None, ...]
     state_axes: Mapping[State, tuple[int, ...]] = dataclasses.field(default_factory=dict)
     own_lanes: frozenset[State] = frozenset()
     axis_size: int | None = None
+    lane_shaped: Mapping[State, tuple[int, frozenset[int]]] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -188,7 +192,7 @@ def _written_axes(
         start += n
         per_lane = any(deps)
         in_axes = inputs.state_axes.get(state)
-        selected, out_axis = select_axis(state_out_axes, state.path, state)
+        selected, out_axis = select_axis(state_out_axes, state.path, state, "state_out_axes")
         if state in inputs.own_lanes:
             if per_lane:
                 take_next.append(i)
@@ -198,7 +202,10 @@ def _written_axes(
             if (
                 selected
                 and out_axis is not None
-                and any(out_axis % (a.ndim + 1) != ax for a, ax in zip(avals, in_axes))
+                and any(
+                    not -a.ndim - 1 <= out_axis <= a.ndim or out_axis % (a.ndim + 1) != ax
+                    for a, ax in zip(avals, in_axes)
+                )
             ):
                 raise BatchAxisError(
                     f"{name}: {state.describe()} is mapped along axis {in_axes[0]} by state_in_axes "
@@ -206,6 +213,8 @@ def _written_axes(
                 )
             axes.extend(in_axes)
             continue
+        if state in inputs.lane_shaped:
+            _check_lane_shaped(state, inputs, per_lane, name)
         if not per_lane:
             axes.extend([None] * n)
             continue
@@ -214,3 +223,14 @@ def _written_axes(
             out_axis = 0
         axes.extend(resolve_axis(out_axis, a.ndim + 1, f"{name}: state_out_axes for {state.describe()}") for a in avals)
     return _WrittenAxes(axes, tuple(take_next), tuple(unexpected))
+
+
+def _check_lane_shaped(state: State, inputs: LaneInputs, per_lane: bool, name: str) -> None:
+    """A state written with a lane's slice must get back its own shape once the lanes are stacked."""
+    axis, sizes = inputs.lane_shaped[state]
+    if not per_lane or sizes != {inputs.axis_size}:
+        got = "the same value in every lane" if not per_lane else f"{inputs.axis_size} lanes"
+        raise ValueError(
+            f"{name}: {state.describe()} is written with a slice of its value along axis {axis} "
+            f"(state_out_axes), so it needs one slice per lane and {sorted(sizes)[0]} lanes, got {got}."
+        )

@@ -7,7 +7,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-__all__ = ["check_static_argnums", "function_name", "positional_count", "resolve_argnums"]
+__all__ = ["check_callable", "check_static_argnums", "function_name", "positional_count", "resolve_argnums"]
 
 
 def resolve_argnums(argnums: int | Sequence[int] | None, n_args: int | None, what: str) -> tuple[int, ...]:
@@ -26,6 +26,12 @@ def resolve_argnums(argnums: int | Sequence[int] | None, n_args: int | None, wha
             i = i % n_args
         out.append(int(i))
     return tuple(out)
+
+
+def check_callable(value: object, what: str) -> None:
+    """Reject a non-callable where a function belongs, as JAX's transforms do, naming the argument."""
+    if not callable(value):
+        raise TypeError(f"{what} must be callable, got {type(value).__name__} {value!r}.")
 
 
 def function_name(fun: Callable) -> str:
@@ -58,10 +64,29 @@ def check_static_argnums(
     for name in names:
         if not isinstance(name, str):
             raise TypeError(f"static_argnames must be strings, got {name!r}.")
+    _check_names_exist(fun, names)
     both = _positional_or_keyword(fun)
     nums = tuple(dict.fromkeys(nums + tuple(i for i, n in enumerate(both) if n in names)))
     names = tuple(dict.fromkeys(names + tuple(both[i] for i in nums if 0 <= i < len(both) and both[i])))
     return nums, names
+
+
+def _check_names_exist(fun: Callable, names: tuple[str, ...]) -> None:
+    """As ``jax.jit``: static_argnames must name parameters (unless ``fun`` takes ``**kwargs``)."""
+    try:
+        parameters = inspect.signature(fun).parameters
+    except (TypeError, ValueError):
+        return
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+        return
+    keyword = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    known = [n for n, p in parameters.items() if p.kind in keyword]
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise ValueError(
+            f"{function_name(fun)} has invalid argnames {unknown} in static_argnames: it takes no such "
+            f"parameters (it takes {known or 'none by name'})."
+        )
 
 
 def _positional_or_keyword(fun: Callable) -> list[str]:

@@ -336,7 +336,24 @@ def tutorial_multiple_random(mapping):
 
     m = mapping(sample_multiple, in_axes=0)
     means = jnp.arange(float(B))
-    return Run({}, [lambda: m(means), lambda: m(means)])
+
+    def by_hand(key):
+        # Lane i's key k: uniform draws with split(k)[1], then normal with split(split(k)[0])[1].
+        out = []
+        for k, mean in zip(lane_keys(key), np.asarray(means)):
+            rest, first = jax.random.split(k)
+            out.append(jax.random.uniform(first, ()) + (mean + jax.random.normal(jax.random.split(rest)[1], ())))
+        return np.stack(out)
+
+    def check(trace):
+        key = np.asarray(jax.random.PRNGKey(123))
+        for call in trace:
+            np.testing.assert_allclose(call["out"], by_hand(key), rtol=1e-5, atol=1e-6)
+            key = advanced(key)
+            np.testing.assert_array_equal(call["key"], key)
+        assert not np.allclose(trace[0]["out"], trace[1]["out"])
+
+    return Run({}, [lambda: m(means), lambda: m(means)], check)
 
 
 class Dropout(smap.nn.Module):
@@ -355,7 +372,17 @@ def tutorial_dropout(mapping):
     dropout = Dropout(rate=0.3)
     m = mapping(lambda x: dropout(x, training=True), in_axes=0)
     data = jnp.ones((B, 5))
-    return Run({}, [lambda: m(data), lambda: m(2 * data)])
+
+    def check(trace):
+        key = np.asarray(jax.random.PRNGKey(456))
+        for call, scale in zip(trace, (1.0, 2.0)):
+            keep = np.stack([jax.random.uniform(draw_key(k), (5,)) > 0.3 for k in lane_keys(key)])
+            np.testing.assert_allclose(call["out"], np.where(keep, scale / 0.7, 0.0), rtol=1e-6)
+            key = advanced(key)
+            np.testing.assert_array_equal(call["key"], key)
+        assert 0 < (trace[0]["out"] == 0).sum() < trace[0]["out"].size
+
+    return Run({}, [lambda: m(data), lambda: m(2 * data)], check)
 
 
 def tutorial_accumulate(mapping):
@@ -800,7 +827,20 @@ def collectives_on_states(mapping):
 
     m = mapping(lane, axis_name="i", state_in_axes=smap.HiddenState)
     x = rand(B, 2, seed=19)
-    return Run({"h": h, "stat": stat}, [lambda: m(x), lambda: m(x)], lambda t: None)
+
+    def check(trace):
+        # Lane i by hand: pmax/pmean/pmin/all_gather are a max/mean/min/stack over the lanes.
+        hs, st, xs, i = np.arange(B * 2.0).reshape(B, 2), np.zeros(2), np.asarray(x), np.arange(B)[:, None]
+        for call in trace:
+            hs = hs + hs.max(0) * i + xs
+            st = 0.9 * st + 0.1 * hs.mean(0)
+            gathered, low = call["out"]
+            np.testing.assert_allclose(gathered, np.broadcast_to(hs[:, 0], (B, B)), rtol=1e-5)
+            np.testing.assert_allclose(low, np.broadcast_to(xs.min(0), (B, 2)), rtol=1e-6)
+            np.testing.assert_allclose(call["states"]["h"], hs, rtol=1e-5)
+            np.testing.assert_allclose(call["states"]["stat"], st, rtol=1e-5)
+
+    return Run({"h": h, "stat": stat}, [lambda: m(x), lambda: m(x)], check)
 
 
 # -- 8. control flow with collectives inside ------------------------------------------

@@ -1,9 +1,11 @@
 """Several processes through scripts/launch_local.py, gloo collectives on 127.0.0.1."""
 
 import importlib.util
+import inspect
 import json
 import re
 import pathlib
+import signal
 import subprocess
 import sys
 import time
@@ -12,9 +14,12 @@ import jax
 import numpy as np
 import pytest
 
+import sharding
+
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 LAUNCH = ROOT / "scripts" / "launch_local.py"
 WORKER = pathlib.Path(__file__).with_name("dp_worker.py")
+HEARTBEAT_S = inspect.signature(sharding.initialize).parameters["heartbeat_timeout_seconds"].default
 
 
 def _worker_module():
@@ -114,13 +119,18 @@ def test_without_the_launcher_survivors_fail_within_the_heartbeat_timeout():
         processes.append(
             subprocess.Popen([sys.executable, str(WORKER)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         )
-    start = time.monotonic()
     try:
-        survivor_output, _ = processes[0].communicate(timeout=90)
+        processes[1].wait(timeout=180)  # it kills itself at its second step
+        died = time.monotonic()
+        # Waited for well past the bound below, so that a survivor that waits longer fails the assert, not this.
+        survivor_output, _ = processes[0].communicate(timeout=HEARTBEAT_S + 120)
+        noticed_after = time.monotonic() - died
     finally:
         for p in processes:
             p.kill()
             p.communicate()
-    assert processes[0].returncode != 0
-    assert "stopped sending heartbeats" in survivor_output
-    assert time.monotonic() - start < 90
+    assert processes[1].returncode == -signal.SIGKILL
+    assert processes[0].returncode != 0 and "RESULT" not in survivor_output, survivor_output[-3000:]
+    # The heartbeat timeout sharding.initialize sets (10 s), not JAX's default (100 s), stopped the survivor.
+    assert noticed_after < HEARTBEAT_S + 30, (noticed_after, survivor_output[-3000:])
+    assert re.search("heartbeat", survivor_output, re.IGNORECASE), survivor_output[-3000:]

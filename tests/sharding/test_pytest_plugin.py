@@ -3,6 +3,7 @@
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 PROJECT_TEST = textwrap.dedent(
     '''
@@ -51,3 +52,40 @@ def test_plugin_is_registered_as_an_entry_point():
 
     names = {ep.name: ep.value for ep in entry_points(group="pytest11")}
     assert names.get("sharding.pytest_plugin") == "sharding.pytest_plugin"
+
+
+SUBPROCESS_OUTCOMES = textwrap.dedent(
+    '''
+    import jax
+    import pytest
+
+    @pytest.mark.devices(6)
+    def test_skipped_in_subprocess():
+        assert jax.device_count() == 6
+        pytest.skip("needs a GPU")
+
+    @pytest.mark.devices(6)
+    @pytest.mark.xfail(reason="a known bug", strict=True)
+    def test_xfail_in_subprocess():
+        assert jax.device_count() == 5
+
+    @pytest.mark.devices(6)
+    def test_passes_in_subprocess():
+        assert jax.device_count() == 6
+    '''
+)
+
+
+def test_a_test_skipped_or_xfailed_in_its_subprocess_is_reported_so(tmp_path):
+    """Not as passed: the outcome in the subprocess is the outcome of the test."""
+    (tmp_path / "test_outcomes.py").write_text(SUBPROCESS_OUTCOMES)
+    root = str(Path(__file__).resolve().parents[2])
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "PYTHONPATH": root}
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-rsx", "-p", "no:cacheprovider", "-p", "sharding.pytest_plugin",
+         "--cpu-devices", "4"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+    )
+    out = result.stdout + result.stderr
+    assert "1 passed, 1 skipped, 1 xfailed" in out, out
+    assert "needs a GPU" in out and "a known bug" in out, out

@@ -1,4 +1,4 @@
-"""The examples in the docstrings of every public smap module run and print what they say.
+"""The examples in the docstrings of every smap and sharding module run and print what they say.
 
 ``doctest.testmod`` skips objects whose ``__module__`` names another module,
 and smap reports its public classes at their public location
@@ -19,14 +19,17 @@ MODULES = [
     "smap.random",
     "smap.nn",
     "smap._state",
+    "smap._locks",
     "smap._tracing",
     "smap._dispatch",
     "smap.transform._jit",
     "smap.transform._grad",
     "smap.transform._mapping",
-    "smap.transform._plan",
-    "smap.checkpoint",
-    "smap.checkpoint._checkpoint",
+    "sharding",
+    "sharding._adapters",
+    "sharding._distributed",
+    "sharding._mesh",
+    "sharding._placement",
 ]
 
 

@@ -390,3 +390,57 @@ def test_xla_flags_set_after_importing_smap_take_effect():
         "print(jax.device_count())\n"
     )
     assert out == "3"
+
+
+# -- a failed draw leaves the key as it was ------------------------------------
+
+FAILING_DRAWS = {
+    "uniform with an int dtype": (lambda r: r.uniform(0, 1, size=3, dtype=jnp.int32), "dtype"),
+    "normal with size=-1": (lambda r: r.normal(size=-1), "size"),
+    "normal with size=2.5": (lambda r: r.normal(size=2.5), "size"),
+    "bernoulli with size=(2, -3)": (lambda r: r.bernoulli(0.5, size=(2, -3)), "size"),
+    "normal with parameters that do not broadcast": (lambda r: r.normal(jnp.zeros(2), jnp.ones(3)), "shapes"),
+    "normal with a size that loc does not broadcast to": (lambda r: r.normal(jnp.zeros(2), size=3), "shapes"),
+    "truncated_normal with a size the bounds do not broadcast to": (
+        lambda r: r.truncated_normal(jnp.zeros(2), 1.0, size=3), "shapes"
+    ),
+    "choice of 5 from 3 without replacement": (lambda r: r.choice(3, size=5, replace=False), "larger sample"),
+    "choice with p of the wrong length": (lambda r: r.choice(3, p=[0.5, 0.5]), "p "),
+    "randint with a float dtype": (lambda r: r.randint(0, 3, size=2, dtype=jnp.float32), "dtype"),
+    "split_key with n=-1": (lambda r: r.split_key(-1), "n must be"),
+}
+
+
+@pytest.mark.parametrize("name", list(FAILING_DRAWS))
+def test_failed_draw_leaves_the_key_unchanged(name):
+    draw, words = FAILING_DRAWS[name]
+    rng = smap.random.RandomState(5)
+    before = np.asarray(rng.value)
+    with pytest.raises((ValueError, TypeError), match=words):
+        draw(rng)
+    np.testing.assert_array_equal(np.asarray(rng.value), before)
+    # The next draw is the first one the seed gives.
+    assert_equal(rng.split_key(), subkeys(5, 1)[0])
+
+
+@pytest.mark.parametrize("name", ["normal with size=-1", "choice of 5 from 3 without replacement"])
+def test_failed_module_level_draw_leaves_default_unchanged(name):
+    draw, words = FAILING_DRAWS[name]
+    module = type("Module", (), {n: staticmethod(getattr(smap.random, n)) for n in ("normal", "choice")})
+    smap.random.seed(11)
+    before = np.asarray(smap.random.DEFAULT.value)
+    with pytest.raises((ValueError, TypeError), match=words):
+        draw(module)
+    np.testing.assert_array_equal(np.asarray(smap.random.DEFAULT.value), before)
+    assert_equal(smap.random.split_key(), subkeys(11, 1)[0])
+
+
+@pytest.mark.parametrize("bad", ["abc", 1.5, [1, 2]])
+def test_seed_names_what_it_expects(bad):
+    rng = smap.random.RandomState(2)
+    before = np.asarray(rng.value)
+    with pytest.raises(TypeError, match=r"seed expects an int or a JAX PRNG key, got (str|float|list)"):
+        rng.seed(bad)
+    np.testing.assert_array_equal(np.asarray(rng.value), before)
+    with pytest.raises(TypeError, match="seed expects"):
+        smap.random.seed(bad)

@@ -597,3 +597,62 @@ def test_raw_jax_jit_check_when_the_first_written_state_is_empty(close):
     with pytest.raises(TypeError, match="smap"):
         jax.jit(f)(jnp.ones(2))
     close(s.value, np.zeros(2))
+
+
+# -- a raw JAX transformation writing a State is refused at the write ----------
+
+RAW_WRITES = {
+    "jax.jit": lambda s: jax.jit(lambda x: setattr(s, "value", x))(3.0),
+    "jax.vmap": lambda s: jax.vmap(lambda x: setattr(s, "value", x))(jnp.ones(3)),
+    "jax.grad": lambda s: jax.grad(lambda x: (setattr(s, "value", x), x)[1])(3.0),
+    "jax.vmap inside smap.jit": lambda s: smap.jit(
+        lambda x: jax.vmap(lambda y: setattr(s, "value", y))(x)
+    )(jnp.ones(3)),
+    "jax.lax.cond inside smap.jit": lambda s: smap.jit(
+        lambda x: jax.lax.cond(x > 0, lambda: setattr(s, "value", x), lambda: None)
+    )(1.0),
+    "reset under jax.jit": lambda s: jax.jit(lambda x: s.reset(x))(3.0),
+}
+
+
+@pytest.mark.parametrize("name", list(RAW_WRITES))
+def test_raw_jax_transform_writing_a_state_is_refused_naming_the_state(name, close):
+    class Counter(smap.nn.Module):
+        def __init__(self):
+            self.total = smap.State(jnp.zeros(()))
+
+    counter = Counter()
+    counter.states()  # records the state's path, which errors name
+    words = r"state 'total' \(State\) is written with a value traced.*smap\.jit, smap\.grad or smap\.vmap"
+    with pytest.raises(TypeError, match=words):
+        RAW_WRITES[name](counter.total)
+    close(counter.total.value, 0.0)  # no tracer was stored: the state is usable
+    counter.total.value = counter.total.value + 1
+    close(counter.total.value, 1.0)
+
+
+def test_raw_jax_jit_drawing_from_a_random_state_is_refused_and_keeps_the_key():
+    rng = smap.random.RandomState(0)
+    before = np.asarray(rng.value)
+    with pytest.raises(TypeError, match=r"RandomState uint32\[2\] is written with a value traced"):
+        jax.jit(lambda: rng.normal())()
+    np.testing.assert_array_equal(np.asarray(rng.value), before)
+
+
+def test_smap_transforms_nested_in_raw_jax_transforms_still_work(close):
+    w = smap.ParamState(jnp.array([1.0, 2.0]))
+    h = smap.State(jnp.zeros(2))
+
+    @smap.jit
+    def step(x):
+        h.value = h.value + x  # a write traced by smap.jit's own trace
+        inner = smap.vmap(lambda v: v * w.value.sum())(x)  # smap.vmap inside smap.jit
+        return (inner * w.value).sum()
+
+    close(step(jnp.ones(2)), 9.0)
+    close(h.value, np.ones(2))
+    # smap.vmap reading states inside a raw jax.jit, and jax.grad over a reading smap.jit.
+    close(jax.jit(smap.vmap(lambda v: v * w.value.sum()))(jnp.arange(2.0)), np.array([0.0, 3.0]))
+    close(jax.grad(smap.jit(lambda x: (x * w.value).sum()))(jnp.ones(2)), w.value)
+    # A state created inside a raw jax.jit lives in that trace: writing it there is allowed.
+    close(jax.jit(lambda x: (s := smap.State(x), setattr(s, "value", s.value * 2), s.value)[-1])(3.0), 6.0)

@@ -2505,3 +2505,142 @@ def test_tutorial_examples_on_other_inputs(seed, close):
 
     ts = f32(n)
     close(smap.jit(vmap2(smap.grad(loss_fn, argnums=0)))(xs, ts), jax.vmap(jax.grad(loss_fn))(xs, ts))
+
+
+# -- conflicting and ambiguous state axes ----------------------------------------
+
+
+@pytest.mark.parametrize("out_axis", [1, -2])
+def test_state_out_axes_conflicting_with_state_in_axes_for_a_rank_1_state(out_axis):
+    h = smap.HiddenState(jnp.zeros(4))
+
+    def step(x):
+        h.value = h.value + x
+        return x
+
+    before = snapshot(h)
+    mapped = vmap2(step, state_in_axes={0: h}, state_out_axes={out_axis: h})
+    with pytest.raises(smap.BatchAxisError, match=rf"HiddenState float32\[4\].*axis 0.*axis {out_axis}"):
+        mapped(jnp.ones(4))
+    assert_unchanged([h], before)
+
+
+def test_state_out_axes_agreeing_with_state_in_axes_for_a_rank_1_state(close):
+    h = smap.HiddenState(jnp.zeros(4))
+
+    def step(x):
+        h.value = h.value + x
+        return x
+
+    vmap2(step, state_in_axes={0: h}, state_out_axes={-1: h})(jnp.arange(4.0))
+    close(h.value, jnp.arange(4.0))
+
+
+SELECTED_TWICE = {
+    "the same state at two keys": lambda h: {1: h, 0: h},
+    "overlapping type filters": lambda h: {0: smap.ShortTermState, 1: smap.HiddenState},
+    "a type and a tag": lambda h: {1: smap.filter.WithTag("h"), 0: OfType(smap.HiddenState)},
+}
+
+
+@pytest.mark.parametrize("name", list(SELECTED_TWICE))
+@pytest.mark.parametrize("which", ["state_in_axes", "state_out_axes"])
+def test_a_state_selected_at_two_axes_is_an_error_naming_it_and_both_axes(name, which):
+    h = smap.HiddenState(jnp.zeros((4, 4)), tag="h")
+
+    def step(x):
+        h.value = h.value + x
+        return x
+
+    spec = SELECTED_TWICE[name](h)
+    options = {"state_in_axes": spec} if which == "state_in_axes" else {"state_out_axes": spec, "axis_size": 4}
+    before = snapshot(h)
+    axes = sorted(k for k in spec)
+    either = f"({axes[0]}|{axes[1]})"
+    pattern = rf"{which} selects HiddenState float32\[4,4\] at axis {either} and at axis {either}"
+    with pytest.raises(ValueError, match=pattern):
+        vmap2(step, in_axes=0 if which == "state_in_axes" else None, **options)(jnp.ones(4))
+    assert_unchanged([h], before)
+
+
+# -- a shared state written with a lane's slice of it ------------------------------
+
+
+def test_shared_state_written_with_its_lane_slice_and_selected_by_state_out_axes(close):
+    s = smap.ShortTermState(jnp.zeros(4))
+    xs = jnp.arange(1.0, 5.0)
+
+    def f(x):
+        s.value = x / jax.lax.psum(x, "i")
+        return x
+
+    close(vmap2(f, axis_name="i", state_out_axes=s)(xs), xs)
+    close(s.value, xs / xs.sum())  # by hand: lane i wrote x_i / sum(x)
+
+
+def test_lane_slice_write_along_axis_1_matches_jax_vmap(close):
+    s = smap.ShortTermState(jnp.zeros((2, 3)))
+    xs = rand(3, 2)
+
+    def f(x):
+        s.value = s.value[:, 0] * 0 + x * 2
+        return x.sum()
+
+    vmap2(f, state_out_axes={1: s})(xs)
+    close(s.value, jax.vmap(lambda x: x * 2, out_axes=1)(xs))
+
+
+def test_lane_slice_write_that_cannot_stack_to_the_state_shape_is_refused():
+    s = smap.ShortTermState(jnp.zeros(4))
+
+    def per_lane(x):
+        s.value = x * 2
+        return x
+
+    def same_in_every_lane(x):
+        s.value = jnp.zeros(())
+        return x
+
+    before = snapshot(s)
+    with pytest.raises(ValueError, match=r"ShortTermState float32\[4\].*needs one slice per lane and 4 lanes, got 3"):
+        vmap2(per_lane, state_out_axes=s)(jnp.arange(3.0))
+    with pytest.raises(ValueError, match=r"ShortTermState float32\[4\].*got the same value in every lane"):
+        vmap2(same_in_every_lane, state_out_axes=s)(jnp.arange(4.0))
+    with pytest.raises(ValueError, match=r"ShortTermState float32\[4\]: the new value has shape \(\), expected \(4,\)"):
+        vmap2(per_lane)(jnp.arange(4.0))  # not selected by state_out_axes: the lane must write the whole value
+    assert_unchanged([s], before)
+
+
+# -- static_argnames and axis_size ---------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda f: smap.jit(f, static_argnames="m"),
+        lambda f: StatefulMapping(f, static_argnames=("n", "m")),
+    ],
+)
+def test_unknown_static_argnames_are_an_error_as_in_jax_jit(make):
+    def f(x, n=1):
+        return x * n
+
+    with pytest.raises(ValueError, match="invalid argnames"):
+        jax.jit(f, static_argnames="m")
+    with pytest.raises(ValueError, match=r"f has invalid argnames \['m'\] in static_argnames.*\['x', 'n'\]"):
+        make(f)
+    # As in jax.jit, a function taking **kwargs accepts any name.
+    g = lambda x, **kw: x * kw.get("m", 1)  # noqa: E731
+    assert float(smap.jit(g, static_argnames="m")(2.0, m=3)) == float(jax.jit(g, static_argnames="m")(2.0, m=3))
+
+
+def test_axis_size_0_is_accepted_as_a_size_0_mapped_argument_is(close):
+    w = smap.ParamState(jnp.arange(2.0))
+    out = vmap2(lambda: w.value * 2, axis_size=0)()
+    assert out.shape == (0, 2)
+    close(out, jax.vmap(lambda: jnp.arange(2.0) * 2, axis_size=0)())
+    out = vmap2(lambda x: x + w.value, in_axes=None, axis_size=0)(jnp.ones(2))
+    assert out.shape == (0, 2)
+    assert vmap2(lambda x: x + 1)(jnp.ones((0, 2))).shape == (0, 2)
+    with pytest.raises(ValueError, match="axis_size must be a non-negative int, got -1"):
+        vmap2(lambda x: x, axis_size=-1)

@@ -1,0 +1,82 @@
+"""Bad input to the sharding layer: an error naming the argument or the state
+and what was expected; a failed ``place`` leaves every state where it was."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+import sharding
+import smap
+
+
+@pytest.mark.parametrize(
+    "devices, error, words",
+    [
+        (["cpu0"], TypeError, r"sharding\.pmap: devices\[0\] must be a JAX device.*got str 'cpu0'"),
+        ([], ValueError, r"sharding\.pmap: devices is empty"),
+        ("cpu", TypeError, r"sharding\.pmap: devices must be a list of JAX devices, got str"),
+    ],
+)
+def test_pmap_devices_must_be_jax_devices(devices, error, words):
+    with pytest.raises(error, match=words):
+        sharding.pmap(devices=devices)
+    with pytest.raises(error, match=words):
+        smap.StatefulMapping(lambda x: x, mapping_fn=jax.pmap, mapping_kwargs={"devices": devices})(jnp.ones(2))
+
+
+def test_make_mesh_with_a_repeated_device():
+    d = jax.devices()
+    with pytest.raises(ValueError, match=rf"make_mesh: devices lists {d[1]} more than once"):
+        sharding.make_mesh(data=4, devices=[d[0], d[1], d[1], d[2]])
+
+
+def mapping_on(mesh):
+    return smap.StatefulMapping(lambda x: x, state_in_axes=smap.HiddenState, mapping_fn=sharding.shard_map(mesh))
+
+
+def test_spec_for_and_describe_given_arrays_name_what_they_expect():
+    mesh = sharding.make_mesh(data=8)
+    with pytest.raises(TypeError, match=r"spec_for: state must be a smap\.State, got ArrayImpl"):
+        sharding.spec_for(mapping_on(mesh), jnp.ones(3))
+    with pytest.raises(TypeError, match=r"mapping must be a smap\.StatefulMapping, got ArrayImpl"):
+        sharding.spec_for(jnp.ones(3), smap.State(jnp.ones(3)))
+    with pytest.raises(TypeError, match=r"target must be a Module, a State, or a dict or list of States, got Array"):
+        sharding.describe(jnp.ones(3))
+    with pytest.raises(TypeError, match=r"target\['a'\] must be a smap\.State, got ArrayImpl"):
+        sharding.describe({"a": jnp.ones(3)})
+    with pytest.raises(TypeError, match=r"target\[1\] must be a smap\.State, got ArrayImpl"):
+        sharding.place([smap.State(jnp.ones(8)), jnp.ones(3)], mesh=mesh)
+
+
+def shardings(*states):
+    return [s.value.sharding for s in states]
+
+
+def test_place_with_a_spec_that_does_not_divide_a_state_names_it_and_leaves_all_where_they_were():
+    mesh = sharding.make_mesh(data=8)
+    fits, odd = smap.ParamState(jnp.ones((8, 4))), smap.ParamState(jnp.ones((3, 4)))
+    before = shardings(fits, odd)
+    with pytest.raises(ValueError, match=r"ParamState float32\[3,4\] has size 3 in dimension 0.*mesh axis 'data'"):
+        sharding.place([fits, odd], mesh=mesh, rules={smap.ParamState: P("data")})
+    assert shardings(fits, odd) == before  # `fits` was not placed either
+    np.testing.assert_array_equal(np.asarray(fits.value), np.ones((8, 4)))
+    # With a batched state of a mapping: the mesh axis is the mapping's.
+    h = smap.HiddenState(jnp.zeros((6, 2)))
+    with pytest.raises(ValueError, match=r"HiddenState float32\[6,2\] has size 6 in dimension 0.*mesh axis 'data'"):
+        sharding.place([fits, h], mapping_on(mesh))
+    assert shardings(fits, h)[0] == before[0]
+
+
+def test_place_with_a_string_or_an_unknown_mesh_axis_where_a_spec_belongs():
+    mesh = sharding.make_mesh(data=8)
+    w = smap.ParamState(jnp.ones((8, 4)))
+    before = shardings(w)
+    with pytest.raises(TypeError, match=r"rules\[.*ParamState.*\] must be a PartitionSpec, got str 'data'"):
+        sharding.place([w], mesh=mesh, rules={smap.ParamState: "data"})
+    with pytest.raises(ValueError, match=r"names mesh axis 'model', but the mesh has axes \('data',\)"):
+        sharding.place([w], mesh=mesh, rules={smap.ParamState: P("model")})
+    assert shardings(w) == before
+    sharding.place([w], mesh=mesh, rules={smap.ParamState: P("data")})
+    assert w.value.sharding.spec == P("data")

@@ -1,0 +1,160 @@
+"""Calls from several threads: no write lost, no random key used twice, the
+result of some sequential order; calls on disjoint states do not wait on each other."""
+
+import threading
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import smap
+
+THREADS, CALLS = 4, 25
+
+
+def run_in_threads(call, threads=THREADS, calls=CALLS):
+    """``call()`` ``calls`` times in each of ``threads`` threads started together; all results."""
+    start = threading.Barrier(threads, timeout=60)
+    results, errors = [], []
+
+    def work():
+        try:
+            start.wait()
+            for _ in range(calls):
+                results.append(call())
+        except BaseException as error:  # noqa: BLE001 - reported below
+            errors.append(error)
+
+    workers = [threading.Thread(target=work, daemon=True) for _ in range(threads)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join(timeout=300)
+    assert not any(w.is_alive() for w in workers), "a thread did not finish"
+    assert not errors, errors
+    return results
+
+
+def reference_draws(seed, n, per_lane):
+    """The draw of each of n successive calls from a RandomState seeded with ``seed``
+    (``rng.normal(size=2)``, in a one-lane mapping when ``per_lane``), and the key after them."""
+    key, draws = jax.random.PRNGKey(seed), []
+    for _ in range(n):
+        if per_lane:  # lane i of a mapping of n lanes has split(key, n)[i]; the state takes split(key, n + 1)[n]
+            lane, key = jax.random.split(key, 1)[0], jax.random.split(key, 2)[1]
+            draws.append(jax.random.normal(jax.random.split(lane)[1], (2,)))
+        else:
+            key, sub = jax.random.split(key)
+            draws.append(jax.random.normal(sub, (2,)))
+    return draws, key
+
+
+@pytest.mark.parametrize("transform", ["jit", "vmap", "grad"])
+def test_threaded_calls_equal_a_sequential_order(transform):
+    """Each call returns the counter it read and a draw: the counters are 0..99
+    (no lost write) and the call that read k drew with the k-th key (no reused key)."""
+    n = THREADS * CALLS
+    counter = smap.LongTermState(jnp.zeros((), jnp.int32))
+    rng = smap.random.RandomState(3)
+    w = smap.ParamState(jnp.ones(()))
+
+    def step(x):
+        old = counter.value
+        counter.value = old + 1
+        return old, rng.normal(size=2) + x
+
+    if transform == "jit":
+        call = smap.jit(step)
+    elif transform == "vmap":
+        mapped = smap.vmap(step, in_axes=None, axis_size=1)
+        call = lambda x: jax.tree_util.tree_map(lambda v: v[0], mapped(x))  # noqa: E731
+    else:
+        loss = lambda x: (lambda old, draw: (w.value * draw.sum(), (old, draw)))(*step(x))  # noqa: E731
+        g = smap.grad(loss, grad_states=w, has_aux=True)
+        call = lambda x: g(x)[1]  # noqa: E731
+
+    results = run_in_threads(lambda: call(0.0))
+    assert sorted(int(old) for old, _ in results) == list(range(n))
+    assert int(counter.value) == n
+    expected, last = reference_draws(3, n, per_lane=transform == "vmap")
+    for old, draw in results:
+        np.testing.assert_array_equal(np.asarray(draw), np.asarray(expected[int(old)]))
+    np.testing.assert_array_equal(np.asarray(rng.value), np.asarray(last))
+
+
+def test_threaded_mapping_adding_to_a_long_term_state_loses_nothing():
+    total = smap.LongTermState(jnp.zeros(()))
+    rng = smap.random.RandomState(0)
+
+    def f(x):
+        total.value = total.value + jax.lax.psum(x, "i")
+        return x + rng.uniform()
+
+    add = smap.vmap(f, axis_name="i")
+    xs = jnp.arange(4.0)
+    outs = run_in_threads(lambda: add(xs))
+    assert float(total.value) == THREADS * CALLS * 6.0
+
+    # The same calls one after the other: the outputs are the same, in some order.
+    total.value = jnp.zeros(())
+    rng.seed(0)
+    sequential = [add(xs) for _ in range(THREADS * CALLS)]
+    assert float(total.value) == THREADS * CALLS * 6.0
+    as_set = lambda results: sorted(tuple(np.asarray(r).tolist()) for r in results)  # noqa: E731
+    assert as_set(outs) == as_set(sequential)
+    assert len({tuple(np.asarray(r).tolist()) for r in outs}) == THREADS * CALLS  # no key reused
+
+
+def test_module_level_samplers_from_threads_use_every_key_once():
+    smap.random.seed(7)
+    draws = run_in_threads(lambda: smap.random.normal(size=2))
+    reference, last = reference_draws(7, THREADS * CALLS, per_lane=False)
+    expected = sorted(tuple(np.asarray(d).tolist()) for d in reference)
+    assert sorted(tuple(np.asarray(d).tolist()) for d in draws) == expected
+    np.testing.assert_array_equal(np.asarray(smap.random.DEFAULT.value), np.asarray(last))
+
+
+def test_calls_on_disjoint_states_do_not_wait_for_each_other():
+    """While a call on ``a`` is inside its trace, a call on ``b`` completes; a call on ``a`` waits."""
+    a, b = smap.State(jnp.zeros(())), smap.State(jnp.zeros(()))
+    in_trace, b_done = threading.Event(), threading.Event()
+
+    @smap.jit
+    def add_a(x):
+        if x.shape == (3,):  # the trace of a new signature, inside a call that holds a's lock
+            in_trace.set()
+            if not b_done.wait(timeout=30):
+                raise TimeoutError("the call on b waited for the call on a")
+        a.value = a.value + x.sum()
+        return a.value
+
+    @smap.jit
+    def add_b(x):
+        b.value = b.value + x.sum()
+        return b.value
+
+    add_a(jnp.ones(2))
+    add_b(jnp.ones(2))  # both calls now know their states
+    errors = []
+
+    def call(f, x):
+        try:
+            f(x)
+        except BaseException as error:  # noqa: BLE001 - reported below
+            errors.append(error)
+
+    first = threading.Thread(target=call, args=(add_a, jnp.ones(3)), daemon=True)
+    first.start()
+    assert in_trace.wait(timeout=60)
+    same_state = threading.Thread(target=call, args=(add_a, jnp.ones(2)), daemon=True)
+    same_state.start()
+    add_b(jnp.ones(2))  # does not wait for the call on a
+    same_state.join(timeout=0.2)
+    assert same_state.is_alive()  # the second call on a waits for the first
+    b_done.set()
+    first.join(timeout=60)
+    same_state.join(timeout=60)
+    assert not first.is_alive() and not same_state.is_alive() and not errors, errors
+    assert float(a.value) == 2.0 + 3.0 + 2.0
+    assert float(b.value) == 4.0
