@@ -180,7 +180,6 @@ def place(target: Any, mapping: smap.StatefulMapping | None = None, *, mesh: Any
     placed = []  # every value is placed before any state changes: a failure leaves them all where they were
     for state in states:
         sharding = placement(state, mesh, mapping, rules)
-        _check_divides(state, sharding.spec, mesh)
         placed.append(jax.tree_util.tree_map(functools.partial(_put, sharding=sharding), state.peek()))
     with _locks.Holding(_locks.ordered(states)):
         for state, value in zip(states, placed):
@@ -201,8 +200,11 @@ def placement(
     """
     if mapping is not None:
         mesh = _adapter(mapping).mesh if mesh is None else mesh
-        return NamedSharding(mesh, spec_for(mapping, state, rules))
-    return NamedSharding(mesh, _rule_spec(state, rules) or PartitionSpec())
+        spec = spec_for(mapping, state, rules)
+    else:
+        spec = _rule_spec(state, rules) or PartitionSpec()
+    _check_divides(state, spec, mesh)
+    return NamedSharding(mesh, spec)
 
 
 def _put(x: Any, sharding: NamedSharding) -> jax.Array:
