@@ -295,14 +295,17 @@ def _mismatches(saved: Mapping[str, dict], states: Mapping[str, State]) -> list[
     return problems
 
 
-def _placements(state: State, mesh: Any, mapping: Any, rules: Any) -> list[Any]:
+def _placements(name: str, state: State, mesh: Any, mapping: Any, rules: Any) -> list[Any]:
     """The sharding each leaf of ``state`` is restored with (None: uncommitted, on the default device)."""
     leaves, _ = _leaves(state)
     if mesh is None and mapping is None:
         return [x.sharding if x.committed else None for _, x in leaves]
     from sharding._placement import placement  # smap never imports sharding at import time
 
-    return [placement(state, mesh, mapping, rules)] * len(leaves)
+    try:
+        return [placement(state, mesh, mapping, rules)] * len(leaves)
+    except ValueError as error:
+        raise CheckpointError(f"state {name!r} cannot be placed as asked: {error}") from None
 
 
 def _read_shard(folder: Path, shard: dict, dtype: np.dtype, what: str) -> np.ndarray:
@@ -447,7 +450,7 @@ def restore(
             f"{folder}: the target does not match the checkpoint ({len(problems)} states):\n  "
             + "\n  ".join(problems)
         )
-    placements = {name: _placements(state, mesh, mapping, rules) for name, state in states.items()}
+    placements = {name: _placements(name, state, mesh, mapping, rules) for name, state in states.items()}
     values, error = {}, None
     try:
         for name, state in states.items():

@@ -169,7 +169,7 @@ def test_4x2_data_model_mesh_to_8x1(tmp_path, axis_type):
     assert [tuple(s.data.shape) for s in net.w.value.addressable_shards] == [(4, 1)] * 8
 
     # a placement the shapes do not allow is named
-    with pytest.raises(CheckpointError, match="state 'w' cannot be placed as asked: .* dimension size is 4"):
+    with pytest.raises(CheckpointError, match="state 'w' cannot be placed as asked: .*has size 4 in dimension 0.*mesh axis 'data'"):
         smap.checkpoint.restore(tmp_path, net, mesh_8x1, rules={smap.ParamState: P("data")})
 
 
