@@ -25,6 +25,7 @@ from .._state import State
 from .._tracing import ArgSignature, Program, StatefulFunction, TraceContext, abstract
 from ..random import RandomState
 from ._axes import AxisSpec, leaf_axes, leaf_names, normalise_state_axes, resolve_axis, select_axis
+from ._fuse import fused_lanes
 from ._lanes import lane_dependent
 from ._signature import check_static_argnums, function_name
 
@@ -124,6 +125,11 @@ class StatefulMapping(StatefulFunction):
         name: a name for errors and reprs.
         mapping_fn, mapping_kwargs: what maps the per-lane program, and
             extra keyword arguments for it.
+        fuse_lane_sums: compute a ``psum``/``pmean`` over ``axis_name`` of
+            per-lane products (per-example weight gradients) as one product
+            over the lanes, without a per-lane array of the product's size
+            (see docs/vectorization.md). ``False`` keeps the per-lane
+            products, for debugging; results agree to float round-off.
 
     Example:
         >>> import jax.numpy as jnp, smap
@@ -154,6 +160,7 @@ class StatefulMapping(StatefulFunction):
         name: str | None = None,
         mapping_fn: Callable = jax.vmap,
         mapping_kwargs: dict | None = None,
+        fuse_lane_sums: bool = True,
     ):
         if unexpected_out_state_mapping not in _POLICIES:
             raise ValueError(
@@ -178,6 +185,7 @@ class StatefulMapping(StatefulFunction):
         self.axis_name = axis_name
         self.mapping_fn = mapping_fn
         self.mapping_kwargs = dict(mapping_kwargs or {})
+        self.fuse_lane_sums = bool(fuse_lane_sums)
         self._sizes_found_in_trace: dict[Hashable, int] = {}
         functools.update_wrapper(self, fun, updated=())
 
@@ -270,6 +278,9 @@ class StatefulMapping(StatefulFunction):
             axis_size=context.axis_size,
             split=tuple(split),
             advance=tuple(advance),
+            fused=fused_lanes(program.jaxpr, [a is not None for a in in_axes], self.axis_name)
+            if self.fuse_lane_sums and self.axis_name is not None
+            else None,
         )
 
     def _output_axes(self, program: Program, dependent: list[bool]) -> list[int | None]:
@@ -382,11 +393,13 @@ def _mapped_program(
     axis_size: int,
     split: tuple[bool, ...],
     advance: tuple[bool, ...],
+    fused: Callable | None = None,
 ) -> Callable:
-    """The function of (argument leaves, state values) that runs every lane."""
+    """The function of (argument leaves, state values) that runs every lane
+    (``fused``, when given, evaluates the program in its place)."""
 
     def lane(*leaves: Any) -> tuple:
-        return tuple(program(*leaves))
+        return tuple((fused or program)(*leaves))
 
     def run(arg_leaves: list, state_values: list) -> tuple[Any, list]:
         state_leaves, advanced = [], {}
