@@ -186,7 +186,8 @@ def _psum(eqn: Any, ins: list[_Node], axis_name: Hashable) -> list[_Node]:
     for node in ins:
         fused = _summed(node, None, axis_name) if node.dependent else None
         if fused is None:
-            (value,) = eqn.primitive.bind(node.value, **eqn.params)
+            value = eqn.primitive.bind(node.value, **eqn.params)
+            value = value[0] if eqn.primitive.multiple_results else value
         else:
             value = jax.lax.psum(fused, others) if others else fused
         outs.append(_Node(value, False))
