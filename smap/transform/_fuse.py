@@ -38,7 +38,7 @@ from ._lanes import lane_dependent
 __all__ = ["fused_lanes", "is_lane_contraction", "contract_over_lanes", "LANE_CONTRACTION"]
 
 # JAX internals read here: primitive names and their parameters.
-_PSUM, _PSUM_AXES = "psum", "axes"
+_PSUM, _PSUM_AXES, _PSUM_GROUPS = "psum", "axes", "axis_index_groups"
 _ALL_GATHER, _GATHER_AXIS, _GATHER_SIZE = "all_gather", "axis_name", "axis_size"
 _DOT, _DOT_DIMS = "dot_general", "dimension_numbers"
 _DOT_OPTIONS = ("precision", "preferred_element_type")
@@ -106,7 +106,8 @@ def _open(jaxpr: Jaxpr | ClosedJaxpr) -> tuple[Jaxpr, Sequence[Any]]:
 
 
 def _reduces_over(eqn: Any, axis_name: Hashable) -> bool:
-    if eqn.primitive.name != _PSUM:
+    """Whether ``eqn`` sums over all the lanes of ``axis_name`` (not over groups of them)."""
+    if eqn.primitive.name != _PSUM or eqn.params.get(_PSUM_GROUPS) is not None:
         return False
     axes = eqn.params[_PSUM_AXES]
     return axis_name in (tuple(axes) if isinstance(axes, (tuple, list)) else (axes,))
