@@ -16,8 +16,11 @@ Runs on 8 emulated CPU devices (set here, before JAX starts). In one run:
       axis='data'))``. The mean of the per-example gradients is the gradient
       of the mean loss, so both give the same updated params (checked).
 
-    and, to explain the difference, three more programs that compute the same
+    and, to explain the difference, four more programs that compute the same
     update:
+
+    * ``smap, fuse_lane_sums=False``: the smap step without the rewrite of
+      the ``pmean`` of per-example gradients into one product over the batch;
 
     * ``hand-written, per-example grads``: the hand-written step with
       ``jax.vmap(jax.grad(per-example loss))`` then the mean and ``pmean``:
@@ -47,6 +50,15 @@ Runs on 8 emulated CPU devices (set here, before JAX starts). In one run:
     partitioned ``P('data')``; only the ``pmean`` the program writes
     communicates).
 
+(c) The memory of the compiled programs, per device: the largest array an
+    instruction of the optimised HLO produces (inside fusions too), the
+    arrays of shape (lanes per device, a weight's shape) in any order (what a
+    per-example weight gradient is), and the temporary bytes of
+    ``compiled.memory_analysis()``. The smap step (``fuse_lane_sums``, the
+    default) must hold no per-example array; ``smap, fuse_lane_sums=False`` is
+    the same step with the rewrite switched off (smap before it: the same
+    compiled HLO), so the two are measured in the same run.
+
 Blocking: every timed call is waited for before the next starts. On JAX
 0.10.2's CPU backend with 8 emulated devices on 2 cores, a loop of a few dozen
 unblocked calls of any program with an all-reduce (plain ``jax.jit(jax.shard_map
@@ -57,6 +69,7 @@ per-call latencies, dispatch included, for both sides alike.
 Run:  python scripts/bench_sharding.py             (full run, about a minute on 2 cores)
       python scripts/bench_sharding.py --quick     (smoke run, batch 256 only, few calls)
       python scripts/bench_sharding.py --markdown  (also print the tables as Markdown)
+      python scripts/bench_sharding.py --model 256 512 10  (another MLP)
       python scripts/bench_sharding.py --profile /tmp/prof  (also: device time per HLO op, batch 256)
 """
 
@@ -504,12 +517,19 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=5, help="rounds the calls are split into, for the ratio spread")
     parser.add_argument("--markdown", action="store_true", help="also print the tables as Markdown")
     parser.add_argument(
+        "--model", type=int, nargs=3, default=None, metavar=("IN", "HIDDEN", "OUT"),
+        help=f"layer sizes of the MLP (default {D_IN} {D_HIDDEN} {D_OUT})",
+    )
+    parser.add_argument(
         "--profile",
         metavar="DIR",
         default=None,
         help="also profile the programs at the first batch size (JAX profiler traces written to DIR)",
     )
     args = parser.parse_args()
+    global D_IN, D_HIDDEN, D_OUT
+    if args.model:
+        D_IN, D_HIDDEN, D_OUT = args.model
     batches = args.batches or ([256] if args.quick else [256, 1024])
     for batch in batches:
         if batch % N_DEVICES:
