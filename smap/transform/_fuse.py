@@ -226,7 +226,9 @@ def _summed(node: _Node, scale: Any, axis_name: Hashable) -> Any:
         if name == _MUL:
             for factor, other in ((y, x), (x, y)):
                 if jnp.ndim(factor.value) == 0:
-                    return _summed(other, factor.value if scale is None else scale * factor.value, axis_name)
+                    summed = _summed(other, factor.value if scale is None else scale * factor.value, axis_name)
+                    if summed is not None:
+                        return summed
     return None
 
 
