@@ -510,6 +510,7 @@ def table(header: list[str], rows: list[list[str]], markdown: bool) -> str:
 
 
 def main() -> int:
+    global D_IN, D_HIDDEN, D_OUT
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="smoke run: batch 256 only, few calls")
     parser.add_argument("--batches", type=int, nargs="+", default=None, help="batch sizes (default 256 1024)")
@@ -527,7 +528,6 @@ def main() -> int:
         help="also profile the programs at the first batch size (JAX profiler traces written to DIR)",
     )
     args = parser.parse_args()
-    global D_IN, D_HIDDEN, D_OUT
     if args.model:
         D_IN, D_HIDDEN, D_OUT = args.model
     batches = args.batches or ([256] if args.quick else [256, 1024])

@@ -429,6 +429,7 @@ def vmap2(
     state_in_axes: Any = None,
     state_out_axes: Any = None,
     unexpected_out_state_mapping: str = "ignore",
+    fuse_lane_sums: bool = True,
 ) -> Any:
     """A :class:`StatefulMapping` with ``mapping_fn=jax.vmap``; also a decorator.
 
@@ -448,6 +449,7 @@ def vmap2(
         state_in_axes=state_in_axes,
         state_out_axes=state_out_axes,
         unexpected_out_state_mapping=unexpected_out_state_mapping,
+        fuse_lane_sums=fuse_lane_sums,
     )
     if fn is None:
         return functools.partial(vmap2, **options)
