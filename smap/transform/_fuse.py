@@ -14,10 +14,11 @@ the mapping's axis whose operand is linear in such products (through
 transposes, reshapes, float converts, negations, sums, and scalings by
 lane-independent values or by per-lane scalars, which move into one factor)
 computed that way; anything it does not recognise is evaluated as it is.
-The product over the lanes is a call named :data:`LANE_CONTRACTION`, so an
-``axis_name``-rewriting layer (``sharding``, where a device holds a block of
-lanes) can contract the device's own lanes and sum over devices instead of
-gathering over devices (:func:`contract_over_lanes`).
+The value of each such psum is computed in a call named :data:`LANE_SUM`, so
+an ``axis_name``-rewriting layer (``sharding``, where a device holds a block
+of lanes) can sum over the device's own lanes and then over devices instead
+of gathering over devices (:func:`sum_over_lanes`), at the place of the psum
+(the linear steps after the product stay before the sum over devices).
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from .._compat import jaxprs_in_params
 from ._lanes import _equation as _lane_dependent_outputs
 from ._lanes import lane_dependent
 
-__all__ = ["fused_lanes", "is_lane_contraction", "contract_over_lanes", "LANE_CONTRACTION"]
+__all__ = ["fused_lanes", "is_lane_sum", "sum_over_lanes", "LANE_SUM"]
 
 # JAX internals read here: primitive names and their parameters.
 _PSUM, _PSUM_AXES, _PSUM_GROUPS = "psum", "axes", "axis_index_groups"
@@ -53,30 +54,37 @@ _CALL_NAME = "name"
 _SCAN = "scan"
 
 
-@functools.partial(jax.jit, static_argnames=("dims", "options", "axis_name"))
-def _smap_lane_contraction(a: jax.Array, b: jax.Array, *, dims: tuple, options: tuple, axis_name: Hashable) -> jax.Array:
+LANE_SUM = "_smap_lane_sum"
+
+
+def _lane_sum(compute: Callable[[], Any]) -> Any:
+    """``compute()`` as a call named :data:`LANE_SUM`: the value of a psum over the lanes."""
+
+    def call() -> Any:
+        return compute()
+
+    call.__name__ = call.__qualname__ = LANE_SUM
+    return jax.jit(call)()
+
+
+def _contraction(a: jax.Array, b: jax.Array, dims: tuple, options: dict, axis_name: Hashable) -> jax.Array:
     """Sum over the lanes of ``dot_general(a, b, dims)``: one product that contracts the lanes too."""
     (lhs_c, rhs_c), (lhs_b, rhs_b) = dims
     shift = lambda axes: tuple(d + 1 for d in axes)  # noqa: E731
     gathered = (((0, *shift(lhs_c)), (0, *shift(rhs_c))), (shift(lhs_b), shift(rhs_b)))
-    return jax.lax.dot_general(
-        jax.lax.all_gather(a, axis_name), jax.lax.all_gather(b, axis_name), gathered, **dict(options)
-    )
+    return jax.lax.dot_general(jax.lax.all_gather(a, axis_name), jax.lax.all_gather(b, axis_name), gathered, **options)
 
 
-LANE_CONTRACTION = _smap_lane_contraction.__name__
+def is_lane_sum(eqn: Any) -> bool:
+    """Whether ``eqn`` is a sum over the lanes that :func:`fused_lanes` wrote as products."""
+    return eqn.primitive.name in _CALLS and eqn.params.get(_CALL_NAME) == LANE_SUM
 
 
-def is_lane_contraction(eqn: Any) -> bool:
-    """Whether ``eqn`` is a product over the lanes that :func:`fused_lanes` wrote."""
-    return eqn.primitive.name in _CALLS and eqn.params.get(_CALL_NAME) == LANE_CONTRACTION
+def sum_over_lanes(eqn: Any, ins: Sequence[Any], axis_name: Hashable, axis_size: int) -> list:
+    """Evaluate an :func:`is_lane_sum` equation over the lanes of ``axis_name`` instead.
 
-
-def contract_over_lanes(eqn: Any, ins: Sequence[Any], axis_name: Hashable, axis_size: int) -> list:
-    """Evaluate a :func:`is_lane_contraction` equation over the lanes of ``axis_name`` instead.
-
-    A device that holds a block of lanes contracts over its own block
-    (``axis_name`` its local lane axis); the caller sums the result over devices.
+    A device that holds a block of lanes sums over its own block (``axis_name``
+    its local lane axis); the caller then sums the result over devices.
     """
     sub = eqn.params[_CALLS[eqn.primitive.name]]
     env: dict[Any, Any] = dict(zip(sub.jaxpr.constvars, sub.consts))
@@ -165,7 +173,7 @@ def _evaluate(jaxpr: Jaxpr, consts: Sequence[Any], args: Sequence[_Node], axis_n
         name = eqn.primitive.name
         if _reduces_over(eqn, axis_name):
             outs = _psum(eqn, ins, axis_name)
-        elif name in _CALLS and not is_lane_contraction(eqn):
+        elif name in _CALLS and not is_lane_sum(eqn):
             sub, sub_consts = _open(eqn.params[_CALLS[name]])
             outs = _evaluate(sub, sub_consts, ins, axis_name)
         elif name == _SCAN and _sums_over_lanes(_open(eqn.params["jaxpr"])[0], axis_name):
@@ -185,19 +193,21 @@ def _psum(eqn: Any, ins: list[_Node], axis_name: Hashable) -> list[_Node]:
     others = tuple(a for a in axes if a != axis_name)
     outs = []
     for node in ins:
-        fused = _summed(node, None, axis_name) if node.dependent else None
-        if fused is None:
+        plan = _summed(node, None, axis_name) if node.dependent else None
+        if plan is None:
             value = eqn.primitive.bind(node.value, **eqn.params)
             value = value[0] if eqn.primitive.multiple_results else value
         else:
-            value = jax.lax.psum(fused, others) if others else fused
+            value = _lane_sum(plan)
+            value = jax.lax.psum(value, others) if others else value
         outs.append(_Node(value, False))
     return outs
 
 
-def _summed(node: _Node, scale: Any, axis_name: Hashable) -> Any:
-    """``psum`` over the lanes of ``scale * node`` (scale a per-lane scalar or None) without
-    per-lane products, or None when ``node`` is not recognised as linear in them."""
+def _summed(node: _Node, scale: Any, axis_name: Hashable) -> Callable[[], Any] | None:
+    """How to compute ``psum`` over the lanes of ``scale * node`` (``scale`` a per-lane
+    scalar or None) without per-lane products, or None when ``node`` is not recognised
+    as linear in them."""
     eqn = node.eqn
     if eqn is None or not node.dependent:
         return None
@@ -206,29 +216,33 @@ def _summed(node: _Node, scale: Any, axis_name: Hashable) -> Any:
         a, b = ins
         if not (a.dependent and b.dependent):
             return None
-        lhs = a.value if scale is None else a.value * scale.astype(a.value.dtype)
-        options = tuple((k, eqn.params.get(k)) for k in _DOT_OPTIONS)
-        return _smap_lane_contraction(lhs, b.value, dims=eqn.params[_DOT_DIMS], options=options, axis_name=axis_name)
+        options = {k: eqn.params.get(k) for k in _DOT_OPTIONS}
+
+        def contraction() -> Any:
+            lhs = a.value if scale is None else a.value * scale.astype(a.value.dtype)
+            return _contraction(lhs, b.value, eqn.params[_DOT_DIMS], options, axis_name)
+
+        return contraction
     if name in _LINEAR and len(ins) == 1 and _is_linear(eqn):
         inner = _summed(ins[0], scale, axis_name)
-        return None if inner is None else _rebind(eqn, [inner])
+        return None if inner is None else lambda: _rebind(eqn, [inner()])
     if name in _SUMS:
         parts = [_summed(n, scale, axis_name) for n in ins]
-        return None if any(p is None for p in parts) else _rebind(eqn, parts)
+        return None if any(p is None for p in parts) else lambda: _rebind(eqn, [p() for p in parts])
     if name in (_MUL, _DIV):
         x, y = ins
         if not y.dependent:
             inner = _summed(x, scale, axis_name)
-            return None if inner is None else _rebind(eqn, [inner, y.value])
+            return None if inner is None else lambda: _rebind(eqn, [inner(), y.value])
         if name == _MUL and not x.dependent:
             inner = _summed(y, scale, axis_name)
-            return None if inner is None else _rebind(eqn, [x.value, inner])
+            return None if inner is None else lambda: _rebind(eqn, [x.value, inner()])
         if name == _MUL:
             for factor, other in ((y, x), (x, y)):
                 if jnp.ndim(factor.value) == 0:
-                    summed = _summed(other, factor.value if scale is None else scale * factor.value, axis_name)
-                    if summed is not None:
-                        return summed
+                    plan = _summed(other, factor.value if scale is None else scale * factor.value, axis_name)
+                    if plan is not None:
+                        return plan
     return None
 
 

@@ -163,7 +163,28 @@ def scanned(rng: np.random.Generator) -> Case:
     return Case(step, [w], (rng.standard_normal((B, 3, d_in)).astype(np.float32),), [(d_in, d_out)])
 
 
-PROGRAMS = {f.__name__: f for f in (mlp, tokens, tied, twice, scaled, kept_per_lane, gathered, scanned)}
+def recurrent(rng: np.random.Generator) -> Case:
+    """A recurrent cell unrolled by a scan inside the lane; the gradient, summed over
+    the time steps by the scan, is averaged over the lanes after it."""
+    d_in, d_h = rng.integers(9, 17, size=2)
+    w_in, w_h = smap.ParamState(_normal(rng, d_in, d_h)), smap.ParamState(_normal(rng, d_h, d_h))
+
+    def step(xs):
+        def loss():
+            def cell(h, x):
+                h = jnp.tanh(x @ w_in.value + h @ w_h.value)
+                return h, jnp.sum(h**2)
+
+            return jnp.sum(jax.lax.scan(cell, jnp.zeros(d_h), xs)[1])
+
+        grads = smap.grad(loss, grad_states=[w_in, w_h])()
+        _sgd([w_in, w_h], jax.lax.pmean(grads, AXIS))
+        return jnp.zeros(())
+
+    return Case(step, [w_in, w_h], (rng.standard_normal((B, 3, d_in)).astype(np.float32),), [])
+
+
+PROGRAMS = {f.__name__: f for f in (mlp, tokens, tied, twice, scaled, kept_per_lane, gathered, scanned, recurrent)}
 
 
 def run(build: Callable, seed: int, **mapping: Any) -> tuple[Any, list]:
