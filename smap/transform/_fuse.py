@@ -145,6 +145,7 @@ def fused_lanes(jaxpr: ClosedJaxpr, inputs: Sequence[bool], axis_name: Hashable)
 
     Example:
         >>> import jax, jax.numpy as jnp
+        >>> from smap.transform._fuse import fused_lanes
         >>> def lane(x, g):
         ...     return jax.lax.psum(jnp.outer(x, g), "i")
         >>> x, g = jnp.ones((8, 3)), jnp.ones((8, 2))

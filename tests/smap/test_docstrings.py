@@ -23,6 +23,7 @@ MODULES = [
     "smap.transform._jit",
     "smap.transform._grad",
     "smap.transform._mapping",
+    "smap.transform._fuse",
 ]
 
 
