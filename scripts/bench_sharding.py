@@ -249,7 +249,9 @@ def smap_per_device(mesh: Any, x: jax.Array, y: jax.Array) -> Program:
     def call():
         return m(xb, yb), [s.value for s in params]
 
-    return Program("smap, one lane per device", call, lambda: [s.value for s in params], lambda: smap_compiled(m, xb, yb), True)
+    return Program(
+        "smap, one lane per device", call, lambda: [s.value for s in params], lambda: smap_compiled(m, xb, yb), True
+    )
 
 
 def smap_grad_outside(mesh: Any, x: jax.Array, y: jax.Array) -> Program:
@@ -274,7 +276,11 @@ def smap_grad_outside(mesh: Any, x: jax.Array, y: jax.Array) -> Program:
         return [s.value for s in params]
 
     return Program(
-        "smap, grad outside the mapping", call, lambda: [s.value for s in params], lambda: smap_compiled(train_step, x, y), True
+        "smap, grad outside the mapping",
+        call,
+        lambda: [s.value for s in params],
+        lambda: smap_compiled(train_step, x, y),
+        True,
     )
 
 
@@ -372,7 +378,7 @@ def gemm_and_outer_products(hlo: str) -> tuple[int, int]:
 
 def largest_array(hlo: str) -> tuple[str, int]:
     """The largest array (by bytes) that an instruction of the HLO text produces."""
-    sizes = {"f32": 4, "s32": 4, "u32": 4, "f64": 8, "s64": 8, "u64": 8, "f16": 2, "bf16": 2, "pred": 1, "u8": 1, "s8": 1}
+    sizes = {"f64": 8, "s64": 8, "u64": 8, "f32": 4, "s32": 4, "u32": 4, "f16": 2, "bf16": 2, "pred": 1, "s8": 1, "u8": 1}
     best = ("", 0)
     for dtype, dims in re.findall(r"=\s*\(?(\w+)\[([\d,]*)\]", hlo):
         if dtype in sizes:
@@ -605,7 +611,9 @@ def main() -> int:
 
     time_header = ["program", "batch", "per call (us)", "vs hand-written", "per-round ratio"]
     comm_header = ["program", "batch", *COLLECTIVES, "all-reduce results", "dots/outer"]
-    memory_header = ["program", "batch", "largest array", "(lanes/device, weight) arrays", "temp KiB/device", "vs hand-written"]
+    memory_header = [
+        "program", "batch", "largest array", "(lanes/device, weight) arrays", "temp KiB/device", "vs hand-written"
+    ]
     print("(a) per-call time of one data-parallel SGD step, 8 devices")
     print(table(time_header, time_rows, False))
     print()
@@ -631,7 +639,8 @@ def main() -> int:
         print(f"batch {batch}: smap / hand-written = {ratio:.3f} ({verdict} the target <= {TARGET:.2f})")
         if batch in temp_ratio:
             verdict = "meets" if temp_ratio[batch] <= TEMP_TARGET else "misses"
-            print(f"batch {batch}: smap temp bytes / hand-written = {temp_ratio[batch]:.2f} ({verdict} <= {TEMP_TARGET:.2f})")
+            ratio = temp_ratio[batch]
+            print(f"batch {batch}: smap temp bytes / hand-written = {ratio:.2f} ({verdict} <= {TEMP_TARGET:.2f})")
     print("smap data-parallel steps: only all-reduces; recurrent cell: no all-gather of its HiddenState")
     if args.markdown:
         print()

@@ -24,7 +24,6 @@ of gathering over devices (:func:`sum_over_lanes`), at the place of the psum
 from __future__ import annotations
 
 import dataclasses
-import functools
 from collections.abc import Callable, Hashable, Sequence
 from typing import Any
 
@@ -43,10 +42,13 @@ _PSUM, _PSUM_AXES, _PSUM_GROUPS = "psum", "axes", "axis_index_groups"
 _ALL_GATHER, _GATHER_AXIS, _GATHER_SIZE = "all_gather", "axis_name", "axis_size"
 _DOT, _DOT_DIMS = "dot_general", "dimension_numbers"
 _DOT_OPTIONS = ("precision", "preferred_element_type")
-_REDUCE_SUM, _REDUCE_AXES = "reduce_sum", "axes"
+_REDUCE_SUM = "reduce_sum"
 _CONVERT, _CONVERT_DTYPE = "convert_element_type", "new_dtype"
 # psum(f(x)) == f(psum(x)) for these, f applied with the same parameters.
-_LINEAR = frozenset({"transpose", "reshape", "squeeze", "expand_dims", "broadcast_in_dim", "neg", "copy", "copy_p", _REDUCE_SUM, _CONVERT})
+_LINEAR = frozenset(
+    {"transpose", "reshape", "squeeze", "expand_dims", "broadcast_in_dim", "neg", "copy", "copy_p"}
+    | {_REDUCE_SUM, _CONVERT}
+)
 _SUMS = frozenset({"add", "add_any", "sub"})
 _MUL, _DIV = "mul", "div"
 _CALLS = {"pjit": "jaxpr", "jit": "jaxpr", "closed_call": "call_jaxpr", "core_call": "call_jaxpr"}

@@ -100,7 +100,7 @@ def twice(rng: np.random.Generator) -> Case:
 
     def step(x):
         grad = smap.grad(lambda: jnp.sum(jnp.tanh(jnp.tanh(x @ w.value) @ w.value)), grad_states=w)()
-        w.value = w.value - rate.value * jax.lax.pmean(-(-grad), AXIS)
+        w.value = w.value + rate.value * jax.lax.pmean(-grad, AXIS)
         return jnp.zeros(())
 
     return Case(step, [w, rate], (rng.standard_normal((B, d)).astype(np.float32),), [(d, d)])
@@ -282,7 +282,10 @@ def test_sum_over_a_lane_dependent_bias_is_left_alone():
 # -- the sharding adapters -------------------------------------------------------------
 
 ADAPTERS = {
-    **{f"shard_map-{n}dev": lambda n=n: sharding.shard_map(sharding.make_mesh(data=n, devices=jax.devices()[:n])) for n in (1, 2, 4, 8)},
+    **{
+        f"shard_map-{n}dev": lambda n=n: sharding.shard_map(sharding.make_mesh(data=n, devices=jax.devices()[:n]))
+        for n in (1, 2, 4, 8)
+    },
     **{f"pmap-{n}dev": lambda n=n: sharding.pmap(jax.devices()[:n]) for n in (1, 2, 4, 8)},
 }
 
