@@ -166,6 +166,8 @@ class StatefulMapping(StatefulFunction):
             raise ValueError(
                 f"unexpected_out_state_mapping must be one of {_POLICIES}, got {unexpected_out_state_mapping!r}."
             )
+        if not isinstance(fuse_lane_sums, bool):
+            raise TypeError(f"fuse_lane_sums must be True or False, got {fuse_lane_sums!r}.")
         if axis_size is not None and (not isinstance(axis_size, int) or axis_size < 1):
             raise ValueError(f"axis_size must be a positive int, got {axis_size!r}.")
         static_argnums, static_argnames = check_static_argnums(fun, static_argnums, static_argnames)
@@ -185,7 +187,7 @@ class StatefulMapping(StatefulFunction):
         self.axis_name = axis_name
         self.mapping_fn = mapping_fn
         self.mapping_kwargs = dict(mapping_kwargs or {})
-        self.fuse_lane_sums = bool(fuse_lane_sums)
+        self.fuse_lane_sums = fuse_lane_sums
         self._sizes_found_in_trace: dict[Hashable, int] = {}
         functools.update_wrapper(self, fun, updated=())
 

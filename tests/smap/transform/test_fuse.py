@@ -184,7 +184,29 @@ def recurrent(rng: np.random.Generator) -> Case:
     return Case(step, [w_in, w_h], (rng.standard_normal((B, 3, d_in)).astype(np.float32),), [])
 
 
-PROGRAMS = {f.__name__: f for f in (mlp, tokens, tied, twice, scaled, kept_per_lane, gathered, scanned, recurrent)}
+def rematerialised(rng: np.random.Generator) -> Case:
+    """A layer under jax.checkpoint, in bfloat16 with float32 accumulation. Its weight
+    gradient is computed inside the checkpoint, which the rewrite leaves alone."""
+    d_in, d_out = rng.integers(9, 17, size=2)
+    w = smap.ParamState(_normal(rng, d_in, d_out))
+
+    @jax.checkpoint
+    def layer(x, v):
+        y = jnp.dot(x.astype(jnp.bfloat16), v.astype(jnp.bfloat16), preferred_element_type=jnp.float32)
+        return jnp.tanh(y)
+
+    def step(x):
+        grad = smap.grad(lambda: jnp.sum(layer(x, w.value) ** 2), grad_states=w)()
+        _sgd([w], [jax.lax.pmean(grad, AXIS)])
+        return jnp.zeros(())
+
+    return Case(step, [w], (rng.standard_normal((B, d_in)).astype(np.float32),), [(d_in, d_out)])
+
+
+PROGRAMS = {
+    f.__name__: f
+    for f in (mlp, tokens, tied, twice, scaled, kept_per_lane, gathered, scanned, recurrent, rematerialised)
+}
 
 
 def run(build: Callable, seed: int, **mapping: Any) -> tuple[Any, list]:
@@ -217,7 +239,7 @@ def per_lane_arrays(hlo: str, lanes: int, weights: list[tuple[int, ...]]) -> lis
 
 # -- jax.vmap ------------------------------------------------------------------------
 
-FUSED = ["mlp", "tokens", "tied", "twice", "scaled", "scanned"]
+FUSED = ["mlp", "tokens", "tied", "twice", "scaled", "scanned"]  # the others keep per-lane products
 
 
 @pytest.mark.parametrize("seed", [0, 1])
@@ -265,6 +287,11 @@ def test_a_gradient_that_is_not_summed_stays_per_lane():
     assert per_example.shape == (B, *initial.shape)
     np.testing.assert_allclose(per_example, want, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(w.value, initial - LR * want.mean(0), rtol=1e-5, atol=1e-6)
+
+
+def test_fuse_lane_sums_must_be_a_bool():
+    with pytest.raises(TypeError, match="fuse_lane_sums must be True or False, got 'no'"):
+        smap.StatefulMapping(lambda x: x, fuse_lane_sums="no")
 
 
 def test_sum_over_a_lane_dependent_bias_is_left_alone():
