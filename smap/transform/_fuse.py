@@ -53,7 +53,7 @@ _SUMS = frozenset({"add", "add_any", "sub"})
 _MUL, _DIV = "mul", "div"
 _CALLS = {"pjit": "jaxpr", "jit": "jaxpr", "closed_call": "call_jaxpr", "core_call": "call_jaxpr"}
 _CALL_NAME = "name"
-_SCAN = "scan"
+_SCAN, _SCAN_BODY, _SCAN_CONSTS, _SCAN_CARRY = "scan", "jaxpr", "num_consts", "num_carry"
 
 
 LANE_SUM = "_smap_lane_sum"
@@ -179,7 +179,7 @@ def _evaluate(jaxpr: Jaxpr, consts: Sequence[Any], args: Sequence[_Node], axis_n
         elif name in _CALLS and not is_lane_sum(eqn):
             sub, sub_consts = _open(eqn.params[_CALLS[name]])
             outs = _evaluate(sub, sub_consts, ins, axis_name)
-        elif name == _SCAN and _sums_over_lanes(_open(eqn.params["jaxpr"])[0], axis_name):
+        elif _scan_sums_over_lanes(eqn, axis_name):
             outs = _scan(eqn, ins, axis_name)
         else:
             values = eqn.primitive.bind(*[n.value for n in ins], **eqn.primitive.get_bind_params(eqn.params))
@@ -260,10 +260,18 @@ def _rebind(eqn: Any, ins: list) -> Any:
     return eqn.primitive.bind(*ins, **eqn.primitive.get_bind_params(eqn.params))
 
 
+def _scan_sums_over_lanes(eqn: Any, axis_name: Hashable) -> bool:
+    """A scan (with the parameters of JAX <= 0.10) whose body has a psum over ``axis_name``."""
+    params = eqn.params
+    if eqn.primitive.name != _SCAN or _SCAN_CONSTS not in params:
+        return False
+    return _sums_over_lanes(_open(params[_SCAN_BODY])[0], axis_name)
+
+
 def _scan(eqn: Any, ins: list[_Node], axis_name: Hashable) -> list[_Node]:
     """A scan whose body sums over the lanes: its body is evaluated by this pass too."""
-    body, length, reverse, unroll = (eqn.params[k] for k in ("jaxpr", "length", "reverse", "unroll"))
-    n_consts, n_carry = eqn.params["num_consts"], eqn.params["num_carry"]
+    body, length, reverse, unroll = (eqn.params[k] for k in (_SCAN_BODY, "length", "reverse", "unroll"))
+    n_consts, n_carry = eqn.params[_SCAN_CONSTS], eqn.params[_SCAN_CARRY]
     deps = [n.dependent for n in ins]
     carry_deps = deps[n_consts : n_consts + n_carry]
     while True:  # the carry is per lane once any iteration makes it so (as in _lanes)
