@@ -289,6 +289,18 @@ def test_a_gradient_that_is_not_summed_stays_per_lane():
     np.testing.assert_allclose(w.value, initial - LR * want.mean(0), rtol=1e-5, atol=1e-6)
 
 
+def test_a_custom_mapping_fn_gets_the_fused_program(close):
+    calls = []
+
+    def my_vmap(f, **kwargs):  # a mapping_fn with jax.vmap's calling convention
+        calls.append(kwargs["axis_name"])
+        return jax.vmap(f, **kwargs)
+
+    want = run(PROGRAMS["tied"], 2, fuse_lane_sums=False)
+    close(run(PROGRAMS["tied"], 2, mapping_fn=my_vmap), want, rtol=1e-5, atol=1e-6)
+    assert calls == [AXIS]
+
+
 def test_fuse_lane_sums_must_be_a_bool():
     with pytest.raises(TypeError, match="fuse_lane_sums must be True or False, got 'no'"):
         smap.StatefulMapping(lambda x: x, fuse_lane_sums="no")
