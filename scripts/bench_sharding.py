@@ -16,8 +16,11 @@ Runs on 8 emulated CPU devices (set here, before JAX starts). In one run:
       axis='data'))``. The mean of the per-example gradients is the gradient
       of the mean loss, so both give the same updated params (checked).
 
-    and, to explain the difference, three more programs that compute the same
+    and, to explain the difference, four more programs that compute the same
     update:
+
+    * ``smap, fuse_lane_sums=False``: the smap step without the rewrite of
+      the ``pmean`` of per-example gradients into one product over the batch;
 
     * ``hand-written, per-example grads``: the hand-written step with
       ``jax.vmap(jax.grad(per-example loss))`` then the mean and ``pmean``:
@@ -47,7 +50,16 @@ Runs on 8 emulated CPU devices (set here, before JAX starts). In one run:
     partitioned ``P('data')``; only the ``pmean`` the program writes
     communicates).
 
-(c) Data and model parallelism at once (``--part hybrid``), on a mesh
+(c) The memory of the compiled programs, per device: the largest array an
+    instruction of the optimised HLO produces (inside fusions too), the
+    arrays of shape (lanes per device, a weight's shape) in any order (what a
+    per-example weight gradient is), and the temporary bytes of
+    ``compiled.memory_analysis()``. The smap step (``fuse_lane_sums``, the
+    default) must hold no per-example array; ``smap, fuse_lane_sums=False`` is
+    the same step with the rewrite switched off (smap before it: the same
+    compiled HLO), so the two are measured in the same run.
+
+(d) Data and model parallelism at once (``--part hybrid``), on a mesh
     ``make_mesh(data=4, model=2)``: one SGD step of a two-layer MLP (128 ->
     512 -> 128, tanh, squared error) in the Megatron layout (W1 ``P(None,
     'model')`` over its output axis, b1 ``P('model')``, W2 ``P('model', None)``
@@ -74,9 +86,10 @@ to join the rendezvous, but only 7 of them arrived"), so the times here are
 per-call latencies, dispatch included, for both sides alike.
 
 Run:  python scripts/bench_sharding.py             (full run, a few minutes on 2 cores)
-      python scripts/bench_sharding.py --part hybrid (only (c))
+      python scripts/bench_sharding.py --part hybrid (only (d))
       python scripts/bench_sharding.py --quick     (smoke run, batch 256 only, few calls)
       python scripts/bench_sharding.py --markdown  (also print the tables as Markdown)
+      python scripts/bench_sharding.py --model 256 512 10  (another MLP)
       python scripts/bench_sharding.py --profile /tmp/prof  (also: device time per HLO op, batch 256)
 """
 
@@ -113,7 +126,8 @@ F32 = jnp.float32
 D_IN, D_HIDDEN, D_OUT = 64, 128, 10
 LR = 0.05
 N_DEVICES = 8
-TARGET = 1.10  # smap per-call time / hand-written per-call time
+TARGET = 1.05  # smap per-call time / hand-written per-call time
+TEMP_TARGET = 1.10  # smap temporary bytes per device / hand-written
 COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "collective-permute", "all-to-all")
 _COLLECTIVE_RE = re.compile(r"=\s*.*?\b(" + "|".join(COLLECTIVES) + r")(?:-start)?\(")
 
@@ -154,14 +168,22 @@ class Program:
     name: str
     step: Callable[[], Any]
     params: Callable[[], list]
-    hlo: Callable[[], str]
+    compiled: Callable[[], Any]
     is_smap: bool
+
+    def hlo(self) -> str:
+        return self.compiled().as_text()
+
+
+def smap_compiled(m: Any, *args: Any) -> Any:
+    """The compiled executable of an smap transform's cached program (call it once first)."""
+    values = [s.value for s in m._state_list.states]
+    return m._dispatch.lower(m._state_list, values, *args).compile()
 
 
 def smap_hlo(m: Any, *args: Any) -> str:
     """The compiled HLO of an smap transform's cached program (call it once first)."""
-    values = [s.value for s in m._state_list.states]
-    return m._dispatch.lower(m._state_list, values, *args).compile().as_text()
+    return smap_compiled(m, *args).as_text()
 
 
 def hand_written(mesh: Any, x: jax.Array, y: jax.Array, per_example: bool) -> Program:
@@ -192,11 +214,11 @@ def hand_written(mesh: Any, x: jax.Array, y: jax.Array, per_example: bool) -> Pr
         return params, losses
 
     name = "hand-written, per-example grads" if per_example else "hand-written jax.shard_map"
-    return Program(name, call, lambda: params, lambda: step.lower(params, x, y).compile().as_text(), False)
+    return Program(name, call, lambda: params, lambda: step.lower(params, x, y).compile(), False)
 
 
-def smap_per_example(mesh: Any, x: jax.Array, y: jax.Array) -> Program:
-    """The smap step: a lane is one example."""
+def smap_per_example(mesh: Any, x: jax.Array, y: jax.Array, fuse: bool = True) -> Program:
+    """The smap step: a lane is one example (``fuse=False``: with the per-lane products kept)."""
     params = [smap.ParamState(w) for w in init_params()]
     loss_grad = smap.grad(
         lambda xi, yi: example_loss([s.value for s in params], xi, yi), grad_states=params, return_value=True
@@ -209,13 +231,16 @@ def smap_per_example(mesh: Any, x: jax.Array, y: jax.Array) -> Program:
             s.value = s.value - LR * g
         return loss
 
-    m = smap.StatefulMapping(train_step, axis_name="batch", mapping_fn=sharding.shard_map(mesh, axis="data"))
+    m = smap.StatefulMapping(
+        train_step, axis_name="batch", mapping_fn=sharding.shard_map(mesh, axis="data"), fuse_lane_sums=fuse
+    )
     sharding.place(params, m)  # replicated: the params are shared by the lanes
 
     def call():
         return m(x, y), [s.value for s in params]
 
-    return Program("smap", call, lambda: [s.value for s in params], lambda: smap_hlo(m, x, y), True)
+    name = "smap" if fuse else "smap, fuse_lane_sums=False"
+    return Program(name, call, lambda: [s.value for s in params], lambda: smap_compiled(m, x, y), True)
 
 
 def smap_per_device(mesh: Any, x: jax.Array, y: jax.Array) -> Program:
@@ -244,7 +269,9 @@ def smap_per_device(mesh: Any, x: jax.Array, y: jax.Array) -> Program:
     def call():
         return m(xb, yb), [s.value for s in params]
 
-    return Program("smap, one lane per device", call, lambda: [s.value for s in params], lambda: smap_hlo(m, xb, yb), True)
+    return Program(
+        "smap, one lane per device", call, lambda: [s.value for s in params], lambda: smap_compiled(m, xb, yb), True
+    )
 
 
 def smap_grad_outside(mesh: Any, x: jax.Array, y: jax.Array) -> Program:
@@ -269,13 +296,18 @@ def smap_grad_outside(mesh: Any, x: jax.Array, y: jax.Array) -> Program:
         return [s.value for s in params]
 
     return Program(
-        "smap, grad outside the mapping", call, lambda: [s.value for s in params], lambda: smap_hlo(train_step, x, y), True
+        "smap, grad outside the mapping",
+        call,
+        lambda: [s.value for s in params],
+        lambda: smap_compiled(train_step, x, y),
+        True,
     )
 
 
 BUILDERS: list[Callable[..., Program]] = [
     lambda mesh, x, y: hand_written(mesh, x, y, per_example=False),
     smap_per_example,
+    lambda mesh, x, y: smap_per_example(mesh, x, y, fuse=False),
     lambda mesh, x, y: hand_written(mesh, x, y, per_example=True),
     smap_per_device,
     smap_grad_outside,
@@ -362,6 +394,35 @@ def gemm_and_outer_products(hlo: str) -> tuple[int, int]:
         n, *rest = map(int, dims)
         outer += n > 1 and sorted(rest) in weights
     return dots, outer
+
+
+def largest_array(hlo: str) -> tuple[str, int]:
+    """The largest array (by bytes) that an instruction of the HLO text produces."""
+    sizes = {"f64": 8, "s64": 8, "u64": 8, "f32": 4, "s32": 4, "u32": 4, "f16": 2, "bf16": 2, "pred": 1, "s8": 1, "u8": 1}
+    best = ("", 0)
+    for dtype, dims in re.findall(r"=\s*\(?(\w+)\[([\d,]*)\]", hlo):
+        if dtype in sizes:
+            n = sizes[dtype] * int(np.prod([int(d) for d in dims.split(",") if d]))
+            best = max(best, (f"{dtype}[{dims}]", n), key=lambda b: b[1])
+    return best
+
+
+def per_example_arrays(hlo: str, lanes: int) -> list[str]:
+    """Arrays of shape (lanes, a weight's shape), in any order: per-example weight gradients."""
+    weights = [sorted((D_IN, D_HIDDEN, lanes)), sorted((D_HIDDEN, D_OUT, lanes))]
+    found = set()
+    for dims in re.findall(r"=\s*f32\[(\d+),(\d+),(\d+)\]", hlo):
+        if sorted(map(int, dims)) in weights:
+            found.add("f32[%s]" % ",".join(dims))
+    return sorted(found)
+
+
+def temp_bytes(compiled: Any) -> int | None:
+    """Per-device temporary bytes of a compiled program, where the backend reports them."""
+    try:
+        return compiled.memory_analysis().temp_size_in_bytes
+    except (AttributeError, NotImplementedError, TypeError):
+        return None
 
 
 class Cell(smap.nn.Module):
@@ -603,12 +664,17 @@ def table(header: list[str], rows: list[list[str]], markdown: bool) -> str:
 
 
 def main() -> int:
+    global D_IN, D_HIDDEN, D_OUT
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="smoke run: batch 256 only, few calls")
     parser.add_argument("--batches", type=int, nargs="+", default=None, help="batch sizes (default 256 1024)")
     parser.add_argument("--calls", type=int, default=None, help="timed calls per program and batch (default 1500)")
     parser.add_argument("--rounds", type=int, default=5, help="rounds the calls are split into, for the ratio spread")
     parser.add_argument("--markdown", action="store_true", help="also print the tables as Markdown")
+    parser.add_argument(
+        "--model", type=int, nargs=3, default=None, metavar=("IN", "HIDDEN", "OUT"),
+        help=f"layer sizes of the MLP (default {D_IN} {D_HIDDEN} {D_OUT})",
+    )
     parser.add_argument(
         "--profile",
         metavar="DIR",
@@ -617,9 +683,11 @@ def main() -> int:
     )
     parser.add_argument(
         "--part", choices=("all", "data", "hybrid"), default="all",
-        help="data: (a) and (b), the data-parallel step; hybrid: (c), data and model parallelism; all: both",
+        help="data: (a) to (c), the data-parallel step; hybrid: (d), data and model parallelism; all: both",
     )
     args = parser.parse_args()
+    if args.model:
+        D_IN, D_HIDDEN, D_OUT = args.model
     batches = args.batches or ([256] if args.quick else [256, 1024])
     for batch in batches:
         if batch % N_DEVICES:
@@ -675,6 +743,8 @@ def data_parallel(args: argparse.Namespace, batches: list[int], calls: int, warm
 
     time_rows: list[list[str]] = []
     comm_rows: list[list[str]] = []
+    memory_rows: list[list[str]] = []
+    temp_ratio: dict[int, float] = {}
     headline: dict[int, float] = {}
     for batch in batches:
         x, y = batch_data(batch)
@@ -691,8 +761,23 @@ def data_parallel(args: argparse.Namespace, batches: list[int], calls: int, warm
         headline[batch] = timings[1].median_s / base
         if args.profile and batch == batches[0]:
             profile_rows = profile(programs, 200, args.profile)
+        base_temp = None
         for p in programs:
-            hlo = p.hlo()
+            compiled = p.compiled()
+            hlo = compiled.as_text()
+            temp = temp_bytes(compiled)
+            base_temp = temp if base_temp is None else base_temp
+            shape, size = largest_array(hlo)
+            per_example = per_example_arrays(hlo, batch // N_DEVICES)
+            memory_rows.append(
+                [p.name, str(batch), f"{shape} ({size / 1024:.0f} KiB)", " ".join(per_example) or "none",
+                 "n/a" if temp is None else f"{temp / 1024:.0f}",
+                 "n/a" if temp is None or not base_temp else f"{temp / base_temp:.2f}"]
+            )
+            if p.name == "smap":
+                assert not per_example, f"smap: per-example gradient arrays in the compiled step: {per_example}"
+                if temp is not None and base_temp:
+                    temp_ratio[batch] = temp / base_temp
             counts = collectives(hlo)
             dots, outer = gemm_and_outer_products(hlo)
             comm_rows.append(
@@ -717,6 +802,9 @@ def data_parallel(args: argparse.Namespace, batches: list[int], calls: int, warm
 
     time_header = ["program", "batch", "per call (us)", "vs hand-written", "per-round ratio"]
     comm_header = ["program", "batch", *COLLECTIVES, "all-reduce results", "dots/outer"]
+    memory_header = [
+        "program", "batch", "largest array", "(lanes/device, weight) arrays", "temp KiB/device", "vs hand-written"
+    ]
     print("(a) per-call time of one data-parallel SGD step, 8 devices")
     print(table(time_header, time_rows, False))
     print()
@@ -725,6 +813,9 @@ def data_parallel(args: argparse.Namespace, batches: list[int], calls: int, warm
     print(
         "    dots/outer: dot ops, and multiplies of shape (examples, weight shape): per-example outer products"
     )
+    print()
+    print("(c) memory of the compiled programs (per device; temp: compiled.memory_analysis())")
+    print(table(memory_header, memory_rows, False))
     print()
     if args.profile:
         print(f"profile, batch {batches[0]}: device time per step, summed over the 8 devices (us)")
@@ -737,12 +828,18 @@ def data_parallel(args: argparse.Namespace, batches: list[int], calls: int, warm
     for batch, ratio in headline.items():
         verdict = "meets" if ratio <= TARGET else "misses"
         print(f"batch {batch}: smap / hand-written = {ratio:.3f} ({verdict} the target <= {TARGET:.2f})")
+        if batch in temp_ratio:
+            verdict = "meets" if temp_ratio[batch] <= TEMP_TARGET else "misses"
+            ratio = temp_ratio[batch]
+            print(f"batch {batch}: smap temp bytes / hand-written = {ratio:.2f} ({verdict} <= {TEMP_TARGET:.2f})")
     print("smap data-parallel steps: only all-reduces; recurrent cell: no all-gather of its HiddenState")
     if args.markdown:
         print()
         print(table(time_header, time_rows, True))
         print()
         print(table(comm_header, comm_rows, True))
+        print()
+        print(table(memory_header, memory_rows, True))
         if args.profile:
             print()
             print(table(profile_header, profile_rows, True))

@@ -10,7 +10,10 @@ The network is an ordinary stateful module: parameters are ``ParamState``s,
 Adam's moments live in a ``LongTermState``, dropout draws from
 ``smap.random``. One ``StatefulMapping`` maps the per-example training step
 over the batch, averages gradients with ``jax.lax.pmean`` over the batch axis
-and updates the shared parameters. Whichever ``--mapping``, ``--devices`` and
+and updates the shared parameters; smap computes that average of
+per-example gradients as one matrix product over the batch per weight (see
+``fuse_lane_sums`` in docs/vectorization.md), so the step costs what a
+hand-written batch step costs. Whichever ``--mapping``, ``--devices`` and
 ``--processes``, the same seed gives the same parameters (to float round-off).
 With ``--checkpoint-dir`` every state (parameters, Adam's moments, the random
 key) is saved after each epoch with ``smap.checkpoint``; ``--resume`` goes on

@@ -21,6 +21,8 @@ import jax
 import jax.numpy as jnp
 from jax.extend.core import ClosedJaxpr, Jaxpr, Literal
 
+from smap.transform._fuse import is_lane_sum, sum_over_lanes
+
 from . import _compat
 from ._compat import jaxprs_in_params
 
@@ -111,6 +113,10 @@ def _evaluate(jaxpr: Jaxpr, consts: Sequence[Any], args: Sequence[Any], span: Sp
         found = _axes_param(eqn.params)
         if found and span.axis_name in found[1]:
             outs = _collective(eqn, ins, found, span)
+        elif is_lane_sum(eqn):
+            # A sum over every lane written as products: over the device's own lanes, then over devices.
+            outs = sum_over_lanes(eqn, ins, span.local_name, span.local_size)
+            outs = [jax.lax.psum(y, span.device_axes) for y in outs]
         elif any(_mentions(_open(s), span.axis_name) for s in jaxprs_in_params(eqn.params)):
             outs = _structured(eqn, ins, span)
         else:

@@ -26,6 +26,7 @@ from .._dispatch import ArgSignature, Entry, Runner, StatefulFunction
 from .._state import State, check_same_structure
 from .._tracing import Program, TraceContext, abstract
 from ._axes import AxisSpec, leaf_axes, leaf_names, normalise_state_axes, select_axis
+from ._fuse import fused_lanes
 from ._plan import BatchAxisError, LaneInputs, LanePlan, plan
 from ._signature import check_callable, check_static_argnums, function_name
 
@@ -219,6 +220,11 @@ class StatefulMapping(StatefulFunction[P, R]):
         mapping_fn, mapping_kwargs: what maps the per-lane program (a :class:`MappingFn`,
             or ``jax.pmap``/``jax.shard_map``, which the sharding layer adapts), and
             extra keyword arguments for it.
+        fuse_lane_sums: compute a ``psum``/``pmean`` over ``axis_name`` of
+            per-lane products (per-example weight gradients) as one product
+            over the lanes, without a per-lane array of the product's size
+            (see docs/vectorization.md). ``False`` keeps the per-lane
+            products, for debugging; results agree to float round-off.
 
     Example:
         >>> import jax.numpy as jnp, smap
@@ -249,6 +255,7 @@ class StatefulMapping(StatefulFunction[P, R]):
         name: str | None = None,
         mapping_fn: MappingFn | Callable[..., Any] = jax.vmap,
         mapping_kwargs: dict | None = None,
+        fuse_lane_sums: bool = True,
     ):
         check_callable(fun, f"{name or 'StatefulMapping'}: fun")
         check_callable(mapping_fn, f"{name or function_name(fun)}: mapping_fn")
@@ -256,6 +263,8 @@ class StatefulMapping(StatefulFunction[P, R]):
             raise ValueError(
                 f"unexpected_out_state_mapping must be one of {_POLICIES}, got {unexpected_out_state_mapping!r}."
             )
+        if not isinstance(fuse_lane_sums, bool):
+            raise TypeError(f"fuse_lane_sums must be True or False, got {fuse_lane_sums!r}.")
         if axis_size is not None and (not isinstance(axis_size, int) or isinstance(axis_size, bool) or axis_size < 0):
             raise ValueError(f"axis_size must be a non-negative int, got {axis_size!r}.")
         static_argnums, static_argnames = check_static_argnums(fun, static_argnums, static_argnames)
@@ -275,6 +284,7 @@ class StatefulMapping(StatefulFunction[P, R]):
         self.axis_name = axis_name
         self.mapping_fn = mapping_fn
         self.mapping_kwargs = dict(mapping_kwargs or {})
+        self.fuse_lane_sums = fuse_lane_sums
         self._sizes_found_in_trace: dict[ArgSignature, int] = {}
         functools.update_wrapper(self, fun, updated=())
 
@@ -353,7 +363,10 @@ class StatefulMapping(StatefulFunction[P, R]):
         )
         for i in lane_plan.unexpected_writes:
             self._unexpected_write(program.states[i])
-        return _mapped_program(program, lane_plan, _calling_convention(self.mapping_fn, self.mapping_kwargs))
+        lane_fn: Callable = program
+        if self.fuse_lane_sums and self.axis_name is not None:
+            lane_fn = fused_lanes(program.jaxpr, [a is not None for a in lane_plan.in_axes], self.axis_name) or program
+        return _mapped_program(program, lane_plan, _calling_convention(self.mapping_fn, self.mapping_kwargs), lane_fn)
 
     def _unexpected_write(self, state: State) -> None:
         message = (
@@ -412,11 +425,15 @@ def _calling_convention(mapping_fn: Callable, mapping_kwargs: dict) -> MappingFn
     return functools.partial(adapted, **kwargs) if kwargs else adapted
 
 
-def _mapped_program(program: Program, lane_plan: LanePlan, mapping_fn: MappingFn) -> Runner:
-    """The function of (argument leaves, state values) that runs ``program`` as ``lane_plan`` says."""
+def _mapped_program(program: Program, lane_plan: LanePlan, mapping_fn: MappingFn, lane_fn: Callable) -> Runner:
+    """The function of (argument leaves, state values) that runs ``program`` as ``lane_plan`` says.
+
+    ``lane_fn`` evaluates the program for one lane: the program itself, or its
+    fused form (see ``smap.transform._fuse``).
+    """
 
     def lane(*leaves: Any) -> tuple:
-        return tuple(program(*leaves))
+        return tuple(lane_fn(*leaves))
 
     def run(arg_leaves: list, state_values: list) -> tuple[Any, list]:
         state_leaves: list = []
@@ -453,6 +470,7 @@ def vmap2(
     state_in_axes: Any = None,
     state_out_axes: Any = None,
     unexpected_out_state_mapping: str = "ignore",
+    fuse_lane_sums: bool = True,
 ) -> StatefulMapping[P, R]: ...
 
 
@@ -467,6 +485,7 @@ def vmap2(
     state_in_axes: Any = None,
     state_out_axes: Any = None,
     unexpected_out_state_mapping: str = "ignore",
+    fuse_lane_sums: bool = True,
 ) -> Callable[[Callable[P, R]], StatefulMapping[P, R]]: ...
 
 
@@ -480,6 +499,7 @@ def vmap2(
     state_in_axes: Any = None,
     state_out_axes: Any = None,
     unexpected_out_state_mapping: str = "ignore",
+    fuse_lane_sums: bool = True,
 ) -> StatefulMapping[P, R] | Callable[[Callable[P, R]], StatefulMapping[P, R]]:
     """A :class:`StatefulMapping` with ``mapping_fn=jax.vmap``; also a decorator.
 
@@ -491,6 +511,7 @@ def vmap2(
         >>> scale(jnp.array([1.0, 2.0]), 3.0)
         Array([3., 6.], dtype=float32)
     """
+
     def mapping(f: Callable[P, R]) -> StatefulMapping[P, R]:
         return StatefulMapping(
             f,
@@ -502,6 +523,7 @@ def vmap2(
             state_out_axes=state_out_axes,
             unexpected_out_state_mapping=unexpected_out_state_mapping,
             mapping_fn=jax.vmap,
+            fuse_lane_sums=fuse_lane_sums,
         )
 
     if fn is None:

@@ -93,3 +93,36 @@ def test_options_that_make_no_sense_get_a_message_not_a_traceback(options, messa
     assert result.returncode == 2
     assert message in result.stderr
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("mapping, lanes", [("shard_map", 8), ("vmap", 64)])
+def test_demo_step_holds_no_per_example_gradient(mapping, lanes):
+    """The per-example step compiles to one product over the batch per weight: XLA's
+    optimised program has no (lanes per device, weight shape) array; with the rewrite
+    switched off it has them (so the check can see them)."""
+    import importlib.util
+    import re
+
+    import jax
+
+    import sharding
+
+    spec = importlib.util.spec_from_file_location("smap_demo", DEMO)
+    demo = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(demo)
+    rng = np.random.default_rng(0)
+    x, y = rng.random((64, 64), dtype=np.float32), rng.integers(0, 10, 64).astype(np.int32)
+    per_lane = {tuple(sorted((lanes, *w))) for w in [(64, 128), (128, 10)]}
+
+    def per_lane_arrays(fuse: bool) -> set:
+        _, step, _, mesh = demo.build(demo.parse_args(["--mapping", mapping, "--devices", "8"]))
+        step.fuse_lane_sums = fuse  # before the first call, which traces the step
+        args = sharding.global_batch((x, y), mesh) if mesh is not None else (x, y)
+        jax.block_until_ready(step(*args))
+        values = [s.value for s in step._state_list.states]
+        hlo = step._dispatch.lower(step._state_list, values, *args).compile().as_text()
+        shapes = {tuple(int(d) for d in dims.split(",")) for dims in re.findall(r"f32\[([\d,]+)\]", hlo)}
+        return {s for s in shapes if tuple(sorted(s)) in per_lane}
+
+    assert per_lane_arrays(fuse=False)
+    assert per_lane_arrays(fuse=True) == set()

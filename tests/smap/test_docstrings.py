@@ -25,6 +25,7 @@ MODULES = [
     "smap.transform._jit",
     "smap.transform._grad",
     "smap.transform._mapping",
+    "smap.transform._fuse",
     "sharding",
     "sharding._adapters",
     "sharding._distributed",

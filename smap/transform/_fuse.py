@@ -1,0 +1,294 @@
+"""Sums over the lanes of per-lane products, computed as one product over the lanes.
+
+A lane's weight gradient is a product of two per-lane values (for ``x @ w``,
+the outer product of the lane's input and its output's cotangent). Summed
+over the lanes with ``psum`` (or ``pmean``) and vectorized by ``jax.vmap``,
+the program holds one product per lane (``f32[lanes, in, out]``) and then
+sums them. The same sum is one ``dot_general`` that also contracts over the
+lanes: ``psum_L(dot(a, b)) == dot(all_gather_L(a), all_gather_L(b))`` with
+the gathered axis contracted, and under ``jax.vmap`` the ``all_gather`` of a
+batched value over the mapped axis is the batched array itself.
+
+:func:`fused_lanes` re-evaluates a per-lane program with every ``psum`` over
+the mapping's axis whose operand is linear in such products (through
+transposes, reshapes, float converts, negations, sums, and scalings by
+lane-independent values or by per-lane scalars, which move into one factor)
+computed that way; anything it does not recognise is evaluated as it is.
+The value of each such psum is computed in a call named :data:`LANE_SUM`, so
+an ``axis_name``-rewriting layer (``sharding``, where a device holds a block
+of lanes) can sum over the device's own lanes and then over devices instead
+of gathering over devices (:func:`sum_over_lanes`), at the place of the psum
+(the linear steps after the product stay before the sum over devices).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Hashable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax.extend.core import ClosedJaxpr, Jaxpr, Literal
+
+from .._compat import jaxprs_in_params
+from ._lanes import _equation as _lane_dependent_outputs
+from ._lanes import lane_dependent
+
+__all__ = ["fused_lanes", "is_lane_sum", "sum_over_lanes", "LANE_SUM"]
+
+# JAX internals read here: primitive names and their parameters.
+_PSUM, _PSUM_AXES, _PSUM_GROUPS = "psum", "axes", "axis_index_groups"
+_ALL_GATHER, _GATHER_AXIS, _GATHER_SIZE = "all_gather", "axis_name", "axis_size"
+_DOT, _DOT_DIMS = "dot_general", "dimension_numbers"
+_DOT_OPTIONS = ("precision", "preferred_element_type")
+_REDUCE_SUM = "reduce_sum"
+_CONVERT, _CONVERT_DTYPE = "convert_element_type", "new_dtype"
+# psum(f(x)) == f(psum(x)) for these, f applied with the same parameters.
+_LINEAR = frozenset(
+    {"transpose", "reshape", "squeeze", "expand_dims", "broadcast_in_dim", "neg", "copy", "copy_p"}
+    | {_REDUCE_SUM, _CONVERT}
+)
+_SUMS = frozenset({"add", "add_any", "sub"})
+_MUL, _DIV = "mul", "div"
+_CALLS = {"pjit": "jaxpr", "jit": "jaxpr", "closed_call": "call_jaxpr", "core_call": "call_jaxpr"}
+_CALL_NAME = "name"
+_SCAN, _SCAN_BODY, _SCAN_CONSTS, _SCAN_CARRY = "scan", "jaxpr", "num_consts", "num_carry"
+
+
+LANE_SUM = "_smap_lane_sum"
+
+
+def _lane_sum(compute: Callable[[], Any]) -> Any:
+    """``compute()`` as a call named :data:`LANE_SUM`: the value of a psum over the lanes."""
+
+    def call() -> Any:
+        return compute()
+
+    call.__name__ = call.__qualname__ = LANE_SUM
+    return jax.jit(call)()
+
+
+def _contraction(a: jax.Array, b: jax.Array, dims: tuple, options: dict, axis_name: Hashable) -> jax.Array:
+    """Sum over the lanes of ``dot_general(a, b, dims)``: one product that contracts the lanes too."""
+    (lhs_c, rhs_c), (lhs_b, rhs_b) = dims
+    shift = lambda axes: tuple(d + 1 for d in axes)  # noqa: E731
+    gathered = (((0, *shift(lhs_c)), (0, *shift(rhs_c))), (shift(lhs_b), shift(rhs_b)))
+    return jax.lax.dot_general(jax.lax.all_gather(a, axis_name), jax.lax.all_gather(b, axis_name), gathered, **options)
+
+
+def is_lane_sum(eqn: Any) -> bool:
+    """Whether ``eqn`` is a sum over the lanes that :func:`fused_lanes` wrote as products."""
+    return eqn.primitive.name in _CALLS and eqn.params.get(_CALL_NAME) == LANE_SUM
+
+
+def sum_over_lanes(eqn: Any, ins: Sequence[Any], axis_name: Hashable, axis_size: int) -> list:
+    """Evaluate an :func:`is_lane_sum` equation over the lanes of ``axis_name`` instead.
+
+    A device that holds a block of lanes sums over its own block (``axis_name``
+    its local lane axis); the caller then sums the result over devices.
+    """
+    sub = eqn.params[_CALLS[eqn.primitive.name]]
+    env: dict[Any, Any] = dict(zip(sub.jaxpr.constvars, sub.consts))
+    env.update(zip(sub.jaxpr.invars, ins))
+    read = lambda v: v.val if isinstance(v, Literal) else env[v]  # noqa: E731
+    for e in sub.jaxpr.eqns:
+        params = e.params
+        if e.primitive.name == _ALL_GATHER:
+            params = {**params, _GATHER_AXIS: axis_name, _GATHER_SIZE: axis_size}
+        out = e.primitive.bind(*map(read, e.invars), **e.primitive.get_bind_params(params))
+        env.update(zip(e.outvars, out if e.primitive.multiple_results else [out]))
+    return [read(v) for v in sub.jaxpr.outvars]
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class _Node:
+    """A value of the re-evaluated program, with the equation that computed it."""
+
+    value: Any
+    dependent: bool
+    eqn: Any = None
+    inputs: tuple[_Node, ...] = ()
+
+
+def _open(jaxpr: Jaxpr | ClosedJaxpr) -> tuple[Jaxpr, Sequence[Any]]:
+    return (jaxpr.jaxpr, jaxpr.consts) if isinstance(jaxpr, ClosedJaxpr) else (jaxpr, ())
+
+
+def _reduces_over(eqn: Any, axis_name: Hashable) -> bool:
+    """Whether ``eqn`` sums over all the lanes of ``axis_name`` (not over groups of them)."""
+    if eqn.primitive.name != _PSUM or eqn.params.get(_PSUM_GROUPS) is not None:
+        return False
+    axes = eqn.params[_PSUM_AXES]
+    return axis_name in (tuple(axes) if isinstance(axes, (tuple, list)) else (axes,))
+
+
+def _sums_over_lanes(jaxpr: Jaxpr, axis_name: Hashable) -> bool:
+    """Whether ``jaxpr`` (nested programs included) has a psum over ``axis_name``."""
+    for eqn in jaxpr.eqns:
+        if _reduces_over(eqn, axis_name):
+            return True
+        if any(_sums_over_lanes(_open(sub)[0], axis_name) for sub in jaxprs_in_params(eqn.params)):
+            return True
+    return False
+
+
+def fused_lanes(jaxpr: ClosedJaxpr, inputs: Sequence[bool], axis_name: Hashable) -> Callable[..., list] | None:
+    """The per-lane program ``jaxpr`` with sums over the lanes of per-lane products fused.
+
+    Returns a function of the program's inputs, to be mapped over ``axis_name``
+    (``jax.vmap`` or any mapping that implements ``all_gather``), or None when
+    the program has no ``psum`` over ``axis_name``.
+
+    Arguments:
+        jaxpr: the per-lane program.
+        inputs: for each input, whether it differs between lanes.
+        axis_name: the mapped axis.
+
+    Example:
+        >>> import jax, jax.numpy as jnp
+        >>> from smap.transform._fuse import fused_lanes
+        >>> def lane(x, g):
+        ...     return jax.lax.psum(jnp.outer(x, g), "i")
+        >>> x, g = jnp.ones((8, 3)), jnp.ones((8, 2))
+        >>> program = jax.make_jaxpr(lane, axis_env=[("i", 8)])(x[0], g[0])
+        >>> fused = fused_lanes(program, [True, True], "i")
+        >>> summed = jax.vmap(lambda *a: fused(*a)[0], axis_name="i", out_axes=None)(x, g)
+        >>> bool(jnp.all(summed == x.T @ g))
+        True
+    """
+    if not _sums_over_lanes(jaxpr.jaxpr, axis_name):
+        return None
+
+    def lane(*args: Any) -> list:
+        nodes = [_Node(a, bool(d)) for a, d in zip(args, inputs)]
+        return [n.value for n in _evaluate(jaxpr.jaxpr, jaxpr.consts, nodes, axis_name)]
+
+    return lane
+
+
+def _evaluate(jaxpr: Jaxpr, consts: Sequence[Any], args: Sequence[_Node], axis_name: Hashable) -> list[_Node]:
+    env: dict[Any, _Node] = {v: _Node(c, False) for v, c in zip(jaxpr.constvars, consts)}
+    env.update(zip(jaxpr.invars, args))
+    read = lambda v: _Node(v.val, False) if isinstance(v, Literal) else env[v]  # noqa: E731
+    for eqn in jaxpr.eqns:
+        ins = [read(v) for v in eqn.invars]
+        name = eqn.primitive.name
+        if _reduces_over(eqn, axis_name):
+            outs = _psum(eqn, ins, axis_name)
+        elif name in _CALLS and not is_lane_sum(eqn):
+            sub, sub_consts = _open(eqn.params[_CALLS[name]])
+            outs = _evaluate(sub, sub_consts, ins, axis_name)
+        elif _scan_sums_over_lanes(eqn, axis_name):
+            outs = _scan(eqn, ins, axis_name)
+        else:
+            values = eqn.primitive.bind(*[n.value for n in ins], **eqn.primitive.get_bind_params(eqn.params))
+            values = list(values) if eqn.primitive.multiple_results else [values]
+            deps = _lane_dependent_outputs(eqn, [n.dependent for n in ins], axis_name)
+            single = len(values) == 1
+            outs = [_Node(v, d, eqn if single else None, tuple(ins)) for v, d in zip(values, deps)]
+        env.update(zip(eqn.outvars, outs))
+    return [read(v) for v in jaxpr.outvars]
+
+
+def _psum(eqn: Any, ins: list[_Node], axis_name: Hashable) -> list[_Node]:
+    axes = eqn.params[_PSUM_AXES]
+    others = tuple(a for a in axes if a != axis_name)
+    outs = []
+    for node in ins:
+        plan = _summed(node, None, axis_name) if node.dependent else None
+        if plan is None:
+            value = eqn.primitive.bind(node.value, **eqn.params)
+            value = value[0] if eqn.primitive.multiple_results else value
+        else:
+            value = _lane_sum(plan)
+            value = jax.lax.psum(value, others) if others else value
+        outs.append(_Node(value, False))
+    return outs
+
+
+def _summed(node: _Node, scale: Any, axis_name: Hashable) -> Callable[[], Any] | None:
+    """How to compute ``psum`` over the lanes of ``scale * node`` (``scale`` a per-lane
+    scalar or None) without per-lane products, or None when ``node`` is not recognised
+    as linear in them."""
+    eqn = node.eqn
+    if eqn is None or not node.dependent:
+        return None
+    name, ins = eqn.primitive.name, node.inputs
+    if name == _DOT:
+        a, b = ins
+        if not (a.dependent and b.dependent):
+            return None
+        options = {k: eqn.params.get(k) for k in _DOT_OPTIONS}
+
+        def contraction() -> Any:
+            lhs = a.value if scale is None else a.value * scale.astype(a.value.dtype)
+            return _contraction(lhs, b.value, eqn.params[_DOT_DIMS], options, axis_name)
+
+        return contraction
+    if name in _LINEAR and len(ins) == 1 and _is_linear(eqn):
+        inner = _summed(ins[0], scale, axis_name)
+        return None if inner is None else lambda: _rebind(eqn, [inner()])
+    if name in _SUMS:
+        parts = [_summed(n, scale, axis_name) for n in ins]
+        return None if any(p is None for p in parts) else lambda: _rebind(eqn, [p() for p in parts])
+    if name in (_MUL, _DIV):
+        x, y = ins
+        if not y.dependent:
+            inner = _summed(x, scale, axis_name)
+            return None if inner is None else lambda: _rebind(eqn, [inner(), y.value])
+        if name == _MUL and not x.dependent:
+            inner = _summed(y, scale, axis_name)
+            return None if inner is None else lambda: _rebind(eqn, [x.value, inner()])
+        if name == _MUL:
+            for factor, other in ((y, x), (x, y)):
+                if jnp.ndim(factor.value) == 0:
+                    plan = _summed(other, factor.value if scale is None else scale * factor.value, axis_name)
+                    if plan is not None:
+                        return plan
+    return None
+
+
+def _is_linear(eqn: Any) -> bool:
+    if eqn.primitive.name != _CONVERT:
+        return True
+    floating = lambda dtype: jnp.issubdtype(dtype, jnp.inexact)  # noqa: E731
+    return floating(eqn.params[_CONVERT_DTYPE]) and floating(eqn.invars[0].aval.dtype)
+
+
+def _rebind(eqn: Any, ins: list) -> Any:
+    return eqn.primitive.bind(*ins, **eqn.primitive.get_bind_params(eqn.params))
+
+
+def _scan_sums_over_lanes(eqn: Any, axis_name: Hashable) -> bool:
+    """A scan (with the parameters of JAX <= 0.10) whose body has a psum over ``axis_name``."""
+    params = eqn.params
+    if eqn.primitive.name != _SCAN or _SCAN_CONSTS not in params:
+        return False
+    return _sums_over_lanes(_open(params[_SCAN_BODY])[0], axis_name)
+
+
+def _scan(eqn: Any, ins: list[_Node], axis_name: Hashable) -> list[_Node]:
+    """A scan whose body sums over the lanes: its body is evaluated by this pass too."""
+    body, length, reverse, unroll = (eqn.params[k] for k in (_SCAN_BODY, "length", "reverse", "unroll"))
+    n_consts, n_carry = eqn.params[_SCAN_CONSTS], eqn.params[_SCAN_CARRY]
+    deps = [n.dependent for n in ins]
+    carry_deps = deps[n_consts : n_consts + n_carry]
+    while True:  # the carry is per lane once any iteration makes it so (as in _lanes)
+        outs = lane_dependent(body.jaxpr, deps[:n_consts] + carry_deps + deps[n_consts + n_carry :], axis_name)
+        new = [a or b for a, b in zip(carry_deps, outs[:n_carry])]
+        if new == carry_deps:
+            break
+        carry_deps = new
+    consts = ins[:n_consts]
+    xs_deps = deps[n_consts + n_carry :]
+
+    def step(carry: list, xs: list) -> tuple[list, list]:
+        nodes = [*consts, *map(_Node, carry, carry_deps), *map(_Node, xs, xs_deps)]
+        out = [n.value for n in _evaluate(body.jaxpr, body.consts, nodes, axis_name)]
+        return out[:n_carry], out[n_carry:]
+
+    init = [n.value for n in ins[n_consts : n_consts + n_carry]]
+    xs = [n.value for n in ins[n_consts + n_carry :]]
+    carry, ys = jax.lax.scan(step, init, xs, length=length, reverse=reverse, unroll=unroll)
+    return [_Node(v, d) for v, d in zip([*carry, *ys], carry_deps + outs[n_carry:])]
