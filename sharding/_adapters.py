@@ -24,7 +24,8 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
-from . import _compat
+from smap import _compat
+
 from ._spanning import Span, spanning_lane
 
 __all__ = ["ShardMap", "Pmap", "shard_map", "pmap", "adapt"]
