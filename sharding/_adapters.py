@@ -96,10 +96,10 @@ class _Adapter:
         results = self._map(flat_lane, leaves, axes, lane_avals, flat_out_axes, axis_name, axis_size)
         return jax.tree_util.tree_unflatten(out_tree, results)
 
-    def _local_lanes(self, axis_size: int, n_devices: int) -> int:
+    def _local_lanes(self, axis_size: int, n_devices: int, where: str = "") -> int:
         if axis_size % n_devices:
             raise ValueError(
-                f"{self.name}: the mapped size {axis_size} is not divisible by the {n_devices} devices "
+                f"{self.name}: the mapped size {axis_size} is not divisible by the {n_devices} devices{where} "
                 f"it is split over; use a batch that is a multiple of {n_devices}."
             )
         return axis_size // n_devices
@@ -169,10 +169,13 @@ class ShardMap(_Adapter):
     def _map(self, f, leaves, axes, lane_avals, out_axes, axis_name, axis_size):  # type: ignore[override]
         mesh, mesh_axes = self.mesh_and_axes()
         sizes = tuple(mesh.shape[a] for a in mesh_axes)
-        span = Span(axis_name, mesh_axes, sizes, Span.fresh_name(), self._local_lanes(axis_size, math.prod(sizes)), self.name)
+        where = " of mesh " + ", ".join(f"axis {a!r} (size {n})" for a, n in zip(mesh_axes, sizes))
+        local = self._local_lanes(axis_size, math.prod(sizes), where)
+        span = Span(axis_name, mesh_axes, sizes, Span.fresh_name(), local, self.name)
         body = self._local_program(f, lane_avals, axes, out_axes, axis_name, span)
         in_specs = tuple(self.lane_spec(jnp.ndim(x), a) for x, a in zip(leaves, axes))
         out_specs = tuple(self.lane_spec(0, a) for a in out_axes)
+        leaves = _compat.onto_mesh(leaves, mesh, in_specs)
         return list(_compat.shard_map(body, mesh, in_specs, out_specs)(*leaves))
 
     def __repr__(self) -> str:
@@ -193,6 +196,14 @@ class Pmap(_Adapter):
         self.devices = None if devices is None else list(devices)
 
     def _map(self, f, leaves, axes, lane_avals, out_axes, axis_name, axis_size):  # type: ignore[override]
+        def on_devices(*leaves: Any) -> list:
+            # jax.pmap brings its own devices: no ambient mesh, no Explicit mesh axes in the values' types.
+            with _compat.without_ambient_mesh():
+                return self._pmap(f, list(leaves), axes, lane_avals, out_axes, axis_name, axis_size)
+
+        return _compat.outside_explicit_mesh(on_devices, leaves, len(out_axes))(*leaves)
+
+    def _pmap(self, f, leaves, axes, lane_avals, out_axes, axis_name, axis_size) -> list:  # type: ignore[no-untyped-def]
         devices = self.devices if self.devices is not None else jax.local_devices()
         n = min(len(devices), axis_size)
         local = self._local_lanes(axis_size, n)
@@ -256,10 +267,25 @@ def pmap(devices: Sequence[Any] | None = None) -> Pmap:
     return Pmap(devices)
 
 
-def adapt(mapping_fn: Callable, mapping_kwargs: dict) -> tuple[Callable, dict]:
-    """Turn ``jax.pmap``/``jax.shard_map`` (or partials of them) into adapters.
+class _Smap(ShardMap):
+    """``jax.smap`` as a mapping_fn: a :class:`ShardMap` over the one mesh axis it names."""
 
-    Other mapping functions are returned unchanged.
+    name = "jax.smap"
+
+
+def adapt(mapping_fn: Callable, mapping_kwargs: dict) -> tuple[Callable, dict]:
+    """Turn ``jax.pmap``/``jax.shard_map``/``jax.smap`` (or partials of them) into adapters.
+
+    ``jax.smap`` splits the lanes over the mesh axis its ``axis_name`` names
+    (in ``mapping_kwargs`` or a partial), of the mesh in ``mapping_kwargs``
+    or else the ambient one (``jax.set_mesh``). Other mapping functions are
+    returned unchanged.
+
+    Example:
+        >>> import functools, jax, sharding
+        >>> adapter, _ = sharding.adapt(functools.partial(jax.smap, axis_name="data"), {})
+        >>> adapter.name
+        'jax.smap'
     """
     keywords: dict = {}
     target = mapping_fn
@@ -273,6 +299,14 @@ def adapt(mapping_fn: Callable, mapping_kwargs: dict) -> tuple[Callable, dict]:
         _accept(options, {"mesh", "axis_names", "check_vma", "check_rep"}, "jax.shard_map")
         names = options.get("axis_names") or None
         return ShardMap(options.get("mesh"), tuple(names) if names else None), {}
+    if _compat.is_smap(target):
+        _accept(options, {"mesh", "axis_name"}, "jax.smap")
+        if options.get("axis_name") is None:
+            raise TypeError(
+                "jax.smap as mapping_fn needs the mesh axis to split the lanes over: "
+                "mapping_kwargs={'axis_name': 'data'} or functools.partial(jax.smap, axis_name='data')."
+            )
+        return _Smap(options.get("mesh"), options["axis_name"]), {}
     return mapping_fn, mapping_kwargs
 
 
@@ -280,6 +314,6 @@ def _accept(options: dict, allowed: set[str], what: str) -> None:
     unknown = set(options) - allowed
     if unknown:
         raise TypeError(
-            f"{what} as mapping_fn takes {sorted(allowed)} in mapping_kwargs; the lanes decide the "
-            f"rest (in_specs, out_specs, axis_name), got {sorted(unknown)}."
+            f"{what} as mapping_fn takes only {sorted(allowed)} in mapping_kwargs; the mapping decides the "
+            f"rest (in_axes, out_axes, in_specs, out_specs, its axis_name), got {sorted(unknown)}."
         )

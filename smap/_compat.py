@@ -31,7 +31,7 @@ from jax._src import mesh as mesh_lib
 from jax._src import source_info_util, xla_bridge
 from jax._src.array import ArrayImpl
 from jax.extend.core import ClosedJaxpr, Jaxpr, take_current_trace
-from jax.sharding import AxisType, Mesh
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 try:  # public since JAX 0.10
     from jax.extend.core import jaxprs_in_params
@@ -50,7 +50,6 @@ __all__ = [
     "cond_branches",
     "current_trace",
     "gather_layout",
-    "has_explicit_axes",
     "is_shard_map",
     "is_smap",
     "jaxprs_in_params",
@@ -59,6 +58,8 @@ __all__ = [
     "mentions_axis",
     "names_axis",
     "new_input",
+    "onto_mesh",
+    "outside_explicit_mesh",
     "open_jaxpr",
     "rebind_on_axes",
     "scan_options",
@@ -229,7 +230,8 @@ def is_shard_map(fn: Any) -> bool:
 
 def is_smap(fn: Any) -> bool:
     """Whether ``fn`` is ``jax.smap``, the single-axis shard_map with ``in_axes``/``out_axes``."""
-    return getattr(fn, "__name__", None) == "smap" and getattr(fn, "__module__", "").startswith("jax.")
+    smap = getattr(jax, "smap", None)
+    return smap is not None and fn is smap
 
 
 def shard_map(f: Callable, mesh: Mesh, in_specs: Any, out_specs: Any) -> Callable:
@@ -241,16 +243,6 @@ def make_auto_mesh(shape: Sequence[int], names: Sequence[str], devices: Sequence
     """A mesh whose axes are of type ``Auto``: XLA may place values freely around a mapped program."""
     axis_types = (AxisType.Auto,) * len(names)
     return jax.make_mesh(tuple(shape), tuple(names), axis_types=axis_types, devices=devices)
-
-
-def has_explicit_axes(mesh: Any, axes: Sequence[str]) -> bool:
-    """Whether any of ``axes`` of ``mesh`` is of type ``Explicit`` (``jax.make_mesh``'s default).
-
-    Values entering ``jax.shard_map`` on such an axis must already be sharded
-    as its ``in_specs`` say.
-    """
-    types = dict(zip(mesh.axis_names, mesh.axis_types))
-    return any(types[a] == AxisType.Explicit for a in axes)
 
 
 def ambient_mesh() -> Mesh | None:
@@ -267,3 +259,35 @@ def ambient_mesh() -> Mesh | None:
 def backend_started() -> bool:
     """Whether JAX has already created its backends (device count is then fixed)."""
     return xla_bridge.backends_are_initialized()
+
+
+def _explicit(mesh: Any) -> tuple[str, ...]:
+    return tuple(n for n, t in zip(mesh.axis_names, mesh.axis_types) if t == AxisType.Explicit)
+
+
+def onto_mesh(values: Sequence[Any], mesh: Mesh, specs: Sequence[PartitionSpec]) -> list:
+    """Traced ``values`` resharded onto ``mesh`` as ``specs`` say, where the mesh has Explicit axes.
+
+    ``jax.shard_map`` on a mesh of Explicit axes (``jax.make_mesh``'s default)
+    takes only values already typed with its ``in_specs``. The reshard happens
+    on the devices, in the compiled program; a value already placed so moves
+    nothing. On a mesh of Auto axes the values are returned as they are.
+    """
+    if not _explicit(mesh):
+        return list(values)
+    return [jax.sharding.reshard(x, NamedSharding(mesh, spec)) for x, spec in zip(values, specs)]
+
+
+def outside_explicit_mesh(f: Callable, values: Sequence[Any], n_outs: int) -> Callable:
+    """``f`` run with the Explicit axes of the mesh ``values`` (or the ambient mesh) are typed on made Auto.
+
+    ``jax.pmap`` inside ``jax.jit`` cannot take values whose types name the
+    Explicit axes of another mesh; ``jax.sharding.auto_axes`` lifts them, and
+    ``f``'s ``n_outs`` outputs come back replicated on that mesh.
+    """
+    meshes = [jax.typeof(x).sharding.mesh for x in values] + [jax.sharding.get_abstract_mesh()]
+    mesh = next((m for m in meshes if not m.empty and _explicit(m)), None)
+    if mesh is None:
+        return f
+    replicated = [NamedSharding(mesh, PartitionSpec())] * n_outs
+    return jax.sharding.auto_axes(lambda *xs: list(f(*xs)), axes=_explicit(mesh), out_sharding=replicated)
