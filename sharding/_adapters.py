@@ -207,6 +207,14 @@ class Pmap(_Adapter):
         devices = self.devices if self.devices is not None else jax.local_devices()
         n = min(len(devices), axis_size)
         local = self._local_lanes(axis_size, n)
+        ambient = _compat.ambient_mesh()
+        if ambient is not None and set(ambient.devices.flat) != set(devices[:n]):
+            raise ValueError(
+                f"{self.name}: the lanes run on devices {sorted(d.id for d in devices[:n])}, but the ambient mesh "
+                f"(jax.set_mesh) holds devices {sorted(d.id for d in ambient.devices.flat)}, and one program runs "
+                f"on one set of devices. Map over the mesh's devices (sharding.pmap(mesh.devices.flat)) or call "
+                f"outside jax.set_mesh."
+            )
         device_axis = Span.fresh_name("devices")
         span = Span(axis_name, (device_axis,), (n,), Span.fresh_name(), local, self.name)
         body = self._local_program(f, lane_avals, [None if a is None else 0 for a in axes], [None if a is None else 0 for a in out_axes], axis_name, span)
