@@ -116,7 +116,6 @@ PRIMITIVES: dict[str, Kind] = {
     "pmin": Kind.REDUCTION,
     "psum_invariant": Kind.REDUCTION,  # psum under shard_map's replication checks
     "all_gather": Kind.GATHER,
-    "all_gather_invariant": Kind.GATHER,
     "axis_index": Kind.INDEX,
     "jit": Kind.CALL,
     "remat2": Kind.CALL,  # jax.checkpoint
