@@ -114,7 +114,9 @@ def test_jax_smap_gives_jax_vmap_results(make_mesh, spelling):
         mapping_fn, kwargs, context = jax.smap, {"mesh": mesh, "axis_name": "data"}, contextlib.nullcontext()
     else:
         mapping_fn, kwargs, context = functools.partial(jax.smap, axis_name="data"), {}, jax.set_mesh(mesh)
-    m = smap.StatefulMapping(step, axis_name="i", state_in_axes=smap.HiddenState, mapping_fn=mapping_fn, mapping_kwargs=kwargs)
+    m = smap.StatefulMapping(
+        step, axis_name="i", state_in_axes=smap.HiddenState, mapping_fn=mapping_fn, mapping_kwargs=kwargs
+    )
     with context:
         out = m(x)
     xs = np.asarray(x)
