@@ -204,7 +204,14 @@ class Pmap(_Adapter):
         return _compat.outside_explicit_mesh(on_devices, leaves, len(out_axes))(*leaves)
 
     def _pmap(
-        self, f: Callable, leaves: list, axes: list, lane_avals: list, out_axes: list, axis_name: Hashable | None, axis_size: int
+        self,
+        f: Callable,
+        leaves: list,
+        axes: list,
+        lane_avals: list,
+        out_axes: list,
+        axis_name: Hashable | None,
+        axis_size: int,
     ) -> list:
         devices = self.devices if self.devices is not None else jax.local_devices()
         n = min(len(devices), axis_size)
