@@ -26,7 +26,8 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
-from . import _compat
+from smap import _compat
+
 from ._spanning import Span, spanning_lane
 
 __all__ = ["ShardMap", "Pmap", "shard_map", "pmap", "adapt"]
@@ -97,10 +98,10 @@ class _Adapter:
         results = self._map(flat_lane, leaves, axes, lane_avals, flat_out_axes, axis_name, axis_size)
         return jax.tree_util.tree_unflatten(out_tree, results)
 
-    def _local_lanes(self, axis_size: int, n_devices: int) -> int:
+    def _local_lanes(self, axis_size: int, n_devices: int, where: str = "") -> int:
         if axis_size % n_devices:
             raise ValueError(
-                f"{self.name}: the mapped size {axis_size} is not divisible by the {n_devices} devices "
+                f"{self.name}: the mapped size {axis_size} is not divisible by the {n_devices} devices{where} "
                 f"it is split over; use a batch that is a multiple of {n_devices}."
             )
         return axis_size // n_devices
@@ -171,10 +172,13 @@ class ShardMap(_Adapter):
     def _map(self, f, leaves, axes, lane_avals, out_axes, axis_name, axis_size):
         mesh, mesh_axes = self.mesh_and_axes()
         sizes = tuple(mesh.shape[a] for a in mesh_axes)
-        span = Span(axis_name, mesh_axes, sizes, Span.fresh_name(), self._local_lanes(axis_size, math.prod(sizes)), self.name)
+        where = " of mesh " + ", ".join(f"axis {a!r} (size {n})" for a, n in zip(mesh_axes, sizes))
+        local = self._local_lanes(axis_size, math.prod(sizes), where)
+        span = Span(axis_name, mesh_axes, sizes, Span.fresh_name(), local, self.name)
         body = self._local_program(f, lane_avals, axes, out_axes, axis_name, span)
         in_specs = tuple(self.lane_spec(jnp.ndim(x), a) for x, a in zip(leaves, axes))
         out_specs = tuple(self.lane_spec(0, a) for a in out_axes)
+        leaves = _compat.onto_mesh(leaves, mesh, in_specs)
         return list(_compat.shard_map(body, mesh, in_specs, out_specs, mesh_axes)(*leaves))
 
     def __repr__(self) -> str:
@@ -195,9 +199,34 @@ class Pmap(_Adapter):
         self.devices = None if devices is None else _check_devices(devices, "sharding.pmap")
 
     def _map(self, f, leaves, axes, lane_avals, out_axes, axis_name, axis_size):
+        def on_devices(*leaves: Any) -> list:
+            # jax.pmap brings its own devices: no ambient mesh, no Explicit mesh axes in the values' types.
+            with _compat.without_ambient_mesh():
+                return self._pmap(f, list(leaves), axes, lane_avals, out_axes, axis_name, axis_size)
+
+        return _compat.outside_explicit_mesh(on_devices, leaves, len(out_axes))(*leaves)
+
+    def _pmap(
+        self,
+        f: Callable,
+        leaves: list,
+        axes: list,
+        lane_avals: list,
+        out_axes: list,
+        axis_name: Hashable | None,
+        axis_size: int,
+    ) -> list:
         devices = self.devices if self.devices is not None else jax.local_devices()
         n = min(len(devices), axis_size)
         local = self._local_lanes(axis_size, n)
+        ambient = _compat.ambient_mesh()
+        if ambient is not None and set(ambient.devices.flat) != set(devices[:n]):
+            raise ValueError(
+                f"{self.name}: the lanes run on devices {sorted(d.id for d in devices[:n])}, but the ambient mesh "
+                f"(jax.set_mesh) holds devices {sorted(d.id for d in ambient.devices.flat)}, and one program runs "
+                f"on one set of devices. Map over the mesh's devices (sharding.pmap(mesh.devices.flat)) or call "
+                f"outside jax.set_mesh."
+            )
         device_axis = Span.fresh_name("devices")
         span = Span(axis_name, (device_axis,), (n,), Span.fresh_name(), local, self.name)
         body = self._local_program(f, lane_avals, [None if a is None else 0 for a in axes], [None if a is None else 0 for a in out_axes], axis_name, span)
@@ -277,15 +306,29 @@ def pmap(devices: Sequence[Any] | None = None) -> Pmap:
     return Pmap(devices)
 
 
+class _Smap(ShardMap):
+    """``jax.smap`` as a mapping_fn: a :class:`ShardMap` over the one mesh axis it names."""
+
+    name = "jax.smap"
+
+
 def adapt(mapping_fn: Callable, mapping_kwargs: dict) -> tuple[Callable, dict]:
     """The one rule that routes JAX's SPMD maps to the sharding layer.
 
-    ``jax.pmap`` and ``jax.shard_map`` (or partials of them) do not take
-    ``jax.vmap``'s calling convention (``smap.transform.MappingFn``): they
-    become the adapter that runs the lanes the same way, with the options
-    they were given. Any other function (``jax.vmap``, an adapter, a user's
-    function) is returned unchanged. ``StatefulMapping`` asks this of every
-    ``mapping_fn``.
+    ``jax.pmap``, ``jax.shard_map`` and ``jax.smap`` (or partials of them) do
+    not take ``jax.vmap``'s calling convention (``smap.transform.MappingFn``):
+    they become the adapter that runs the lanes the same way, with the options
+    they were given. ``jax.smap`` splits the lanes over the mesh axis its
+    ``axis_name`` names (in ``mapping_kwargs`` or a partial), of the mesh in
+    ``mapping_kwargs`` or else the ambient one (``jax.set_mesh``). Any other
+    function (``jax.vmap``, an adapter, a user's function) is returned
+    unchanged. ``StatefulMapping`` asks this of every ``mapping_fn``.
+
+    Example:
+        >>> import functools, jax, sharding
+        >>> adapter, _ = sharding.adapt(functools.partial(jax.smap, axis_name="data"), {})
+        >>> adapter.name
+        'jax.smap'
     """
     keywords: dict = {}
     target = mapping_fn
@@ -299,6 +342,14 @@ def adapt(mapping_fn: Callable, mapping_kwargs: dict) -> tuple[Callable, dict]:
         _accept(options, {"mesh", "axis_names", "check_vma", "check_rep"}, "jax.shard_map")
         names = options.get("axis_names") or None
         return ShardMap(options.get("mesh"), tuple(names) if names else None), {}
+    if _compat.is_smap(target):
+        _accept(options, {"mesh", "axis_name"}, "jax.smap")
+        if options.get("axis_name") is None:
+            raise TypeError(
+                "jax.smap as mapping_fn needs the mesh axis to split the lanes over: "
+                "mapping_kwargs={'axis_name': 'data'} or functools.partial(jax.smap, axis_name='data')."
+            )
+        return _Smap(options.get("mesh"), options["axis_name"]), {}
     return mapping_fn, mapping_kwargs
 
 
@@ -306,6 +357,6 @@ def _accept(options: dict, allowed: set[str], what: str) -> None:
     unknown = set(options) - allowed
     if unknown:
         raise TypeError(
-            f"{what} as mapping_fn takes {sorted(allowed)} in mapping_kwargs; the lanes decide the "
-            f"rest (in_specs, out_specs, axis_name), got {sorted(unknown)}."
+            f"{what} as mapping_fn takes only {sorted(allowed)} in mapping_kwargs; the mapping decides the "
+            f"rest (in_axes, out_axes, in_specs, out_specs, its axis_name), got {sorted(unknown)}."
         )

@@ -11,7 +11,7 @@ from typing import Any
 import jax
 from jax.sharding import Mesh
 
-from . import _compat
+from smap import _compat
 
 __all__ = ["make_mesh", "emulate_cpu_devices"]
 

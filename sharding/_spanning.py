@@ -21,15 +21,12 @@ import jax
 import jax.numpy as jnp
 from jax.extend.core import ClosedJaxpr, Jaxpr, Literal
 
+from smap import _compat
+from smap._compat import Kind, open_jaxpr
 from smap.transform._fuse import is_lane_sum, sum_over_lanes
-
-from . import _compat
-from ._compat import jaxprs_in_params
 
 __all__ = ["Span", "spanning_lane"]
 
-_REDUCTIONS = ("psum", "pmax", "pmin", "psum_invariant")
-_INLINED = ("pjit", "jit", "closed_call", "core_call", "remat", "checkpoint", "custom_jvp_call", "custom_vjp_call")
 _fresh = itertools.count()
 
 
@@ -59,28 +56,6 @@ class Span:
         return self.device_index() * self.local_size + jax.lax.axis_index(self.local_name)
 
 
-def _axes_param(params: dict) -> tuple[str, tuple] | None:
-    for key in ("axes", "axis_name"):
-        if key in params:
-            value = params[key]
-            return key, (tuple(value) if isinstance(value, (tuple, list)) else (value,))
-    return None
-
-
-def _mentions(jaxpr: Jaxpr, name: Hashable) -> bool:
-    for eqn in jaxpr.eqns:
-        found = _axes_param(eqn.params)
-        if found and name in found[1]:
-            return True
-        if any(_mentions(_open(s), name) for s in jaxprs_in_params(eqn.params)):
-            return True
-    return False
-
-
-def _open(jaxpr: Jaxpr | ClosedJaxpr) -> Jaxpr:
-    return jaxpr.jaxpr if isinstance(jaxpr, ClosedJaxpr) else jaxpr
-
-
 def _consts(jaxpr: Jaxpr | ClosedJaxpr) -> Sequence[Any]:
     return jaxpr.consts if isinstance(jaxpr, ClosedJaxpr) else ()
 
@@ -89,7 +64,7 @@ def spanning_lane(f: Callable, lane_avals: Sequence[Any], span: Span) -> Callabl
     """``f`` (a per-lane function) with collectives on ``span.axis_name`` spanning devices and lanes."""
     axis_size = span.local_size * math.prod(span.device_sizes)
     closed = jax.make_jaxpr(f, axis_env=[(span.axis_name, axis_size)])(*lane_avals)
-    if not _mentions(closed.jaxpr, span.axis_name):
+    if not _compat.mentions_axis(closed.jaxpr, span.axis_name):
         return f
 
     def lane(*args: Any) -> list:
@@ -110,14 +85,13 @@ def _evaluate(jaxpr: Jaxpr, consts: Sequence[Any], args: Sequence[Any], span: Sp
         env[var] = value
     for eqn in jaxpr.eqns:
         ins = [read(v) for v in eqn.invars]
-        found = _axes_param(eqn.params)
-        if found and span.axis_name in found[1]:
-            outs = _collective(eqn, ins, found, span)
+        if _compat.names_axis(eqn, span.axis_name):
+            outs = _collective(eqn, ins, span)
         elif is_lane_sum(eqn):
             # A sum over every lane written as products: over the device's own lanes, then over devices.
             outs = sum_over_lanes(eqn, ins, span.local_name, span.local_size)
             outs = [jax.lax.psum(y, span.device_axes) for y in outs]
-        elif any(_mentions(_open(s), span.axis_name) for s in jaxprs_in_params(eqn.params)):
+        elif any(_compat.mentions_axis(s, span.axis_name) for s in _compat.jaxprs_in_params(eqn.params)):
             outs = _structured(eqn, ins, span)
         else:
             outs = _compat.bind_equation(eqn, ins)
@@ -126,36 +100,32 @@ def _evaluate(jaxpr: Jaxpr, consts: Sequence[Any], args: Sequence[Any], span: Sp
     return [read(v) for v in jaxpr.outvars]
 
 
-def _collective(eqn: Any, ins: list, found: tuple[str, tuple], span: Span) -> list:
-    name = eqn.primitive.name
-    key, axes = found
-    others = tuple(a for a in axes if a != span.axis_name)
-    if name in _REDUCTIONS:
-        new_axes = others + (span.local_name, *span.device_axes)
-        outs = eqn.primitive.bind(*ins, **{**eqn.params, key: new_axes})
-        return list(outs) if eqn.primitive.multiple_results else [outs]
-    if name == "axis_index":
+def _collective(eqn: Any, ins: list, span: Span) -> list:
+    kind = _compat.kind(eqn)
+    others = tuple(a for a in _compat.collective_axes(eqn)[1] if a != span.axis_name)
+    if kind is Kind.REDUCTION:
+        return _compat.rebind_on_axes(eqn, ins, others + (span.local_name, *span.device_axes))
+    if kind is Kind.INDEX:
         return [span.lane_index()]
-    if name == "all_gather" and not others:
-        return [_all_gather(ins[0], eqn.params, span)]
+    if kind is Kind.GATHER and not others:
+        return [_all_gather(ins[0], eqn, span)]
     if span.local_size == 1:
         # One lane per device: the device axes are the mapped axis, lane for lane.
-        outs = eqn.primitive.bind(*ins, **{**eqn.params, key: others + span.device_axes})
-        return list(outs) if eqn.primitive.multiple_results else [outs]
+        return _compat.rebind_on_axes(eqn, ins, others + span.device_axes)
     raise NotImplementedError(
-        f"{span.adapter}: the collective {name!r} on the mapped axis {span.axis_name!r} is not "
+        f"{span.adapter}: the collective {eqn.primitive.name!r} on the mapped axis {span.axis_name!r} is not "
         f"supported when a device holds several lanes; psum, pmean, pmax, pmin, all_gather and "
         f"axis_index are. Use one lane per device, or jax.vmap."
     )
 
 
-def _all_gather(x: jax.Array, params: dict, span: Span) -> jax.Array:
+def _all_gather(x: jax.Array, eqn: Any, span: Span) -> jax.Array:
     gathered = jax.lax.all_gather(x, span.local_name)
     gathered = jax.lax.all_gather(gathered, span.device_axes if len(span.device_axes) > 1 else span.device_axes[0])
     lanes = gathered.reshape((-1, *x.shape))
-    dim = params["all_gather_dimension"]
+    dim, tiled = _compat.gather_layout(eqn)
     lanes = jnp.moveaxis(lanes, 0, dim)
-    if params["tiled"]:
+    if tiled:
         shape = x.shape[:dim] + (lanes.shape[dim] * x.shape[dim],) + x.shape[dim + 1 :]
         lanes = lanes.reshape(shape)
     return lanes
@@ -163,38 +133,35 @@ def _all_gather(x: jax.Array, params: dict, span: Span) -> jax.Array:
 
 def _structured(eqn: Any, ins: list, span: Span) -> list:
     """Re-express a primitive with nested programs so its collectives can be rewritten."""
-    name, params = eqn.primitive.name, eqn.params
-    run = lambda sub, args: _evaluate(_open(sub), _consts(sub), args, span)  # noqa: E731
-    if name in _INLINED:
-        (sub,) = [params[k] for k in ("jaxpr", "call_jaxpr", "fun_jaxpr") if k in params][:1]
-        return run(sub, ins)
-    if name == "scan":
-        n_consts, n_carry = params["num_consts"], params["num_carry"]
+    kind = _compat.kind(eqn)
+    run = lambda sub, args: _evaluate(open_jaxpr(sub), _consts(sub), args, span)  # noqa: E731
+    if kind is Kind.CALL:
+        return run(_compat.call_body(eqn), ins)
+    if kind is Kind.SCAN:
+        program, n_consts, n_carry = _compat.scan_parts(eqn)
         consts, init, xs = ins[:n_consts], ins[n_consts : n_consts + n_carry], ins[n_consts + n_carry :]
 
         def body(carry: list, x: list) -> tuple[list, list]:
-            outs = run(params["jaxpr"], [*consts, *carry, *x])
+            outs = run(program, [*consts, *carry, *x])
             return outs[:n_carry], outs[n_carry:]
 
-        carry, ys = jax.lax.scan(
-            body, init, xs, length=params["length"], reverse=params["reverse"], unroll=params["unroll"]
-        )
+        carry, ys = jax.lax.scan(body, init, xs, **_compat.scan_options(eqn))
         return [*carry, *ys]
-    if name == "while":
-        n_cond, n_body = params["cond_nconsts"], params["body_nconsts"]
+    if kind is Kind.WHILE:
+        cond, body, n_cond, n_body = _compat.while_parts(eqn)
         cond_consts, body_consts, init = ins[:n_cond], ins[n_cond : n_cond + n_body], ins[n_cond + n_body :]
         return list(
             jax.lax.while_loop(
-                lambda carry: run(params["cond_jaxpr"], [*cond_consts, *carry])[0],
-                lambda carry: run(params["body_jaxpr"], [*body_consts, *carry]),
+                lambda carry: run(cond, [*cond_consts, *carry])[0],
+                lambda carry: run(body, [*body_consts, *carry]),
                 list(init),
             )
         )
-    if name == "cond":
+    if kind is Kind.COND:
         index, operands = ins[0], ins[1:]
-        branches = [lambda *ops, b=b: run(b, list(ops)) for b in params["branches"]]
+        branches = [lambda *ops, b=b: run(b, list(ops)) for b in _compat.cond_branches(eqn)]
         return list(jax.lax.switch(index, branches, *operands))
     raise NotImplementedError(
-        f"{span.adapter}: {name!r} holds a collective on the mapped axis {span.axis_name!r}, "
+        f"{span.adapter}: {eqn.primitive.name!r} holds a collective on the mapped axis {span.axis_name!r}, "
         f"which cannot be spread over devices holding several lanes."
     )

@@ -1,26 +1,88 @@
-"""The one place where smap touches JAX internals (JAX 0.9 and 0.10).
+"""Everything smap and sharding know about JAX's internals (JAX 0.9 to 0.12), in one place.
 
-Tracing discovers states while the function runs, so a state's value must
-become an input of the jaxpr under construction at the moment it is first
-read. JAX has no public API for adding an input mid-trace; the jaxpr trace
-object has one (``new_arg``).
+Three kinds of knowledge live here and nowhere else:
+
+- Private imports and methods. Tracing discovers states while the function
+  runs, so a state's value must become an input of the jaxpr under
+  construction when it is first read; JAX has no public API for that, the
+  jaxpr trace object has one (``new_arg``). Also: the concrete array type,
+  the mesh ``jax.set_mesh`` set (read inside a trace), whether the backends
+  have started.
+- The primitives smap interprets, in one table (:data:`PRIMITIVES`), and the
+  layouts of their equations' parameters (:func:`collective_axes`,
+  :func:`scan_parts`, ...). The lane analysis (``smap.transform._lanes``) and
+  the collective rewrite (``sharding._spanning``) both read them.
+- Differences between JAX series: ``scan``'s parameters (JAX 0.11 replaced
+  ``num_consts``/``num_carry`` by flat trees), where ``jaxprs_in_params``
+  lives, the SPMD maps and mesh axis types the sharding layer uses.
+
+``tests/smap/test_jax_internals.py`` checks every item against the installed
+JAX by name, so a JAX release that moves one fails there first.
 """
 
 from __future__ import annotations
 
+import enum
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
-from jax._src import source_info_util
+from jax._src import mesh as mesh_lib
+from jax._src import source_info_util, xla_bridge
 from jax._src.array import ArrayImpl
-from jax.extend.core import take_current_trace
+from jax.extend.core import ClosedJaxpr, Jaxpr, take_current_trace
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 try:  # public since JAX 0.10
     from jax.extend.core import jaxprs_in_params
 except ImportError:
     from jax._src.core import jaxprs_in_params
 
-__all__ = ["ArrayImpl", "current_trace", "new_input", "jaxprs_in_params", "without_ambient_mesh"]
+__all__ = [
+    "primitive_name",
+    "lane_sum_axes",
+    "is_scan",
+    "is_plain_call",
+    "dot_layout",
+    "converts_floats",
+    "bind_gathering_over",
+    "SUM_PRIMITIVES",
+    "CONVERT",
+    "DIV",
+    "DOT_GENERAL",
+    "MUL",
+    "LINEAR_PRIMITIVES",
+    "ArrayImpl",
+    "Kind",
+    "PRIMITIVES",
+    "ambient_mesh",
+    "backend_started",
+    "bind_equation",
+    "call_body",
+    "collective_axes",
+    "cond_branches",
+    "current_trace",
+    "gather_layout",
+    "is_shard_map",
+    "is_smap",
+    "jaxprs_in_params",
+    "kind",
+    "make_auto_mesh",
+    "mentions_axis",
+    "names_axis",
+    "new_input",
+    "onto_mesh",
+    "outside_explicit_mesh",
+    "open_jaxpr",
+    "rebind_on_axes",
+    "scan_options",
+    "scan_parts",
+    "shard_map",
+    "while_parts",
+    "without_ambient_mesh",
+]
+
+# -- tracing -----------------------------------------------------------------------
 
 # The concrete type of a jax.Array: comparing `type(x) is ArrayImpl` keeps the
 # per-call path of a cached transform free of abstract-base-class checks.
@@ -44,3 +106,256 @@ def without_ambient_mesh() -> Any:
     A per-lane program must not depend on the mesh it is later run on.
     """
     return jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((), ()))
+
+
+# -- the primitives smap interprets ------------------------------------------------------
+
+
+class Kind(enum.Enum):
+    """What a primitive means to the lanes of a mapping."""
+
+    REDUCTION = "reduction"  # every lane gets the reduction over all lanes (psum, pmax, ...)
+    GATHER = "gather"  # every lane gets all lanes' values, stacked (all_gather)
+    INDEX = "index"  # each lane gets its own index (axis_index)
+    CALL = "call"  # runs one program on the equation's inputs (jit, checkpoint, custom rules)
+    SCAN = "scan"
+    WHILE = "while"
+    COND = "cond"
+
+
+PRIMITIVES: dict[str, Kind] = {
+    "psum": Kind.REDUCTION,
+    "pmax": Kind.REDUCTION,
+    "pmin": Kind.REDUCTION,
+    "psum_invariant": Kind.REDUCTION,  # psum under shard_map's replication checks
+    "all_gather": Kind.GATHER,
+    "axis_index": Kind.INDEX,
+    "jit": Kind.CALL,
+    "remat2": Kind.CALL,  # jax.checkpoint
+    "custom_jvp_call": Kind.CALL,
+    "custom_vjp_call": Kind.CALL,
+    "scan": Kind.SCAN,
+    "while": Kind.WHILE,
+    "cond": Kind.COND,
+}
+"""The primitives whose meaning smap relies on, by name. Any other equation
+that names the mapped axis is treated as giving each lane its own value."""
+
+# Where an equation names the axes it communicates over.
+AXIS_PARAMS = ("axes", "axis_name")
+# Where a CALL equation keeps its program.
+CALL_PARAMS = ("jaxpr", "call_jaxpr")
+
+
+def kind(eqn: Any) -> Kind | None:
+    """The :class:`Kind` of an equation's primitive, or None for one smap does not interpret."""
+    return PRIMITIVES.get(eqn.primitive.name)
+
+
+def collective_axes(eqn: Any) -> tuple[str, tuple] | None:
+    """The parameter that holds the axes an equation communicates over, and those axes."""
+    for key in AXIS_PARAMS:
+        if key in eqn.params:
+            value = eqn.params[key]
+            return key, (tuple(value) if isinstance(value, (tuple, list)) else (value,))
+    return None
+
+
+def names_axis(eqn: Any, axis_name: Any) -> bool:
+    """Whether an equation communicates over ``axis_name``."""
+    found = collective_axes(eqn)
+    return found is not None and axis_name in found[1]
+
+
+def mentions_axis(jaxpr: Jaxpr | ClosedJaxpr, axis_name: Any) -> bool:
+    """Whether any equation of ``jaxpr``, nested programs included, communicates over ``axis_name``."""
+    return any(
+        names_axis(eqn, axis_name) or any(mentions_axis(sub, axis_name) for sub in jaxprs_in_params(eqn.params))
+        for eqn in open_jaxpr(jaxpr).eqns
+    )
+
+
+def bind_equation(eqn: Any, ins: Sequence[Any], **params: Any) -> list:
+    """Apply an equation's primitive to ``ins``, with ``params`` replacing some of its parameters."""
+    if params:
+        outs = eqn.primitive.bind(*ins, **{**eqn.params, **params})
+    else:
+        outs = eqn.primitive.bind(*ins, **eqn.primitive.get_bind_params(eqn.params))
+    return list(outs) if eqn.primitive.multiple_results else [outs]
+
+
+def rebind_on_axes(eqn: Any, ins: Sequence[Any], axes: tuple) -> list:
+    """Apply a collective equation to ``ins`` over ``axes`` instead of its own."""
+    key, _ = collective_axes(eqn)
+    return bind_equation(eqn, ins, **{key: axes})
+
+
+def open_jaxpr(jaxpr: Jaxpr | ClosedJaxpr) -> Jaxpr:
+    """The open jaxpr of a (possibly closed) jaxpr."""
+    return jaxpr.jaxpr if isinstance(jaxpr, ClosedJaxpr) else jaxpr
+
+
+def call_body(eqn: Any) -> Jaxpr | ClosedJaxpr:
+    """The program a CALL equation runs on its inputs."""
+    return next(eqn.params[k] for k in CALL_PARAMS if k in eqn.params)
+
+
+def scan_parts(eqn: Any) -> tuple[Jaxpr | ClosedJaxpr, int, int]:
+    """A scan's body and how many of its inputs are constants and carries (the rest: xs)."""
+    params = eqn.params
+    if "ft_in" in params:  # JAX >= 0.11: the inputs' flat tree is (consts, carry, xs)
+        consts, carry, _ = params["ft_in"].unpack()
+        return params["jaxpr"], len(consts), len(carry)
+    return params["jaxpr"], params["num_consts"], params["num_carry"]
+
+
+def scan_options(eqn: Any) -> dict:
+    """The keyword arguments that make ``jax.lax.scan`` loop as the equation does."""
+    return {k: eqn.params[k] for k in ("length", "reverse", "unroll")}
+
+
+def while_parts(eqn: Any) -> tuple[Jaxpr | ClosedJaxpr, Jaxpr | ClosedJaxpr, int, int]:
+    """A while loop's condition and body, and how many constants each takes before the carry."""
+    p = eqn.params
+    return p["cond_jaxpr"], p["body_jaxpr"], p["cond_nconsts"], p["body_nconsts"]
+
+
+def cond_branches(eqn: Any) -> tuple:
+    """A cond's branches; the equation's first input is the branch index, the rest their operands."""
+    return tuple(eqn.params["branches"])
+
+
+def gather_layout(eqn: Any) -> tuple[int, bool]:
+    """Where an all_gather stacks the lanes' values, and whether it concatenates them (``tiled``)."""
+    return eqn.params["all_gather_dimension"], eqn.params["tiled"]
+
+
+# -- sums of per-lane products (smap.transform._fuse) ------------------------------
+
+# psum(f(x)) == f(psum(x)) for these primitives, f applied with the same parameters.
+LINEAR_PRIMITIVES = frozenset(
+    {"transpose", "reshape", "squeeze", "broadcast_in_dim", "neg", "copy", "reduce_sum", "convert_element_type"}
+)
+SUM_PRIMITIVES = frozenset({"add", "add_any", "sub"})
+DOT_GENERAL, MUL, DIV, CONVERT = "dot_general", "mul", "div", "convert_element_type"
+
+
+def primitive_name(eqn: Any) -> str:
+    """The name of an equation's primitive."""
+    return eqn.primitive.name
+
+
+def lane_sum_axes(eqn: Any) -> tuple | None:
+    """The axes a ``psum`` over all lanes sums over; None for other equations and sums over groups."""
+    if eqn.primitive.name != "psum" or eqn.params.get("axis_index_groups") is not None:
+        return None
+    return collective_axes(eqn)[1]
+
+
+def is_plain_call(eqn: Any, name: str | None = None) -> bool:
+    """Whether ``eqn`` is a ``jax.jit`` call (of a function named ``name``, when given)."""
+    return eqn.primitive.name == "jit" and (name is None or eqn.params.get("name") == name)
+
+
+def dot_layout(eqn: Any) -> tuple[tuple, dict]:
+    """A ``dot_general``'s dimension numbers and the options it passes on (precision, result type)."""
+    return eqn.params["dimension_numbers"], {k: eqn.params.get(k) for k in ("precision", "preferred_element_type")}
+
+
+def converts_floats(eqn: Any) -> bool:
+    """Whether a ``convert_element_type`` goes from a floating type to a floating type."""
+    floating = lambda dtype: jax.numpy.issubdtype(dtype, jax.numpy.inexact)  # noqa: E731
+    return floating(eqn.params["new_dtype"]) and floating(eqn.invars[0].aval.dtype)
+
+
+def is_scan(eqn: Any) -> bool:
+    return eqn.primitive.name == "scan"
+
+
+def bind_gathering_over(eqn: Any, ins: Sequence[Any], axis_name: Any, axis_size: int) -> list:
+    """Apply an equation to ``ins``; an ``all_gather`` gathers over ``axis_name`` of ``axis_size`` instead."""
+    if eqn.primitive.name == "all_gather":
+        return bind_equation(eqn, ins, axis_name=axis_name, axis_size=axis_size)
+    return bind_equation(eqn, ins)
+
+
+# -- SPMD maps and meshes ------------------------------------------------------------------
+
+
+def is_shard_map(fn: Any) -> bool:
+    """Whether ``fn`` is JAX's shard_map (``jax.shard_map`` or the deprecated experimental one)."""
+    return fn is jax.shard_map or (
+        getattr(fn, "__name__", None) == "shard_map" and getattr(fn, "__module__", "").startswith("jax.")
+    )
+
+
+def is_smap(fn: Any) -> bool:
+    """Whether ``fn`` is ``jax.smap``, the single-axis shard_map with ``in_axes``/``out_axes``."""
+    smap = getattr(jax, "smap", None)
+    return smap is not None and fn is smap
+
+
+def shard_map(f: Callable, mesh: Mesh, in_specs: Any, out_specs: Any, manual_axes: Sequence[str]) -> Callable:
+    """``jax.shard_map`` without replication checks, manual over ``manual_axes`` only.
+
+    The lanes decide what varies between devices. The other mesh axes are
+    left to the compiler (``axis_names``, the same keyword in JAX 0.9 to
+    0.12): values keep their shardings over them inside the mapped program.
+    """
+    return jax.shard_map(
+        f, mesh=mesh, in_specs=in_specs, out_specs=out_specs, axis_names=frozenset(manual_axes), check_vma=False
+    )
+
+
+def make_auto_mesh(shape: Sequence[int], names: Sequence[str], devices: Sequence[Any] | None = None) -> Mesh:
+    """A mesh whose axes are of type ``Auto``: XLA may place values freely around a mapped program."""
+    axis_types = (AxisType.Auto,) * len(names)
+    return jax.make_mesh(tuple(shape), tuple(names), axis_types=axis_types, devices=devices)
+
+
+def ambient_mesh() -> Mesh | None:
+    """The mesh set by ``jax.set_mesh``, or None; readable inside a trace.
+
+    The concrete mesh is read (``jax.set_mesh`` records it beside the abstract
+    one): smap traces per-lane programs with the abstract mesh cleared (see
+    :func:`without_ambient_mesh`).
+    """
+    mesh = mesh_lib.get_concrete_mesh()
+    return None if mesh is None or mesh.empty else mesh
+
+
+def backend_started() -> bool:
+    """Whether JAX has already created its backends (device count is then fixed)."""
+    return xla_bridge.backends_are_initialized()
+
+
+def _explicit(mesh: Any) -> tuple[str, ...]:
+    return tuple(n for n, t in zip(mesh.axis_names, mesh.axis_types) if t == AxisType.Explicit)
+
+
+def onto_mesh(values: Sequence[Any], mesh: Mesh, specs: Sequence[PartitionSpec]) -> list:
+    """Traced ``values`` resharded onto ``mesh`` as ``specs`` say, where the mesh has Explicit axes.
+
+    ``jax.shard_map`` on a mesh of Explicit axes (``jax.make_mesh``'s default)
+    takes only values already typed with its ``in_specs``. The reshard happens
+    on the devices, in the compiled program; a value already placed so moves
+    nothing. On a mesh of Auto axes the values are returned as they are.
+    """
+    if not _explicit(mesh):
+        return list(values)
+    return [jax.sharding.reshard(x, NamedSharding(mesh, spec)) for x, spec in zip(values, specs)]
+
+
+def outside_explicit_mesh(f: Callable, values: Sequence[Any], n_outs: int) -> Callable:
+    """``f`` run with the Explicit axes of the mesh ``values`` (or the ambient mesh) are typed on made Auto.
+
+    ``jax.pmap`` inside ``jax.jit`` cannot take values whose types name the
+    Explicit axes of another mesh; ``jax.sharding.auto_axes`` lifts them, and
+    ``f``'s ``n_outs`` outputs come back replicated on that mesh.
+    """
+    meshes = [jax.typeof(x).sharding.mesh for x in values] + [jax.sharding.get_abstract_mesh()]
+    mesh = next((m for m in meshes if not m.empty and _explicit(m)), None)
+    if mesh is None:
+        return f
+    replicated = [NamedSharding(mesh, PartitionSpec())] * n_outs
+    return jax.sharding.auto_axes(lambda *xs: list(f(*xs)), axes=_explicit(mesh), out_sharding=replicated)

@@ -1,4 +1,4 @@
-"""Test setup: 8 emulated CPU devices, set before JAX starts its backend.
+"""Test setup: 8 emulated CPU devices, set before JAX starts its backend; deprecations are errors.
 
 The suite compiles several hundred small programs; XLA's CPU backend would
 spend most of that time optimising machine code the tests do not need, so
@@ -17,6 +17,9 @@ os.environ["XLA_FLAGS"] = " ".join(
     ]
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# JAX's deprecation warnings are errors (pyproject's filterwarnings), in the Python
+# processes that tests start too (the demo, documentation blocks, distributed workers).
+os.environ.setdefault("PYTHONWARNINGS", "error::DeprecationWarning")
 
 import jax  # noqa: E402
 import pytest  # noqa: E402

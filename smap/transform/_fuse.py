@@ -31,30 +31,12 @@ import jax
 import jax.numpy as jnp
 from jax.extend.core import ClosedJaxpr, Jaxpr, Literal
 
+from .. import _compat
 from .._compat import jaxprs_in_params
 from ._lanes import _equation as _lane_dependent_outputs
 from ._lanes import lane_dependent
 
 __all__ = ["fused_lanes", "is_lane_sum", "sum_over_lanes", "LANE_SUM"]
-
-# JAX internals read here: primitive names and their parameters.
-_PSUM, _PSUM_AXES, _PSUM_GROUPS = "psum", "axes", "axis_index_groups"
-_ALL_GATHER, _GATHER_AXIS, _GATHER_SIZE = "all_gather", "axis_name", "axis_size"
-_DOT, _DOT_DIMS = "dot_general", "dimension_numbers"
-_DOT_OPTIONS = ("precision", "preferred_element_type")
-_REDUCE_SUM = "reduce_sum"
-_CONVERT, _CONVERT_DTYPE = "convert_element_type", "new_dtype"
-# psum(f(x)) == f(psum(x)) for these, f applied with the same parameters.
-_LINEAR = frozenset(
-    {"transpose", "reshape", "squeeze", "expand_dims", "broadcast_in_dim", "neg", "copy", "copy_p"}
-    | {_REDUCE_SUM, _CONVERT}
-)
-_SUMS = frozenset({"add", "add_any", "sub"})
-_MUL, _DIV = "mul", "div"
-_CALLS = {"pjit": "jaxpr", "jit": "jaxpr", "closed_call": "call_jaxpr", "core_call": "call_jaxpr"}
-_CALL_NAME = "name"
-_SCAN, _SCAN_BODY, _SCAN_CONSTS, _SCAN_CARRY = "scan", "jaxpr", "num_consts", "num_carry"
-
 
 LANE_SUM = "_smap_lane_sum"
 
@@ -79,7 +61,7 @@ def _contraction(a: jax.Array, b: jax.Array, dims: tuple, options: dict, axis_na
 
 def is_lane_sum(eqn: Any) -> bool:
     """Whether ``eqn`` is a sum over the lanes that :func:`fused_lanes` wrote as products."""
-    return eqn.primitive.name in _CALLS and eqn.params.get(_CALL_NAME) == LANE_SUM
+    return _compat.is_plain_call(eqn, LANE_SUM)
 
 
 def sum_over_lanes(eqn: Any, ins: Sequence[Any], axis_name: Hashable, axis_size: int) -> list:
@@ -88,17 +70,13 @@ def sum_over_lanes(eqn: Any, ins: Sequence[Any], axis_name: Hashable, axis_size:
     A device that holds a block of lanes sums over its own block (``axis_name``
     its local lane axis); the caller then sums the result over devices.
     """
-    sub = eqn.params[_CALLS[eqn.primitive.name]]
-    env: dict[Any, Any] = dict(zip(sub.jaxpr.constvars, sub.consts))
-    env.update(zip(sub.jaxpr.invars, ins))
+    sub, sub_consts = _open(_compat.call_body(eqn))
+    env: dict[Any, Any] = dict(zip(sub.constvars, sub_consts))
+    env.update(zip(sub.invars, ins))
     read = lambda v: v.val if isinstance(v, Literal) else env[v]  # noqa: E731
-    for e in sub.jaxpr.eqns:
-        params = e.params
-        if e.primitive.name == _ALL_GATHER:
-            params = {**params, _GATHER_AXIS: axis_name, _GATHER_SIZE: axis_size}
-        out = e.primitive.bind(*map(read, e.invars), **e.primitive.get_bind_params(params))
-        env.update(zip(e.outvars, out if e.primitive.multiple_results else [out]))
-    return [read(v) for v in sub.jaxpr.outvars]
+    for e in sub.eqns:
+        env.update(zip(e.outvars, _compat.bind_gathering_over(e, [read(v) for v in e.invars], axis_name, axis_size)))
+    return [read(v) for v in sub.outvars]
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -117,10 +95,8 @@ def _open(jaxpr: Jaxpr | ClosedJaxpr) -> tuple[Jaxpr, Sequence[Any]]:
 
 def _reduces_over(eqn: Any, axis_name: Hashable) -> bool:
     """Whether ``eqn`` sums over all the lanes of ``axis_name`` (not over groups of them)."""
-    if eqn.primitive.name != _PSUM or eqn.params.get(_PSUM_GROUPS) is not None:
-        return False
-    axes = eqn.params[_PSUM_AXES]
-    return axis_name in (tuple(axes) if isinstance(axes, (tuple, list)) else (axes,))
+    axes = _compat.lane_sum_axes(eqn)
+    return axes is not None and axis_name in axes
 
 
 def _sums_over_lanes(jaxpr: Jaxpr, axis_name: Hashable) -> bool:
@@ -173,17 +149,15 @@ def _evaluate(jaxpr: Jaxpr, consts: Sequence[Any], args: Sequence[_Node], axis_n
     read = lambda v: _Node(v.val, False) if isinstance(v, Literal) else env[v]  # noqa: E731
     for eqn in jaxpr.eqns:
         ins = [read(v) for v in eqn.invars]
-        name = eqn.primitive.name
         if _reduces_over(eqn, axis_name):
             outs = _psum(eqn, ins, axis_name)
-        elif name in _CALLS and not is_lane_sum(eqn):
-            sub, sub_consts = _open(eqn.params[_CALLS[name]])
+        elif _compat.is_plain_call(eqn) and not is_lane_sum(eqn):
+            sub, sub_consts = _open(_compat.call_body(eqn))
             outs = _evaluate(sub, sub_consts, ins, axis_name)
         elif _scan_sums_over_lanes(eqn, axis_name):
             outs = _scan(eqn, ins, axis_name)
         else:
-            values = eqn.primitive.bind(*[n.value for n in ins], **eqn.primitive.get_bind_params(eqn.params))
-            values = list(values) if eqn.primitive.multiple_results else [values]
+            values = _compat.bind_equation(eqn, [n.value for n in ins])
             deps = _lane_dependent_outputs(eqn, [n.dependent for n in ins], axis_name)
             single = len(values) == 1
             outs = [_Node(v, d, eqn if single else None, tuple(ins)) for v, d in zip(values, deps)]
@@ -192,14 +166,12 @@ def _evaluate(jaxpr: Jaxpr, consts: Sequence[Any], args: Sequence[_Node], axis_n
 
 
 def _psum(eqn: Any, ins: list[_Node], axis_name: Hashable) -> list[_Node]:
-    axes = eqn.params[_PSUM_AXES]
-    others = tuple(a for a in axes if a != axis_name)
+    others = tuple(a for a in _compat.lane_sum_axes(eqn) or () if a != axis_name)
     outs = []
     for node in ins:
         plan = _summed(node, None, axis_name) if node.dependent else None
         if plan is None:
-            value = eqn.primitive.bind(node.value, **eqn.params)
-            value = value[0] if eqn.primitive.multiple_results else value
+            value = _compat.bind_equation(eqn, [node.value])[0]
         else:
             value = _lane_sum(plan)
             value = jax.lax.psum(value, others) if others else value
@@ -214,33 +186,34 @@ def _summed(node: _Node, scale: Any, axis_name: Hashable) -> Callable[[], Any] |
     eqn = node.eqn
     if eqn is None or not node.dependent:
         return None
-    name, ins = eqn.primitive.name, node.inputs
-    if name == _DOT:
+    name, ins = _compat.primitive_name(eqn), node.inputs
+    if name == _compat.DOT_GENERAL:
         a, b = ins
         if not (a.dependent and b.dependent):
             return None
-        options = {k: eqn.params.get(k) for k in _DOT_OPTIONS}
+        dims, options = _compat.dot_layout(eqn)
 
         def contraction() -> Any:
             lhs = a.value if scale is None else a.value * scale.astype(a.value.dtype)
-            return _contraction(lhs, b.value, eqn.params[_DOT_DIMS], options, axis_name)
+            return _contraction(lhs, b.value, dims, options, axis_name)
 
         return contraction
-    if name in _LINEAR and len(ins) == 1 and _is_linear(eqn):
+    linear = name in _compat.LINEAR_PRIMITIVES and (name != _compat.CONVERT or _compat.converts_floats(eqn))
+    if linear and len(ins) == 1:
         inner = _summed(ins[0], scale, axis_name)
         return None if inner is None else lambda: _rebind(eqn, [inner()])
-    if name in _SUMS:
+    if name in _compat.SUM_PRIMITIVES:
         parts = [_summed(n, scale, axis_name) for n in ins]
         return None if any(p is None for p in parts) else lambda: _rebind(eqn, [p() for p in parts])
-    if name in (_MUL, _DIV):
+    if name in (_compat.MUL, _compat.DIV):
         x, y = ins
         if not y.dependent:
             inner = _summed(x, scale, axis_name)
             return None if inner is None else lambda: _rebind(eqn, [inner(), y.value])
-        if name == _MUL and not x.dependent:
+        if name == _compat.MUL and not x.dependent:
             inner = _summed(y, scale, axis_name)
             return None if inner is None else lambda: _rebind(eqn, [x.value, inner()])
-        if name == _MUL:
+        if name == _compat.MUL:
             for factor, other in ((y, x), (x, y)):
                 if jnp.ndim(factor.value) == 0:
                     plan = _summed(other, factor.value if scale is None else scale * factor.value, axis_name)
@@ -249,33 +222,23 @@ def _summed(node: _Node, scale: Any, axis_name: Hashable) -> Callable[[], Any] |
     return None
 
 
-def _is_linear(eqn: Any) -> bool:
-    if eqn.primitive.name != _CONVERT:
-        return True
-    floating = lambda dtype: jnp.issubdtype(dtype, jnp.inexact)  # noqa: E731
-    return floating(eqn.params[_CONVERT_DTYPE]) and floating(eqn.invars[0].aval.dtype)
-
-
 def _rebind(eqn: Any, ins: list) -> Any:
-    return eqn.primitive.bind(*ins, **eqn.primitive.get_bind_params(eqn.params))
+    return _compat.bind_equation(eqn, ins)[0]
 
 
 def _scan_sums_over_lanes(eqn: Any, axis_name: Hashable) -> bool:
-    """A scan (with the parameters of JAX <= 0.10) whose body has a psum over ``axis_name``."""
-    params = eqn.params
-    if eqn.primitive.name != _SCAN or _SCAN_CONSTS not in params:
-        return False
-    return _sums_over_lanes(_open(params[_SCAN_BODY])[0], axis_name)
+    """A scan whose body has a psum over ``axis_name``."""
+    return _compat.is_scan(eqn) and _sums_over_lanes(_open(_compat.scan_parts(eqn)[0])[0], axis_name)
 
 
 def _scan(eqn: Any, ins: list[_Node], axis_name: Hashable) -> list[_Node]:
     """A scan whose body sums over the lanes: its body is evaluated by this pass too."""
-    body, length, reverse, unroll = (eqn.params[k] for k in (_SCAN_BODY, "length", "reverse", "unroll"))
-    n_consts, n_carry = eqn.params[_SCAN_CONSTS], eqn.params[_SCAN_CARRY]
+    body, n_consts, n_carry = _compat.scan_parts(eqn)
+    body_jaxpr, body_consts = _open(body)
     deps = [n.dependent for n in ins]
     carry_deps = deps[n_consts : n_consts + n_carry]
     while True:  # the carry is per lane once any iteration makes it so (as in _lanes)
-        outs = lane_dependent(body.jaxpr, deps[:n_consts] + carry_deps + deps[n_consts + n_carry :], axis_name)
+        outs = lane_dependent(body_jaxpr, deps[:n_consts] + carry_deps + deps[n_consts + n_carry :], axis_name)
         new = [a or b for a, b in zip(carry_deps, outs[:n_carry])]
         if new == carry_deps:
             break
@@ -285,10 +248,10 @@ def _scan(eqn: Any, ins: list[_Node], axis_name: Hashable) -> list[_Node]:
 
     def step(carry: list, xs: list) -> tuple[list, list]:
         nodes = [*consts, *map(_Node, carry, carry_deps), *map(_Node, xs, xs_deps)]
-        out = [n.value for n in _evaluate(body.jaxpr, body.consts, nodes, axis_name)]
+        out = [n.value for n in _evaluate(body_jaxpr, body_consts, nodes, axis_name)]
         return out[:n_carry], out[n_carry:]
 
     init = [n.value for n in ins[n_consts : n_consts + n_carry]]
     xs = [n.value for n in ins[n_consts + n_carry :]]
-    carry, ys = jax.lax.scan(step, init, xs, length=length, reverse=reverse, unroll=unroll)
+    carry, ys = jax.lax.scan(step, init, xs, **_compat.scan_options(eqn))
     return [_Node(v, d) for v, d in zip([*carry, *ys], carry_deps + outs[n_carry:])]

@@ -9,9 +9,10 @@ reductions over the mapped axis (``psum``, ``pmax``, ``pmin``,
 ``all_gather``) give every lane the same value.
 
 The analysis follows JAX's own batching rules for control flow and calls
-(``scan``, ``while``, ``cond``, ``jit``, ``custom_jvp``, ...) and is
-conservative elsewhere: it may call a value lane-dependent that JAX would
-not, which only costs a broadcast, never a wrong result.
+(``scan``, ``while``, ``cond``, ``jit``, ``custom_jvp``, ...; the table of
+primitives is ``smap._compat.PRIMITIVES``) and is conservative elsewhere: it
+may call a value lane-dependent that JAX would not, which only costs a
+broadcast, never a wrong result.
 """
 
 from __future__ import annotations
@@ -19,36 +20,14 @@ from __future__ import annotations
 from collections.abc import Hashable, Sequence
 from typing import Any
 
-from jax.extend.core import ClosedJaxpr, Jaxpr, Literal
+from jax.extend.core import Jaxpr, Literal
 
-from .._compat import jaxprs_in_params
+from .. import _compat
+from .._compat import Kind, open_jaxpr
 
 __all__ = ["lane_dependent"]
 
-_REDUCTIONS = {"psum", "pmax", "pmin", "all_gather", "psum_invariant", "all_gather_invariant"}
-_AXIS_PARAMS = ("axes", "axis_name")
-
-
-def _axes_of(params: dict) -> tuple:
-    for name in _AXIS_PARAMS:
-        if name in params:
-            axes = params[name]
-            return tuple(axes) if isinstance(axes, (tuple, list)) else (axes,)
-    return ()
-
-
-def _open(jaxpr: Jaxpr | ClosedJaxpr) -> Jaxpr:
-    return jaxpr.jaxpr if isinstance(jaxpr, ClosedJaxpr) else jaxpr
-
-
-def _mentions_axis(jaxpr: Jaxpr, axis_name: Hashable) -> bool:
-    """Whether anything in ``jaxpr`` (nested jaxprs included) uses ``axis_name``."""
-    for eqn in jaxpr.eqns:
-        if axis_name in _axes_of(eqn.params):
-            return True
-        if any(_mentions_axis(_open(sub), axis_name) for sub in jaxprs_in_params(eqn.params)):
-            return True
-    return False
+_SAME_ON_EVERY_LANE = (Kind.REDUCTION, Kind.GATHER)
 
 
 def lane_dependent(jaxpr: Jaxpr, inputs: Sequence[bool], axis_name: Hashable | None) -> list[bool]:
@@ -73,28 +52,29 @@ def lane_dependent(jaxpr: Jaxpr, inputs: Sequence[bool], axis_name: Hashable | N
 
 
 def _equation(eqn: Any, ins: list[bool], axis_name: Hashable | None) -> list[bool]:
-    name, params, n_out = eqn.primitive.name, eqn.params, len(eqn.outvars)
-    if axis_name is not None and axis_name in _axes_of(params):
-        return [name not in _REDUCTIONS] * n_out
-    if name == "scan":
-        return _scan(params, ins, axis_name)
-    if name == "while":
-        return _while(params, ins, axis_name)
-    if name == "cond":
-        return _cond(params, ins, axis_name)
-    subs = list(jaxprs_in_params(params))
+    kind, n_out = _compat.kind(eqn), len(eqn.outvars)
+    if axis_name is not None and _compat.names_axis(eqn, axis_name):
+        return [kind not in _SAME_ON_EVERY_LANE] * n_out
+    if kind is Kind.SCAN:
+        return _scan(eqn, ins, axis_name)
+    if kind is Kind.WHILE:
+        return _while(eqn, ins, axis_name)
+    if kind is Kind.COND:
+        return _cond(eqn, ins, axis_name)
+    # A call, or an unknown primitive that runs one program on its inputs: follow the program.
+    subs = [_compat.call_body(eqn)] if kind is Kind.CALL else list(_compat.jaxprs_in_params(eqn.params))
     if len(subs) == 1:
-        sub = _open(subs[0])
+        sub = open_jaxpr(subs[0])
         if len(sub.invars) == len(ins) and len(sub.outvars) == n_out:
             return lane_dependent(sub, ins, axis_name)
-    if any(ins) or (axis_name is not None and any(_mentions_axis(_open(s), axis_name) for s in subs)):
+    if any(ins) or (axis_name is not None and any(_compat.mentions_axis(s, axis_name) for s in subs)):
         return [True] * n_out
     return [False] * n_out
 
 
-def _scan(params: dict, ins: list[bool], axis_name: Hashable | None) -> list[bool]:
-    body = _open(params["jaxpr"])
-    n_consts, n_carry = params["num_consts"], params["num_carry"]
+def _scan(eqn: Any, ins: list[bool], axis_name: Hashable | None) -> list[bool]:
+    body, n_consts, n_carry = _compat.scan_parts(eqn)
+    body = open_jaxpr(body)
     consts, carry, xs = ins[:n_consts], ins[n_consts : n_consts + n_carry], ins[n_consts + n_carry :]
     while True:
         outs = lane_dependent(body, consts + carry + xs, axis_name)
@@ -104,9 +84,9 @@ def _scan(params: dict, ins: list[bool], axis_name: Hashable | None) -> list[boo
         carry = new_carry
 
 
-def _while(params: dict, ins: list[bool], axis_name: Hashable | None) -> list[bool]:
-    cond, body = _open(params["cond_jaxpr"]), _open(params["body_jaxpr"])
-    n_cond, n_body = params["cond_nconsts"], params["body_nconsts"]
+def _while(eqn: Any, ins: list[bool], axis_name: Hashable | None) -> list[bool]:
+    cond, body, n_cond, n_body = _compat.while_parts(eqn)
+    cond, body = open_jaxpr(cond), open_jaxpr(body)
     cond_consts, body_consts, carry = ins[:n_cond], ins[n_cond : n_cond + n_body], ins[n_cond + n_body :]
     while True:
         if lane_dependent(cond, cond_consts + carry, axis_name)[0]:
@@ -118,8 +98,8 @@ def _while(params: dict, ins: list[bool], axis_name: Hashable | None) -> list[bo
         carry = new_carry
 
 
-def _cond(params: dict, ins: list[bool], axis_name: Hashable | None) -> list[bool]:
-    branches = [_open(b) for b in params["branches"]]
+def _cond(eqn: Any, ins: list[bool], axis_name: Hashable | None) -> list[bool]:
+    branches = [open_jaxpr(b) for b in _compat.cond_branches(eqn)]
     n_out = len(branches[0].outvars)
     if ins[0]:
         return [True] * n_out

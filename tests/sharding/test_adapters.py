@@ -7,6 +7,7 @@ included) exactly as it was, value and placement.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import warnings
 
@@ -29,6 +30,12 @@ def mesh_1d(n):
 @functools.lru_cache(maxsize=None)
 def mesh_2d():
     return sharding.make_mesh(data=4, model=2)
+
+
+@functools.lru_cache(maxsize=None)
+def explicit_mesh(n):
+    """A mesh of Explicit axes, jax.make_mesh's default."""
+    return jax.make_mesh((n,), ("data",), devices=jax.devices()[:n])
 
 
 def rand(*shape, seed=0):
@@ -76,6 +83,64 @@ def test_adapt_routes_jax_pmap_and_jax_shard_map():
 
     adapter, _ = sharding.adapt(jax.shard_map, {"mesh": mesh_2d(), "axis_names": {"data"}})
     assert adapter.axes == ("data",)
+
+
+def test_adapt_routes_jax_smap_over_the_mesh_axis_it_names():
+    mesh = mesh_2d()
+    adapter, kwargs = sharding.adapt(jax.smap, {"mesh": mesh, "axis_name": "model"})
+    assert isinstance(adapter, sharding.ShardMap) and adapter.name == "jax.smap" and kwargs == {}
+    assert adapter.mesh is mesh and adapter.axes == ("model",)
+
+    adapter, _ = sharding.adapt(functools.partial(jax.smap, axis_name="data"), {"mesh": mesh})
+    assert adapter.mesh is mesh and adapter.axes == ("data",)
+
+    adapter, _ = sharding.adapt(functools.partial(jax.smap, axis_name="data"), {})
+    with jax.set_mesh(mesh_1d(4)):  # the ambient mesh, read at call time
+        assert adapter.mesh is mesh_1d(4) and adapter.axes == ("data",)
+
+
+@pytest.mark.parametrize("make_mesh", [mesh_1d, explicit_mesh], ids=["auto", "explicit"])
+@pytest.mark.parametrize("spelling", ["mapping_kwargs", "partial+set_mesh"])
+def test_jax_smap_gives_jax_vmap_results(make_mesh, spelling):
+    h = smap.HiddenState(jnp.zeros((8, 3)))
+
+    def step(x):
+        h.value = h.value + x * jax.lax.axis_index("i")
+        return x - jax.lax.pmean(x, "i")
+
+    x = rand(8, 3)
+    mesh = make_mesh(4)
+    if spelling == "mapping_kwargs":
+        mapping_fn, kwargs, context = jax.smap, {"mesh": mesh, "axis_name": "data"}, contextlib.nullcontext()
+    else:
+        mapping_fn, kwargs, context = functools.partial(jax.smap, axis_name="data"), {}, jax.set_mesh(mesh)
+    m = smap.StatefulMapping(
+        step, axis_name="i", state_in_axes=smap.HiddenState, mapping_fn=mapping_fn, mapping_kwargs=kwargs
+    )
+    with context:
+        out = m(x)
+    xs = np.asarray(x)
+    np.testing.assert_allclose(out, xs - xs.mean(0), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(h.value, xs * np.arange(8)[:, None], rtol=1e-6)
+    assert h.value.sharding.is_equivalent_to(NamedSharding(mesh, P("data")), 2)
+
+
+@pytest.mark.parametrize(
+    "mapping_fn, kwargs, match",
+    [
+        (jax.smap, {"mesh": None}, "needs the mesh axis"),
+        (functools.partial(jax.smap, in_axes=0, axis_name="data"), {}, "in_axes"),
+        (jax.smap, {"axis_name": "data", "out_axes": 0}, "out_axes"),
+    ],
+    ids=["no-axis_name", "partial-in_axes", "out_axes"],
+)
+def test_jax_smap_options_rejected(mapping_fn, kwargs, match):
+    net = _placed_net(8)
+    before = snapshot(net.h, net.w)
+    kwargs = {**kwargs, "mesh": mesh_1d(4)} if "mesh" in kwargs else kwargs
+    with pytest.raises(TypeError, match=match):
+        mapped(net, mapping_fn, kwargs)(jnp.ones((8, 2)))
+    assert_unchanged([net.h, net.w], before)
 
 
 def test_adapt_leaves_other_mapping_fns_alone():
@@ -225,6 +290,14 @@ def _placed_net(lanes):
     return net
 
 
+def _net_on(mesh):
+    """A net after one good call on ``mesh`` under jax.set_mesh: its states live there."""
+    net = Net(8)
+    with jax.set_mesh(mesh):
+        mapped(net, jax.smap, {"axis_name": "data"})(jnp.ones((8, 2)))
+    return net
+
+
 INDIVISIBLE = [
     ("sharding.shard_map", lambda: (sharding.shard_map(mesh_1d(4)), None), 6, 4),
     ("jax.shard_map(mapping_kwargs)", lambda: (jax.shard_map, {"mesh": mesh_1d(4)}), 6, 4),
@@ -232,6 +305,8 @@ INDIVISIBLE = [
     ("sharding.pmap", lambda: (sharding.pmap(jax.devices()[:4]), None), 6, 4),
     ("partial(jax.pmap,devices)", lambda: (functools.partial(jax.pmap, devices=jax.devices()[:4]), None), 6, 4),
     ("jax.pmap-12-lanes-on-8", lambda: (jax.pmap, None), 12, 8),
+    ("jax.smap-explicit", lambda: (jax.smap, {"mesh": explicit_mesh(4), "axis_name": "data"}), 6, 4),
+    ("jax.shard_map-explicit", lambda: (jax.shard_map, {"mesh": explicit_mesh(4)}), 6, 4),
 ]
 
 
@@ -310,6 +385,46 @@ def test_error_inside_the_function_leaves_sharded_states_unchanged():
             jnp.ones((8, 2))
         )
     assert calls
+    assert_unchanged([net.h, net.w], before)
+
+
+@pytest.mark.parametrize("make_mesh", [mesh_1d, explicit_mesh], ids=["auto", "explicit"])
+def test_indivisible_batch_names_the_mesh_axis_and_sizes(make_mesh):
+    net = _placed_net(6)
+    before = snapshot(net.h, net.w)
+    m = mapped(net, jax.smap, {"mesh": make_mesh(4), "axis_name": "data"})
+    with pytest.raises(ValueError, match=r"jax.smap: the mapped size 6 .* 4 devices of mesh axis 'data' \(size 4\)"):
+        m(jnp.ones((6, 2)))
+    assert_unchanged([net.h, net.w], before)
+
+
+@pytest.mark.parametrize(
+    "build",
+    [
+        lambda: (jax.smap, {"mesh": explicit_mesh(4), "axis_name": "batch"}, None),
+        lambda: (functools.partial(jax.smap, axis_name="batch"), {}, explicit_mesh(4)),
+        lambda: (sharding.shard_map(None, axis="batch"), {}, explicit_mesh(4)),
+    ],
+    ids=["jax.smap-mapping_kwargs", "jax.smap-ambient", "sharding.shard_map-ambient"],
+)
+def test_explicit_mesh_without_the_named_axis(build):
+    net = _net_on(explicit_mesh(4))
+    before = snapshot(net.h, net.w)
+    mapping_fn, kwargs, ambient = build()
+    with pytest.raises(ValueError, match=r"the mesh has axes \('data',\), not 'batch'"):
+        with jax.set_mesh(ambient) if ambient is not None else contextlib.nullcontext():
+            mapped(net, mapping_fn, kwargs)(jnp.ones((8, 2)))
+    assert_unchanged([net.h, net.w], before)
+
+
+@pytest.mark.parametrize("make_mesh", [mesh_1d, explicit_mesh], ids=["auto", "explicit"])
+def test_pmap_under_a_mesh_of_other_devices(make_mesh):
+    net = _net_on(make_mesh(4))
+    before = snapshot(net.h, net.w)
+    m = mapped(net, sharding.pmap(jax.devices()[4:]))
+    with pytest.raises(ValueError, match=r"devices \[4, 5, 6, 7\].*ambient mesh.*devices \[0, 1, 2, 3\]"):
+        with jax.set_mesh(make_mesh(4)):
+            m(jnp.ones((8, 2)))
     assert_unchanged([net.h, net.w], before)
 
 

@@ -18,7 +18,15 @@ Each program is one test function, parametrised by strategy and layout:
   (``partial(jax.pmap, devices=...)``, ``jax.shard_map`` with
   ``mapping_kwargs={'mesh': ...}``, ``partial(jax.shard_map, mesh=...)`` and
   ``jax.shard_map`` under ``jax.set_mesh``), each on one layout per program,
-  rotating, so that every spelling meets every layout and every program.
+  rotating, so that every spelling meets every layout and every program;
+- every mapping_fn (``sharding.shard_map``, ``jax.shard_map``, ``jax.smap``,
+  ``sharding.pmap``, ``jax.pmap``) with meshes of Explicit axes (made by
+  ``jax.make_mesh``, its default) and of Auto axes (``sharding.make_mesh``) on
+  1, 2, 4, 8 devices and 4x2, rotating in the same way over the programs of
+  :data:`MESH_PROGRAMS`, which between them use every feature (batched,
+  shared and random states, gradients, collectives, control flow, errors).
+  The pmaps run under ``jax.set_mesh`` of the mesh; arguments start on one
+  device and are moved onto the mesh by the first call.
 
 Lanes: 8, which 1, 2, 4 and 8 devices divide.
 """
@@ -28,6 +36,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -117,6 +126,61 @@ ALIASES = {
         for _l in LAYOUTS
     ]
     + [Strategy("jax.shard_map(set_mesh)-4x2", lambda: (jax.shard_map, {}), ambient=mesh_2d)],
+}
+
+
+
+@functools.lru_cache(maxsize=None)
+def explicit_mesh(layout: str):
+    """A mesh of Explicit axes, what ``jax.make_mesh`` makes by default."""
+    shape, names = ((4, 2), ("data", "model")) if layout == "4x2" else ((N[layout],), ("data",))
+    axis_types = (jax.sharding.AxisType.Explicit,) * len(names)
+    return jax.make_mesh(shape, names, axis_types=axis_types, devices=_devices(math.prod(shape)))
+
+
+def auto_mesh(layout: str):
+    return mesh_2d() if layout == "4x2" else mesh_1d(N[layout])
+
+
+def _pmap_over(mesh):
+    """jax.pmap on the mesh's devices: all devices plainly, fewer through a partial."""
+    devices = list(mesh.devices.flat)
+    return jax.pmap if len(devices) == jax.device_count() else functools.partial(jax.pmap, devices=devices)
+
+
+def _smap():
+    if getattr(jax, "smap", None) is None:
+        pytest.skip(f"JAX {jax.__version__} has no jax.smap")
+    return jax.smap
+
+
+# spelling -> (mesh -> (mapping_fn, mapping_kwargs), whether the calls run under jax.set_mesh(mesh))
+SPELLINGS = {
+    "sharding.shard_map": (lambda mesh: (sharding.shard_map(mesh, axis="data"), {}), False),
+    "jax.shard_map(mapping_kwargs)": (lambda mesh: (jax.shard_map, {"mesh": mesh}), False),
+    "jax.smap(mapping_kwargs)": (lambda mesh: (_smap(), {"mesh": mesh, "axis_name": "data"}), False),
+    "partial(jax.smap)(set_mesh)": (lambda mesh: (functools.partial(_smap(), axis_name="data"), {}), True),
+    "sharding.pmap(set_mesh)": (lambda mesh: (sharding.pmap(list(mesh.devices.flat)), {}), True),
+    "jax.pmap(set_mesh)": (lambda mesh: (_pmap_over(mesh), {}), True),
+}
+# Auto meshes with sharding.shard_map and jax.shard_map are in CORE and ALIASES.
+MESH_KINDS = {"explicit": (explicit_mesh, list(SPELLINGS)), "auto": (auto_mesh, list(SPELLINGS)[2:])}
+MESH_LAYOUTS = (*LAYOUTS, "4x2")
+
+
+def _mesh_strategy(spelling: str, kind: str, layout: str) -> Strategy:
+    make_mesh, (build, ambient) = MESH_KINDS[kind][0], SPELLINGS[spelling]
+    return Strategy(
+        f"{spelling}-{kind}-{layout}",
+        lambda: build(make_mesh(layout)),
+        ambient=(lambda: make_mesh(layout)) if ambient else None,
+    )
+
+
+MESH_FAMILIES = {
+    f"{spelling}-{kind}": [_mesh_strategy(spelling, kind, layout) for layout in MESH_LAYOUTS]
+    for kind, (_, spellings) in MESH_KINDS.items()
+    for spelling in spellings
 }
 
 
@@ -959,12 +1023,37 @@ PROGRAMS = [
     user_lane_state,
 ]
 
+# The programs that run the mapping_fns on meshes of both kinds: between them they
+# use batched, shared and random states, gradients, collectives, control flow and errors.
+MESH_PROGRAMS = [
+    tutorial_counter,
+    tutorial_random_normal,
+    hidden_state_axis_1,
+    per_example_grad_smap,
+    undeclared_write,
+    write_shape_error,
+    collectives,
+    control_flow,
+]
+
+
+def rotation(families: dict, programs: list) -> dict:
+    """For each program, one layout of each family, rotating with the program's position."""
+    return {
+        program.__name__: [layouts[(position + f) % len(layouts)] for f, layouts in enumerate(families.values())]
+        for position, program in enumerate(programs)
+    }
+
+
+ROTATION = {
+    name: rotation(ALIASES, PROGRAMS).get(name, []) + rotation(MESH_FAMILIES, MESH_PROGRAMS).get(name, [])
+    for name in (p.__name__ for p in PROGRAMS)
+}
+
+
 def strategies_for(program: Callable) -> list:
-    """The reference by hand, every core strategy, and one layout of each alias."""
-    position = PROGRAMS.index(program)
-    chosen = [REFERENCE, *CORE]
-    for family, layouts in enumerate(ALIASES.values()):
-        chosen.append(layouts[(position + family) % len(layouts)])
+    """The reference by hand, every core strategy, and one layout of each rotating family."""
+    chosen = [REFERENCE, *CORE, *ROTATION[program.__name__]]
     return [pytest.param(strategy, id=strategy.id) for strategy in chosen]
 
 
@@ -987,8 +1076,27 @@ for _program in PROGRAMS:
     globals()[f"test_{_program.__name__}"] = _differential_test(_program)
 
 
-def test_every_spelling_runs_on_every_layout():
-    """The alias rotation covers each (spelling, layout) pair at least once."""
-    for name, layouts in ALIASES.items():
-        used = {s.id for p in PROGRAMS for s in [layouts[(PROGRAMS.index(p) + list(ALIASES).index(name)) % len(layouts)]]}
-        assert used == {s.id for s in layouts}, name
+@pytest.mark.parametrize("families", [ALIASES, MESH_FAMILIES], ids=["aliases", "mesh-families"])
+def test_every_spelling_runs_on_every_layout(families):
+    """The rotation runs each (spelling, layout) pair of a family at least once."""
+    used = {s.id for strategies in ROTATION.values() for s in strategies}
+    for name, layouts in families.items():
+        assert {s.id for s in layouts} <= used, name
+
+
+def test_every_mapping_fn_meets_both_mesh_kinds_on_every_layout():
+    """Each mapping_fn runs with meshes of Explicit and of Auto axes on 1, 2, 4, 8 devices and 4x2."""
+    assert all(t == jax.sharding.AxisType.Explicit for t in explicit_mesh("4x2").axis_types)
+    assert all(t == jax.sharding.AxisType.Auto for t in auto_mesh("4x2").axis_types)
+    ids = {s.id for s in CORE} | {s.id for strategies in ROTATION.values() for s in strategies}
+    for kind in ("explicit", "auto"):
+        for layout in MESH_LAYOUTS:
+            for spelling in SPELLINGS:
+                auto_core = {
+                    "sharding.shard_map": f"sharding.shard_map-{layout if layout != '4x2' else '4x2-axis=data'}",
+                    "jax.shard_map(mapping_kwargs)": f"jax.shard_map(mapping_kwargs)-{layout}",
+                }
+                wanted = f"{spelling}-{kind}-{layout}"
+                if kind == "auto" and spelling in auto_core:
+                    wanted = auto_core[spelling]
+                assert wanted in ids, wanted

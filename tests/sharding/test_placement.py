@@ -313,6 +313,55 @@ def test_second_call_moves_nothing(layout, placed):
     assert {c for c, _ in _COLLECTIVE.findall(hlo)} == {"all-reduce"}
 
 
+# Meshes of Explicit axes, as jax.make_mesh makes by default: mapping_fn -> mesh shape and lane axes.
+EXPLICIT = {
+    "sharding.shard_map-4dev": (lambda mesh: (sharding.shard_map(mesh), None), (4,), "data"),
+    "jax.shard_map-8dev": (lambda mesh: (jax.shard_map, {"mesh": mesh}), (8,), "data"),
+    "jax.smap-2dev": (lambda mesh: (jax.smap, {"mesh": mesh, "axis_name": "data"}), (2,), "data"),
+    "jax.smap-4x2": (lambda mesh: (functools.partial(jax.smap, axis_name="data"), {"mesh": mesh}), (4, 2), "data"),
+    "sharding.shard_map-4x2-axis=data+model": (
+        lambda mesh: (sharding.shard_map(mesh, axis=("data", "model")), None),
+        (4, 2),
+        ("data", "model"),
+    ),
+}
+
+
+@functools.lru_cache(maxsize=None)
+def explicit_mesh(shape):
+    names = ("data", "model")[: len(shape)]
+    return jax.make_mesh(shape, names, devices=jax.devices()[: int(np.prod(shape))])
+
+
+@pytest.mark.parametrize("placed", [False, True], ids=["unplaced", "placed"])
+@pytest.mark.parametrize("case", EXPLICIT, ids=list(EXPLICIT))
+def test_explicit_mesh_first_call_moves_onto_it_second_moves_nothing(case, placed):
+    build, shape, axis = EXPLICIT[case]
+    mesh = explicit_mesh(shape)
+    assert set(mesh.axis_types) == {jax.sharding.AxisType.Explicit}  # jax.make_mesh's default
+    model = Model()
+    m = model_mapping(model, *build(mesh))
+    if placed:
+        sharding.place(model, m)
+    # The batch is already on the mesh; unplaced states start on one device.
+    x = jax.device_put(rand(B, 3, seed=2), NamedSharding(mesh, P(axis)))
+    x2 = 2 * x
+    m(x)
+    assert model.rows.value.sharding.is_equivalent_to(NamedSharding(mesh, P(axis)), 2)
+    assert model.cols.value.sharding.is_equivalent_to(NamedSharding(mesh, P(None, axis)), 2)
+    before = {k: s.value.sharding for k, s in model.states().items()}
+    with jax.transfer_guard("disallow") if placed else jax.transfer_guard_host_to_device("disallow"):
+        with jax.transfer_guard_device_to_host("disallow"):
+            out = m(x2)
+    assert {k: s.value.sharding for k, s in model.states().items()} == before
+    ref_outs, ref_states = vmap_reference()
+    close(out, ref_outs[1])
+    close({k: s.value for k, s in model.states().items()}, ref_states)
+    hlo = compiled_text(m, x)
+    assert not _MOVING.search(hlo), _MOVING.search(hlo).group(0)
+    assert {c for c, _ in _COLLECTIVE.findall(hlo)} == {"all-reduce"}
+
+
 def test_second_call_with_rule_placed_params_keeps_them_placed():
     model = Model()
     m = model_mapping(model, sharding.shard_map(mesh_2d(), axis="data"))
