@@ -39,6 +39,7 @@ except ImportError:
     from jax._src.core import jaxprs_in_params
 
 __all__ = [
+    "constrain",
     "primitive_name",
     "lane_sum_axes",
     "is_scan",
@@ -340,10 +341,23 @@ def onto_mesh(values: Sequence[Any], mesh: Mesh, specs: Sequence[PartitionSpec])
     takes only values already typed with its ``in_specs``. The reshard happens
     on the devices, in the compiled program; a value already placed so moves
     nothing. On a mesh of Auto axes the values are returned as they are.
+
+    A value split over an Explicit axis the lanes do not use is gathered over
+    it here: the per-lane program is traced without a mesh, and JAX's
+    Explicit sharding types would ask it to say how each product over such an
+    axis is laid out. Hybrid data and model placement inside the call needs
+    that axis to be of type Auto (``sharding.make_mesh``).
     """
     if not _explicit(mesh):
         return list(values)
     return [jax.sharding.reshard(x, NamedSharding(mesh, spec)) for x, spec in zip(values, specs)]
+
+
+def constrain(x: Any, sharding: NamedSharding) -> Any:
+    """``x`` (traced) laid out as ``sharding``: a reshard on a mesh of Explicit axes, else a constraint."""
+    if _explicit(sharding.mesh):
+        return jax.sharding.reshard(x, sharding)
+    return jax.lax.with_sharding_constraint(x, sharding)
 
 
 def outside_explicit_mesh(f: Callable, values: Sequence[Any], n_outs: int) -> Callable:

@@ -363,7 +363,7 @@ def _keep_placement(new: Any, old: Any) -> Any:
             and len(sharding.device_set) > 1
             and np.shape(o) == np.shape(n)
         ):
-            return jax.lax.with_sharding_constraint(n, sharding)
+            return _compat.constrain(n, sharding)
         return n
 
     try:

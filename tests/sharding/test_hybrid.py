@@ -35,8 +35,22 @@ B, D, H = 8, 4, 8  # lanes, model width, hidden width (divisible by 4 model devi
 
 
 @functools.lru_cache(maxsize=None)
-def mesh(data: int, model: int):
-    return sharding.make_mesh(data=data, model=model)
+def mesh(data: int, model: int, kind: str = "Auto"):
+    if kind == "Auto":
+        return sharding.make_mesh(data=data, model=model)
+    axis_type = getattr(jax.sharding.AxisType, kind)
+    return jax.make_mesh((data, model), ("data", "model"), axis_types=(axis_type, axis_type))
+
+
+KINDS = ["Auto", "Explicit"]
+
+
+def trimmed(spec: P) -> P:
+    """``spec`` without trailing Nones (values typed on an Explicit mesh spell out every dimension)."""
+    entries = list(spec)
+    while entries and entries[-1] is None:
+        entries.pop()
+    return P(*entries)
 
 
 MESHES = {"4x2": (4, 2), "2x4": (2, 4)}
@@ -146,12 +160,13 @@ def assert_same(actual, expected):
         np.testing.assert_array_equal(key, key_ref)
 
 
+@pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("spelling", list(SPELLINGS))
 @pytest.mark.parametrize("layout", list(MESHES))
 @pytest.mark.parametrize("program", list(PROGRAMS))
-def test_vmap_values_and_states_stay_split_over_model(program, layout, spelling):
+def test_vmap_values_and_states_stay_split_over_model(program, layout, spelling, kind):
     data, model = MESHES[layout]
-    m = mesh(data, model)
+    m = mesh(data, model, kind)
     trace, mlp, mapping, _ = run(PROGRAMS[program], *SPELLINGS[spelling](m), place_on=m)
     assert_same(trace, reference(program))
     # the draws differ between lanes (the noise is per lane, not one draw broadcast)
@@ -160,7 +175,7 @@ def test_vmap_values_and_states_stay_split_over_model(program, layout, spelling)
     expected = {"w1": P(None, "model"), "b1": P("model"), "w2": P("model"), "trace": P("data", "model"), "calls": P()}
     for name, spec in expected.items():
         value = getattr(mlp, name).value
-        assert value.sharding.spec == spec, (name, value.sharding.spec)
+        assert trimmed(value.sharding.spec) == spec, (name, value.sharding.spec)
         assert value.sharding.mesh == m
         assert sharding.spec_for(mapping, getattr(mlp, name), RULES) == spec
     for name in WEIGHTS:
@@ -187,7 +202,7 @@ def compiled_hlo(fn, *args) -> str:
 
 @pytest.mark.parametrize("program", list(PROGRAMS))
 def test_no_all_gather_of_a_whole_weight(program):
-    m = mesh(4, 2)
+    m = mesh(4, 2)  # Auto axes: on Explicit ones the weights are gathered during the call (docs/sharding.md)
     _, mlp, _, step = run(PROGRAMS[program], sharding.shard_map(m, axis="data"), place_on=m, calls=1)
     x = jax.device_put(rand(B, D, seed=10), NamedSharding(m, P("data")))
     hlo = compiled_hlo(step, x)
