@@ -303,9 +303,9 @@ def shard_map(f: Callable, mesh: Mesh, in_specs: Any, out_specs: Any, manual_axe
     left to the compiler (``axis_names``, the same keyword in JAX 0.9 to
     0.12): values keep their shardings over them inside the mapped program.
     """
-    return jax.shard_map(
-        f, mesh=mesh, in_specs=in_specs, out_specs=out_specs, axis_names=frozenset(manual_axes), check_vma=False
-    )
+    # Explicit axes are manual too: onto_mesh replicates the values over those the lanes do not use.
+    manual = frozenset(manual_axes) | frozenset(_explicit(mesh))
+    return jax.shard_map(f, mesh=mesh, in_specs=in_specs, out_specs=out_specs, axis_names=manual, check_vma=False)
 
 
 def make_auto_mesh(shape: Sequence[int], names: Sequence[str], devices: Sequence[Any] | None = None) -> Mesh:
