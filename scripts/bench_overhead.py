@@ -204,9 +204,7 @@ def mlp_train(batch: int, lr: float = 0.1) -> Case:
     y = jnp.sin(x.sum(axis=1, keepdims=True))
 
     def train_step(x, y):
-        grads, loss = smap.grad(
-            lambda: jnp.mean((model(x) - y) ** 2), grad_states=params, return_value=True
-        )()
+        grads, loss = smap.grad(lambda: jnp.mean((model(x) - y) ** 2), grad_states=params, return_value=True)()
         for name, g in grads.items():
             params[name].value = params[name].value - lr * jax.lax.pmean(g, "batch")
         return loss
@@ -303,9 +301,7 @@ def assert_same(name: str, call: int, got: Any, want: Any) -> None:
         assert g.shape == w.shape and g.dtype == w.dtype, (
             f"{name}, call {call}: smap gives {g.dtype}{list(g.shape)}, the reference {w.dtype}{list(w.shape)}"
         )
-        np.testing.assert_allclose(
-            np.asarray(g), np.asarray(w), rtol=1e-5, atol=1e-6, err_msg=f"{name}, call {call}"
-        )
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-5, atol=1e-6, err_msg=f"{name}, call {call}")
 
 
 def summary(samples: list[float], stat: str) -> float:
@@ -371,7 +367,7 @@ def first_calls(name: str, build: Callable[[], Case], repeats: int, stat: str) -
         jax.block_until_ready((case.smap_state(), case.ref_state()))  # inputs exist before timing
         steps = ((case.smap_step, case.smap_state), (case.ref_step, case.ref_state))
         results: list[Any] = [None, None]
-        for side in ((0, 1) if r % 2 == 0 else (1, 0)):
+        for side in (0, 1) if r % 2 == 0 else (1, 0):
             step, state = steps[side]
             gc.collect()
             timing, out = time_first_call(step)
@@ -408,7 +404,7 @@ def cached_calls(case: Case, repeats: int, repeat_s: float, stat: str) -> tuple[
     n = max(10, int(repeat_s / rough))
     samples: tuple[list, list] = ([], [])
     for r in range(repeats):
-        for side in ((0, 1) if r % 2 == 0 else (1, 0)):
+        for side in (0, 1) if r % 2 == 0 else (1, 0):
             samples[side].append(per_call(steps[side], n))
     return summary(samples[0], stat), summary(samples[1], stat)
 
@@ -524,7 +520,9 @@ def main(argv: list[str] | None = None) -> int:
         "--first-repeats", type=int, help="fresh builds per workload for the first call (default 5, quick 1)"
     )
     parser.add_argument(
-        "--stat", choices=("min", "median"), default="min",
+        "--stat",
+        choices=("min", "median"),
+        default="min",
         help="how repeats are summarised (default min: the least disturbed by other processes)",
     )
     parser.add_argument("--only", help="run only the workloads whose name contains this string")

@@ -398,7 +398,19 @@ def gemm_and_outer_products(hlo: str) -> tuple[int, int]:
 
 def largest_array(hlo: str) -> tuple[str, int]:
     """The largest array (by bytes) that an instruction of the HLO text produces."""
-    sizes = {"f64": 8, "s64": 8, "u64": 8, "f32": 4, "s32": 4, "u32": 4, "f16": 2, "bf16": 2, "pred": 1, "s8": 1, "u8": 1}
+    sizes = {
+        "f64": 8,
+        "s64": 8,
+        "u64": 8,
+        "f32": 4,
+        "s32": 4,
+        "u32": 4,
+        "f16": 2,
+        "bf16": 2,
+        "pred": 1,
+        "s8": 1,
+        "u8": 1,
+    }
     best = ("", 0)
     for dtype, dims in re.findall(r"=\s*\(?(\w+)\[([\d,]*)\]", hlo):
         if dtype in sizes:
@@ -413,7 +425,7 @@ def per_example_arrays(hlo: str, lanes: int) -> list[str]:
     found = set()
     for dims in re.findall(r"=\s*f32\[(\d+),(\d+),(\d+)\]", hlo):
         if sorted(map(int, dims)) in weights:
-            found.add("f32[%s]" % ",".join(dims))
+            found.add("f32[{}]".format(",".join(dims)))
     return sorted(found)
 
 
@@ -510,7 +522,13 @@ def hybrid_hand_written(mesh: Any, x: jax.Array, y: jax.Array) -> Program:
         return params, loss
 
     ordered = lambda: [params[k] for k in HYBRID_SPECS]  # noqa: E731
-    return Program("hand-written jax.jit + NamedSharding", call, ordered, lambda: step.lower(params, x, y).compile().as_text(), False)
+    return Program(
+        "hand-written jax.jit + NamedSharding",
+        call,
+        ordered,
+        lambda: step.lower(params, x, y).compile().as_text(),
+        False,
+    )
 
 
 class HybridMLP(smap.nn.Module):
@@ -555,7 +573,9 @@ def whole_weight_gathers(hlo: str, shapes: list[tuple[int, ...]]) -> int:
     return sum(shape in wanted for shape in collective_shapes(hlo, "all-gather"))
 
 
-def hybrid_case(batch: int, calls: int, rounds: int, warmup: int) -> tuple[list[list[str]], list[list[str]], list[list[str]], float, str]:
+def hybrid_case(
+    batch: int, calls: int, rounds: int, warmup: int
+) -> tuple[list[list[str]], list[list[str]], list[list[str]], float, str]:
     """The Megatron MLP step on a 4x2 (data x model) mesh: smap against GSPMD by hand."""
     mesh = sharding.make_mesh(data=4, model=2)
     x, y = hybrid_data(mesh, batch)
@@ -565,8 +585,13 @@ def hybrid_case(batch: int, calls: int, rounds: int, warmup: int) -> tuple[list[
     check_same(programs)
     timings = measure(programs, calls, rounds, warmup)
     time_rows = [
-        [t.name, str(batch), f"{t.median_s * 1e6:.0f}", f"{t.median_s / timings[0].median_s:.3f}",
-         f"{min(t.round_ratios):.2f}..{max(t.round_ratios):.2f}"]
+        [
+            t.name,
+            str(batch),
+            f"{t.median_s * 1e6:.0f}",
+            f"{t.median_s / timings[0].median_s:.3f}",
+            f"{min(t.round_ratios):.2f}..{max(t.round_ratios):.2f}",
+        ]
         for t in timings
     ]
     shapes = [v.shape for v in hybrid_init().values() if v.ndim == 2] + [(HYBRID_H,)]
@@ -576,18 +601,41 @@ def hybrid_case(batch: int, calls: int, rounds: int, warmup: int) -> tuple[list[
         counts = collectives(hlo)
         gathers = whole_weight_gathers(hlo, shapes)
         assert gathers == 0, f"{p.name}: {gathers} all-gather(s) of a whole weight"
-        comm_rows.append([p.name, *(str(counts[k]) for k in COLLECTIVES), str(gathers),
-                          " ".join(collective_shapes(hlo, "all-reduce"))])
+        comm_rows.append(
+            [
+                p.name,
+                *(str(counts[k]) for k in COLLECTIVES),
+                str(gathers),
+                " ".join(collective_shapes(hlo, "all-reduce")),
+            ]
+        )
     model_size = mesh.shape["model"]
     byte_rows = []
     for name, hand_value, state in zip(HYBRID_SPECS, hand.params(), [getattr(mlp, k) for k in HYBRID_SPECS]):
-        per_device = {p: max(s.data.nbytes for s in v.addressable_shards) for p, v in (("hand", hand_value), ("smap", state.value))}
+        per_device = {
+            p: max(s.data.nbytes for s in v.addressable_shards)
+            for p, v in (("hand", hand_value), ("smap", state.value))
+        }
         split = HYBRID_SPECS[name] != P()
         expected = state.value.nbytes // (model_size if split else 1)
         assert per_device["smap"] == per_device["hand"] == expected, (name, per_device, expected)
-        byte_rows.append([name, str(tuple(state.value.shape)), str(state.value.sharding.spec), f"{state.value.nbytes:,}",
-                          f"{per_device['hand']:,}", f"{per_device['smap']:,}"])
-    return time_rows, comm_rows, byte_rows, timings[1].median_s / timings[0].median_s, str(sharding.describe(mlp, losses))
+        byte_rows.append(
+            [
+                name,
+                str(tuple(state.value.shape)),
+                str(state.value.sharding.spec),
+                f"{state.value.nbytes:,}",
+                f"{per_device['hand']:,}",
+                f"{per_device['smap']:,}",
+            ]
+        )
+    return (
+        time_rows,
+        comm_rows,
+        byte_rows,
+        timings[1].median_s / timings[0].median_s,
+        str(sharding.describe(mlp, losses)),
+    )
 
 
 # -- profile (--profile) ---------------------------------------------------------
@@ -672,7 +720,11 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=5, help="rounds the calls are split into, for the ratio spread")
     parser.add_argument("--markdown", action="store_true", help="also print the tables as Markdown")
     parser.add_argument(
-        "--model", type=int, nargs=3, default=None, metavar=("IN", "HIDDEN", "OUT"),
+        "--model",
+        type=int,
+        nargs=3,
+        default=None,
+        metavar=("IN", "HIDDEN", "OUT"),
         help=f"layer sizes of the MLP (default {D_IN} {D_HIDDEN} {D_OUT})",
     )
     parser.add_argument(
@@ -682,7 +734,9 @@ def main() -> int:
         help="also profile the programs at the first batch size (JAX profiler traces written to DIR)",
     )
     parser.add_argument(
-        "--part", choices=("all", "data", "hybrid"), default="all",
+        "--part",
+        choices=("all", "data", "hybrid"),
+        default="all",
         help="data: (a) to (c), the data-parallel step; hybrid: (d), data and model parallelism; all: both",
     )
     args = parser.parse_args()
@@ -707,16 +761,20 @@ def main() -> int:
 
 
 def hybrid(args: argparse.Namespace, batches: list[int], calls: int, warmup: int) -> None:
-    print(f"\n(c) data and model parallelism: mesh data=4 x model=2; MLP {HYBRID_D}->{HYBRID_H}->{HYBRID_D}, "
-          f"tanh, squared error, f32, SGD; W1 P(None, 'model'), b1 P('model'), W2 P('model', None), b2 replicated")
+    print(
+        f"\n(c) data and model parallelism: mesh data=4 x model=2; MLP {HYBRID_D}->{HYBRID_H}->{HYBRID_D}, "
+        f"tanh, squared error, f32, SGD; W1 P(None, 'model'), b1 P('model'), W2 P('model', None), b2 replicated"
+    )
     time_rows, comm_rows, byte_rows, verdicts = [], [], [], []
     for batch in batches:
         t, c, b, ratio, described = hybrid_case(batch, calls, args.rounds, warmup)
         time_rows += t
         comm_rows += [[r[0], str(batch), *r[1:]] for r in c]
         byte_rows = b
-        verdicts.append(f"batch {batch}: smap / hand-written = {ratio:.3f} "
-                        f"({'meets' if ratio <= TARGET else 'misses'} the target <= {TARGET:.2f})")
+        verdicts.append(
+            f"batch {batch}: smap / hand-written = {ratio:.3f} "
+            f"({'meets' if ratio <= TARGET else 'misses'} the target <= {TARGET:.2f})"
+        )
     time_header = ["program", "batch", "per call (us)", "vs hand-written", "per-round ratio"]
     comm_header = ["program", "batch", *COLLECTIVES, "whole-weight all-gathers", "all-reduce results"]
     byte_header = ["weight", "shape", "spec", "bytes", "bytes/device, hand-written", "bytes/device, smap"]
@@ -770,9 +828,14 @@ def data_parallel(args: argparse.Namespace, batches: list[int], calls: int, warm
             shape, size = largest_array(hlo)
             per_example = per_example_arrays(hlo, batch // N_DEVICES)
             memory_rows.append(
-                [p.name, str(batch), f"{shape} ({size / 1024:.0f} KiB)", " ".join(per_example) or "none",
-                 "n/a" if temp is None else f"{temp / 1024:.0f}",
-                 "n/a" if temp is None or not base_temp else f"{temp / base_temp:.2f}"]
+                [
+                    p.name,
+                    str(batch),
+                    f"{shape} ({size / 1024:.0f} KiB)",
+                    " ".join(per_example) or "none",
+                    "n/a" if temp is None else f"{temp / 1024:.0f}",
+                    "n/a" if temp is None or not base_temp else f"{temp / base_temp:.2f}",
+                ]
             )
             if p.name == "smap":
                 assert not per_example, f"smap: per-example gradient arrays in the compiled step: {per_example}"
@@ -781,7 +844,13 @@ def data_parallel(args: argparse.Namespace, batches: list[int], calls: int, warm
             counts = collectives(hlo)
             dots, outer = gemm_and_outer_products(hlo)
             comm_rows.append(
-                [p.name, str(batch), *(str(counts[k]) for k in COLLECTIVES), " ".join(collective_shapes(hlo, "all-reduce")), f"{dots}/{outer}"]
+                [
+                    p.name,
+                    str(batch),
+                    *(str(counts[k]) for k in COLLECTIVES),
+                    " ".join(collective_shapes(hlo, "all-reduce")),
+                    f"{dots}/{outer}",
+                ]
             )
             if p.is_smap:
                 others = {k: v for k, v in counts.items() if k != "all-reduce" and v}
@@ -796,23 +865,31 @@ def data_parallel(args: argparse.Namespace, batches: list[int], calls: int, warm
     assert cell_counts["all-gather"] == 0, "the recurrent cell all-gathers: a batched state left its devices"
     assert set(k for k, v in cell_counts.items() if v) <= {"all-reduce"}, cell_counts
     comm_rows.append(
-        ["smap recurrent cell (HiddenState batched)", "256", *(str(cell_counts[k]) for k in COLLECTIVES),
-         " ".join(collective_shapes(cell_hlo, "all-reduce")), "{}/{}".format(*gemm_and_outer_products(cell_hlo))]
+        [
+            "smap recurrent cell (HiddenState batched)",
+            "256",
+            *(str(cell_counts[k]) for k in COLLECTIVES),
+            " ".join(collective_shapes(cell_hlo, "all-reduce")),
+            "{}/{}".format(*gemm_and_outer_products(cell_hlo)),
+        ]
     )
 
     time_header = ["program", "batch", "per call (us)", "vs hand-written", "per-round ratio"]
     comm_header = ["program", "batch", *COLLECTIVES, "all-reduce results", "dots/outer"]
     memory_header = [
-        "program", "batch", "largest array", "(lanes/device, weight) arrays", "temp KiB/device", "vs hand-written"
+        "program",
+        "batch",
+        "largest array",
+        "(lanes/device, weight) arrays",
+        "temp KiB/device",
+        "vs hand-written",
     ]
     print("(a) per-call time of one data-parallel SGD step, 8 devices")
     print(table(time_header, time_rows, False))
     print()
     print("(b) collectives in the compiled programs (from .compile().as_text())")
     print(table(comm_header, comm_rows, False))
-    print(
-        "    dots/outer: dot ops, and multiplies of shape (examples, weight shape): per-example outer products"
-    )
+    print("    dots/outer: dot ops, and multiplies of shape (examples, weight shape): per-example outer products")
     print()
     print("(c) memory of the compiled programs (per device; temp: compiled.memory_analysis())")
     print(table(memory_header, memory_rows, False))

@@ -41,10 +41,15 @@ MAPPINGS = ("vmap", "pmap", "shard_map")
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Data-parallel MLP training on the digits data set with smap.")
     parser.add_argument(
-        "--devices", type=int, default=8, help="emulated CPU devices per process (default 8; on GPU/TPU the accelerators are used)"
+        "--devices",
+        type=int,
+        default=8,
+        help="emulated CPU devices per process (default 8; on GPU/TPU the accelerators are used)",
     )
     parser.add_argument("--mapping", choices=MAPPINGS, default="shard_map", help="mapping_fn (default shard_map)")
-    parser.add_argument("--processes", type=int, default=1, help="processes, through scripts/launch_local.py (default 1)")
+    parser.add_argument(
+        "--processes", type=int, default=1, help="processes, through scripts/launch_local.py (default 1)"
+    )
     parser.add_argument("--epochs", type=int, default=12, help="passes over the training set (default 12)")
     parser.add_argument("--batch-size", type=int, default=64, help="examples per step, over all devices (default 64)")
     parser.add_argument("--learning-rate", type=float, default=3e-3, help="Adam's learning rate (default 3e-3)")
@@ -156,7 +161,9 @@ def train(args: argparse.Namespace) -> int:
     process, n_processes = jax.process_index(), jax.process_count()
     say = print if process == 0 else (lambda *a, **k: None)
     if args.mapping != "vmap" and args.batch_size % jax.device_count():
-        print(f"--batch-size {args.batch_size} cannot be split evenly over {jax.device_count()} devices", file=sys.stderr)
+        print(
+            f"--batch-size {args.batch_size} cannot be split evenly over {jax.device_count()} devices", file=sys.stderr
+        )
         return 2
     if args.checkpoint_dir and not args.resume and smap.checkpoint.steps(args.checkpoint_dir):
         print(
@@ -168,7 +175,11 @@ def train(args: argparse.Namespace) -> int:
     x_train, y_train, x_test, y_test = load_digits(args.seed)
     model, step, states, mesh = build(args)
     say(f"devices: {jax.device_count()} ({n_processes} process(es)), mapping: {args.mapping}")
-    say(f"mesh: {mesh}" if mesh is not None else f"mesh: none ({args.mapping} over {jax.local_device_count()} local device(s))")
+    say(
+        f"mesh: {mesh}"
+        if mesh is not None
+        else f"mesh: none ({args.mapping} over {jax.local_device_count()} local device(s))"
+    )
     say(sharding.describe(states))
 
     steps = len(x_train) // args.batch_size
@@ -190,7 +201,9 @@ def train(args: argparse.Namespace) -> int:
             batch = order[i * args.batch_size : (i + 1) * args.batch_size]
             x, y = x_train[batch], y_train[batch]
             if mesh is not None:  # each process feeds its own rows of the global batch
-                x, y = sharding.global_batch((x[process * rows : (process + 1) * rows], y[process * rows : (process + 1) * rows]), mesh)
+                x, y = sharding.global_batch(
+                    (x[process * rows : (process + 1) * rows], y[process * rows : (process + 1) * rows]), mesh
+                )
             # Waiting for each step keeps few programs in flight: XLA's CPU collectives
             # can deadlock when many queue up on emulated devices.
             loss, hit = jax.block_until_ready(step(x, y))
@@ -223,8 +236,18 @@ def relaunch(args: argparse.Namespace, argv: list[str]) -> int:
             skip = True
         elif not item.startswith("--processes="):
             rest.append(item)
-    command = [sys.executable, launcher, "--processes", str(args.processes), "--devices", str(args.devices),
-               "--", sys.executable, os.path.abspath(__file__), *rest]
+    command = [
+        sys.executable,
+        launcher,
+        "--processes",
+        str(args.processes),
+        "--devices",
+        str(args.devices),
+        "--",
+        sys.executable,
+        os.path.abspath(__file__),
+        *rest,
+    ]
     return subprocess.call(command)
 
 

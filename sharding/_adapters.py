@@ -68,7 +68,9 @@ class _Adapter:
     ) -> Callable:
         return functools.partial(self._call, f, in_axes, out_axes, axis_name, axis_size)
 
-    def _call(self, f: Callable, in_axes: Any, out_axes: Any, axis_name: Hashable | None, axis_size: int | None, *args: Any) -> Any:
+    def _call(
+        self, f: Callable, in_axes: Any, out_axes: Any, axis_name: Hashable | None, axis_size: int | None, *args: Any
+    ) -> Any:
         if isinstance(in_axes, list):
             in_axes = tuple(in_axes)
         if not isinstance(in_axes, tuple):
@@ -78,7 +80,9 @@ class _Adapter:
         sizes = {jnp.shape(x)[a] for x, a in zip(leaves, axes) if a is not None}
         if axis_size is None:
             if len(sizes) != 1:
-                raise ValueError(f"{self.name}: cannot infer the mapped size from sizes {sorted(sizes)}; give axis_size.")
+                raise ValueError(
+                    f"{self.name}: cannot infer the mapped size from sizes {sorted(sizes)}; give axis_size."
+                )
             axis_size = sizes.pop()
         lane_avals = [_lane_aval(x, a) for x, a in zip(leaves, axes)]
 
@@ -118,7 +122,16 @@ class _Adapter:
             axis_size=span.local_size,
         )
 
-    def _map(self, f: Callable, leaves: list, axes: list, lane_avals: list, out_axes: list, axis_name: Hashable | None, axis_size: int) -> list:
+    def _map(
+        self,
+        f: Callable,
+        leaves: list,
+        axes: list,
+        lane_avals: list,
+        out_axes: list,
+        axis_name: Hashable | None,
+        axis_size: int,
+    ) -> list:
         raise NotImplementedError
 
 
@@ -229,8 +242,18 @@ class Pmap(_Adapter):
             )
         device_axis = Span.fresh_name("devices")
         span = Span(axis_name, (device_axis,), (n,), Span.fresh_name(), local, self.name)
-        body = self._local_program(f, lane_avals, [None if a is None else 0 for a in axes], [None if a is None else 0 for a in out_axes], axis_name, span)
-        blocks = [x if a is None else jnp.moveaxis(x, a, 0).reshape((n, local, *jnp.shape(x)[:a], *jnp.shape(x)[a + 1 :])) for x, a in zip(leaves, axes)]
+        body = self._local_program(
+            f,
+            lane_avals,
+            [None if a is None else 0 for a in axes],
+            [None if a is None else 0 for a in out_axes],
+            axis_name,
+            span,
+        )
+        blocks = [
+            x if a is None else jnp.moveaxis(x, a, 0).reshape((n, local, *jnp.shape(x)[:a], *jnp.shape(x)[a + 1 :]))
+            for x, a in zip(leaves, axes)
+        ]
         # pmap needs a mapped argument; one that the body ignores gives it one.
         mapped = jax.pmap(
             lambda *blocks_and_device_ids: body(*blocks_and_device_ids[:-1]),

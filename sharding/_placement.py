@@ -122,13 +122,11 @@ def _states(target: Any) -> dict[str, smap.State]:
             _check_state(v, f"target[{k!r}]")
         return states
     if isinstance(target, Iterable) and not isinstance(target, (jax.Array, np.ndarray, str)):
-        states = list(target)
-        for i, s in enumerate(states):
+        listed = list(target)
+        for i, s in enumerate(listed):
             _check_state(s, f"target[{i}]")
-        return {".".join(map(str, s.path)) or f"[{i}]": s for i, s in enumerate(states)}
-    raise TypeError(
-        f"target must be a Module, a State, or a dict or list of States, got {type(target).__name__}."
-    )
+        return {".".join(map(str, s.path)) or f"[{i}]": s for i, s in enumerate(listed)}
+    raise TypeError(f"target must be a Module, a State, or a dict or list of States, got {type(target).__name__}.")
 
 
 def _check_divides(state: smap.State, spec: PartitionSpec, mesh: Any) -> None:
@@ -151,7 +149,9 @@ def _check_divides(state: smap.State, spec: PartitionSpec, mesh: Any) -> None:
                 )
 
 
-def place(target: Any, mapping: smap.StatefulMapping | None = None, *, mesh: Any = None, rules: Rules | None = None) -> None:
+def place(
+    target: Any, mapping: smap.StatefulMapping | None = None, *, mesh: Any = None, rules: Rules | None = None
+) -> None:
     """Put the values of the states in ``target`` on the mesh, ahead of the first call.
 
     With ``mapping``, batched states are partitioned as :func:`spec_for` says;
@@ -241,7 +241,9 @@ class StateTable(list):
         ]
         widths = [max(len(row[i]) for row in rows) for i in range(columns)]
         lines = [
-            "  ".join(cell.rjust(w) if i == 5 else cell.ljust(w) for i, (cell, w) in enumerate(zip(row, widths))).rstrip()
+            "  ".join(
+                cell.rjust(w) if i == 5 else cell.ljust(w) for i, (cell, w) in enumerate(zip(row, widths))
+            ).rstrip()
             for row in rows
         ]
         lines.insert(1, "  ".join("-" * w for w in widths))

@@ -102,7 +102,9 @@ def _evaluate(jaxpr: Jaxpr, consts: Sequence[Any], args: Sequence[Any], span: Sp
 
 def _collective(eqn: Any, ins: list, span: Span) -> list:
     kind = _compat.kind(eqn)
-    others = tuple(a for a in _compat.collective_axes(eqn)[1] if a != span.axis_name)
+    found = _compat.collective_axes(eqn)
+    assert found is not None, f"{eqn.primitive.name} communicates over no axes"
+    others = tuple(a for a in found[1] if a != span.axis_name)
     if kind is Kind.REDUCTION:
         return _compat.rebind_on_axes(eqn, ins, others + (span.local_name, *span.device_axes))
     if kind is Kind.INDEX:
@@ -141,11 +143,11 @@ def _structured(eqn: Any, ins: list, span: Span) -> list:
         program, n_consts, n_carry = _compat.scan_parts(eqn)
         consts, init, xs = ins[:n_consts], ins[n_consts : n_consts + n_carry], ins[n_consts + n_carry :]
 
-        def body(carry: list, x: list) -> tuple[list, list]:
+        def step(carry: list, x: list) -> tuple[list, list]:
             outs = run(program, [*consts, *carry, *x])
             return outs[:n_carry], outs[n_carry:]
 
-        carry, ys = jax.lax.scan(body, init, xs, **_compat.scan_options(eqn))
+        carry, ys = jax.lax.scan(step, init, xs, **_compat.scan_options(eqn))
         return [*carry, *ys]
     if kind is Kind.WHILE:
         cond, body, n_cond, n_body = _compat.while_parts(eqn)

@@ -92,8 +92,20 @@ def pytest_pyfunc_call(pyfuncitem: pytest.Function) -> bool | None:
     with tempfile.TemporaryDirectory() as tmp:
         report = os.path.join(tmp, "report.xml")
         command = [
-            sys.executable, "-m", "pytest", pyfuncitem.nodeid, f"--cpu-devices={n}", f"--junit-xml={report}",
-            "-p", "sharding.pytest_plugin", "-p", "no:xdist", "-p", "no:cacheprovider", "-q", "--no-header",
+            sys.executable,
+            "-m",
+            "pytest",
+            pyfuncitem.nodeid,
+            f"--cpu-devices={n}",
+            f"--junit-xml={report}",
+            "-p",
+            "sharding.pytest_plugin",
+            "-p",
+            "no:xdist",
+            "-p",
+            "no:cacheprovider",
+            "-q",
+            "--no-header",
         ]
         result = subprocess.run(
             command, cwd=pyfuncitem.config.rootpath, env=env, capture_output=True, text=True, timeout=600

@@ -187,8 +187,9 @@ def bind_equation(eqn: Any, ins: Sequence[Any], **params: Any) -> list:
 
 def rebind_on_axes(eqn: Any, ins: Sequence[Any], axes: tuple) -> list:
     """Apply a collective equation to ``ins`` over ``axes`` instead of its own."""
-    key, _ = collective_axes(eqn)
-    return bind_equation(eqn, ins, **{key: axes})
+    found = collective_axes(eqn)
+    assert found is not None, f"{eqn.primitive.name} communicates over no axes"
+    return bind_equation(eqn, ins, **{found[0]: axes})
 
 
 def open_jaxpr(jaxpr: Jaxpr | ClosedJaxpr) -> Jaxpr:
@@ -250,7 +251,8 @@ def lane_sum_axes(eqn: Any) -> tuple | None:
     """The axes a ``psum`` over all lanes sums over; None for other equations and sums over groups."""
     if eqn.primitive.name != "psum" or eqn.params.get("axis_index_groups") is not None:
         return None
-    return collective_axes(eqn)[1]
+    found = collective_axes(eqn)
+    return None if found is None else found[1]
 
 
 def is_plain_call(eqn: Any, name: str | None = None) -> bool:

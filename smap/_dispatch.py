@@ -201,9 +201,7 @@ class StatefulFunction(Generic[P, R]):
         if not self.static_argnums and not self.static_argnames:
             return args, kwargs, ()
         nums = tuple(i for i in self.static_argnums if i < len(args))
-        static = tuple((i, args[i]) for i in nums) + tuple(
-            (k, kwargs[k]) for k in self.static_argnames if k in kwargs
-        )
+        static = tuple((i, args[i]) for i in nums) + tuple((k, kwargs[k]) for k in self.static_argnames if k in kwargs)
         dyn_args = tuple(a for i, a in enumerate(args) if i not in nums)
         dyn_kwargs = {k: v for k, v in kwargs.items() if k not in self.static_argnames}
         return dyn_args, dyn_kwargs, static

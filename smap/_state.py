@@ -72,9 +72,7 @@ def _canonical_leaf(x: Any, what: Callable[[], str]) -> Any:
         return jnp.asarray(x)
     if isinstance(x, State):
         raise TypeError(f"{what()}: a State cannot hold another State; assign `.value` instead.")
-    raise TypeError(
-        f"{what()}: expected a pytree of arrays, got a leaf of type {type(x).__name__!r}."
-    )
+    raise TypeError(f"{what()}: expected a pytree of arrays, got a leaf of type {type(x).__name__!r}.")
 
 
 def canonical_value(value: Any, what: Callable[[], str]) -> Any:

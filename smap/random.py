@@ -66,9 +66,7 @@ def _as_key(seed_or_key: Any) -> jax.Array:
     if isinstance(seed_or_key, (int, np.integer)):
         return jax.random.PRNGKey(int(seed_or_key))
     if not isinstance(seed_or_key, (jax.Array, np.ndarray)):
-        raise TypeError(
-            f"seed expects an int or a JAX PRNG key, got {type(seed_or_key).__name__} {seed_or_key!r}."
-        )
+        raise TypeError(f"seed expects an int or a JAX PRNG key, got {type(seed_or_key).__name__} {seed_or_key!r}.")
     key = jnp.asarray(seed_or_key) if not isinstance(seed_or_key, jax.Array) else seed_or_key
     if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
         return jax.random.key_data(key)
@@ -84,7 +82,7 @@ def _as_key(seed_or_key: Any) -> jax.Array:
 def _shape(size: Size, *params: Any) -> tuple[int, ...]:
     if size is None:
         return jnp.broadcast_shapes(*(jnp.shape(p) for p in params)) if params else ()
-    dims = (size,) if isinstance(size, (int, np.integer)) else size
+    dims: Any = (size,) if isinstance(size, (int, np.integer)) else size
     try:
         dims = tuple(dims)
     except TypeError:

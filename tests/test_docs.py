@@ -272,7 +272,9 @@ def test_markdown_examples(path: Path) -> None:
                 f"--- end ---"
             )
     if failures:
-        pytest.fail(f"{len(failures)} problem(s) in {path.relative_to(ROOT)}:\n\n" + "\n\n".join(failures), pytrace=False)
+        pytest.fail(
+            f"{len(failures)} problem(s) in {path.relative_to(ROOT)}:\n\n" + "\n\n".join(failures), pytrace=False
+        )
 
 
 LAUNCHER = ROOT / "scripts" / "launch_local.py"
@@ -288,9 +290,17 @@ def run_launched(path: Path, block: Example) -> None:
         job = Path(tmp) / "job.py"
         job.write_text(block.code, encoding="utf-8")
         command = [
-            sys.executable, str(LAUNCHER), "--processes", str(block.launch["processes"]),
-            "--devices", str(block.launch["devices"]), "--timeout", str(LAUNCH_TIMEOUT_S),
-            "--", sys.executable, str(job),
+            sys.executable,
+            str(LAUNCHER),
+            "--processes",
+            str(block.launch["processes"]),
+            "--devices",
+            str(block.launch["devices"]),
+            "--timeout",
+            str(LAUNCH_TIMEOUT_S),
+            "--",
+            sys.executable,
+            str(job),
         ]
         proc = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT_S + 60)
     output = proc.stdout + proc.stderr
@@ -331,7 +341,11 @@ def test_script_commands_in_the_docs_exist_and_take_their_flags() -> None:
         assert (ROOT / script).is_file(), f"{where}: {script} does not exist"
         if script not in helps:
             proc = subprocess.run(
-                [sys.executable, script, "--help"], cwd=ROOT, env=subprocess_env(), capture_output=True, text=True,
+                [sys.executable, script, "--help"],
+                cwd=ROOT,
+                env=subprocess_env(),
+                capture_output=True,
+                text=True,
                 timeout=TIMEOUT_S,
             )
             assert proc.returncode == 0, f"{script} --help failed:\n{proc.stderr[-3000:]}"

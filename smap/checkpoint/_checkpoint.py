@@ -83,7 +83,7 @@ def _signature_text(signature: Mapping[str, Any]) -> str:
     return f"{signature['dtype']}[{','.join(map(str, signature['shape']))}]{impl}"
 
 
-def _ranges(index: tuple, shape: tuple[int, ...]) -> Ranges:
+def _ranges(index: Any, shape: tuple[int, ...]) -> Ranges:
     """A tuple of slices (as in ``Shard.index``) as ``(start, stop)`` per dimension."""
     index = tuple(index) + (slice(None),) * (len(shape) - len(tuple(index)))
     return tuple(s.indices(n)[:2] for s, n in zip(index, shape))
@@ -116,9 +116,7 @@ def _barrier(name: str) -> None:
         multihost_utils.sync_global_devices(name)
 
 
-def save(
-    directory: str | Path, target: Any, step: int, *, keep: int | None = None, overwrite: bool = False
-) -> None:
+def save(directory: str | Path, target: Any, step: int, *, keep: int | None = None, overwrite: bool = False) -> None:
     """Save every state of ``target`` as checkpoint ``step`` of ``directory``.
 
     When it returns, the step is complete and on disk. It becomes visible
@@ -166,8 +164,13 @@ def save(
             for entry in record["leaves"]:
                 for shard in entry["shards"]:
                     shard.update(written[shard["file"]])
-        manifest = {"format": FORMAT, "version": VERSION, "step": step, "processes": jax.process_count(),
-                    "states": records}
+        manifest = {
+            "format": FORMAT,
+            "version": VERSION,
+            "step": step,
+            "processes": jax.process_count(),
+            "states": records,
+        }
         _files.write_durably(partial / _files.MANIFEST, json.dumps(manifest, indent=1).encode())
         _files.commit(partial, _files.step_dir(directory, step))
         if keep is not None:
@@ -447,8 +450,7 @@ def restore(
     problems = _mismatches(saved, states)
     if problems:
         raise CheckpointError(
-            f"{folder}: the target does not match the checkpoint ({len(problems)} states):\n  "
-            + "\n  ".join(problems)
+            f"{folder}: the target does not match the checkpoint ({len(problems)} states):\n  " + "\n  ".join(problems)
         )
     placements = {name: _placements(name, state, mesh, mapping, rules) for name, state in states.items()}
     values, error = {}, None

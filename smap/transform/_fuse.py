@@ -24,6 +24,7 @@ of gathering over devices (:func:`sum_over_lanes`), at the place of the psum
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable, Hashable, Sequence
 from typing import Any
 
@@ -201,18 +202,18 @@ def _summed(node: _Node, scale: Any, axis_name: Hashable) -> Callable[[], Any] |
     linear = name in _compat.LINEAR_PRIMITIVES and (name != _compat.CONVERT or _compat.converts_floats(eqn))
     if linear and len(ins) == 1:
         inner = _summed(ins[0], scale, axis_name)
-        return None if inner is None else lambda: _rebind(eqn, [inner()])
+        return None if inner is None else functools.partial(_rebind_of, eqn, [inner])
     if name in _compat.SUM_PRIMITIVES:
         parts = [_summed(n, scale, axis_name) for n in ins]
-        return None if any(p is None for p in parts) else lambda: _rebind(eqn, [p() for p in parts])
+        return None if any(p is None for p in parts) else functools.partial(_rebind_of, eqn, parts)
     if name in (_compat.MUL, _compat.DIV):
         x, y = ins
         if not y.dependent:
             inner = _summed(x, scale, axis_name)
-            return None if inner is None else lambda: _rebind(eqn, [inner(), y.value])
+            return None if inner is None else functools.partial(_rebind_of, eqn, [inner, y.value])
         if name == _compat.MUL and not x.dependent:
             inner = _summed(y, scale, axis_name)
-            return None if inner is None else lambda: _rebind(eqn, [x.value, inner()])
+            return None if inner is None else functools.partial(_rebind_of, eqn, [x.value, inner])
         if name == _compat.MUL:
             for factor, other in ((y, x), (x, y)):
                 if jnp.ndim(factor.value) == 0:
@@ -224,6 +225,11 @@ def _summed(node: _Node, scale: Any, axis_name: Hashable) -> Callable[[], Any] |
 
 def _rebind(eqn: Any, ins: list) -> Any:
     return _compat.bind_equation(eqn, ins)[0]
+
+
+def _rebind_of(eqn: Any, ins: list) -> Any:
+    """``eqn`` applied to ``ins``, each a value or a plan (a function of no arguments) to compute it."""
+    return _rebind(eqn, [x() if callable(x) else x for x in ins])
 
 
 def _scan_sums_over_lanes(eqn: Any, axis_name: Hashable) -> bool:

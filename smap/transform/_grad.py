@@ -57,7 +57,14 @@ def _check_argnums(argnums: Any) -> None:
 class GradFunction(StatefulFunction[P, Any]):
     """A function returning gradients; see :func:`grad`."""
 
-    def __init__(self, fun: Callable[P, Any], grad_states: GradStates, argnums: int | Sequence[int] | None, has_aux: bool, return_value: bool):
+    def __init__(
+        self,
+        fun: Callable[P, Any],
+        grad_states: GradStates,
+        argnums: int | Sequence[int] | None,
+        has_aux: bool,
+        return_value: bool,
+    ):
         check_callable(fun, "smap.grad: fun")
         _check_argnums(argnums)
         states, self._rebuild_state_grads = _grad_state_list(grad_states)

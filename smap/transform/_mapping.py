@@ -79,7 +79,9 @@ class MappingFn(Protocol):
 class _LaneTrace(TraceContext):
     """One trace of a mapping: decides how each touched state enters the lanes."""
 
-    def __init__(self, mapping: StatefulMapping, arg_axes: list[int | None], axis_size: int | None, size_source: str | None):
+    def __init__(
+        self, mapping: StatefulMapping, arg_axes: list[int | None], axis_size: int | None, size_source: str | None
+    ):
         self.mapping = mapping
         self.arg_axes = arg_axes
         self.axis_size = axis_size
@@ -114,7 +116,13 @@ class _LaneTrace(TraceContext):
 
     def findings(self) -> LaneInputs:
         """What this trace found, for :func:`~smap.transform._plan.plan`."""
-        return LaneInputs(tuple(self.arg_axes), dict(self.state_axes), frozenset(self.own_lanes), self.axis_size, dict(self.lane_shaped))
+        return LaneInputs(
+            tuple(self.arg_axes),
+            dict(self.state_axes),
+            frozenset(self.own_lanes),
+            self.axis_size,
+            dict(self.lane_shaped),
+        )
 
     def check_write(self, state: State, current: Any, new: Any) -> None:
         """A shared state that ``state_out_axes`` selects may be written with a lane's slice of it.

@@ -13,9 +13,7 @@ DEMO = ROOT / "scripts" / "demo.py"
 
 
 def _demo(*args, timeout=300):
-    return subprocess.run(
-        [sys.executable, str(DEMO), *args], capture_output=True, text=True, timeout=timeout, cwd=ROOT
-    )
+    return subprocess.run([sys.executable, str(DEMO), *args], capture_output=True, text=True, timeout=timeout, cwd=ROOT)
 
 
 def test_demo_reaches_its_accuracy_and_prints_mesh_table_and_progress():

@@ -22,7 +22,10 @@ STEPS = 3
 
 def batches():
     rng = np.random.default_rng(0)
-    return [(rng.normal(size=(BATCH, 5)).astype(np.float32), rng.normal(size=(BATCH, 2)).astype(np.float32)) for _ in range(STEPS)]
+    return [
+        (rng.normal(size=(BATCH, 5)).astype(np.float32), rng.normal(size=(BATCH, 2)).astype(np.float32))
+        for _ in range(STEPS)
+    ]
 
 
 def build(mapping_fn):

@@ -22,17 +22,17 @@ import sharding
 import smap
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def mesh_1d(n):
     return sharding.make_mesh(data=n, devices=jax.devices()[:n])
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def mesh_2d():
     return sharding.make_mesh(data=4, model=2)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def explicit_mesh(n):
     """A mesh of Explicit axes, jax.make_mesh's default."""
     return jax.make_mesh((n,), ("data",), devices=jax.devices()[:n])
@@ -181,7 +181,9 @@ def test_experimental_shard_map_is_routed_too():
     if fn is None:
         pytest.skip("no jax.experimental.shard_map.shard_map in this JAX")
     x = rand(8, 3)
-    m = smap.StatefulMapping(lambda v: jax.lax.psum(v, "i") * v, axis_name="i", mapping_fn=fn, mapping_kwargs={"mesh": mesh_1d(4)})
+    m = smap.StatefulMapping(
+        lambda v: jax.lax.psum(v, "i") * v, axis_name="i", mapping_fn=fn, mapping_kwargs={"mesh": mesh_1d(4)}
+    )
     np.testing.assert_allclose(m(x), np.asarray(x).sum(0) * np.asarray(x), rtol=1e-5)
 
 
@@ -195,15 +197,27 @@ def _lane(x, y, z):
 CONVENTIONS = [
     # in_axes, out_axes, args
     (0, 0, (rand(8, 3), {"w": rand(8, 3, seed=1), "v": rand(8, seed=2)}, rand(8, 3, seed=3))),
-    ((1, {"w": None, "v": 0}, -1), {"a": 1, "b": 0, "c": -1}, (rand(3, 8), {"w": rand(3, seed=1), "v": rand(8, 2, seed=2)}, rand(3, 8, seed=3))),
-    ([0, None, None], {"a": 0, "b": None, "c": None}, (rand(8, 3), {"w": rand(3, seed=1), "v": rand(2, seed=2)}, rand(3, seed=3))),
+    (
+        (1, {"w": None, "v": 0}, -1),
+        {"a": 1, "b": 0, "c": -1},
+        (rand(3, 8), {"w": rand(3, seed=1), "v": rand(8, 2, seed=2)}, rand(3, 8, seed=3)),
+    ),
+    (
+        [0, None, None],
+        {"a": 0, "b": None, "c": None},
+        (rand(8, 3), {"w": rand(3, seed=1), "v": rand(2, seed=2)}, rand(3, seed=3)),
+    ),
 ]
 
 
 @pytest.mark.parametrize("convention", CONVENTIONS, ids=["all-0", "axes-1-None-negative", "list-in_axes-unmapped-out"])
 @pytest.mark.parametrize(
     "adapter",
-    [lambda: sharding.shard_map(mesh_1d(4)), lambda: sharding.shard_map(mesh_2d(), axis=("data", "model")), lambda: sharding.pmap(jax.devices()[:2])],
+    [
+        lambda: sharding.shard_map(mesh_1d(4)),
+        lambda: sharding.shard_map(mesh_2d(), axis=("data", "model")),
+        lambda: sharding.pmap(jax.devices()[:2]),
+    ],
     ids=["shard_map-4dev", "shard_map-4x2", "pmap-2dev"],
 )
 def test_adapter_is_a_drop_in_for_jax_vmap(adapter, convention):
@@ -381,9 +395,9 @@ def test_error_inside_the_function_leaves_sharded_states_unchanged():
         raise RuntimeError("boom")
 
     with pytest.raises(RuntimeError, match="boom"):
-        smap.StatefulMapping(step, state_in_axes=smap.HiddenState, axis_name="b", mapping_fn=sharding.shard_map(mesh_1d(4)))(
-            jnp.ones((8, 2))
-        )
+        smap.StatefulMapping(
+            step, state_in_axes=smap.HiddenState, axis_name="b", mapping_fn=sharding.shard_map(mesh_1d(4))
+        )(jnp.ones((8, 2)))
     assert calls
     assert_unchanged([net.h, net.w], before)
 
@@ -435,7 +449,9 @@ def test_unsupported_collective_with_several_lanes_per_device():
         h.value = h.value + x + smap.random.normal(size=2)
         return jax.lax.ppermute(x, "b", [(i, (i + 1) % 8) for i in range(8)])
 
-    m = smap.StatefulMapping(step, state_in_axes=smap.HiddenState, axis_name="b", mapping_fn=sharding.shard_map(mesh_1d(4)))
+    m = smap.StatefulMapping(
+        step, state_in_axes=smap.HiddenState, axis_name="b", mapping_fn=sharding.shard_map(mesh_1d(4))
+    )
     before = snapshot(h)
     with pytest.raises(NotImplementedError, match="ppermute"):
         m(rand(8, 2))
@@ -446,7 +462,9 @@ def test_ppermute_with_one_lane_per_device():
     perm = [(i, (i + 1) % 8) for i in range(8)]
     x = jnp.arange(8.0)
     expected = jax.vmap(lambda v: jax.lax.ppermute(v, "b", perm), axis_name="b")(x)
-    m = smap.StatefulMapping(lambda v: jax.lax.ppermute(v, "b", perm), axis_name="b", mapping_fn=sharding.shard_map(mesh_1d(8)))
+    m = smap.StatefulMapping(
+        lambda v: jax.lax.ppermute(v, "b", perm), axis_name="b", mapping_fn=sharding.shard_map(mesh_1d(8))
+    )
     np.testing.assert_array_equal(m(x), expected)
 
 
@@ -465,12 +483,16 @@ def test_shard_map_under_set_mesh_with_collectives():
     assert out.sharding.mesh == mesh_1d(4)
 
 
-@pytest.mark.parametrize("mapping_fn", [jax.pmap, sharding.pmap(jax.devices()[:2])], ids=["jax.pmap", "sharding.pmap-2dev"])
+@pytest.mark.parametrize(
+    "mapping_fn", [jax.pmap, sharding.pmap(jax.devices()[:2])], ids=["jax.pmap", "sharding.pmap-2dev"]
+)
 def test_pmap_with_nothing_mapped(mapping_fn):
     m = smap.StatefulMapping(lambda: jnp.arange(3.0), in_axes=None, axis_size=8, mapping_fn=mapping_fn)
     np.testing.assert_array_equal(m(), np.tile(np.arange(3.0), (8, 1)))
 
 
 def test_shard_map_with_nothing_mapped():
-    m = smap.StatefulMapping(lambda: jnp.arange(3.0), in_axes=None, axis_size=8, mapping_fn=sharding.shard_map(mesh_1d(4)))
+    m = smap.StatefulMapping(
+        lambda: jnp.arange(3.0), in_axes=None, axis_size=8, mapping_fn=sharding.shard_map(mesh_1d(4))
+    )
     np.testing.assert_array_equal(m(), np.tile(np.arange(3.0), (8, 1)))

@@ -26,8 +26,21 @@ def _worker_module():
 
 
 def _launch(mode, directory):
-    command = [sys.executable, str(LAUNCH), "-n", "2", "-d", "2", "--timeout", "150", "--",
-               sys.executable, str(WORKER), mode, str(directory)]
+    command = [
+        sys.executable,
+        str(LAUNCH),
+        "-n",
+        "2",
+        "-d",
+        "2",
+        "--timeout",
+        "150",
+        "--",
+        sys.executable,
+        str(WORKER),
+        mode,
+        str(directory),
+    ]
     result = subprocess.run(command, capture_output=True, text=True, timeout=200, cwd=ROOT)
     assert result.returncode == 0, result.stdout + result.stderr
     return result.stdout

@@ -55,12 +55,12 @@ B = 8  # lanes: divisible by 1, 2, 4 and 8 devices
 # -- meshes and mapping strategies ---------------------------------------------------
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def mesh_1d(n: int):
     return sharding.make_mesh(data=n, devices=jax.devices()[:n])
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def mesh_2d():
     return sharding.make_mesh(data=4, model=2)
 
@@ -98,7 +98,9 @@ for _l in LAYOUTS:
     ]
 CORE += [
     Strategy("sharding.shard_map-4x2-axis=data", lambda: (sharding.shard_map(mesh_2d(), axis="data"), {})),
-    Strategy("sharding.shard_map-4x2-axis=data+model", lambda: (sharding.shard_map(mesh_2d(), axis=("data", "model")), {})),
+    Strategy(
+        "sharding.shard_map-4x2-axis=data+model", lambda: (sharding.shard_map(mesh_2d(), axis=("data", "model")), {})
+    ),
 ]
 
 # The spellings that StatefulMapping routes to those adapters (sharding.adapt). Each
@@ -109,7 +111,9 @@ CORE += [
 # within its time budget.
 ALIASES = {
     "partial(jax.pmap,devices)": [
-        Strategy(f"partial(jax.pmap,devices)-{_l}", lambda n=N[_l]: (functools.partial(jax.pmap, devices=_devices(n)), {}))
+        Strategy(
+            f"partial(jax.pmap,devices)-{_l}", lambda n=N[_l]: (functools.partial(jax.pmap, devices=_devices(n)), {})
+        )
         for _l in LAYOUTS
     ],
     "jax.shard_map(mapping_kwargs)": [
@@ -118,7 +122,9 @@ ALIASES = {
     ]
     + [Strategy("jax.shard_map(mapping_kwargs)-4x2", lambda: (jax.shard_map, {"mesh": mesh_2d()}))],
     "partial(jax.shard_map,mesh)": [
-        Strategy(f"partial(jax.shard_map,mesh)-{_l}", lambda n=N[_l]: (functools.partial(jax.shard_map, mesh=mesh_1d(n)), {}))
+        Strategy(
+            f"partial(jax.shard_map,mesh)-{_l}", lambda n=N[_l]: (functools.partial(jax.shard_map, mesh=mesh_1d(n)), {})
+        )
         for _l in LAYOUTS
     ],
     "jax.shard_map(set_mesh)": [
@@ -129,8 +135,7 @@ ALIASES = {
 }
 
 
-
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def explicit_mesh(layout: str):
     """A mesh of Explicit axes, what ``jax.make_mesh`` makes by default."""
     shape, names = ((4, 2), ("data", "model")) if layout == "4x2" else ((N[layout],), ("data",))
@@ -458,7 +463,9 @@ def tutorial_accumulate(mapping):
 
     m = mapping(accumulate, in_axes=0, out_axes=0, axis_size=B, state_in_axes={0: OfType(smap.ShortTermState)})
     x = jnp.arange(float(B))
-    return Run({"acc": accumulator}, [lambda: m(x), lambda: m(x)], lambda t: np.testing.assert_allclose(t[1]["out"], 2 * x))
+    return Run(
+        {"acc": accumulator}, [lambda: m(x), lambda: m(x)], lambda t: np.testing.assert_allclose(t[1]["out"], 2 * x)
+    )
 
 
 class StatefulComputation(smap.nn.Module):
@@ -525,7 +532,11 @@ def tutorial_generate_sequence(mapping):
 def tutorial_out_axes_1(mapping):
     m = mapping(lambda s: jnp.array([s, s * 2, s * 3]), in_axes=0, out_axes=1)
     x = jnp.arange(float(B))
-    return Run({}, [lambda: m(x), lambda: m(-x)], lambda t: np.testing.assert_allclose(t[0]["out"], np.stack([x, 2 * x, 3 * x])))
+    return Run(
+        {},
+        [lambda: m(x), lambda: m(-x)],
+        lambda t: np.testing.assert_allclose(t[0]["out"], np.stack([x, 2 * x, 3 * x])),
+    )
 
 
 def tutorial_nested_vmap(mapping):
@@ -838,7 +849,11 @@ def nested_stateful_inner(mapping):
     inner = smap.vmap(cell, axis_name="inner", state_in_axes=smap.HiddenState)
     m = mapping(lambda x: inner(x), state_in_axes=smap.HiddenState)
     x = rand(B, 4, seed=17)
-    return Run({"h": h}, [lambda: m(x), lambda: m(x)], lambda t: np.testing.assert_allclose(t[1]["states"]["h"], 2 * np.asarray(x) * np.arange(4), rtol=1e-5))
+    return Run(
+        {"h": h},
+        [lambda: m(x), lambda: m(x)],
+        lambda t: np.testing.assert_allclose(t[1]["states"]["h"], 2 * np.asarray(x) * np.arange(4), rtol=1e-5),
+    )
 
 
 # -- 7. collectives ---------------------------------------------------------------------
@@ -871,7 +886,9 @@ def collectives(mapping):
         np.testing.assert_array_equal(out["gather0"], np.broadcast_to(xs, (B, *xs.shape)))
         np.testing.assert_array_equal(out["gather1"], np.broadcast_to(xs.transpose(1, 0, 2), (B, 2, B, 3)))
         np.testing.assert_array_equal(out["gather0_tiled"], np.broadcast_to(xs.reshape(B * 2, 3), (B, B * 2, 3)))
-        np.testing.assert_array_equal(out["gather1_tiled"], np.broadcast_to(xs.transpose(1, 0, 2).reshape(2, B * 3), (B, 2, B * 3)))
+        np.testing.assert_array_equal(
+            out["gather1_tiled"], np.broadcast_to(xs.transpose(1, 0, 2).reshape(2, B * 3), (B, 2, B * 3))
+        )
         np.testing.assert_array_equal(out["index"], np.arange(B))
         np.testing.assert_array_equal(out["size"], np.full(B, B))
 
@@ -932,7 +949,9 @@ def control_flow(mapping):
 
         _, looped = jax.lax.while_loop(cond_fn, body_fn, (0, x[3]))
         # a loop whose trip count differs between lanes (its body has no collective)
-        _, counted = jax.lax.while_loop(lambda c: c[0] < jax.lax.axis_index("b"), lambda c: (c[0] + 1, c[1] * 2), (0, 1.0))
+        _, counted = jax.lax.while_loop(
+            lambda c: c[0] < jax.lax.axis_index("b"), lambda c: (c[0] + 1, c[1] * 2), (0, 1.0)
+        )
         h.value = h.value + jnp.stack([carry, looped])
         return sums, branch, shared, looped, counted
 

@@ -3,8 +3,8 @@
 import importlib.util
 import inspect
 import json
-import re
 import pathlib
+import re
 import signal
 import subprocess
 import sys
@@ -36,7 +36,9 @@ def _launch(*args, env=None, timeout=240):
 
 @pytest.mark.parametrize("devices", [4, 1], ids=["2x4-devices", "2x1-device"])
 def test_two_processes_match_single_process_vmap(devices, close):
-    result = _launch("--processes", "2", "--devices", str(devices), "--timeout", "200", "--", sys.executable, str(WORKER))
+    result = _launch(
+        "--processes", "2", "--devices", str(devices), "--timeout", "200", "--", sys.executable, str(WORKER)
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     lines = [line for line in result.stdout.splitlines() if "RESULT " in line]
     assert len(lines) == 1 and lines[0].startswith("[p0] "), result.stdout
@@ -50,7 +52,9 @@ def test_two_processes_match_single_process_vmap(devices, close):
     close(got, expected, rtol=1e-5, atol=1e-6)
     assert expected["seen"].shape == (worker.BATCH, 2)
     # the batched state is split over the 2 x devices, the parameters replicated
-    assert re.search(rf"seen\s+HiddenState\s+\(8, 2\)\s+float32\s+P\('data',?\)\s+{8 * 2 * 4 // (2 * devices)}\b", result.stdout), result.stdout
+    assert re.search(
+        rf"seen\s+HiddenState\s+\(8, 2\)\s+float32\s+P\('data',?\)\s+{8 * 2 * 4 // (2 * devices)}\b", result.stdout
+    ), result.stdout
 
 
 def test_a_process_that_dies_stops_the_run_with_a_clear_message():
@@ -59,7 +63,9 @@ def test_a_process_that_dies_stops_the_run_with_a_clear_message():
     start = time.monotonic()
     env = {**os.environ, "DP_WORKER_DIE": "1"}
     # One device per process also covers placing states across processes (no local replicas).
-    result = _launch("--processes", "2", "--devices", "1", "--timeout", "200", "--", sys.executable, str(WORKER), env=env)
+    result = _launch(
+        "--processes", "2", "--devices", "1", "--timeout", "200", "--", sys.executable, str(WORKER), env=env
+    )
     elapsed = time.monotonic() - start
     assert result.returncode != 0
     assert "process 1 was killed by signal SIGKILL; stopping the others." in result.stdout, result.stdout
@@ -74,7 +80,11 @@ def test_launcher_sets_each_process_up_and_prefixes_its_output():
     )
     result = _launch("-n", "3", "-d", "2", "--", sys.executable, "-c", code)
     assert result.returncode == 0, result.stderr
-    assert sorted(result.stdout.splitlines()) == ["[p0] 0 3 2 127.0.0.1", "[p1] 1 3 2 127.0.0.1", "[p2] 2 3 2 127.0.0.1"]
+    assert sorted(result.stdout.splitlines()) == [
+        "[p0] 0 3 2 127.0.0.1",
+        "[p1] 1 3 2 127.0.0.1",
+        "[p2] 2 3 2 127.0.0.1",
+    ]
 
 
 def test_launcher_fails_when_a_process_fails_and_times_out():
@@ -117,7 +127,9 @@ def test_without_the_launcher_survivors_fail_within_the_heartbeat_timeout():
             "DP_WORKER_DIE": "1",
         }
         processes.append(
-            subprocess.Popen([sys.executable, str(WORKER)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            subprocess.Popen(
+                [sys.executable, str(WORKER)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+            )
         )
     try:
         processes[1].wait(timeout=180)  # it kills itself at its second step

@@ -34,7 +34,7 @@ from smap.filter import AtPath, OfType
 B, D, H = 8, 4, 8  # lanes, model width, hidden width (divisible by 4 model devices)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def mesh(data: int, model: int, kind: str = "Auto"):
     if kind == "Auto":
         return sharding.make_mesh(data=data, model=model)
@@ -146,7 +146,7 @@ def run(program, mapping_fn, mapping_kwargs=None, place_on=None, calls=2):
     return trace, mlp, mapping, step
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def reference(name):
     return run(PROGRAMS[name], jax.vmap)[0]
 
@@ -238,7 +238,11 @@ def test_describe_says_what_a_call_gathers():
     table = sharding.describe(mlp, losses)
     rows = {r.path: r for r in table}
     assert {k: r.gathered for k, r in rows.items()} == {
-        "w1": "no", "b1": "over data", "w2": "no", "trace": "no", "calls": "no"
+        "w1": "no",
+        "b1": "over data",
+        "w2": "no",
+        "trace": "no",
+        "calls": "no",
     }
     assert rows["w1"].bytes_per_device == D * H * 4 // 2
     assert rows["b1"].bytes_per_device == H * 4 // 8
@@ -273,7 +277,9 @@ def test_a_path_written_where_a_tag_is_read_is_an_error_and_nothing_moves():
         sharding.place(mlp, losses, rules={"column": P(None, "model"), "b1": P("model")})
     for k, s in mlp.states().items():
         assert s.value is before[k], k
-    sharding.place(mlp, losses, rules={"column": P(None, "model"), "nothing-has-this-tag": P("model")})  # no path either
+    sharding.place(
+        mlp, losses, rules={"column": P(None, "model"), "nothing-has-this-tag": P("model")}
+    )  # no path either
 
 
 def test_a_collective_over_the_model_axis_needs_a_shard_map_that_makes_it_manual():

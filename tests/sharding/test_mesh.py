@@ -57,7 +57,9 @@ def test_make_mesh_size_mismatch_is_a_clear_error(axes, devices, numbers):
     assert f"needs {needed} devices" in message and f"{available} are available" in message, message
 
 
-@pytest.mark.parametrize("axes", [{}, {"data": 0}, {"data": -2}, {"data": 2.0}], ids=["none", "zero", "negative", "float"])
+@pytest.mark.parametrize(
+    "axes", [{}, {"data": 0}, {"data": -2}, {"data": 2.0}], ids=["none", "zero", "negative", "float"]
+)
 def test_make_mesh_rejects_bad_axes(axes):
     with pytest.raises(ValueError, match="make_mesh"):
         sharding.make_mesh(**axes)
@@ -81,7 +83,9 @@ def _run_child(n, xla_flags):
     env["JAX_PLATFORMS"] = "cpu"
     if xla_flags is not None:
         env["XLA_FLAGS"] = xla_flags
-    result = subprocess.run([sys.executable, "-c", _CHILD, str(n)], env=env, capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-c", _CHILD, str(n)], env=env, capture_output=True, text=True, timeout=120
+    )
     assert result.returncode == 0, result.stderr
     return json.loads(result.stdout.strip().splitlines()[-1])
 

@@ -26,12 +26,12 @@ from smap.filter import OfType, WithTag
 B = 8
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def mesh_1d(n):
     return sharding.make_mesh(data=n, devices=jax.devices()[:n])
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def mesh_2d():
     return sharding.make_mesh(data=4, model=2)
 
@@ -71,7 +71,7 @@ def model_mapping(model, mapping_fn, mapping_kwargs=None):
     )
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def vmap_reference(calls=2):
     """The model's outputs and states after ``calls`` jax.vmap calls on x, 2x, ... (cached)."""
     model = Model()
@@ -140,7 +140,9 @@ def test_batched_states_sharded_shared_states_replicated(layout):
 
 
 @pytest.mark.parametrize(
-    "mapping_fn, n", [(lambda: sharding.pmap(jax.devices()[:4]), 4), (lambda: jax.pmap, 8)], ids=["sharding.pmap-4dev", "jax.pmap"]
+    "mapping_fn, n",
+    [(lambda: sharding.pmap(jax.devices()[:4]), 4), (lambda: jax.pmap, 8)],
+    ids=["sharding.pmap-4dev", "jax.pmap"],
 )
 def test_pmap_keeps_batched_states_on_its_devices(mapping_fn, n):
     model = Model()
@@ -266,13 +268,19 @@ def test_place_without_mapping_names_the_state_a_bad_rule_hits():
 # -- the second call moves and re-shards nothing --------------------------------------------
 
 _MOVING = re.compile(r"\b(all-gather|collective-permute|all-to-all|reduce-scatter)(-start)?\(")
-_MOVING_LINE = re.compile(r"=\s*\(?([a-z]+[0-9]*)\[([0-9,]*)\][^=]*?\b(all-gather|collective-permute|all-to-all|reduce-scatter)(-start)?\(")
+_MOVING_LINE = re.compile(
+    r"=\s*\(?([a-z]+[0-9]*)\[([0-9,]*)\][^=]*?\b(all-gather|collective-permute|all-to-all|reduce-scatter)(-start)?\("
+)
 
 
 def moving_collectives(hlo):
     """(dtype, shape, op) of every collective in ``hlo`` that moves data between devices."""
     return [(m.group(1), m.group(2), m.group(3)) for m in _MOVING_LINE.finditer(hlo)]
-_COLLECTIVE = re.compile(r"\b(all-reduce|all-gather|collective-permute|all-to-all|reduce-scatter|collective-broadcast)(-start)?\(")
+
+
+_COLLECTIVE = re.compile(
+    r"\b(all-reduce|all-gather|collective-permute|all-to-all|reduce-scatter|collective-broadcast)(-start)?\("
+)
 
 
 def compiled_text(m, *args):
@@ -281,7 +289,14 @@ def compiled_text(m, *args):
     return m._dispatch.lower(states, [s.value for s in states.states], *args).compile().as_text()
 
 
-SECOND_CALL_LAYOUTS = ["shard_map-2dev", "shard_map-4dev", "shard_map-8dev", "jax.shard_map-4dev", "shard_map-4x2-axis=data", "shard_map-4x2-axis=data+model"]
+SECOND_CALL_LAYOUTS = [
+    "shard_map-2dev",
+    "shard_map-4dev",
+    "shard_map-8dev",
+    "jax.shard_map-4dev",
+    "shard_map-4x2-axis=data",
+    "shard_map-4x2-axis=data+model",
+]
 
 
 @pytest.mark.parametrize("placed", [False, True], ids=["unplaced", "placed"])
@@ -327,7 +342,7 @@ EXPLICIT = {
 }
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def explicit_mesh(shape):
     names = ("data", "model")[: len(shape)]
     return jax.make_mesh(shape, names, devices=jax.devices()[: int(np.prod(shape))])
@@ -408,7 +423,9 @@ def _row(table, path):
     return row
 
 
-@pytest.mark.parametrize("layout", ["shard_map-4dev", "shard_map-8dev", "shard_map-4x2-axis=data", "shard_map-4x2-axis=data+model"])
+@pytest.mark.parametrize(
+    "layout", ["shard_map-4dev", "shard_map-8dev", "shard_map-4x2-axis=data", "shard_map-4x2-axis=data+model"]
+)
 def test_describe_rows_and_bytes_per_device(layout):
     build, get_mesh, axis = LAYOUTS[layout]
     model = Model()

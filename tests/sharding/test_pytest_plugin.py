@@ -6,7 +6,7 @@ import textwrap
 from pathlib import Path
 
 PROJECT_TEST = textwrap.dedent(
-    '''
+    """
     import jax
     import pytest
 
@@ -27,7 +27,7 @@ PROJECT_TEST = textwrap.dedent(
     @pytest.mark.devices(5)
     def test_failure_in_subprocess_is_reported():
         assert jax.device_count() == 4, "runs with 5 devices"
-    '''
+    """
 )
 
 
@@ -36,7 +36,11 @@ def _run_pytest(tmp_path, *args):
     env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
     return subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *args],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
 
 
@@ -55,7 +59,7 @@ def test_plugin_is_registered_as_an_entry_point():
 
 
 SUBPROCESS_OUTCOMES = textwrap.dedent(
-    '''
+    """
     import jax
     import pytest
 
@@ -72,7 +76,7 @@ SUBPROCESS_OUTCOMES = textwrap.dedent(
     @pytest.mark.devices(6)
     def test_passes_in_subprocess():
         assert jax.device_count() == 6
-    '''
+    """
 )
 
 
@@ -82,9 +86,24 @@ def test_a_test_skipped_or_xfailed_in_its_subprocess_is_reported_so(tmp_path):
     root = str(Path(__file__).resolve().parents[2])
     env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "PYTHONPATH": root}
     result = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-rsx", "-p", "no:cacheprovider", "-p", "sharding.pytest_plugin",
-         "--cpu-devices", "4"],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-rsx",
+            "-p",
+            "no:cacheprovider",
+            "-p",
+            "sharding.pytest_plugin",
+            "--cpu-devices",
+            "4",
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     out = result.stdout + result.stderr
     assert "1 passed, 1 skipped, 1 xfailed" in out, out

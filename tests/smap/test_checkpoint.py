@@ -156,7 +156,9 @@ def test_4x2_data_model_mesh_to_8x1(tmp_path, axis_type):
     smap.checkpoint.save(tmp_path, net, step=1)
     manifest = json.loads((tmp_path / "step_00000001" / "manifest.json").read_text())
     assert [s["index"] for s in manifest["states"]["w"]["leaves"][0]["shards"]][:3] == [
-        [[0, 2], [0, 2]], [[0, 2], [2, 4]], [[0, 2], [4, 6]]
+        [[0, 2], [0, 2]],
+        [[0, 2], [2, 4]],
+        [[0, 2], [4, 6]],
     ]
 
     mesh_8x1 = jax.make_mesh((8, 1), ("data", "model"), axis_types=(kind, kind))
@@ -169,7 +171,9 @@ def test_4x2_data_model_mesh_to_8x1(tmp_path, axis_type):
     assert [tuple(s.data.shape) for s in net.w.value.addressable_shards] == [(4, 1)] * 8
 
     # a placement the shapes do not allow is named
-    with pytest.raises(CheckpointError, match="state 'w' cannot be placed as asked: .*has size 4 in dimension 0.*mesh axis 'data'"):
+    with pytest.raises(
+        CheckpointError, match="state 'w' cannot be placed as asked: .*has size 4 in dimension 0.*mesh axis 'data'"
+    ):
         smap.checkpoint.restore(tmp_path, net, mesh_8x1, rules={smap.ParamState: P("data")})
 
 

@@ -402,7 +402,8 @@ FAILING_DRAWS = {
     "normal with parameters that do not broadcast": (lambda r: r.normal(jnp.zeros(2), jnp.ones(3)), "shapes"),
     "normal with a size that loc does not broadcast to": (lambda r: r.normal(jnp.zeros(2), size=3), "shapes"),
     "truncated_normal with a size the bounds do not broadcast to": (
-        lambda r: r.truncated_normal(jnp.zeros(2), 1.0, size=3), "shapes"
+        lambda r: r.truncated_normal(jnp.zeros(2), 1.0, size=3),
+        "shapes",
     ),
     "choice of 5 from 3 without replacement": (lambda r: r.choice(3, size=5, replace=False), "larger sample"),
     "choice with p of the wrong length": (lambda r: r.choice(3, p=[0.5, 0.5]), "p "),

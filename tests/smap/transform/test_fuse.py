@@ -49,8 +49,12 @@ def _sgd(params: list[smap.State], grads: list) -> None:
 def mlp(rng: np.random.Generator) -> Case:
     """Two tanh layers, softmax cross-entropy, pmean of the gradients."""
     d_in, d_h, d_out = rng.integers(9, 17, size=3)
-    params = [smap.ParamState(_normal(rng, d_in, d_h)), smap.ParamState(np.zeros(d_h, np.float32)),
-              smap.ParamState(_normal(rng, d_h, d_out)), smap.ParamState(np.zeros(d_out, np.float32))]
+    params = [
+        smap.ParamState(_normal(rng, d_in, d_h)),
+        smap.ParamState(np.zeros(d_h, np.float32)),
+        smap.ParamState(_normal(rng, d_h, d_out)),
+        smap.ParamState(np.zeros(d_out, np.float32)),
+    ]
 
     def step(x, y):
         def loss():
@@ -315,7 +319,6 @@ def test_sum_over_a_lane_dependent_bias_is_left_alone():
     m = smap.StatefulMapping(lane, axis_name=AXIS, out_axes=None)
     want = x.T @ g + x.sum(0)[:, None]
     np.testing.assert_allclose(m(x, g), want, rtol=1e-6)
-
 
 
 # -- the sharding adapters -------------------------------------------------------------

@@ -96,7 +96,9 @@ def test_grad_matches_jax_grad(kind, argnums, return_value, has_aux, close):
         loss = model.loss
     else:
         loss = lambda x, y: model.loss(x, y)[0]  # noqa: E731
-    g = smap.grad(loss, grad_states=grad_states_of(model, kind), argnums=argnums, has_aux=has_aux, return_value=return_value)
+    g = smap.grad(
+        loss, grad_states=grad_states_of(model, kind), argnums=argnums, has_aux=has_aux, return_value=return_value
+    )
     result = g(X, Y)
 
     # The contract: state grads, arg grads, or (state_grads, arg_grads);
@@ -168,7 +170,9 @@ def test_unused_grad_state_gets_zero_gradient(close):
     def loss(x):
         return jnp.sum(used.value * x)
 
-    grads = smap.grad(loss, grad_states={"used": used, "unused": unused, "scalar": unused_int_shape})(jnp.array([3.0, 4.0]))
+    grads = smap.grad(loss, grad_states={"used": used, "unused": unused, "scalar": unused_int_shape})(
+        jnp.array([3.0, 4.0])
+    )
     close(grads, {"used": np.array([3.0, 4.0]), "unused": np.zeros((1, 3)), "scalar": np.zeros(())})
 
 

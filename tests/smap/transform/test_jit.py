@@ -605,9 +605,9 @@ RAW_WRITES = {
     "jax.jit": lambda s: jax.jit(lambda x: setattr(s, "value", x))(3.0),
     "jax.vmap": lambda s: jax.vmap(lambda x: setattr(s, "value", x))(jnp.ones(3)),
     "jax.grad": lambda s: jax.grad(lambda x: (setattr(s, "value", x), x)[1])(3.0),
-    "jax.vmap inside smap.jit": lambda s: smap.jit(
-        lambda x: jax.vmap(lambda y: setattr(s, "value", y))(x)
-    )(jnp.ones(3)),
+    "jax.vmap inside smap.jit": lambda s: smap.jit(lambda x: jax.vmap(lambda y: setattr(s, "value", y))(x))(
+        jnp.ones(3)
+    ),
     "jax.lax.cond inside smap.jit": lambda s: smap.jit(
         lambda x: jax.lax.cond(x > 0, lambda: setattr(s, "value", x), lambda: None)
     )(1.0),

@@ -79,9 +79,7 @@ def test_attributes_are_normalised_as_the_tutorial_prints_them():
         accumulator.value = accumulator.value + x
         return accumulator.value
 
-    mapped = vmap2(
-        accumulate, in_axes=0, out_axes=0, axis_size=4, state_in_axes={0: OfType(smap.ShortTermState)}
-    )
+    mapped = vmap2(accumulate, in_axes=0, out_axes=0, axis_size=4, state_in_axes={0: OfType(smap.ShortTermState)})
     assert isinstance(mapped, StatefulMapping)
     assert str(type(mapped)) == "<class 'smap.transform.StatefulMapping'>"
     assert mapped.origin_fun is accumulate
@@ -1803,15 +1801,17 @@ def _bad_calls():
             [r"in_axes", r"\b3\b", r"\b2\b"],
         ),
         "in_axes_wrong_structure": (
-            lambda b, s: lambda: vmap2(writer(b, s, lambda d: d["a"]), in_axes=({"a": 0, "z": 0},))(
-                {"a": jnp.ones(3), "b": jnp.ones(3)}
+            lambda b, s: (
+                lambda: vmap2(writer(b, s, lambda d: d["a"]), in_axes=({"a": 0, "z": 0},))(
+                    {"a": jnp.ones(3), "b": jnp.ones(3)}
+                )
             ),
             ValueError,
             [r"in_axes"],
         ),
         "out_axes_tree": (
-            lambda b, s: lambda: vmap2(writer(b, s, lambda x: (x, x)), out_axes=(0, 0, 0), state_in_axes=b)(
-                jnp.ones(3)
+            lambda b, s: (
+                lambda: vmap2(writer(b, s, lambda x: (x, x)), out_axes=(0, 0, 0), state_in_axes=b)(jnp.ones(3))
             ),
             ValueError,
             [r"out_axes"],
@@ -1827,11 +1827,13 @@ def _bad_calls():
             [r"out_axes"],
         ),
         "raise_policy": (
-            lambda b, s: lambda: vmap2(
-                writer(b, s, lambda x: setattr(s, "value", s.value + x) or x),
-                state_in_axes=b,
-                unexpected_out_state_mapping="raise",
-            )(jnp.ones(3)),
+            lambda b, s: (
+                lambda: vmap2(
+                    writer(b, s, lambda x: setattr(s, "value", s.value + x) or x),
+                    state_in_axes=b,
+                    unexpected_out_state_mapping="raise",
+                )(jnp.ones(3))
+            ),
             smap.BatchAxisError,
             [r"LongTermState float32\[2\]"],
         ),
@@ -1841,8 +1843,10 @@ def _bad_calls():
             [r"axis_size"],
         ),
         "unknown_axis_name": (
-            lambda b, s: lambda: vmap2(writer(b, s, lambda x: jax.lax.psum(x, "nope")), axis_name="i", state_in_axes=b)(
-                jnp.ones(3)
+            lambda b, s: (
+                lambda: vmap2(writer(b, s, lambda x: jax.lax.psum(x, "nope")), axis_name="i", state_in_axes=b)(
+                    jnp.ones(3)
+                )
             ),
             (NameError, ValueError),
             [r"nope"],
@@ -1863,8 +1867,10 @@ def _bad_calls():
             [r"boom"],
         ),
         "shape_change_inside_fun": (
-            lambda b, s: lambda: vmap2(writer(b, s, lambda x: setattr(s, "value", jnp.ones(5)) or x), state_in_axes=b)(
-                jnp.ones(3)
+            lambda b, s: (
+                lambda: vmap2(writer(b, s, lambda x: setattr(s, "value", jnp.ones(5)) or x), state_in_axes=b)(
+                    jnp.ones(3)
+                )
             ),
             ValueError,
             [r"LongTermState", r"\(5,\)"],
@@ -1875,8 +1881,8 @@ def _bad_calls():
             [r"ShortTermState", r"\b3\b", r"\b4\b"],
         ),
         "inside_outer_vmap2": (
-            lambda b, s: lambda: vmap2(vmap2(writer(b, s, ident), state_in_axes=b), in_axes=1, state_in_axes=b)(
-                jnp.ones((5, 3))
+            lambda b, s: (
+                lambda: vmap2(vmap2(writer(b, s, ident), state_in_axes=b), in_axes=1, state_in_axes=b)(jnp.ones((5, 3)))
             ),
             ValueError,
             [r"\b2\b", r"\b5\b"],
@@ -2019,10 +2025,7 @@ def test_tutorial_1_3_axis_name(capsys):
     print("Normalized:", normalized)
     print("New mean:", jnp.mean(normalized))
     assert capsys.readouterr().out == (
-        "Input: [1. 2. 3. 4.]\n"
-        "Batch mean: 2.5\n"
-        "Normalized: [-1.5 -0.5  0.5  1.5]\n"
-        "New mean: 0.0\n"
+        "Input: [1. 2. 3. 4.]\nBatch mean: 2.5\nNormalized: [-1.5 -0.5  0.5  1.5]\nNew mean: 0.0\n"
     )
 
 
@@ -2036,13 +2039,7 @@ def test_tutorial_1_4_axis_size(capsys):
     print(result)
     print("Shape:", result.shape)
     assert capsys.readouterr().out == (
-        "Generated sequences:\n"
-        "[[0 1 2]\n"
-        " [0 1 2]\n"
-        " [0 1 2]\n"
-        " [0 1 2]\n"
-        " [0 1 2]]\n"
-        "Shape: (5, 3)\n"
+        "Generated sequences:\n[[0 1 2]\n [0 1 2]\n [0 1 2]\n [0 1 2]\n [0 1 2]]\nShape: (5, 3)\n"
     )
 
 
@@ -2093,13 +2090,7 @@ def test_tutorial_1_6_module_states(capsys):
     print("Output:")
     print(batch_outputs)
     assert capsys.readouterr().out == (
-        "Input shape: (4, 3)\n"
-        "Output shape: (4, 2)\n"
-        "Output:\n"
-        "[[3. 3.]\n"
-        " [3. 3.]\n"
-        " [3. 3.]\n"
-        " [3. 3.]]\n"
+        "Input shape: (4, 3)\nOutput shape: (4, 2)\nOutput:\n[[3. 3.]\n [3. 3.]\n [3. 3.]\n [3. 3.]]\n"
     )
     np.testing.assert_array_equal(layer.weight.value, jnp.ones((3, 2)))
     np.testing.assert_array_equal(layer.bias.value, jnp.zeros(2))
@@ -2315,10 +2306,7 @@ def test_tutorial_3_3_state_axis_inference(capsys):
     print("Final temp state:", model.temp.value)
     print("Param (unchanged):", model.param.value)
     assert capsys.readouterr().out == (
-        "Inputs: [1. 2. 3.]\n"
-        "Outputs: [1. 2. 3.]\n"
-        "Final temp state: [1. 2. 3.]\n"
-        "Param (unchanged): 1.0\n"
+        "Inputs: [1. 2. 3.]\nOutputs: [1. 2. 3.]\nFinal temp state: [1. 2. 3.]\nParam (unchanged): 1.0\n"
     )
 
 
@@ -2406,9 +2394,7 @@ def test_tutorial_4_2_jit_and_grad(capsys):
     print("Inputs:", batch_x)
     print("Targets:", batch_targets)
     print("Gradients:", gradients)
-    assert capsys.readouterr().out == (
-        "Inputs: [1. 2. 3.]\nTargets: [2. 4. 6.]\nGradients: [-4.  0. 36.]\n"
-    )
+    assert capsys.readouterr().out == ("Inputs: [1. 2. 3.]\nTargets: [2. 4. 6.]\nGradients: [-4.  0. 36.]\n")
 
 
 # -- the tutorial's examples on other inputs, against plain jax.vmap --------------
@@ -2458,9 +2444,9 @@ def test_tutorial_examples_on_other_inputs(seed, close):
 
     deltas = f32(n)
     expected_out, expected_count = jax.vmap(lambda c, d: ((c + d) * param.value, c + d))(count0, deltas)
-    out = vmap2(counter, state_in_axes={0: OfType(smap.ShortTermState)}, state_out_axes={0: OfType(smap.ShortTermState)})(
-        deltas
-    )
+    out = vmap2(
+        counter, state_in_axes={0: OfType(smap.ShortTermState)}, state_out_axes={0: OfType(smap.ShortTermState)}
+    )(deltas)
     close(out, expected_out)
     close(count.value, expected_count)
 
