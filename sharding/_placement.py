@@ -181,7 +181,7 @@ def place(
     for state in states:
         sharding = placement(state, mesh, mapping, rules)
         placed.append(jax.tree_util.tree_map(functools.partial(_put, sharding=sharding), state.peek()))
-    with _locks.Holding(_locks.ordered(states)):
+    with _locks.Holding(_locks.joined(states)):
         for state, value in zip(states, placed):
             state.write_back(value)
 

@@ -96,12 +96,19 @@ class _StateList:
     cached executable tied to the exact states it was traced with.
     """
 
-    __slots__ = ("states", "index", "locks")
+    __slots__ = ("states", "index", "_group")
 
     def __init__(self, states: Sequence[State]):
         self.states = tuple(states)
         self.index = {id(s): i for i, s in enumerate(self.states)}
-        self.locks = _locks.ordered(self.states)
+        self._group: _locks.Group | None = None
+
+    @property
+    def group(self) -> _locks.Group:
+        """The lock group of the states, joined on first use (which must hold no group's lock)."""
+        if self._group is None:
+            self._group = _locks.joined(self.states)
+        return self._group
 
     def extended(self, more: Sequence[State]) -> _StateList:
         return _StateList(self.states + tuple(more))
@@ -310,7 +317,7 @@ class StatefulFunction(Generic[P, R]):
         while True:
             state_list = self._state_list
             # A call reads, computes and writes back its states as one step for other threads.
-            with _locks.Holding(state_list.locks):
+            with _locks.Holding(state_list.group):
                 values = list(map(_stored_value, state_list.states))
                 # The dispatcher's trace reads where the states live (see _keep_placement).
                 # Not an argument: the trace sees tracers, which do not carry an Auto
@@ -319,19 +326,23 @@ class StatefulFunction(Generic[P, R]):
                 self._placement.values = values
                 try:
                     out, written = self._dispatch(state_list, values, *args, **kwargs)
-                except _MissingStates as missing:
-                    current = self._state_list
-                    self._state_list = current.extended([s for s in missing.states if id(s) not in current.index])
-                    continue
+                except _MissingStates as error:
+                    missing: Sequence[State] | None = error.states
+                else:
+                    missing = None
+                    if written:
+                        states = state_list.states
+                        if type(next(iter(written.values()))) is not _compat.ArrayImpl:
+                            _check_not_traced(self.name, [states[i] for i in written], list(written.values()))
+                        for i, value in written.items():
+                            states[i]._value = value
                 finally:
                     self._placement.values = None
-                if written:
-                    states = state_list.states
-                    if type(next(iter(written.values()))) is not _compat.ArrayImpl:
-                        _check_not_traced(self.name, [states[i] for i in written], list(written.values()))
-                    for i, value in written.items():
-                        states[i]._value = value
-            return out if self._call_result is None else self._call_result(out)
+            if missing is None:
+                return out if self._call_result is None else self._call_result(out)
+            # Outside the lock: joining the new states' lock groups may wait for other calls.
+            current = self._state_list
+            self._state_list = current.extended([s for s in missing if id(s) not in current.index])
 
     def _call_in_trace(self, args: tuple, kwargs: dict) -> Any:
         """A call while another smap transform traces: only this program's states take part."""

@@ -157,7 +157,7 @@ class State:
     __slots__ = ("_value", "_tags", "_owner", "_name", "_lock", "__weakref__")
 
     def __init__(self, value: Any, tag: str | Sequence[str] | None = None):
-        self._lock = _locks.new_lock()
+        self._lock = _locks.Group()
         self._owner = None
         self._name = None
         self._tags = _normalise_tags(tag)

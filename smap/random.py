@@ -187,7 +187,7 @@ class RandomState(State):
         Outside a transform the read, the draw and the write of the key are one
         step for other threads (inside one, the transform's call is that step).
         """
-        lock = contextlib.nullcontext() if active_frames() else _locks.lock_of(self)
+        lock = contextlib.nullcontext() if active_frames() else _locks.Holding(_locks.group_of(self))
         with lock:
             key, sub = jax.random.split(self.value)
             out = sample(sub)

@@ -158,3 +158,31 @@ def test_calls_on_disjoint_states_do_not_wait_for_each_other():
     assert not first.is_alive() and not same_state.is_alive() and not errors, errors
     assert float(a.value) == 2.0 + 3.0 + 2.0
     assert float(b.value) == 4.0
+
+
+def test_transforms_that_share_a_state_lose_no_write_to_each_other():
+    """Two transforms write one state (and each its own): their calls from threads lose nothing,
+    also while the second transform's first call joins the shared state's lock with its own."""
+    shared, own_a, own_b = (smap.LongTermState(jnp.zeros(())) for _ in range(3))
+
+    def add_a(x):
+        shared.value = shared.value + x
+        own_a.value = own_a.value + 1.0
+
+    def add_b(x):
+        shared.value = shared.value + 10 * x
+        own_b.value = own_b.value + 1.0
+
+    a, b = smap.jit(add_a), smap.jit(add_b)
+    calls = iter(range(10**6))
+    lock = threading.Lock()
+
+    def call():
+        with lock:
+            i = next(calls)
+        (a if i % 2 else b)(jnp.ones(()))
+
+    run_in_threads(call)
+    n = THREADS * CALLS
+    assert float(own_a.value) == n // 2 and float(own_b.value) == n // 2
+    assert float(shared.value) == (n // 2) * 1.0 + (n // 2) * 10.0
