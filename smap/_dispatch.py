@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import operator
-import threading
 from collections.abc import Callable, Hashable, Sequence
 from typing import Any, Generic, NamedTuple, ParamSpec, TypeVar
 
@@ -96,22 +95,20 @@ class _StateList:
     cached executable tied to the exact states it was traced with.
     """
 
-    __slots__ = ("states", "index", "_group")
+    __slots__ = ("states", "index", "group")
 
-    def __init__(self, states: Sequence[State]):
+    def __init__(self, states: Sequence[State], group: _locks.Group):
         self.states = tuple(states)
         self.index = {id(s): i for i, s in enumerate(self.states)}
-        self._group: _locks.Group | None = None
-
-    @property
-    def group(self) -> _locks.Group:
-        """The lock group of the states, joined on first use (which must hold no group's lock)."""
-        if self._group is None:
-            self._group = _locks.joined(self.states)
-        return self._group
+        # The lock group of the states (a top-level call's list joins them, holding no lock).
+        self.group = group
 
     def extended(self, more: Sequence[State]) -> _StateList:
-        return _StateList(self.states + tuple(more))
+        states = self.states + tuple(more)
+        return _StateList(states, _locks.joined(states))
+
+
+_UNLOCKED = _locks.Group()  # the group of a nested call's list: it runs inside its caller's call
 
 
 class _MissingStates(Exception):
@@ -168,9 +165,8 @@ class StatefulFunction(Generic[P, R]):
         self.static_argnames = tuple(static_argnames)
         self.name = name
         self._entries: dict[ArgSignature, list[Entry]] = {}
-        self._state_list = _StateList(())
+        self._state_list = _StateList((), _locks.Group())
         self._nested_lists: dict[tuple[int, ...], _StateList] = {}
-        self._placement = threading.local()  # .values: the state values of this thread's call
         for i in (*self.static_argnums, *donate_argnums):
             if i < 0:
                 raise ValueError(
@@ -304,7 +300,9 @@ class StatefulFunction(Generic[P, R]):
             raise _MissingStates(missing)
         index = state_list.index
         out, written = entry.run(leaves, [values[index[id(s)]] for s in program.states])
-        placed = getattr(self._placement, "values", None)
+        # Written states keep where they live: the states' own values, which this call's lock keeps
+        # as the call read them (a nested call's states are its caller's tracers, placed nowhere).
+        placed = None if state_list.group is _UNLOCKED else list(map(_stored_value, state_list.states))
         return out, {
             index[id(s)]: _keep_placement(v, placed[index[id(s)]] if placed else None)
             for s, v in zip(program.written_states, written)
@@ -316,14 +314,13 @@ class StatefulFunction(Generic[P, R]):
             return self._call_in_trace(args, kwargs)
         while True:
             state_list = self._state_list
+            group = state_list.group
             # A call reads, computes and writes back its states as one step for other threads.
-            with _locks.Holding(state_list.group):
+            with group.lock:
+                if group.merged_into is not None:  # its states joined others' while this call waited
+                    state_list.group = group.current()
+                    continue
                 values = list(map(_stored_value, state_list.states))
-                # The dispatcher's trace reads where the states live (see _keep_placement).
-                # Not an argument: the trace sees tracers, which do not carry an Auto
-                # mesh axis placement, and a static argument would key the cache on
-                # the values themselves.
-                self._placement.values = values
                 try:
                     out, written = self._dispatch(state_list, values, *args, **kwargs)
                 except _MissingStates as error:
@@ -336,8 +333,6 @@ class StatefulFunction(Generic[P, R]):
                             _check_not_traced(self.name, [states[i] for i in written], list(written.values()))
                         for i, value in written.items():
                             states[i]._value = value
-                finally:
-                    self._placement.values = None
             if missing is None:
                 return out if self._call_result is None else self._call_result(out)
             # Outside the lock: joining the new states' lock groups may wait for other calls.
@@ -348,8 +343,9 @@ class StatefulFunction(Generic[P, R]):
         """A call while another smap transform traces: only this program's states take part."""
         key, leaves, dyn_args, dyn_kwargs = self.signature_key(*args, **kwargs)
         program = (self._lookup(key) or self._trace(key, leaves, dyn_args, dyn_kwargs)).program
-        state_list = self._nested_lists.setdefault(tuple(map(id, program.states)), _StateList(program.states))
-        self._placement.values = None
+        state_list = self._nested_lists.setdefault(
+            tuple(map(id, program.states)), _StateList(program.states, _UNLOCKED)
+        )
         out, written = self._dispatch(state_list, [s.value for s in program.states], *args, **kwargs)
         for i, value in written.items():
             program.states[i].write_back(value)
