@@ -314,25 +314,22 @@ class StatefulFunction(Generic[P, R]):
             return self._call_in_trace(args, kwargs)
         while True:
             state_list = self._state_list
-            group = state_list.group
             # A call reads, computes and writes back its states as one step for other threads.
-            with group.lock:
-                if group.merged_into is not None:  # its states joined others' while this call waited
-                    state_list.group = group.current()
-                    continue
+            held = state_list.group.acquire()
+            try:
                 values = list(map(_stored_value, state_list.states))
-                try:
-                    out, written = self._dispatch(state_list, values, *args, **kwargs)
-                except _MissingStates as error:
-                    missing: Sequence[State] | None = error.states
-                else:
-                    missing = None
-                    if written:
-                        states = state_list.states
-                        if type(next(iter(written.values()))) is not _compat.ArrayImpl:
-                            _check_not_traced(self.name, [states[i] for i in written], list(written.values()))
-                        for i, value in written.items():
-                            states[i]._value = value
+                out, written = self._dispatch(state_list, values, *args, **kwargs)
+                missing: Sequence[State] | None = None
+                if written:
+                    states = state_list.states
+                    if type(next(iter(written.values()))) is not _compat.ArrayImpl:
+                        _check_not_traced(self.name, [states[i] for i in written], list(written.values()))
+                    for i, value in written.items():
+                        states[i]._value = value
+            except _MissingStates as error:
+                missing = error.states
+            finally:
+                held.lock.release()
             if missing is None:
                 return out if self._call_result is None else self._call_result(out)
             # Outside the lock: joining the new states' lock groups may wait for other calls.

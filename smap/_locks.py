@@ -51,6 +51,19 @@ class Group:
             group = group.merged_into
         return group
 
+    def acquire(self) -> Group:
+        """Take the lock of the group this one is part of, and return that group.
+
+        A merge may make the group taken part of another while this thread
+        waits for its lock; then the lock is given back and the larger one taken.
+        """
+        while True:
+            group = self.current()
+            group.lock.acquire()
+            if group.merged_into is None:
+                return group
+            group.lock.release()
+
 
 _merging = threading.Lock()  # one merge at a time
 
@@ -91,13 +104,7 @@ class Holding:
         self.held: Group | None = None
 
     def __enter__(self) -> None:
-        while True:
-            group = self.group.current()
-            group.lock.acquire()
-            if group.merged_into is None:  # not merged away while this thread waited
-                self.held = group
-                return
-            group.lock.release()
+        self.held = self.group.acquire()
 
     def __exit__(self, *exc: Any) -> None:
         assert self.held is not None
