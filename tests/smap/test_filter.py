@@ -134,12 +134,13 @@ def test_user_callable_inside_combinators():
     assert (g((), small), g((), large)) == (True, False)
 
 
-def test_filter_used_by_module_states_receives_the_dotted_path():
-    class Linear(smap.nn.Module):
-        def __init__(self):
-            self.weight = smap.ParamState(jnp.ones(2))
-            self.bias = smap.ParamState(jnp.zeros(2))
+class Linear(smap.nn.Module):
+    def __init__(self):
+        self.weight = smap.ParamState(jnp.ones(2))
+        self.bias = smap.ParamState(jnp.zeros(2))
 
+
+def test_filter_used_by_module_states_receives_the_dotted_path():
     class Net(smap.nn.Module):
         def __init__(self):
             self.enc = Linear()
@@ -153,11 +154,6 @@ def test_filter_used_by_module_states_receives_the_dotted_path():
 
 
 def test_at_path_globs_the_dotted_path():
-    class Linear(smap.nn.Module):
-        def __init__(self):
-            self.weight = smap.ParamState(jnp.ones(2))
-            self.bias = smap.ParamState(jnp.zeros(2))
-
     class Net(smap.nn.Module):
         def __init__(self):
             self.layers = [Linear(), Linear()]
