@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import warnings
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -13,7 +14,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 import smap
 from smap import _locks
-from smap.filter import AtPath, to_filter
+from smap.filter import AtPath, check_tag_string, to_filter
 
 from ._adapters import ShardMap, adapt
 
@@ -53,16 +54,32 @@ def _rule_spec(state: smap.State, rules: Rules | None) -> PartitionSpec | None:
 
 
 def _check_tag_rules(states: Iterable[smap.State], rules: Rules | None) -> None:
-    """A string selects by tag; one that selects nothing but names a path is a mistake."""
+    """Rules that select nothing: a string that is no tag, or a path written as a tag, is an error.
+
+    A string is a tag: one that no State has is a ``ValueError`` naming what
+    it could have meant (:func:`smap.filter.check_tag_string`), and so is a
+    tag that none of ``states`` has but that names one's path. An ``AtPath``
+    rule that selects none of ``states`` warns (a pattern written for another
+    model, or a typo); other selectors may rightly select nothing here (a
+    rule set shared by several models, placing part of one).
+    """
     states = list(states)
     for selector in rules or {}:
-        if isinstance(selector, str) and not any(selector in s.tags for s in states):
-            at_path = AtPath(selector)
-            if any(at_path(s.path, s) for s in states):
+        if isinstance(selector, str):
+            if not any(selector in s.tags for s in states) and any(AtPath(selector)(s.path, s) for s in states):
                 raise ValueError(
                     f"the rule {selector!r} selects states tagged {selector!r}, and none is; a string in "
                     f"rules is a tag. For the state at path {selector!r}, write smap.filter.AtPath({selector!r})."
                 )
+            check_tag_string(selector, "a key of rules", states)
+        elif isinstance(selector, AtPath) and not any(selector(s.path, s) for s in states):
+            paths = sorted(".".join(map(str, s.path)) for s in states if s.path)
+            warnings.warn(
+                f"the rule {selector!r} selects none of the states placed (their paths: "
+                f"{', '.join(map(repr, paths)) or 'none'}); it places nothing.",
+                UserWarning,
+                stacklevel=3,
+            )
 
 
 def spec_for(mapping: smap.StatefulMapping, state: smap.State, rules: Rules | None = None) -> PartitionSpec:
@@ -158,9 +175,11 @@ def place(
     without it, every state follows ``rules`` (as :func:`spec_for` reads them)
     or is replicated over ``mesh``. Transforms keep a written state's
     placement, so states stay where this puts them. A string in ``rules`` is a
-    tag; one that selects no state's tag but names a state's path is a
-    ``ValueError`` (write ``smap.filter.AtPath(path)``), raised before any
-    state moves.
+    tag: one that no State has, or one that none of ``target``'s states has
+    but that names a state's path (write ``smap.filter.AtPath(path)``), is a
+    ``ValueError`` naming the tags and paths it could have meant, raised
+    before any state moves. An ``AtPath`` rule that selects none of
+    ``target``'s states warns; other rules may select nothing.
 
     Example:
         >>> import jax, jax.numpy as jnp, smap, sharding

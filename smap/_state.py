@@ -31,6 +31,12 @@ __all__ = [
 ]
 
 _local = threading.local()
+_TAGS: set[str] = set()  # every tag any State was created with: what a string selector can mean
+
+
+def known_tags() -> frozenset[str]:
+    """The tags of every State created so far (a string selector that is none of them is a mistake)."""
+    return frozenset(_TAGS)
 
 
 def active_frames() -> list[TraceFrame]:
@@ -161,6 +167,8 @@ class State:
         self._owner = None
         self._name = None
         self._tags = _normalise_tags(tag)
+        if self._tags:
+            _TAGS.update(self._tags)
         self._value = self._canonical(value)
         frames = active_frames()
         if frames:

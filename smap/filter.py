@@ -22,7 +22,7 @@ import fnmatch
 from collections.abc import Callable, Hashable, Iterable
 from typing import Union
 
-from ._state import State
+from ._state import State, known_tags
 
 __all__ = [
     "Filter",
@@ -36,6 +36,7 @@ __all__ = [
     "AtPath",
     "StateSet",
     "to_filter",
+    "check_tag_string",
     "FilterLike",
 ]
 
@@ -323,6 +324,70 @@ def to_filter(selector: FilterLike) -> Filter:
         f"cannot use {selector!r} as a state filter: expected a Filter, a State subclass, "
         f"a tag string, a State, an iterable of States, or a callable (path, state) -> bool."
     )
+
+
+def check_tag_string(selector: object, where: str, states: Iterable[State]) -> None:
+    """Refuse a string selector that is no State's tag, naming what it could have meant.
+
+    A string selects the states created with it as a tag. A string that no
+    State was ever given as a tag selects nothing anywhere, which is almost
+    always a mistake (``'hidden'`` for :class:`smap.HiddenState`, or a
+    dotted path): the ``ValueError`` names it, the tags in use, and the
+    State types and paths of ``states`` it may have meant. A string that is
+    some State's tag passes, even where it selects none of ``states``; so do
+    selectors that are not strings, which may rightly select nothing in a
+    given function (``OfType(ShortTermState)`` where there is none).
+
+    Arguments:
+        selector: what the user gave where a filter is expected.
+        where: how the error names it, such as ``"state_in_axes[0]"``.
+        states: the states it was meant to select from (for the error).
+
+    Example:
+        >>> import jax.numpy as jnp, smap
+        >>> h = smap.HiddenState(jnp.zeros(2), tag='rnn')
+        >>> smap.filter.check_tag_string('rnn', 'state_in_axes', [h])
+        >>> try:
+        ...     smap.filter.check_tag_string('hidden', 'state_in_axes', [h])
+        ... except ValueError as e:
+        ...     print(str(e).splitlines()[0])
+        state_in_axes is the string 'hidden', which selects the States tagged 'hidden', and no State has that tag.
+    """
+    if not isinstance(selector, str) or selector in known_tags():
+        return
+    states = list(states)
+    lines = [
+        f"{where} is the string {selector!r}, which selects the States tagged {selector!r}, "
+        f"and no State has that tag."
+    ]
+    wanted = selector.lower().replace("_", "").removesuffix("state")
+    for cls in _state_types():
+        if cls.__name__.lower().removesuffix("state") == wanted:
+            lines.append(f"To select the states of type {cls.__name__}, pass the class {cls.__module__}.{cls.__name__}.")
+    if any(AtPath(selector)(s.path, s) for s in states if selector):
+        lines.append(f"To select the states at path {selector!r}, pass smap.filter.AtPath({selector!r}).")
+    tags = sorted(known_tags())
+    lines.append(f"Tags in use: {_listed(tags)}." if tags else "No State has a tag.")
+    paths = [".".join(map(str, s.path)) for s in states if s.path]
+    if paths:
+        lines.append(f"Paths of the states here: {_listed(paths)}.")
+    lines.append(
+        "A string selects by tag; a State subclass selects by type, smap.filter.AtPath('a.b') by dotted path."
+    )
+    raise ValueError("\n".join(lines))
+
+
+def _listed(names: list[str], most: int = 12) -> str:
+    shown = ", ".join(map(repr, names[:most]))
+    return shown + (f" and {len(names) - most} more" if len(names) > most else "")
+
+
+def _state_types() -> list[type]:
+    """State and all its subclasses, breadth first."""
+    found: list[type] = [State]
+    for cls in found:
+        found.extend(sub for sub in cls.__subclasses__() if sub not in found)
+    return found
 
 
 for _cls in (Filter, OfType, WithTag, AtPath, StateSet, Not, All, Any, Everything, Nothing):

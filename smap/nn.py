@@ -51,6 +51,8 @@ class Module:
         Arguments:
             filter: keep only the states it selects (any selector that
                 :func:`smap.filter.to_filter` accepts); ``None`` keeps all.
+                A string that is no State's tag is a ``ValueError``
+                (:func:`smap.filter.check_tag_string`).
 
         Returns:
             A dict, in attribute order, from ``"sub.attr"`` to State. A state
@@ -65,6 +67,8 @@ class Module:
             >>> Counter().states(smap.ParamState)
             {'scale': ParamState(float32[])}
         """
+        # A string is a tag: one that no State has selects nothing, a mistake the error explains.
+        filters.check_tag_string(filter, f"{type(self).__name__}.states", (s for _, s in _walk(self, (), set())))
         keep = None if filter is None else filters.to_filter(filter)
         found: dict[str, State] = {}
         for path, state in _walk(self, (), set()):

@@ -10,7 +10,15 @@ import jax
 from .. import filter as filters
 from .._state import State
 
-__all__ = ["AxisSpec", "StateAxes", "normalise_state_axes", "leaf_axes", "resolve_axis", "leaf_names"]
+__all__ = [
+    "AxisSpec",
+    "StateAxes",
+    "normalise_state_axes",
+    "string_selectors",
+    "leaf_axes",
+    "resolve_axis",
+    "leaf_names",
+]
 
 AxisSpec = Any  # int | None | a pytree prefix of ints and Nones
 StateAxes = dict[int | None, filters.Filter]
@@ -28,6 +36,19 @@ def normalise_state_axes(spec: Any, what: str) -> StateAxes:
             out[axis] = filters.to_filter(selector)
         return out
     return {0: filters.to_filter(spec)}
+
+
+def string_selectors(spec: Any, what: str) -> list[tuple[str, str]]:
+    """The strings of a ``state_in_axes``/``state_out_axes`` spec, each with how errors name it.
+
+    A string there selects by tag; the mapping checks, at each trace, that
+    it is some State's tag (:func:`smap.filter.check_tag_string`).
+    """
+    if isinstance(spec, str):
+        return [(what, spec)]
+    if isinstance(spec, Mapping):
+        return [(f"{what}[{axis!r}]", s) for axis, s in spec.items() if isinstance(s, str)]
+    return []
 
 
 def select_axis(

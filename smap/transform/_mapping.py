@@ -25,7 +25,8 @@ import jax
 from .._dispatch import ArgSignature, Entry, Runner, StatefulFunction
 from .._state import State, check_same_structure
 from .._tracing import Program, TraceContext, abstract
-from ._axes import AxisSpec, leaf_axes, leaf_names, normalise_state_axes, select_axis
+from .. import filter as filters
+from ._axes import AxisSpec, leaf_axes, leaf_names, normalise_state_axes, select_axis, string_selectors
 from ._fuse import fused_lanes
 from ._plan import BatchAxisError, LaneInputs, LanePlan, plan
 from ._signature import check_callable, check_static_argnums, function_name
@@ -287,6 +288,9 @@ class StatefulMapping(StatefulFunction[P, R]):
         self.out_axes = out_axes
         self.state_in_axes = normalise_state_axes(state_in_axes, "state_in_axes")
         self.state_out_axes = normalise_state_axes(state_out_axes, "state_out_axes")
+        self._tag_strings = string_selectors(state_in_axes, "state_in_axes") + string_selectors(
+            state_out_axes, "state_out_axes"
+        )
         self.unexpected_out_state_mapping = unexpected_out_state_mapping
         self.axis_size = axis_size
         self.axis_name = axis_name
@@ -361,6 +365,8 @@ class StatefulMapping(StatefulFunction[P, R]):
     # -- after the trace: the plan ---------------------------------------------
 
     def _runner(self, program: Program, key: ArgSignature, context: TraceContext) -> Runner:
+        for where, tag in self._tag_strings:
+            filters.check_tag_string(tag, f"{self.name}: {where}", program.states)
         lane_plan = plan(
             program,
             cast(_LaneTrace, context).findings(),  # the context _trace_context made

@@ -277,9 +277,11 @@ def test_a_path_written_where_a_tag_is_read_is_an_error_and_nothing_moves():
         sharding.place(mlp, losses, rules={"column": P(None, "model"), "b1": P("model")})
     for k, s in mlp.states().items():
         assert s.value is before[k], k
-    sharding.place(
-        mlp, losses, rules={"column": P(None, "model"), "nothing-has-this-tag": P("model")}
-    )  # no path either
+    # A string that is no State's tag (nor a path) selects nothing anywhere: an error too.
+    with pytest.raises(ValueError, match=r"'nothing-has-this-tag', which selects the States tagged .*no State has"):
+        sharding.place(mlp, losses, rules={"column": P(None, "model"), "nothing-has-this-tag": P("model")})
+    for k, s in mlp.states().items():
+        assert s.value is before[k], k
 
 
 def test_a_collective_over_the_model_axis_needs_a_shard_map_that_makes_it_manual():
