@@ -357,13 +357,14 @@ def check_tag_string(selector: object, where: str, states: Iterable[State]) -> N
         return
     states = list(states)
     lines = [
-        f"{where} is the string {selector!r}, which selects the States tagged {selector!r}, "
-        f"and no State has that tag."
+        f"{where} is the string {selector!r}, which selects the States tagged {selector!r}, and no State has that tag."
     ]
     wanted = selector.lower().replace("_", "").removesuffix("state")
     for cls in _state_types():
         if cls.__name__.lower().removesuffix("state") == wanted:
-            lines.append(f"To select the states of type {cls.__name__}, pass the class {cls.__module__}.{cls.__name__}.")
+            lines.append(
+                f"To select the states of type {cls.__name__}, pass the class {cls.__module__}.{cls.__name__}."
+            )
     if any(AtPath(selector)(s.path, s) for s in states if selector):
         lines.append(f"To select the states at path {selector!r}, pass smap.filter.AtPath({selector!r}).")
     tags = sorted(known_tags())
@@ -371,9 +372,7 @@ def check_tag_string(selector: object, where: str, states: Iterable[State]) -> N
     paths = [".".join(map(str, s.path)) for s in states if s.path]
     if paths:
         lines.append(f"Paths of the states here: {_listed(paths)}.")
-    lines.append(
-        "A string selects by tag; a State subclass selects by type, smap.filter.AtPath('a.b') by dotted path."
-    )
+    lines.append("A string selects by tag; a State subclass selects by type, smap.filter.AtPath('a.b') by dotted path.")
     raise ValueError("\n".join(lines))
 
 
@@ -386,7 +385,8 @@ def _state_types() -> list[type]:
     """State and all its subclasses, breadth first."""
     found: list[type] = [State]
     for cls in found:
-        found.extend(sub for sub in cls.__subclasses__() if sub not in found)
+        subclasses: list[type] = cls.__subclasses__()
+        found.extend(sub for sub in subclasses if sub not in found)
     return found
 
 

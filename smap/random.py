@@ -60,11 +60,24 @@ class _Unseeded:
         return f"<key from seed {self.seed}>"
 
 
+_SEEDS = 2**32  # an int seed is in [0, 2**32), as NumPy's: each gives its own key
+
+
+def _int_seed(seed: Any) -> int:
+    """``seed`` as an int in ``[0, 2**32)``, or a ``ValueError`` naming it and the range."""
+    if isinstance(seed, bool) or not 0 <= seed < _SEEDS:
+        raise ValueError(
+            f"seed {seed!r} is out of range: an int seed is in [0, 2**32) (0 to {_SEEDS - 1}); "
+            f"for more bits, pass a JAX key (jax.random.key(...))."
+        )
+    return int(seed)
+
+
 def _as_key(seed_or_key: Any) -> jax.Array:
     if seed_or_key is None:
         seed_or_key = secrets.randbits(32)
     if isinstance(seed_or_key, (int, np.integer)):
-        return jax.random.PRNGKey(int(seed_or_key))
+        return jax.random.PRNGKey(_int_seed(seed_or_key))
     if not isinstance(seed_or_key, (jax.Array, np.ndarray)):
         raise TypeError(f"seed expects an int or a JAX PRNG key, got {type(seed_or_key).__name__} {seed_or_key!r}.")
     key = jnp.asarray(seed_or_key) if not isinstance(seed_or_key, jax.Array) else seed_or_key
@@ -79,9 +92,15 @@ def _as_key(seed_or_key: Any) -> jax.Array:
     return key
 
 
-def _shape(size: Size, *params: Any) -> tuple[int, ...]:
+def _shape(what: str, size: Size, **params: Any) -> tuple[int, ...]:
+    """The shape of a draw: ``size``, which the parameters must broadcast to, or theirs broadcast together."""
+    shapes = {name: tuple(jnp.shape(p)) for name, p in params.items()}
     if size is None:
-        return jnp.broadcast_shapes(*(jnp.shape(p) for p in params)) if params else ()
+        try:
+            return tuple(np.broadcast_shapes(*shapes.values()))
+        except ValueError:
+            listed = ", ".join(f"{name} has shape {shape}" for name, shape in shapes.items())
+            raise ValueError(f"{what}: the parameters' shapes do not broadcast together: {listed}.") from None
     dims: Any = (size,) if isinstance(size, (int, np.integer)) else size
     try:
         dims = tuple(dims)
@@ -89,7 +108,28 @@ def _shape(size: Size, *params: Any) -> tuple[int, ...]:
         dims = None
     if dims is None or not all(isinstance(d, (int, np.integer)) and not isinstance(d, bool) and d >= 0 for d in dims):
         raise ValueError(f"size must be None, a non-negative int or a tuple of them, got {size!r}.")
-    return tuple(int(d) for d in dims)
+    dims = tuple(int(d) for d in dims)
+    for name, shape in shapes.items():
+        if not _broadcasts_to(shape, dims):
+            raise ValueError(
+                f"{what}: {name} has shape {shape}, which does not broadcast to size {dims}; "
+                f"give {name} a shape that broadcasts to {dims}, or size=None for {name}'s shape."
+            )
+    return dims
+
+
+def _broadcasts_to(shape: tuple[int, ...], target: tuple[int, ...]) -> bool:
+    """Whether an array of ``shape`` broadcasts to exactly ``target`` (NumPy's rule for ``size``)."""
+    if len(shape) > len(target):
+        return False
+    return all(d in (1, t) for d, t in zip(shape[::-1], target[::-1]))
+
+
+def _concrete(x: jax.Array) -> np.ndarray | None:
+    """``x``'s value when it is known now; None when it is traced."""
+    if isinstance(x, jax.core.Tracer) or not getattr(x, "is_fully_addressable", True):
+        return None
+    return np.asarray(x)
 
 
 class RandomState(State):
@@ -111,7 +151,7 @@ class RandomState(State):
 
     def __init__(self, seed_or_key: Any = None):
         if seed_or_key is None or isinstance(seed_or_key, (int, np.integer)):
-            seed = secrets.randbits(32) if seed_or_key is None else int(seed_or_key)
+            seed = secrets.randbits(32) if seed_or_key is None else _int_seed(seed_or_key)
             super().__init__(_Unseeded(seed))
         else:
             super().__init__(_as_key(seed_or_key))
@@ -204,7 +244,7 @@ class RandomState(State):
         """
         loc, scale = jnp.asarray(loc), jnp.asarray(scale)
         dtype = dtype or jnp.result_type(loc, scale, float)
-        shape = _shape(size, loc, scale)
+        shape = _shape("normal", size, loc=loc, scale=scale)
         return self._draw(lambda key: (loc + scale * jax.random.normal(key, shape, dtype)).astype(dtype))
 
     def uniform(self, low: Any = 0.0, high: Any = 1.0, size: Size = None, dtype: Any = None) -> jax.Array:
@@ -218,11 +258,16 @@ class RandomState(State):
         """
         low, high = jnp.asarray(low), jnp.asarray(high)
         dtype = dtype or jnp.result_type(low, high, float)
-        shape = _shape(size, low, high)
+        shape = _shape("uniform", size, low=low, high=high)
         return self._draw(lambda key: jax.random.uniform(key, shape, dtype, minval=low, maxval=high))
 
     def bernoulli(self, p: Any = 0.5, size: Size = None) -> jax.Array:
         """Boolean draws that are ``True`` with probability ``p``.
+
+        A ``p`` outside ``[0, 1]`` (or NaN) is a ``ValueError`` where it is
+        known at the call; a traced ``p`` (inside ``smap.jit``, a mapping, or
+        computed from traced values) is not checked: then ``p < 0`` and NaN
+        draw ``False`` and ``p > 1`` draws ``True``.
 
         Example:
             >>> import smap
@@ -230,11 +275,19 @@ class RandomState(State):
             dtype('bool')
         """
         p = jnp.asarray(p)
-        shape = _shape(size, p)
+        known = _concrete(p)
+        if known is not None and not ((known >= 0) & (known <= 1)).all():
+            raise ValueError(f"bernoulli: p must be in [0, 1], got {_outside(known, (known >= 0) & (known <= 1))}.")
+        shape = _shape("bernoulli", size, p=p)
         return self._draw(lambda key: jax.random.bernoulli(key, p, shape))
 
     def randint(self, low: Any, high: Any = None, size: Size = None, dtype: Any = int) -> jax.Array:
         """Integers in ``[low, high)``, or ``[0, low)`` when ``high`` is None.
+
+        ``high <= low`` (an empty range) is a ``ValueError`` where both are
+        known at the call; with traced bounds (inside ``smap.jit``, a
+        mapping, or computed from traced values) it is not checked, and the
+        draws are ``low``.
 
         Example:
             >>> import smap
@@ -245,7 +298,17 @@ class RandomState(State):
         if high is None:
             low, high = 0, low
         low, high = jnp.asarray(low), jnp.asarray(high)
-        shape = _shape(size, low, high)
+        known_low, known_high = _concrete(low), _concrete(high)
+        if known_low is not None and known_high is not None:
+            empty = np.broadcast_arrays(known_high <= known_low, known_low)[0]
+            if empty.any():
+                at = np.argwhere(empty)[0]
+                lo, hi = np.broadcast_arrays(known_low, known_high)
+                raise ValueError(
+                    f"randint: high must be greater than low, got low={lo[tuple(at)]!s} and high={hi[tuple(at)]!s}"
+                    + (f" (at index {tuple(int(i) for i in at)})." if empty.ndim else ".")
+                )
+        shape = _shape("randint", size, low=low, high=high)
         return self._draw(lambda key: jax.random.randint(key, shape, low, high, dtype))
 
     def choice(self, a: Any, size: Size = None, replace: bool = True, p: Any = None) -> jax.Array:
@@ -258,7 +321,7 @@ class RandomState(State):
         """
         a = a if isinstance(a, (int, np.integer)) else jnp.asarray(a)
         p = None if p is None else jnp.asarray(p)
-        shape = _shape(size)
+        shape = _shape("choice", size)
         return self._draw(lambda key: jax.random.choice(key, a, shape, replace, p))
 
     def permutation(self, x: Any) -> jax.Array:
@@ -285,7 +348,7 @@ class RandomState(State):
         """
         lower, upper, loc, scale = map(jnp.asarray, (lower, upper, loc, scale))
         dtype = dtype or jnp.result_type(loc, scale, float)
-        shape = _shape(size, lower, upper, loc, scale)
+        shape = _shape("truncated_normal", size, lower=lower, upper=upper, loc=loc, scale=scale)
 
         def sample(key: jax.Array) -> jax.Array:
             z = jax.random.truncated_normal(key, (lower - loc) / scale, (upper - loc) / scale, shape, dtype)
@@ -352,6 +415,12 @@ def bernoulli(p: Any = 0.5, size: Size = None) -> jax.Array:
         (4,)
     """
     return DEFAULT.bernoulli(p, size)
+
+
+def _outside(values: np.ndarray, inside: np.ndarray) -> str:
+    """The first value outside a range, and where it is in ``values``."""
+    at = tuple(int(i) for i in np.argwhere(~np.broadcast_to(inside, values.shape))[0])
+    return f"{values[at]!s}" + (f" (at index {at})" if values.ndim else "")
 
 
 def randint(low: Any, high: Any = None, size: Size = None, dtype: Any = int) -> jax.Array:

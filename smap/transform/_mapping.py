@@ -22,10 +22,10 @@ from typing import Any, ParamSpec, Protocol, TypeVar, cast, overload
 
 import jax
 
+from .. import filter as filters
 from .._dispatch import ArgSignature, Entry, Runner, StatefulFunction
 from .._state import State, check_same_structure
 from .._tracing import Program, TraceContext, abstract
-from .. import filter as filters
 from ._axes import AxisSpec, leaf_axes, leaf_names, normalise_state_axes, select_axis, string_selectors
 from ._fuse import fused_lanes
 from ._plan import BatchAxisError, LaneInputs, LanePlan, plan

@@ -90,6 +90,47 @@ def test_seed_rejects_an_array_that_is_not_a_key():
         smap.random.seed(jnp.zeros(3, jnp.uint32))
 
 
+@pytest.mark.parametrize("seed", [2**70, 2**32, -1, True])
+def test_seed_out_of_range_names_the_seed_and_the_range(seed):
+    smap.random.seed(3)
+    before = np.asarray(smap.random.DEFAULT.value)
+    words = rf"seed {seed!r} is out of range: an int seed is in \[0, 2\*\*32\) \(0 to 4294967295\)"
+    with pytest.raises(ValueError, match=words):
+        smap.random.seed(seed)
+    with pytest.raises(ValueError, match=words):
+        smap.random.DEFAULT.seed(seed)
+    with pytest.raises(ValueError, match=words):
+        smap.random.RandomState(seed)
+    assert_equal(smap.random.DEFAULT.value, before)
+    # The ends of the range are seeds, each with its own key (2**32 would have been 0's key).
+    for ok in (0, 2**32 - 1, np.uint32(2**32 - 1)):
+        smap.random.seed(ok)
+        assert_equal(smap.random.DEFAULT.value, jax.random.PRNGKey(int(ok)))
+    assert not np.array_equal(jax.random.PRNGKey(0), jax.random.PRNGKey(2**32 - 1))
+
+
+def test_traced_bounds_are_not_checked_and_draw_as_documented():
+    # Inside smap.jit the bounds are traced: an empty randint range draws low, and a
+    # bernoulli p below 0 (or NaN) draws False, above 1 True (the docstrings say so).
+    rng = smap.random.RandomState(0)
+    (k1,) = subkeys(0, 1)
+    ints = smap.jit(lambda low, high: rng.randint(low, high, size=4))(jnp.int32(5), jnp.int32(2))
+    assert_equal(ints, jax.random.randint(k1, (4,), 5, 2))
+    assert_equal(ints, jnp.full(4, 5, jnp.int32))
+    bits = smap.jit(lambda p: rng.bernoulli(p, size=(3, 2)))(jnp.array([-0.5, 1.5]))
+    assert_equal(bits, jnp.tile(jnp.array([False, True]), (3, 1)))
+    assert_equal(smap.jit(lambda p: rng.bernoulli(p, size=3))(jnp.float32(jnp.nan)), jnp.zeros(3, bool))
+    assert_equal(rng.value, subkeys_after(0, 3))  # three draws, each advanced the key once
+
+
+def subkeys_after(seed, n):
+    """The key a RandomState seeded with `seed` holds after n draws."""
+    key = jax.random.PRNGKey(seed)
+    for _ in range(n):
+        key, _ = jax.random.split(key)
+    return key
+
+
 def test_state_holds_the_advanced_key():
     rng = smap.random.RandomState(4)
     rng.normal()
@@ -199,7 +240,7 @@ def test_sizes(draw, size, shape):
         (lambda: smap.random.uniform([0.0, 1.0], 2.0), (2,)),
         (lambda: smap.random.uniform(np.zeros((3, 1)), np.ones(2) * 5), (3, 2)),
         (lambda: smap.random.bernoulli([0.1, 0.5, 0.9]), (3,)),
-        (lambda: smap.random.randint([0, 10], [[5], [20], [30]]), (3, 2)),
+        (lambda: smap.random.randint([0, 10], [[15], [20], [30]]), (3, 2)),
         (lambda: smap.random.truncated_normal([-1.0, -2.0], 2.0), (2,)),
         (lambda: smap.random.truncated_normal(-1.0, 1.0, loc=jnp.zeros((2, 2))), (2, 2)),
     ],
@@ -276,8 +317,8 @@ def test_randint_values():
     assert_equal(smap.random.randint(0, 10, size=5), jax.random.randint(k1, (5,), 0, 10))
     # A single bound is the exclusive upper bound, as in NumPy.
     assert_equal(smap.random.randint(4, size=6), jax.random.randint(k2, (6,), 0, 4))
-    low, high = jnp.array([0, 100]), jnp.array([[5], [200]])
-    assert_equal(smap.random.randint([0, 100], [[5], [200]]), jax.random.randint(k3, (2, 2), low, high))
+    low, high = jnp.array([0, 100]), jnp.array([[150], [200]])
+    assert_equal(smap.random.randint([0, 100], [[150], [200]]), jax.random.randint(k3, (2, 2), low, high))
 
 
 def test_split_key_values():
@@ -400,11 +441,38 @@ FAILING_DRAWS = {
     "normal with size=2.5": (lambda r: r.normal(size=2.5), "size"),
     "bernoulli with size=(2, -3)": (lambda r: r.bernoulli(0.5, size=(2, -3)), "size"),
     "normal with parameters that do not broadcast": (lambda r: r.normal(jnp.zeros(2), jnp.ones(3)), "shapes"),
-    "normal with a size that loc does not broadcast to": (lambda r: r.normal(jnp.zeros(2), size=3), "shapes"),
+    "normal with a size that loc does not broadcast to": (
+        lambda r: r.normal(jnp.zeros(2), size=3),
+        r"normal: loc has shape \(2,\), which does not broadcast to size \(3,\)",
+    ),
+    "normal with a size smaller than loc's shape": (
+        lambda r: r.normal(size=(2, 1), loc=jnp.zeros(3)),
+        r"normal: loc has shape \(3,\), which does not broadcast to size \(2, 1\)",
+    ),
+    "normal with a size that scale does not broadcast to": (
+        lambda r: r.normal(0.0, jnp.ones((4, 2)), size=(4, 3)),
+        r"normal: scale has shape \(4, 2\), which does not broadcast to size \(4, 3\)",
+    ),
     "truncated_normal with a size the bounds do not broadcast to": (
         lambda r: r.truncated_normal(jnp.zeros(2), 1.0, size=3),
-        "shapes",
+        r"truncated_normal: lower has shape \(2,\), which does not broadcast to size \(3,\)",
     ),
+    "randint with high equal to low": (
+        lambda r: r.randint(5, 5),
+        r"randint: high must be greater than low, got low=5 and high=5\.",
+    ),
+    "randint with high below low": (lambda r: r.randint(5, 2, size=3), r"got low=5 and high=2\."),
+    "randint with one empty range among arrays": (
+        lambda r: r.randint(jnp.array([0, 3]), jnp.array([2, 3])),
+        r"got low=3 and high=3 \(at index \(1,\)\)",
+    ),
+    "randint with a single bound of 0": (lambda r: r.randint(0), r"got low=0 and high=0"),
+    "bernoulli with p above 1": (lambda r: r.bernoulli(1.5), r"bernoulli: p must be in \[0, 1\], got 1\.5\."),
+    "bernoulli with a negative p among several": (
+        lambda r: r.bernoulli(np.array([0.5, -0.25]), size=(3, 2)),
+        r"got -0\.25 \(at index \(1,\)\)",
+    ),
+    "bernoulli with p NaN": (lambda r: r.bernoulli(float("nan")), r"p must be in \[0, 1\], got nan"),
     "choice of 5 from 3 without replacement": (lambda r: r.choice(3, size=5, replace=False), "larger sample"),
     "choice with p of the wrong length": (lambda r: r.choice(3, p=[0.5, 0.5]), "p "),
     "randint with a float dtype": (lambda r: r.randint(0, 3, size=2, dtype=jnp.float32), "dtype"),
