@@ -17,6 +17,7 @@ from __future__ import annotations
 import functools
 import re
 import warnings
+import weakref
 from collections.abc import Callable, Hashable, Sequence
 from typing import Any, ParamSpec, Protocol, TypeVar, cast, overload
 
@@ -99,9 +100,10 @@ class _LaneTrace(TraceContext):
             self.own_lanes.add(state)
             return own
         leaves, tree = jax.tree_util.tree_flatten(value)
-        axis = select_axis(self.mapping.state_in_axes, state.path, state)[1]
+        axis = self.mapping._state_in_axis(state, leaves)
         if axis is None:
             return jax.tree_util.tree_map(abstract, value)
+        written = "" if self.mapping.state_axis(state) is not None else ", written per lane by an earlier call"
         axes = []
         for leaf in leaves:
             if leaf.ndim == 0 or not -leaf.ndim <= axis < leaf.ndim:
@@ -110,7 +112,7 @@ class _LaneTrace(TraceContext):
                     f"but its value has shape {tuple(leaf.shape)}."
                 )
             ax = axis % leaf.ndim
-            self._check_size(leaf.shape[ax], f"{state.describe()} (axis {ax})")
+            self._check_size(leaf.shape[ax], f"{state.describe()} (axis {ax}{written})")
             axes.append(ax)
         self.state_axes[state] = tuple(axes)
         return jax.tree_util.tree_unflatten(tree, [_drop_axis(abstract(x), a) for x, a in zip(leaves, axes)])
@@ -218,6 +220,10 @@ class StatefulMapping(StatefulFunction[P, R]):
             with a per-lane value that ``state_out_axes`` does not select:
             ``'ignore'`` and ``'warn'`` write it back with the mapped axis at
             0 (``'warn'`` also warns), ``'raise'`` raises :class:`BatchAxisError`.
+            The state then holds one value per lane, and the mapping's later
+            calls map it along axis 0 (as if ``state_in_axes`` selected it)
+            while it has the shape the mapping wrote, so a second identical
+            call succeeds as the first did and keeps the state's shape.
         static_argnums, static_argnames: compile-time constant arguments.
         axis_size: the number of lanes, needed when nothing mapped gives it.
             With ``axis_name`` set and only a batched state giving the size,
@@ -298,6 +304,11 @@ class StatefulMapping(StatefulFunction[P, R]):
         self.mapping_kwargs = dict(mapping_kwargs or {})
         self.fuse_lane_sums = fuse_lane_sums
         self._sizes_found_in_trace: dict[ArgSignature, int] = {}
+        # Shared states this mapping wrote back per lane (unexpected writes), with the leaf
+        # shapes written: while a state has them, later calls map it along axis 0.
+        self._written_per_lane: weakref.WeakKeyDictionary[State, tuple[tuple[int, ...], ...]] = (
+            weakref.WeakKeyDictionary()
+        )
         functools.update_wrapper(self, fun, updated=())
 
     def state_axis(self, state: State) -> int | None:
@@ -310,6 +321,19 @@ class StatefulMapping(StatefulFunction[P, R]):
             1
         """
         return select_axis(self.state_in_axes, state.path, state)[1]
+
+    def _state_in_axis(self, state: State, leaves: list) -> int | None:
+        """The axis a call maps ``state`` along: ``state_in_axes``'s, or 0 for a state this mapping wrote per lane.
+
+        A shared state that an earlier call wrote back with the mapped axis at 0
+        (an unexpected per-lane write) holds one value per lane; while it has
+        the shapes written then, it is mapped along that axis, so the next
+        call reads lane ``i``'s value and writes the state back in its shape.
+        """
+        selected, axis = select_axis(self.state_in_axes, state.path, state)
+        if not selected and self._written_per_lane.get(state) == tuple(tuple(x.shape) for x in leaves):
+            return 0
+        return axis
 
     def __repr__(self) -> str:
         return f"StatefulMapping({self.name}, axis_name={self.axis_name!r}, axis_size={self.axis_size!r})"
@@ -377,10 +401,21 @@ class StatefulMapping(StatefulFunction[P, R]):
         )
         for i in lane_plan.unexpected_writes:
             self._unexpected_write(program.states[i])
+        self._remember_per_lane_writes(program, lane_plan)
         lane_fn: Callable = program
         if self.fuse_lane_sums and self.axis_name is not None:
             lane_fn = fused_lanes(program.jaxpr, [a is not None for a in lane_plan.in_axes], self.axis_name) or program
         return _mapped_program(program, lane_plan, _calling_convention(self.mapping_fn, self.mapping_kwargs), lane_fn)
+
+    def _remember_per_lane_writes(self, program: Program, lane_plan: LanePlan) -> None:
+        """Record the shapes that unexpected per-lane writes give their states (see :meth:`_state_in_axis`)."""
+        avals, start = program.jaxpr.out_avals[program.n_outs :], 0
+        for i in program.written:
+            n = program.state_trees[i].num_leaves
+            if i in lane_plan.unexpected_writes:
+                shapes = tuple((lane_plan.axis_size, *a.shape) for a in avals[start : start + n])
+                self._written_per_lane[program.states[i]] = shapes
+            start += n
 
     def _unexpected_write(self, state: State) -> None:
         message = (
@@ -390,7 +425,11 @@ class StatefulMapping(StatefulFunction[P, R]):
         if self.unexpected_out_state_mapping == "raise":
             raise BatchAxisError(message + "; select it in state_in_axes or state_out_axes.")
         if self.unexpected_out_state_mapping == "warn":
-            warnings.warn(message + "; it is written back with the mapped axis at 0.", UserWarning, stacklevel=4)
+            warnings.warn(
+                message + "; it is written back with the mapped axis at 0, and later calls map it along that axis.",
+                UserWarning,
+                stacklevel=4,
+            )
 
     def _trace(self, key: ArgSignature, leaves: list, dyn_args: tuple, dyn_kwargs: dict) -> Entry:
         try:
