@@ -68,7 +68,9 @@ class Module:
             {'scale': ParamState(float32[])}
         """
         # A string is a tag: one that no State has selects nothing, a mistake the error explains.
-        filters.check_tag_string(filter, f"{type(self).__name__}.states", (s for _, s in _walk(self, (), set())))
+        filters.check_tag_string(
+            filter, f"{type(self).__name__}.states(filter)", (s for _, s in _walk(self, (), set()))
+        )
         keep = None if filter is None else filters.to_filter(filter)
         found: dict[str, State] = {}
         for path, state in _walk(self, (), set()):

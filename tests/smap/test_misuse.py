@@ -2,6 +2,7 @@
 expected, raised where the mistake is made, and every State unchanged."""
 
 import re
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -66,3 +67,158 @@ def test_get_jaxpr_by_cache_with_something_that_is_not_a_key(key):
     with pytest.raises(TypeError, match=r"get_jaxpr_by_cache takes a key from get_arg_cache_key"):
         f.get_jaxpr_by_cache(key)
     assert f.get_jaxpr_by_cache(f.get_arg_cache_key(jnp.ones(2))) is not None
+
+
+# -- a string where a filter is expected -----------------------------------------
+
+
+class Cell(smap.nn.Module):
+    def __init__(self):
+        self.h = smap.HiddenState(jnp.zeros((4, 2)))
+        self.w = smap.ParamState(jnp.full((2,), 0.5), tag="misuse-frozen")
+
+    def __call__(self, x):
+        self.h.value = jnp.tanh(self.h.value + x * self.w.value)
+        return self.h.value.sum()
+
+
+def cell_reference(h, w, xs):
+    """Cell mapped by plain jax.vmap with h split along axis 0 and w shared."""
+    new_h = jax.vmap(lambda h_i, x: jnp.tanh(h_i + x * w))(h, xs)
+    return new_h.sum(axis=1), new_h
+
+
+@pytest.mark.parametrize(
+    "spec, where",
+    [
+        ({"state_in_axes": {0: "hidden"}}, r"state_in_axes\[0\]"),
+        ({"state_in_axes": "hidden"}, "state_in_axes"),
+        ({"state_in_axes": smap.HiddenState, "state_out_axes": "hidden"}, "state_out_axes"),
+        ({"state_in_axes": {0: smap.HiddenState, None: "hidden"}}, r"state_in_axes\[None\]"),
+    ],
+)
+def test_a_string_that_is_no_tag_names_what_it_could_have_meant(spec, where, close):
+    cell = Cell()
+    before = values(cell.h, cell.w)
+    xs = jnp.arange(8.0).reshape(4, 2)
+    with pytest.raises(ValueError) as error:
+        smap.vmap(cell, **spec)(xs)
+    message = str(error.value)
+    assert re.match(
+        rf"Cell: {where} is the string 'hidden', which selects the States tagged 'hidden', and no State", message
+    )
+    assert "To select the states of type HiddenState, pass the class smap.HiddenState." in message
+    assert re.search(r"Tags in use: .*'misuse-frozen'", message)
+    assert "Paths of the states here: 'h', 'w'." in message
+    for state, old in zip((cell.h, cell.w), before):
+        np.testing.assert_array_equal(state.value, old)
+    # What it meant: the type.
+    out = smap.vmap(cell, state_in_axes=smap.HiddenState)(xs)
+    close((out, cell.h.value), cell_reference(jnp.asarray(before[0]), jnp.asarray(before[1]), xs))
+
+
+def test_a_path_given_as_a_string_points_to_at_path(close):
+    cell = Cell()
+    before = values(cell.h, cell.w)
+    xs = jnp.ones((4, 2))
+    with pytest.raises(ValueError, match=r"To select the states at path 'h', pass smap\.filter\.AtPath\('h'\)"):
+        smap.vmap(cell, state_in_axes={0: "h"})(xs)
+    np.testing.assert_array_equal(cell.h.value, before[0])
+    out = smap.vmap(cell, state_in_axes={0: smap.filter.AtPath("h")})(xs)
+    close((out, cell.h.value), cell_reference(jnp.asarray(before[0]), jnp.asarray(before[1]), xs))
+
+
+def test_selectors_that_may_select_nothing_here_stay_silent(close):
+    # A known tag that this function does not touch, and a generic type selector with no such
+    # state here, select nothing without an error or a warning: the state is shared.
+    smap.State(jnp.zeros(()), tag="misuse-elsewhere")
+    total = smap.LongTermState(jnp.ones(2))
+    xs = jnp.arange(3.0)
+    for spec in ("misuse-elsewhere", smap.filter.OfType(smap.ShortTermState), smap.filter.AtPath("nowhere")):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            out = smap.vmap(lambda x: x * total.value.sum(), state_in_axes=spec)(xs)
+        close(out, xs * 2.0)
+
+
+def test_a_tag_given_after_the_mapping_is_built_is_known_at_the_call(close):
+    mapped = smap.vmap(lambda x: buffer.value + x, state_in_axes="misuse-late")  # noqa: F821 - defined below
+    buffer = smap.State(jnp.array([10.0, 20.0, 30.0]), tag="misuse-late")
+    close(mapped(jnp.ones(3)), jnp.array([11.0, 21.0, 31.0]))  # split along axis 0 by its tag
+
+
+def test_module_states_with_a_string_that_is_no_tag():
+    cell = Cell()
+    with pytest.raises(
+        ValueError, match=r"(?s)Cell\.states\(filter\) is the string 'hidden'.*pass the class smap\.HiddenState"
+    ):
+        cell.states("hidden")
+    assert cell.states("misuse-frozen") == {"w": cell.w}
+
+
+# -- a write that smap refuses leaves the old value -----------------------------------
+
+
+def _in_raw_jit_setattr(s):
+    jax.jit(lambda x: setattr(s, "value", x))(jnp.ones(s.value.shape))
+
+
+def _in_raw_jit_reset(s):
+    jax.jit(lambda x: s.reset(x))(jnp.ones(3))
+
+
+def _raw_jit_around_smap_jit(s):
+    jax.jit(smap.jit(lambda x: setattr(s, "value", s.value + x)))(jnp.ones(s.value.shape))
+
+
+def _raw_jit_around_smap_vmap(s):
+    jax.jit(smap.vmap(lambda x: setattr(s, "value", s.value + x.sum()), in_axes=None, axis_size=2))(jnp.ones(2))
+
+
+def _raw_grad_around_smap_jit(s):
+    step = smap.jit(lambda x: (setattr(s, "value", s.value + x), (x * x).sum())[1])
+    jax.grad(step)(jnp.ones(s.value.shape))
+
+
+def _raw_vmap_setattr(s):
+    jax.vmap(lambda x: setattr(s, "value", x))(jnp.ones((3, *s.value.shape)))
+
+
+def _smap_jit_closing_over_a_raw_tracer(s):
+    jax.jit(lambda x: smap.jit(lambda: setattr(s, "value", x))())(jnp.ones(s.value.shape))
+
+
+def _scan_around_smap_jit(s):
+    step = smap.jit(lambda x: setattr(s, "value", s.value + x))
+    jax.lax.scan(lambda c, x: (step(x), None), None, jnp.ones((2, *s.value.shape)))
+
+
+@pytest.mark.parametrize(
+    "write",
+    [
+        _in_raw_jit_setattr,
+        _in_raw_jit_reset,
+        _raw_jit_around_smap_jit,
+        _raw_jit_around_smap_vmap,
+        _raw_grad_around_smap_jit,
+        _raw_vmap_setattr,
+        _smap_jit_closing_over_a_raw_tracer,
+        _scan_around_smap_jit,
+    ],
+)
+def test_a_refused_traced_write_leaves_the_old_value_and_it_reads_back(write, close):
+    class Holder(smap.nn.Module):
+        def __init__(self):
+            self.acc = smap.LongTermState(jnp.array([1.0, 2.0, 3.0]))
+
+    holder = Holder()
+    s = holder.acc
+    with pytest.raises(TypeError, match=r"state 'acc' \(LongTermState\) .*(does not see|smap does not see)"):
+        write(s)
+    # The state holds its old value, concrete; reading it, plainly or in a transform, gives that value.
+    assert type(s.value) is type(jnp.zeros(1)) and not isinstance(s.value, jax.core.Tracer)
+    np.testing.assert_array_equal(s.value, [1.0, 2.0, 3.0])
+    close(smap.jit(lambda: s.value * 2)(), jnp.array([2.0, 4.0, 6.0]))
+    # ... and a write that smap sees starts from it.
+    smap.jit(lambda x: setattr(s, "value", s.value + x))(jnp.ones(3))
+    np.testing.assert_array_equal(s.value, [2.0, 3.0, 4.0])
