@@ -1,6 +1,8 @@
 """Bad input to the sharding layer: an error naming the argument or the state
 and what was expected; a failed ``place`` leaves every state where it was."""
 
+import warnings
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -80,3 +82,50 @@ def test_place_with_a_string_or_an_unknown_mesh_axis_where_a_spec_belongs():
     assert shardings(w) == before
     sharding.place([w], mesh=mesh, rules={smap.ParamState: P("data")})
     assert w.value.sharding.spec == P("data")
+
+
+class Pair(smap.nn.Module):
+    def __init__(self):
+        self.w = smap.ParamState(jnp.arange(32.0).reshape(8, 4), tag="misuse-weights")
+        self.h = smap.HiddenState(jnp.arange(16.0).reshape(8, 2))
+
+
+@pytest.mark.parametrize(
+    "rule, words",
+    [
+        ("hidden", r"pass the class smap\.HiddenState"),
+        ("misuse-weight", r"Tags in use: .*'misuse-weights'"),  # a typo of a tag
+    ],
+)
+def test_place_with_a_string_rule_that_is_no_tag_names_what_it_could_have_meant_and_moves_nothing(rule, words):
+    mesh = sharding.make_mesh(data=8)
+    pair = Pair()
+    before = shardings(pair.w, pair.h)
+    message = rf"(?s)a key of rules is the string '{rule}', which selects the States tagged '{rule}', and no State"
+    with pytest.raises(ValueError, match=message + r".*" + words + r".*Paths of the states here: 'w', 'h'"):
+        sharding.place(pair, mesh=mesh, rules={"misuse-weights": P("data"), rule: P("data")})
+    assert shardings(pair.w, pair.h) == before
+    sharding.place(pair, mesh=mesh, rules={"misuse-weights": P("data"), smap.HiddenState: P("data")})
+    assert pair.w.value.sharding.spec == P("data") and pair.h.value.sharding.spec == P("data")
+    np.testing.assert_array_equal(pair.h.value, np.arange(16.0).reshape(8, 2))  # placing moves, never changes
+
+
+def test_place_with_a_path_rule_that_selects_nothing_warns_and_places_the_rest():
+    mesh = sharding.make_mesh(data=8)
+    pair = Pair()
+    with pytest.warns(
+        UserWarning, match=r"the rule AtPath\('v'\) selects none of the states placed \(their paths: 'h', 'w'\)"
+    ):
+        sharding.place(pair, mesh=mesh, rules={smap.filter.AtPath("v"): P(None, "data"), smap.HiddenState: P("data")})
+    assert pair.w.value.sharding.spec == P() and pair.h.value.sharding.spec == P("data")
+    np.testing.assert_array_equal(pair.w.value, np.arange(32.0).reshape(8, 4))
+
+
+def test_place_with_a_type_rule_for_a_type_not_there_is_silent():
+    # A rule set shared by several models may name a type that this one lacks.
+    mesh = sharding.make_mesh(data=8)
+    pair = Pair()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        sharding.place(pair, mesh=mesh, rules={smap.random.RandomState: P("data"), smap.ParamState: P("data")})
+    assert pair.w.value.sharding.spec == P("data") and pair.h.value.sharding.spec == P()
