@@ -295,7 +295,9 @@ def to_filter(selector: FilterLike) -> Filter:
     """Turn a selector into a :class:`Filter`.
 
     Accepted: a Filter; a State subclass (:class:`OfType`); a string
-    (:class:`WithTag`); a State instance or an iterable of them
+    (:class:`WithTag`: the transforms, ``Module.states`` and placement rules
+    refuse a string that is no State's tag, see :func:`check_tag_string`);
+    a State instance or an iterable of them
     (:class:`StateSet`); ``True``/``False`` (:class:`Everything`/:class:`Nothing`);
     any other callable ``(path, state) -> bool``.
 

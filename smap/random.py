@@ -136,7 +136,7 @@ class RandomState(State):
     """A State holding a JAX PRNG key, with NumPy-style samplers.
 
     Arguments:
-        seed_or_key: an int seed, a JAX key, or ``None`` for a fresh seed.
+        seed_or_key: an int seed in ``[0, 2**32)``, a JAX key, or ``None`` for a fresh seed.
 
     Example:
         >>> import smap
@@ -200,6 +200,9 @@ class RandomState(State):
     def seed(self, seed_or_key: Any = None) -> None:
         """Reset the key from an int seed or a JAX key (``None``: a fresh seed).
 
+        An int seed is in ``[0, 2**32)``, as NumPy's, and each gives its own
+        key; another int is a ``ValueError`` naming it and the range.
+
         Example:
             >>> import smap
             >>> rng = smap.random.RandomState()
@@ -236,6 +239,11 @@ class RandomState(State):
 
     def normal(self, loc: Any = 0.0, scale: Any = 1.0, size: Size = None, dtype: Any = None) -> jax.Array:
         """Normal draws with mean ``loc`` and standard deviation ``scale``.
+
+        With ``size``, the parameters must broadcast to it (as in NumPy): a
+        ``ValueError`` names the parameter, its shape and ``size``. Without
+        it, the draws have the parameters' broadcast shape. The other
+        samplers read ``size`` the same way.
 
         Example:
             >>> import smap
@@ -364,7 +372,7 @@ DEFAULT = RandomState(0)
 
 
 def seed(seed_or_key: Any = None) -> None:
-    """Reset :data:`DEFAULT` from an int seed or a JAX key (``None``: a fresh seed).
+    """Reset :data:`DEFAULT` from an int seed in ``[0, 2**32)`` or a JAX key (``None``: a fresh seed).
 
     Example:
         >>> import smap

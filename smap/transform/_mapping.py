@@ -214,6 +214,10 @@ class StatefulMapping(StatefulFunction[P, R]):
             the selected states are split along ``axis``, one slice per lane,
             and written back along the same axis. ``{None: selector}`` marks
             states as shared, over any other entry. Other states are shared.
+            A string selector is a tag: one that no State has is a
+            ``ValueError`` at the call, naming the tags, types and paths it
+            could have meant (:func:`smap.filter.check_tag_string`); other
+            selectors may select nothing.
         state_out_axes: ``{axis: selector}``: where the mapped axis goes for
             shared states that the function writes with a per-lane value.
         unexpected_out_state_mapping: what happens to a shared state written
