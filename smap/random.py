@@ -67,8 +67,8 @@ def _int_seed(seed: Any) -> int:
     """``seed`` as an int in ``[0, 2**32)``, or a ``ValueError`` naming it and the range."""
     if isinstance(seed, bool) or not 0 <= seed < _SEEDS:
         raise ValueError(
-            f"seed {seed!r} is out of range: an int seed is in [0, 2**32) (0 to {_SEEDS - 1}); "
-            f"for more bits, pass a JAX key (jax.random.key(...))."
+            f"seed {seed!r} is out of range: an int seed is in [0, 2**32) (0 to {_SEEDS - 1}), "
+            f"or pass a JAX key instead."
         )
     return int(seed)
 
