@@ -285,7 +285,8 @@ class RandomState(State):
         p = jnp.asarray(p)
         known = _concrete(p)
         if known is not None and not ((known >= 0) & (known <= 1)).all():
-            raise ValueError(f"bernoulli: p must be in [0, 1], got {_outside(known, (known >= 0) & (known <= 1))}.")
+            at = _first(~((known >= 0) & (known <= 1)))
+            raise ValueError(f"bernoulli: p must be in [0, 1], got {known[at]!s}{_index(at)}.")
         shape = _shape("bernoulli", size, p=p)
         return self._draw(lambda key: jax.random.bernoulli(key, p, shape))
 
@@ -308,13 +309,11 @@ class RandomState(State):
         low, high = jnp.asarray(low), jnp.asarray(high)
         known_low, known_high = _concrete(low), _concrete(high)
         if known_low is not None and known_high is not None:
-            empty = np.broadcast_arrays(known_high <= known_low, known_low)[0]
-            if empty.any():
-                at = np.argwhere(empty)[0]
-                lo, hi = np.broadcast_arrays(known_low, known_high)
+            lo, hi = np.broadcast_arrays(known_low, known_high)
+            if (hi <= lo).any():
+                at = _first(hi <= lo)
                 raise ValueError(
-                    f"randint: high must be greater than low, got low={lo[tuple(at)]!s} and high={hi[tuple(at)]!s}"
-                    + (f" (at index {tuple(int(i) for i in at)})." if empty.ndim else ".")
+                    f"randint: high must be greater than low, got low={lo[at]!s} and high={hi[at]!s}{_index(at)}."
                 )
         shape = _shape("randint", size, low=low, high=high)
         return self._draw(lambda key: jax.random.randint(key, shape, low, high, dtype))
@@ -425,10 +424,13 @@ def bernoulli(p: Any = 0.5, size: Size = None) -> jax.Array:
     return DEFAULT.bernoulli(p, size)
 
 
-def _outside(values: np.ndarray, inside: np.ndarray) -> str:
-    """The first value outside a range, and where it is in ``values``."""
-    at = tuple(int(i) for i in np.argwhere(~np.broadcast_to(inside, values.shape))[0])
-    return f"{values[at]!s}" + (f" (at index {at})" if values.ndim else "")
+def _first(mask: np.ndarray) -> tuple[int, ...]:
+    """The index of the first True entry of ``mask``."""
+    return tuple(int(i) for i in np.argwhere(mask)[0])
+
+
+def _index(at: tuple[int, ...]) -> str:
+    return f" (at index {at})" if at else ""
 
 
 def randint(low: Any, high: Any = None, size: Size = None, dtype: Any = int) -> jax.Array:
