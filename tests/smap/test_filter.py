@@ -244,3 +244,52 @@ def test_of_type_needs_a_class():
 def test_with_tag_needs_a_string():
     with pytest.raises(TypeError):
         WithTag(3)
+
+
+# -- a string that is no State's tag -------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "string, meant",
+    [
+        ("param", "smap.ParamState"),
+        ("ParamState", "smap.ParamState"),
+        ("short_term", "smap.ShortTermState"),
+        ("random", "smap.random.RandomState"),
+    ],
+)
+def test_check_tag_string_suggests_the_state_type_a_string_names(string, meant):
+    states = list(_states().values())
+    with pytest.raises(ValueError) as error:
+        smap.filter.check_tag_string(string, "where", states)
+    lines = str(error.value).splitlines()
+    assert (
+        lines[0]
+        == f"where is the string {string!r}, which selects the States tagged {string!r}, and no State has that tag."
+    )
+    type_name = meant.rsplit(".", 1)[1]
+    assert f"To select the states of type {type_name}, pass the class {meant}." in lines
+    assert any(line.startswith("Tags in use: ") and "'trainable'" in line and "'recurrent'" in line for line in lines)
+
+
+def test_check_tag_string_lets_tags_and_other_selectors_pass():
+    states = list(_states().values())
+    for selector in ("trainable", "frozen", OfType(smap.HiddenState), AtPath("nowhere"), None, smap.ParamState):
+        assert smap.filter.check_tag_string(selector, "where", states) is None
+    # A tag is known once any State has it, even one created after the selector was written.
+    with pytest.raises(ValueError, match="no State has that tag"):
+        smap.filter.check_tag_string("filter-test-late", "where", states)
+    smap.State(jnp.zeros(1), tag=("other", "filter-test-late"))
+    assert smap.filter.check_tag_string("filter-test-late", "where", states) is None
+
+
+def test_check_tag_string_lists_at_most_twelve_paths():
+    class Wide(smap.nn.Module):
+        def __init__(self):
+            self.layers = [smap.ParamState(jnp.zeros(1)) for _ in range(15)]
+
+    wide = Wide()
+    with pytest.raises(ValueError, match=r"Paths of the states here: 'layers\.0', .*'layers\.11' and 3 more\."):
+        smap.filter.check_tag_string("layers.*", "where", wide.states().values())
+    with pytest.raises(ValueError, match=r"pass smap\.filter\.AtPath\('layers\.\*'\)"):
+        wide.states("layers.*")
