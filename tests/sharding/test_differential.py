@@ -37,6 +37,7 @@ import contextlib
 import dataclasses
 import functools
 import math
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -761,8 +762,9 @@ def undeclared_write_out_axis_1(mapping):
 
 
 def undeclared_write_warn(mapping):
-    # A shared state read and written with a per-lane value, policy 'warn': it is
-    # stacked at axis 0 with a warning, on every call (the second one reads all of it).
+    # A shared state read and written with a per-lane value, policy 'warn': the first
+    # call stacks it at axis 0 with a warning; the mapping's next call maps it along
+    # axis 0 (lane i carries its own value on), with no warning, and keeps its shape.
     acc = smap.LongTermState(jnp.zeros(()))
 
     def step(x):
@@ -772,20 +774,25 @@ def undeclared_write_warn(mapping):
     m = mapping(step, unexpected_out_state_mapping="warn")
     x = jnp.arange(float(B))
 
-    def call():
+    def first():
         with pytest.warns(UserWarning, match="written with a per-lane value"):
+            return m(x)
+
+    def second():
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
             return m(x)
 
     def check(trace):
         np.testing.assert_allclose(trace[0]["states"]["acc"], x)
-        np.testing.assert_allclose(trace[1]["states"]["acc"], x[:, None] + x[None, :])
+        np.testing.assert_allclose(trace[1]["states"]["acc"], 2 * x)
 
-    return Run({"acc": acc}, [call, call], check)
+    return Run({"acc": acc}, [first, second], check)
 
 
 def write_shape_error(mapping):
-    # After the first call makes `last` batched (shape (B,)), a mapping that still
-    # treats it as shared and writes it a per-lane scalar is a shape error under
+    # After the first call makes `last` batched (shape (B,)), a mapping that marks it
+    # shared ({None: last}) and writes it a per-lane scalar is a shape error under
     # jax.vmap; every mapping_fn must raise the same error and change no state.
     last = smap.LongTermState(jnp.zeros(()))
     h = smap.HiddenState(jnp.zeros(B))
@@ -796,6 +803,7 @@ def write_shape_error(mapping):
         return x
 
     m = mapping(step, state_in_axes=smap.HiddenState)
+    shared = mapping(step, state_in_axes={0: smap.HiddenState, None: last})
     x = jnp.arange(float(B))
 
     def check(trace):
@@ -804,7 +812,7 @@ def write_shape_error(mapping):
         for part in ("states", "key"):
             jax.tree_util.tree_map(np.testing.assert_array_equal, trace[1][part], trace[0][part])
 
-    return Run({"last": last, "h": h}, [lambda: m(x), lambda: m(x)], check, raises=True)
+    return Run({"last": last, "h": h}, [lambda: m(x), lambda: shared(x)], check, raises=True)
 
 
 # -- 6. nested mappings ---------------------------------------------------------------
