@@ -354,8 +354,15 @@ class StatefulMapping(StatefulFunction[P, R]):
                     f"{self.name}: in_axes has {len(in_axes)} entries but the function was called with "
                     f"{n_args} positional arguments."
                 )
-            in_axes = tuple(a for i, a in enumerate(in_axes) if i not in static_positions)
-        axes = leaf_axes(in_axes, args, f"{self.name}: in_axes")
+            positions = [i for i in range(n_args) if i not in static_positions]
+            # One argument at a time, so that an error names the argument whose structure differs.
+            axes = [
+                axis
+                for i, arg in zip(positions, args)
+                for axis in leaf_axes(in_axes[i], arg, f"{self.name}: in_axes[{i}], for args[{i}],")
+            ]
+        else:
+            axes = leaf_axes(in_axes, args, f"{self.name}: in_axes")
         return axes + [0] * len(jax.tree_util.tree_leaves(kwargs))
 
     # -- after the trace: the plan ---------------------------------------------
