@@ -477,11 +477,12 @@ def _mapped_program(program: Program, lane_plan: LanePlan, mapping_fn: MappingFn
 @overload
 def vmap2(
     fn: Callable[P, R],
-    *,
     in_axes: AxisSpec = 0,
     out_axes: AxisSpec = 0,
     axis_name: Hashable | None = None,
     axis_size: int | None = None,
+    spmd_axis_name: Hashable | tuple[Hashable, ...] | None = None,
+    *,
     state_in_axes: Any = None,
     state_out_axes: Any = None,
     unexpected_out_state_mapping: str = "ignore",
@@ -492,11 +493,12 @@ def vmap2(
 @overload
 def vmap2(
     fn: None = None,
-    *,
     in_axes: AxisSpec = 0,
     out_axes: AxisSpec = 0,
     axis_name: Hashable | None = None,
     axis_size: int | None = None,
+    spmd_axis_name: Hashable | tuple[Hashable, ...] | None = None,
+    *,
     state_in_axes: Any = None,
     state_out_axes: Any = None,
     unexpected_out_state_mapping: str = "ignore",
@@ -506,17 +508,24 @@ def vmap2(
 
 def vmap2(
     fn: Callable[P, R] | None = None,
-    *,
     in_axes: AxisSpec = 0,
     out_axes: AxisSpec = 0,
     axis_name: Hashable | None = None,
     axis_size: int | None = None,
+    spmd_axis_name: Hashable | tuple[Hashable, ...] | None = None,
+    *,
     state_in_axes: Any = None,
     state_out_axes: Any = None,
     unexpected_out_state_mapping: str = "ignore",
     fuse_lane_sums: bool = True,
 ) -> StatefulMapping[P, R] | Callable[[Callable[P, R]], StatefulMapping[P, R]]:
     """A :class:`StatefulMapping` with ``mapping_fn=jax.vmap``; also a decorator.
+
+    Its first arguments are ``jax.vmap``'s, in ``jax.vmap``'s order, so it
+    can be passed wherever a library takes a function "with the same
+    signature as ``jax.vmap``" (``optax.microbatching.micro_vmap``'s
+    ``vmap_fn``); ``spmd_axis_name`` is handed to ``jax.vmap``. The state
+    arguments are keyword-only.
 
     Example:
         >>> import jax.numpy as jnp, smap
@@ -525,6 +534,9 @@ def vmap2(
         ...     return x * w
         >>> scale(jnp.array([1.0, 2.0]), 3.0)
         Array([3., 6.], dtype=float32)
+        >>> w = smap.ParamState(jnp.array(2.0))
+        >>> smap.vmap(lambda x: x * w.value, 0, 0)(jnp.array([1.0, 2.0]))  # jax.vmap's positional order
+        Array([2., 4.], dtype=float32)
     """
 
     def mapping(f: Callable[P, R]) -> StatefulMapping[P, R]:
@@ -538,6 +550,7 @@ def vmap2(
             state_out_axes=state_out_axes,
             unexpected_out_state_mapping=unexpected_out_state_mapping,
             mapping_fn=jax.vmap,
+            mapping_kwargs=None if spmd_axis_name is None else {"spmd_axis_name": spmd_axis_name},
             fuse_lane_sums=fuse_lane_sums,
         )
 
