@@ -130,8 +130,9 @@ def spec_for(mapping: smap.StatefulMapping, state: smap.State, rules: Rules | No
         >>> tuple(sharding.spec_for(step, h))
         ('data',)
         >>> buffers = smap.LongTermState({'count': jnp.zeros((), jnp.int32), 'sum': jnp.zeros((16, 2))})
-        >>> sharding.spec_for(step, buffers, {smap.LongTermState: P('data')})
-        {'count': PartitionSpec(), 'sum': PartitionSpec('data',)}
+        >>> specs = sharding.spec_for(step, buffers, {smap.LongTermState: P('data')})
+        >>> {name: tuple(spec) for name, spec in specs.items()}
+        {'count': (), 'sum': ('data',)}
     """
     _adapter(mapping)
     _check_state(state, "spec_for: state")
