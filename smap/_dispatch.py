@@ -391,7 +391,10 @@ class StatefulFunction(Generic[P, R]):
     def _ahead_of_time(self, stage: Callable, args: tuple, kwargs: dict) -> Any:
         """``stage`` (the dispatcher's ``trace`` or ``lower``) of a call, with the states' current values."""
         if active_frames():
-            raise RuntimeError(f"{self.name}: trace() and lower() are called outside of smap transforms.")
+            raise RuntimeError(
+                f"{self.name}: trace() and lower() are called outside of smap transforms, not while one traces; "
+                f"lower the outer transform to see the whole program."
+            )
         while True:
             state_list = self._state_list
             held = state_list.group.acquire()
