@@ -524,7 +524,7 @@ def hybrid_hand_written(mesh: Any, x: jax.Array, y: jax.Array) -> Program:
         "hand-written jax.jit + NamedSharding",
         call,
         ordered,
-        lambda: step.lower(params, x, y).compile().as_text(),
+        lambda: step.lower(params, x, y).compile(),
         False,
     )
 
@@ -561,7 +561,9 @@ def hybrid_smap(mesh: Any, x: jax.Array, y: jax.Array) -> tuple[Program, HybridM
     def call():
         return train_step(x, y), values()
 
-    program = Program("smap, sharding.shard_map(axis='data')", call, values, lambda: smap_hlo(train_step, x, y), True)
+    program = Program(
+        "smap, sharding.shard_map(axis='data')", call, values, lambda: smap_compiled(train_step, x, y), True
+    )
     return program, mlp, losses
 
 
