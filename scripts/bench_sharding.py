@@ -40,9 +40,8 @@ Runs on 8 emulated CPU devices (set here, before JAX starts). In one run:
     hand-written step is also given per round (min..max), as a noise gauge.
 
 (b) The communication in the compiled programs: the collectives in the
-    compiled HLO text (``.lower(...).compile().as_text()``; for an smap
-    transform ``m``, its jitted dispatcher ``m._dispatch`` lowered with
-    ``m._state_list`` and the state values), counted by kind: all-reduce,
+    compiled HLO text (``.lower(...).compile().as_text()``, for a plain
+    ``jax.jit`` and for an smap transform alike), counted by kind: all-reduce,
     all-gather, reduce-scatter, collective-permute, all-to-all. The smap
     data-parallel step must contain only all-reduces (of the gradients), and
     a second program, a recurrent cell whose per-lane ``HiddenState`` is
@@ -177,8 +176,7 @@ class Program:
 
 def smap_compiled(m: Any, *args: Any) -> Any:
     """The compiled executable of an smap transform's cached program (call it once first)."""
-    values = [s.value for s in m._state_list.states]
-    return m._dispatch.lower(m._state_list, values, *args).compile()
+    return m.lower(*args).compile()
 
 
 def smap_hlo(m: Any, *args: Any) -> str:
@@ -526,7 +524,7 @@ def hybrid_hand_written(mesh: Any, x: jax.Array, y: jax.Array) -> Program:
         "hand-written jax.jit + NamedSharding",
         call,
         ordered,
-        lambda: step.lower(params, x, y).compile().as_text(),
+        lambda: step.lower(params, x, y).compile(),
         False,
     )
 
@@ -563,7 +561,9 @@ def hybrid_smap(mesh: Any, x: jax.Array, y: jax.Array) -> tuple[Program, HybridM
     def call():
         return train_step(x, y), values()
 
-    program = Program("smap, sharding.shard_map(axis='data')", call, values, lambda: smap_hlo(train_step, x, y), True)
+    program = Program(
+        "smap, sharding.shard_map(axis='data')", call, values, lambda: smap_compiled(train_step, x, y), True
+    )
     return program, mlp, losses
 
 

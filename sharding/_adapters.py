@@ -184,6 +184,7 @@ class ShardMap(_Adapter):
 
     def _map(self, f, leaves, axes, lane_avals, out_axes, axis_name, axis_size):
         mesh, mesh_axes = self.mesh_and_axes()
+        self._check_context(mesh)
         sizes = tuple(mesh.shape[a] for a in mesh_axes)
         where = " of mesh " + ", ".join(f"axis {a!r} (size {n})" for a, n in zip(mesh_axes, sizes))
         local = self._local_lanes(axis_size, math.prod(sizes), where)
@@ -194,8 +195,34 @@ class ShardMap(_Adapter):
         leaves = _compat.onto_mesh(leaves, mesh, in_specs)
         return list(_compat.shard_map(body, mesh, in_specs, out_specs, mesh_axes)(*leaves))
 
+    def _check_context(self, mesh: Any) -> None:
+        """A mapping given its own mesh runs under no global mesh, or under that same one.
+
+        JAX traces a program under one context mesh, and a ``jax.shard_map`` on
+        another mesh inside it cannot run (JAX says "context mesh ... should
+        match"). Entering the mapping's mesh for the call instead would hide
+        the global one from everything else in the program (the arguments'
+        shardings, annotations, an enclosing ``jax.jit``), so the call is
+        refused with both meshes named and the two ways out.
+        """
+        ambient = _compat.ambient_mesh()
+        if ambient is None or ambient == mesh:
+            return
+        raise ValueError(
+            f"{self.name}: the mapping runs on {_mesh_text(mesh)}, but it is called under jax.set_mesh("
+            f"{_mesh_text(ambient)}), and one program runs under one mesh. Call it under that mesh "
+            f"(`with jax.set_mesh(mesh):`, mesh the mapping's), or build the mapping on the global mesh "
+            f"(sharding.shard_map(axis=...) with no mesh, or jax.shard_map with no mesh in mapping_kwargs, "
+            f"takes the one jax.set_mesh sets)."
+        )
+
     def __repr__(self) -> str:
         return f"sharding.shard_map(mesh={self._mesh!r}, axis={self._axis!r})"
+
+
+def _mesh_text(mesh: Any) -> str:
+    """A mesh with its devices, which tell two meshes of the same axes apart."""
+    return f"{mesh} of devices {[d.id for d in mesh.devices.flat]}"
 
 
 class Pmap(_Adapter):

@@ -36,7 +36,12 @@ def _adapter(mapping: smap.StatefulMapping) -> ShardMap:
 
 
 def _rule_spec(state: smap.State, rules: Rules | None) -> PartitionSpec | None:
-    """The first rule that selects ``state``, checked against its rank."""
+    """The first rule that selects ``state``; a rule that fits none of its leaves is an error.
+
+    A rule fits a leaf of at least its rank. A state whose value is a pytree
+    (an optax state) may hold leaves of lower rank (a scalar step count):
+    those are replicated, and the rule places the others.
+    """
     for selector, spec in (rules or {}).items():
         if not isinstance(spec, PartitionSpec):
             raise TypeError(
@@ -44,13 +49,46 @@ def _rule_spec(state: smap.State, rules: Rules | None) -> PartitionSpec | None:
                 f"write PartitionSpec({spec!r}) to partition the first dimension."
             )
         if to_filter(selector)(state.path, state):
-            ndim = min((np.ndim(x) for x in jax.tree_util.tree_leaves(state.peek())), default=0)
-            if len(spec) > ndim:
-                raise ValueError(
-                    f"the rule {spec} for {state.describe()} names {len(spec)} dimensions, but its value has {ndim}."
-                )
+            ranks = [np.ndim(x) for x in jax.tree_util.tree_leaves(state.peek())]
+            if len(spec) > max(ranks, default=0):
+                most = max(ranks, default=0)
+                has = f"its value has {most}" if len(ranks) == 1 else f"its leaves have at most {most}"
+                raise ValueError(f"the rule {spec} for {state.describe()} names {len(spec)} dimensions, but {has}.")
             return spec
     return None
+
+
+def _leaf_spec(
+    state: smap.State, where: str, ndim: int, rule: PartitionSpec | None, axis: int | None, adapter: ShardMap | None
+) -> PartitionSpec:
+    """The spec of a leaf of rank ``ndim`` (at ``where`` in the state's value): its rule if it fits, its lanes."""
+    entries = list(rule) if rule is not None and len(rule) <= ndim else []
+    entries += [None] * (ndim - len(entries))
+    if axis is not None and adapter is not None:
+        if not -ndim <= axis < ndim:
+            raise ValueError(
+                f"the mapping splits {state.describe()} along axis {axis}, but its leaf{where} has rank {ndim}."
+            )
+        lane = adapter.lane_spec(ndim, axis % ndim)
+        if entries[axis % ndim] is not None:
+            raise ValueError(
+                f"the rule {rule} for {state.describe()} places dimension {axis % ndim}, which the "
+                f"mapping splits over {lane[axis % ndim]!r}."
+            )
+        entries[axis % ndim] = lane[axis % ndim]
+    while entries and entries[-1] is None:
+        entries.pop()
+    return PartitionSpec(*entries)
+
+
+def _leaf_specs(state: smap.State, mapping: smap.StatefulMapping | None, rules: Rules | None) -> Any:
+    """A PartitionSpec per leaf of the state's value, in a pytree of the value's structure."""
+    adapter = None if mapping is None else _adapter(mapping)
+    axis = None if mapping is None else mapping.state_axis(state)
+    rule = _rule_spec(state, rules)
+    leaves, tree = jax.tree_util.tree_flatten_with_path(state.peek())
+    specs = [_leaf_spec(state, jax.tree_util.keystr(path), np.ndim(x), rule, axis, adapter) for path, x in leaves]
+    return jax.tree_util.tree_unflatten(tree, specs)
 
 
 def _check_tag_rules(states: Iterable[smap.State], rules: Rules | None) -> None:
@@ -94,33 +132,29 @@ def spec_for(mapping: smap.StatefulMapping, state: smap.State, rules: Rules | No
     that selects a state gives the spec of its leading dimensions. A batched
     state's rule leaves its mapped dimension ``None``.
 
+    Rules apply per leaf: for a state whose value is a pytree (an optax
+    state, a dict of buffers) the result is a pytree of that structure with
+    one PartitionSpec per leaf. A rule places each leaf of at least its rank;
+    a leaf of lower rank (a scalar step count) is replicated. A rule that
+    fits no leaf is an error.
+
     Example:
         >>> import jax, jax.numpy as jnp, smap, sharding
+        >>> from jax.sharding import PartitionSpec as P
         >>> mesh = sharding.make_mesh(data=jax.device_count())
         >>> h = smap.HiddenState(jnp.zeros((jax.device_count(), 3)))
         >>> step = smap.StatefulMapping(lambda x: x, state_in_axes=smap.HiddenState,
         ...                             mapping_fn=sharding.shard_map(mesh))
         >>> tuple(sharding.spec_for(step, h))
         ('data',)
+        >>> buffers = smap.LongTermState({'count': jnp.zeros((), jnp.int32), 'sum': jnp.zeros((16, 2))})
+        >>> specs = sharding.spec_for(step, buffers, {smap.LongTermState: P('data')})
+        >>> {name: tuple(spec) for name, spec in specs.items()}
+        {'count': (), 'sum': ('data',)}
     """
-    adapter = _adapter(mapping)
+    _adapter(mapping)
     _check_state(state, "spec_for: state")
-    value = state.peek()
-    ndim = min(np.ndim(x) for x in jax.tree_util.tree_leaves(value)) if jax.tree_util.tree_leaves(value) else 0
-    axis = mapping.state_axis(state)
-    rule = _rule_spec(state, rules)
-    entries = list(rule or ()) + [None] * (ndim - len(rule or ()))
-    if axis is not None:
-        lane = adapter.lane_spec(ndim, axis % ndim)
-        if entries[axis % ndim] is not None:
-            raise ValueError(
-                f"the rule {rule} for {state.describe()} places dimension {axis % ndim}, which the "
-                f"mapping splits over {lane[axis % ndim]!r}."
-            )
-        entries[axis % ndim] = lane[axis % ndim]
-    while entries and entries[-1] is None:
-        entries.pop()
-    return PartitionSpec(*entries)
+    return _leaf_specs(state, mapping, rules)
 
 
 def _check_state(state: Any, what: str) -> None:
@@ -146,9 +180,11 @@ def _states(target: Any) -> dict[str, smap.State]:
     raise TypeError(f"target must be a Module, a State, or a dict or list of States, got {type(target).__name__}.")
 
 
-def _check_divides(state: smap.State, spec: PartitionSpec, mesh: Any) -> None:
-    """Every dimension that ``spec`` partitions is a multiple of its mesh axes' size."""
-    for leaf in jax.tree_util.tree_leaves(state.peek()):
+def _check_divides(state: smap.State, specs: Any, mesh: Any) -> None:
+    """Every dimension that a leaf's spec partitions is a multiple of its mesh axes' size."""
+    leaves = jax.tree_util.tree_flatten_with_path(state.peek())[0]
+    for (path, leaf), spec in zip(leaves, jax.tree_util.tree_leaves(specs, is_leaf=_is_spec)):
+        where = f" (leaf {jax.tree_util.keystr(path)})" if path else ""
         for dim, entry in enumerate(spec):
             names = () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
             for name in names:
@@ -158,12 +194,16 @@ def _check_divides(state: smap.State, spec: PartitionSpec, mesh: Any) -> None:
                         f"has axes {tuple(mesh.axis_names)}."
                     )
             size = int(np.prod([mesh.shape[name] for name in names]))
-            if dim < np.ndim(leaf) and np.shape(leaf)[dim] % size:
+            if np.shape(leaf)[dim] % size:
                 axes = " x ".join(f"{name!r} ({mesh.shape[name]})" for name in names)
                 raise ValueError(
-                    f"{state.describe()} has size {np.shape(leaf)[dim]} in dimension {dim}, which the "
+                    f"{state.describe()}{where} has size {np.shape(leaf)[dim]} in dimension {dim}, which the "
                     f"mesh axis {axes} of size {size} does not divide (spec {spec})."
                 )
+
+
+def _is_spec(x: Any) -> bool:
+    return isinstance(x, PartitionSpec)
 
 
 def place(
@@ -198,8 +238,9 @@ def place(
     _check_tag_rules(states, rules)
     placed = []  # every value is placed before any state changes: a failure leaves them all where they were
     for state in states:
-        sharding = placement(state, mesh, mapping, rules)
-        placed.append(jax.tree_util.tree_map(functools.partial(_put, sharding=sharding), state.peek()))
+        shardings = jax.tree_util.tree_leaves(placement(state, mesh, mapping, rules))
+        leaves, tree = jax.tree_util.tree_flatten(state.peek())
+        placed.append(jax.tree_util.tree_unflatten(tree, list(map(_put, leaves, shardings))))
     with _locks.Holding(_locks.joined(states)):
         for state, value in zip(states, placed):
             state.write_back(value)
@@ -207,8 +248,11 @@ def place(
 
 def placement(
     state: smap.State, mesh: Any, mapping: smap.StatefulMapping | None = None, rules: Rules | None = None
-) -> NamedSharding:
-    """The sharding :func:`place` gives ``state`` on ``mesh`` (the mapping's mesh when ``mesh`` is None).
+) -> Any:
+    """The sharding :func:`place` gives each leaf of ``state`` on ``mesh`` (the mapping's mesh when ``mesh`` is None).
+
+    A NamedSharding for a state holding one array; for a pytree value, a
+    pytree of that structure with one NamedSharding per leaf.
 
     Example:
         >>> import jax, jax.numpy as jnp, smap, sharding
@@ -219,11 +263,9 @@ def placement(
     """
     if mapping is not None:
         mesh = _adapter(mapping).mesh if mesh is None else mesh
-        spec = spec_for(mapping, state, rules)
-    else:
-        spec = _rule_spec(state, rules) or PartitionSpec()
-    _check_divides(state, spec, mesh)
-    return NamedSharding(mesh, spec)
+    specs = _leaf_specs(state, mapping, rules)
+    _check_divides(state, specs, mesh)
+    return jax.tree_util.tree_map(lambda spec: NamedSharding(mesh, spec), specs, is_leaf=_is_spec)
 
 
 def _put(x: Any, sharding: NamedSharding) -> jax.Array:
@@ -240,7 +282,7 @@ def _put(x: Any, sharding: NamedSharding) -> jax.Array:
 class StateRow:
     path: str
     type: str
-    shape: tuple | str
+    shape: tuple
     dtype: str
     spec: str
     bytes_per_device: int
@@ -317,6 +359,10 @@ def _gathered(leaves: list, axis: int | None, adapter: ShardMap) -> str:
 def describe(target: Any, mapping: smap.StatefulMapping | None = None) -> StateTable:
     """One row per state: path, type, shape, dtype, PartitionSpec, bytes per device.
 
+    A state whose value is a pytree (an optax state, a dict of buffers) has
+    one row per leaf, its path followed by the leaf's key path
+    (``opt[0].mu['w']``), so a leaf that a rule leaves replicated shows.
+
     ``bytes/device`` is the largest piece of the state one device holds at
     rest. With ``mapping`` (one that runs with ``sharding.shard_map`` or
     ``jax.shard_map``), a ``gathered`` column says, per state, over which of
@@ -338,18 +384,17 @@ def describe(target: Any, mapping: smap.StatefulMapping | None = None) -> StateT
     adapter = None if mapping is None else _adapter(mapping)
     table = StateTable()
     for path, state in _states(target).items():
-        leaves = jax.tree_util.tree_leaves(state.peek())
-        single = len(leaves) == 1
         axis = None if mapping is None else mapping.state_axis(state)
-        table.append(
-            StateRow(
-                path=path,
-                type=type(state).__name__,
-                shape=tuple(np.shape(leaves[0])) if single else f"{len(leaves)} arrays",
-                dtype=str(leaves[0].dtype) if single else ",".join(sorted({str(x.dtype) for x in leaves})),
-                spec=_spec_text(leaves[0]) if single else "; ".join(sorted({_spec_text(x) for x in leaves})),
-                bytes_per_device=sum(_bytes_per_device(x) for x in leaves),
-                gathered=None if adapter is None else _gathered(leaves, axis, adapter),
+        for leaf_path, x in jax.tree_util.tree_flatten_with_path(state.peek())[0]:
+            table.append(
+                StateRow(
+                    path=path + jax.tree_util.keystr(leaf_path),
+                    type=type(state).__name__,
+                    shape=tuple(np.shape(x)),
+                    dtype=str(x.dtype),
+                    spec=_spec_text(x),
+                    bytes_per_device=_bytes_per_device(x),
+                    gathered=None if adapter is None else _gathered([x], axis, adapter),
+                )
             )
-        )
     return table

@@ -23,6 +23,7 @@ import numpy as np
 from jax.extend.core import ClosedJaxpr
 
 from . import _compat, _locks
+from ._aot import Lowered, Traced
 from ._state import InvalidatedStateError, State, active_frames
 from ._tracing import Program, PyTreeDef, TraceContext, trace_program
 from .nn import Module
@@ -333,6 +334,76 @@ class StatefulFunction(Generic[P, R]):
             if missing is None:
                 return out if self._call_result is None else self._call_result(out)
             # Outside the lock: joining the new states' lock groups may wait for other calls.
+            current = self._state_list
+            self._state_list = current.extended([s for s in missing if id(s) not in current.index])
+
+    # -- ahead of time ----------------------------------------------------------
+
+    def trace(self, *args: P.args, **kwargs: P.kwargs) -> Traced:
+        """Trace the call ``self(*args, **kwargs)`` without running it, as ``jax.jit(f).trace``.
+
+        The states' current values are the inputs; no state is written. A
+        bad argument raises the error the call would raise.
+
+        Returns:
+            A :class:`~smap._aot.Traced`: ``.jaxpr`` (the states' values are
+            its first inputs, then the arguments) and ``.lower()``.
+
+        Example:
+            >>> import jax.numpy as jnp, smap
+            >>> total = smap.State(jnp.zeros(()))
+            >>> @smap.jit
+            ... def add(x):
+            ...     total.value = total.value + x.sum()
+            >>> add.trace(jnp.ones(3)).jaxpr.in_avals
+            [ShapedArray(float32[]), ShapedArray(float32[3])]
+            >>> total.value
+            Array(0., dtype=float32)
+        """
+        return Traced(self._ahead_of_time(self._dispatch.trace, args, kwargs), self.name)
+
+    def lower(self, *args: P.args, **kwargs: P.kwargs) -> Lowered:
+        """Lower the call ``self(*args, **kwargs)`` without running it, as ``jax.jit(f).lower``.
+
+        The states' current values (with their shardings) are the inputs, so
+        the program is the one a call runs; no state is written. A bad
+        argument raises the error the call would raise.
+
+        Returns:
+            A :class:`~smap._aot.Lowered`: ``.as_text()``, ``.cost_analysis()``
+            and ``.compile()``, whose result has ``.as_text()`` (XLA's optimised
+            HLO), ``.cost_analysis()`` and ``.memory_analysis()``.
+
+        Example:
+            >>> import jax, jax.numpy as jnp, smap
+            >>> w = smap.ParamState(jnp.ones(3))
+            >>> @smap.vmap(axis_name='batch')
+            ... def step(x):
+            ...     w.value = w.value - jax.lax.pmean(x, 'batch')
+            >>> compiled = step.lower(jnp.ones((4, 3))).compile()
+            >>> compiled.memory_analysis().argument_size_in_bytes  # w (3 floats) and x (12)
+            60
+            >>> w.value
+            Array([1., 1., 1.], dtype=float32)
+        """
+        return Lowered(self._ahead_of_time(self._dispatch.lower, args, kwargs), self.name)
+
+    def _ahead_of_time(self, stage: Callable, args: tuple, kwargs: dict) -> Any:
+        """``stage`` (the dispatcher's ``trace`` or ``lower``) of a call, with the states' current values."""
+        if active_frames():
+            raise RuntimeError(
+                f"{self.name}: trace() and lower() are called outside of smap transforms, not while one traces; "
+                f"lower the outer transform to see the whole program."
+            )
+        while True:
+            state_list = self._state_list
+            held = state_list.group.acquire()
+            try:
+                return stage(state_list, list(map(_stored_value, state_list.states)), *args, **kwargs)
+            except _MissingStates as error:
+                missing = error.states
+            finally:
+                held.lock.release()
             current = self._state_list
             self._state_list = current.extended([s for s in missing if id(s) not in current.index])
 

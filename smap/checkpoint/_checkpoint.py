@@ -306,7 +306,7 @@ def _placements(name: str, state: State, mesh: Any, mapping: Any, rules: Any) ->
     from sharding._placement import placement  # smap never imports sharding at import time
 
     try:
-        return [placement(state, mesh, mapping, rules)] * len(leaves)
+        return jax.tree_util.tree_leaves(placement(state, mesh, mapping, rules))  # one per leaf
     except ValueError as error:
         raise CheckpointError(f"state {name!r} cannot be placed as asked: {error}") from None
 

@@ -386,8 +386,15 @@ class StatefulMapping(StatefulFunction[P, R]):
                     f"{self.name}: in_axes has {len(in_axes)} entries but the function was called with "
                     f"{n_args} positional arguments."
                 )
-            in_axes = tuple(a for i, a in enumerate(in_axes) if i not in static_positions)
-        axes = leaf_axes(in_axes, args, f"{self.name}: in_axes")
+            positions = [i for i in range(n_args) if i not in static_positions]
+            # One argument at a time, so that an error names the argument whose structure differs.
+            axes = [
+                axis
+                for i, arg in zip(positions, args)
+                for axis in leaf_axes(in_axes[i], arg, f"{self.name}: in_axes[{i}], for args[{i}],")
+            ]
+        else:
+            axes = leaf_axes(in_axes, args, f"{self.name}: in_axes")
         return axes + [0] * len(jax.tree_util.tree_leaves(kwargs))
 
     # -- after the trace: the plan ---------------------------------------------
@@ -519,11 +526,12 @@ def _mapped_program(program: Program, lane_plan: LanePlan, mapping_fn: MappingFn
 @overload
 def vmap2(
     fn: Callable[P, R],
-    *,
     in_axes: AxisSpec = 0,
     out_axes: AxisSpec = 0,
     axis_name: Hashable | None = None,
     axis_size: int | None = None,
+    spmd_axis_name: Hashable | tuple[Hashable, ...] | None = None,
+    *,
     state_in_axes: Any = None,
     state_out_axes: Any = None,
     unexpected_out_state_mapping: str = "ignore",
@@ -534,11 +542,12 @@ def vmap2(
 @overload
 def vmap2(
     fn: None = None,
-    *,
     in_axes: AxisSpec = 0,
     out_axes: AxisSpec = 0,
     axis_name: Hashable | None = None,
     axis_size: int | None = None,
+    spmd_axis_name: Hashable | tuple[Hashable, ...] | None = None,
+    *,
     state_in_axes: Any = None,
     state_out_axes: Any = None,
     unexpected_out_state_mapping: str = "ignore",
@@ -548,17 +557,24 @@ def vmap2(
 
 def vmap2(
     fn: Callable[P, R] | None = None,
-    *,
     in_axes: AxisSpec = 0,
     out_axes: AxisSpec = 0,
     axis_name: Hashable | None = None,
     axis_size: int | None = None,
+    spmd_axis_name: Hashable | tuple[Hashable, ...] | None = None,
+    *,
     state_in_axes: Any = None,
     state_out_axes: Any = None,
     unexpected_out_state_mapping: str = "ignore",
     fuse_lane_sums: bool = True,
 ) -> StatefulMapping[P, R] | Callable[[Callable[P, R]], StatefulMapping[P, R]]:
     """A :class:`StatefulMapping` with ``mapping_fn=jax.vmap``; also a decorator.
+
+    Its first arguments are ``jax.vmap``'s, in ``jax.vmap``'s order, so it
+    can be passed wherever a library takes a function "with the same
+    signature as ``jax.vmap``" (``optax.microbatching.micro_vmap``'s
+    ``vmap_fn``); ``spmd_axis_name`` is handed to ``jax.vmap``. The state
+    arguments are keyword-only.
 
     Example:
         >>> import jax.numpy as jnp, smap
@@ -567,6 +583,9 @@ def vmap2(
         ...     return x * w
         >>> scale(jnp.array([1.0, 2.0]), 3.0)
         Array([3., 6.], dtype=float32)
+        >>> w = smap.ParamState(jnp.array(2.0))
+        >>> smap.vmap(lambda x: x * w.value, 0, 0)(jnp.array([1.0, 2.0]))  # jax.vmap's positional order
+        Array([2., 4.], dtype=float32)
     """
 
     def mapping(f: Callable[P, R]) -> StatefulMapping[P, R]:
@@ -580,6 +599,7 @@ def vmap2(
             state_out_axes=state_out_axes,
             unexpected_out_state_mapping=unexpected_out_state_mapping,
             mapping_fn=jax.vmap,
+            mapping_kwargs=None if spmd_axis_name is None else {"spmd_axis_name": spmd_axis_name},
             fuse_lane_sums=fuse_lane_sums,
         )
 

@@ -484,6 +484,47 @@ def test_shard_map_under_set_mesh_with_collectives():
 
 
 @pytest.mark.parametrize(
+    "global_mesh, shown",
+    [
+        (mesh_1d(8), "Mesh('data': 8, axis_types=(Auto,)) of devices [0, 1, 2, 3, 4, 5, 6, 7]"),
+        (mesh_2d(), "Mesh('data': 4, 'model': 2, axis_types=(Auto, Auto)) of devices"),
+        (explicit_mesh(4), "Mesh('data': 4, axis_types=(Explicit,)) of devices [0, 1, 2, 3]"),
+    ],
+    ids=["data=8", "data=4,model=2", "explicit-4"],
+)
+@pytest.mark.parametrize("how", ["sharding.shard_map", "jax.shard_map"])
+def test_a_mapping_on_another_mesh_than_the_global_one_names_both_and_the_fix(global_mesh, shown, how):
+    """Called under jax.set_mesh of another mesh: refused, nothing changes; under its own mesh: runs."""
+    own = mesh_1d(4)
+    w = smap.ParamState(jnp.ones(3))
+
+    def step(x):
+        w.value = w.value + jax.lax.pmean(x, "i")
+        return 2 * x
+
+    if how == "jax.shard_map":
+        m = smap.StatefulMapping(step, axis_name="i", mapping_fn=jax.shard_map, mapping_kwargs={"mesh": own})
+    else:
+        m = smap.StatefulMapping(step, axis_name="i", mapping_fn=sharding.shard_map(own))
+    sharding.place([w], m)
+    before = w.value
+    x = jnp.arange(24.0).reshape(8, 3)
+    for _ in range(2):  # before the first successful call, and after it (a cached program)
+        with jax.set_mesh(global_mesh), pytest.raises(ValueError) as error:
+            m(x)
+        message = str(error.value)
+        assert "runs on Mesh('data': 4, axis_types=(Auto,)) of devices [0, 1, 2, 3]" in message
+        assert f"called under jax.set_mesh({shown}" in message
+        assert "with jax.set_mesh(mesh)" in message and "with no mesh" in message
+        assert w.value is before
+        with jax.set_mesh(own):
+            out = m(x)
+        np.testing.assert_array_equal(out, 2 * x)
+        np.testing.assert_allclose(w.value, before + x.mean(0))
+        before = w.value
+
+
+@pytest.mark.parametrize(
     "mapping_fn", [jax.pmap, sharding.pmap(jax.devices()[:2])], ids=["jax.pmap", "sharding.pmap-2dev"]
 )
 def test_pmap_with_nothing_mapped(mapping_fn):

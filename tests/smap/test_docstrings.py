@@ -22,6 +22,7 @@ MODULES = [
     "smap._locks",
     "smap._tracing",
     "smap._dispatch",
+    "smap._aot",
     "smap.transform._jit",
     "smap.transform._grad",
     "smap.transform._mapping",

@@ -1,0 +1,96 @@
+"""Ahead of time: a transform's program traced, lowered and compiled without running it.
+
+Every transform has ``jax.jit``'s verbs: ``f.trace(*args)``, ``f.lower(*args)``
+and ``f.lower(*args).compile()``. They go through the transform's own
+dispatcher with the states' current values as inputs, so what they show is
+exactly what a call runs (the same shardings, the same rewrites), and no
+state is written.
+
+Example:
+    >>> import jax.numpy as jnp, smap
+    >>> scale = smap.ParamState(jnp.full(3, 2.0))
+    >>> f = smap.jit(lambda x: x * scale.value)
+    >>> lowered = f.lower(jnp.ones(3))
+    >>> lowered
+    Lowered(smap.jit(<lambda>))
+    >>> lowered.compile().memory_analysis().output_size_in_bytes
+    12
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from jax.extend.core import ClosedJaxpr
+
+__all__ = ["Traced", "Lowered", "Compiled"]
+
+
+class Compiled:
+    """A transform's program compiled by XLA for the arguments and states it was lowered with.
+
+    It is for reading, not for calling: call the transform itself, which
+    runs this executable from its cache and writes the states back.
+    """
+
+    def __init__(self, compiled: Any, name: str):
+        self._compiled = compiled
+        self.name = name
+
+    def as_text(self) -> str:
+        """XLA's optimised HLO: the program as it runs (collectives, fusions, buffers)."""
+        return self._compiled.as_text()
+
+    def cost_analysis(self) -> Any:
+        """XLA's estimate of the program's flops and bytes accessed (``jax.stages.Compiled.cost_analysis``)."""
+        return self._compiled.cost_analysis()
+
+    def memory_analysis(self) -> Any:
+        """The sizes of the program's arguments, outputs and temporaries (``jax.stages.Compiled.memory_analysis``)."""
+        return self._compiled.memory_analysis()
+
+    def __repr__(self) -> str:
+        return f"Compiled({self.name})"
+
+
+class Lowered:
+    """A transform's program lowered to StableHLO, before XLA's optimisations."""
+
+    def __init__(self, lowered: Any, name: str):
+        self._lowered = lowered
+        self.name = name
+
+    def compile(self) -> Compiled:
+        """Compile the program with XLA."""
+        return Compiled(self._lowered.compile(), self.name)
+
+    def as_text(self, dialect: str | None = None) -> str:
+        """The lowered program as text (StableHLO unless ``dialect='hlo'``)."""
+        return self._lowered.as_text() if dialect is None else self._lowered.as_text(dialect=dialect)
+
+    def cost_analysis(self) -> Any:
+        """JAX's estimate of the unoptimised program's cost (``jax.stages.Lowered.cost_analysis``)."""
+        return self._lowered.cost_analysis()
+
+    def __repr__(self) -> str:
+        return f"Lowered({self.name})"
+
+
+class Traced:
+    """A transform's program traced for some arguments: its jaxpr, and the way to lower it."""
+
+    def __init__(self, traced: Any, name: str):
+        self._traced = traced
+        self.name = name
+
+    @property
+    def jaxpr(self) -> ClosedJaxpr:
+        """What a call runs, as a closed jaxpr: the states' values are its first inputs, then the arguments."""
+        return self._traced.jaxpr
+
+    def lower(self) -> Lowered:
+        """Lower the traced program (see :meth:`Lowered.compile`)."""
+        return Lowered(self._traced.lower(), self.name)
+
+    def __repr__(self) -> str:
+        return f"Traced({self.name})"
