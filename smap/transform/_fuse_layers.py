@@ -9,15 +9,17 @@ layers differentiate to per-lane ops that are linear in per-lane values:
   the per-lane scatter-adds are one scatter-add of every lane's rows:
   ``sum_l scatter_add(0, i_l, u_l) == scatter_add(0, [i_1..i_L], [u_1..u_L])``
   (the lanes become one more scatter dimension of the indices and the
-  updates), so no (lanes, vocabulary, width) array is made.
+  updates; indices that are the same in every lane are repeated), so no
+  (lanes, vocabulary, width) array is made.
 - A convolution's kernel gradient is a convolution of the input with the
   output's cotangent that sums over the (per-lane) batch dimension, which
   plays the input features' part. Summed over the lanes it is the same
   convolution over all lanes' examples, the batch step's form: the lanes are
   folded into that summed dimension of both operands (lane-major in both, so
-  the pairs stay aligned). This holds where features are not grouped
-  (``feature_group_count == 1``; ``jax.grad`` of a grouped convolution groups
-  the batch instead, which stays as it is).
+  the pairs stay aligned). This holds where the input features are not
+  grouped (``feature_group_count == 1``, which is how ``jax.grad`` writes the
+  kernel gradient of a grouped or depthwise convolution: it groups the
+  batch dimension instead, which the fold leaves alone).
 
 Each recogniser returns a plan (a function of no arguments that computes the
 sum over the lanes with ``all_gather`` over the mapped axis, as the fusion's
@@ -88,7 +90,7 @@ def _keeps_dtype(x: Any, scale: Any) -> bool:
 
 def _scatter_add(node: Any, scale: Any, axis_name: Hashable, summed: Callable) -> Plan | None:
     operand, indices, updates = node.inputs
-    if not (indices.dependent and updates.dependent) or not _keeps_dtype(updates, scale):
+    if not updates.dependent or not _keeps_dtype(updates, scale):
         return None
     if operand.dependent:
         into = summed(operand, scale)
