@@ -48,6 +48,8 @@ __all__ = [
     "converts_floats",
     "conv_contracted_dims",
     "is_zeros",
+    "pads_with_zeros",
+    "PAD",
     "scatter_over_leading_axis",
     "CONV",
     "SCATTER_ADD",
@@ -281,13 +283,22 @@ def is_scan(eqn: Any) -> bool:
 
 
 # Sums over the lanes of per-lane layers' weight gradients (smap.transform._fuse_layers).
-SCATTER_ADD, CONV = "scatter-add", "conv_general_dilated"
+SCATTER_ADD, CONV, PAD = "scatter-add", "conv_general_dilated", "pad"
+
+
+def _is_literal_zero(var: Any) -> bool:
+    value = getattr(var, "val", None)
+    return value is not None and jax.numpy.ndim(value) == 0 and value == 0
 
 
 def is_zeros(eqn: Any) -> bool:
     """Whether ``eqn`` broadcasts the literal 0 (how ``jax.grad`` starts a gradient it scatters into)."""
-    value = getattr(eqn.invars[0], "val", None) if eqn.invars else None
-    return eqn.primitive.name == "broadcast_in_dim" and value is not None and jax.numpy.ndim(value) == 0 and value == 0
+    return eqn.primitive.name == "broadcast_in_dim" and bool(eqn.invars) and _is_literal_zero(eqn.invars[0])
+
+
+def pads_with_zeros(eqn: Any) -> bool:
+    """Whether a ``pad`` equation pads with the literal 0 (the gradient of a slice)."""
+    return _is_literal_zero(eqn.invars[1])
 
 
 def scatter_over_leading_axis(eqn: Any, operand: Any, indices: Any, updates: Any) -> Any:

@@ -1,4 +1,4 @@
-"""Sums over the lanes of the weight gradients of embeddings and convolutions, as one op.
+"""Sums over the lanes of the weight gradients of embeddings, convolutions and slices, as one op.
 
 The lane-sum fusion (:mod:`smap.transform._fuse`) computes a ``psum`` over
 the lanes of per-lane products as one product over the lanes. Two more
@@ -20,6 +20,10 @@ layers differentiate to per-lane ops that are linear in per-lane values:
   grouped (``feature_group_count == 1``, which is how ``jax.grad`` writes the
   kernel gradient of a grouped or depthwise convolution: it groups the
   batch dimension instead, which the fold leaves alone).
+
+A weight used in slices (``w[:, :k]``) has a gradient padded with zeros
+around each slice's; the sum over the lanes of a zero-padded value is the
+padded sum, so the fusion goes on through such ``pad``s.
 
 Each recogniser returns a plan (a function of no arguments that computes the
 sum over the lanes with ``all_gather`` over the mapped axis, as the fusion's
@@ -45,7 +49,7 @@ Plan = Callable[[], Any]
 
 def layer_sum(node: Any, scale: Any, axis_name: Hashable, summed: Callable[[Any, Any], Plan | None]) -> Plan | None:
     """How to sum ``scale * node`` over the lanes when ``node`` is an embedding's or a
-    convolution's per-lane weight gradient, or None.
+    convolution's per-lane weight gradient, or a zero-padded one, or None.
 
     Arguments:
         node: a value of the re-evaluated program (``value``, ``dependent``,
@@ -72,6 +76,9 @@ def layer_sum(node: Any, scale: Any, axis_name: Hashable, summed: Callable[[Any,
         return _scatter_add(node, scale, axis_name, summed)
     if name == _compat.CONV:
         return _convolution(node, scale, axis_name)
+    if name == _compat.PAD and _compat.pads_with_zeros(node.eqn):
+        inner = summed(node.inputs[0], scale)
+        return None if inner is None else lambda: _compat.bind_equation(node.eqn, [inner(), node.inputs[1].value])[0]
     return None
 
 

@@ -96,6 +96,13 @@ def added_loss(p: dict, tokens: jax.Array, targets: jax.Array) -> jax.Array:
     return _next_token_loss(jnp.tanh(rows) @ head, targets)
 
 
+def sliced_loss(p: dict, tokens: jax.Array, targets: jax.Array) -> jax.Array:
+    """Two overlapping slices of one weight: its gradient is a sum of zero-padded products."""
+    h = jnp.tanh(p["table"][tokens])
+    left, right = h @ p["head"][:, :7], jnp.tanh(h @ p["head"][:, 4:])
+    return _next_token_loss(jnp.concatenate([left, right[:, 3:]], axis=1), targets)
+
+
 def _conv(x: jax.Array, k: jax.Array, **options: Any) -> jax.Array:
     return jax.lax.conv_general_dilated(x, k, dimension_numbers=("NHWC", "HWIO", "NHWC"), **options)
 
@@ -147,6 +154,7 @@ CASES = {
     "taken": Case(embedding_init, taken_loss, _tokens),
     "fixed_tokens": Case(lambda rng: {"table": _normal(rng, VOCAB, WIDTH)}, fixed_tokens_loss, _tokens),
     "added": Case(embedding_init, added_loss, _tokens),
+    "sliced": Case(embedding_init, sliced_loss, _tokens),
     "cnn": Case(cnn_init, cnn_loss, images),
     "nchw_blocks": Case(nchw_init, nchw_loss, blocks),
     "grouped": Case(grouped_init, grouped_loss, images),
@@ -157,6 +165,7 @@ FUSED = {
     "weighted": ["table"],
     "taken": ["table"],
     "fixed_tokens": ["table"],
+    "sliced": ["table", "head"],
     "cnn": ["k1", "k2"],
     "nchw_blocks": ["k"],
     "grouped": ["k"],
@@ -265,9 +274,51 @@ def test_a_scatter_into_a_shared_table_that_is_not_zeros_is_summed_as_written():
     np.testing.assert_allclose(got, want, rtol=1e-6)
 
 
-@pytest.mark.parametrize("name", ["SCATTER_ADD", "CONV"])
+@pytest.mark.parametrize("name", ["SCATTER_ADD", "CONV", "PAD"])
 def test_the_primitives_the_layer_fusion_reads_exist(name):
     from jax.extend.core import primitives
 
     names = {p.name for p in vars(primitives).values() if hasattr(p, "bind") and hasattr(p, "name")}
     assert getattr(_compat, name) in names
+
+
+# -- the fused products are the batch step's --------------------------------------------
+
+DOT_FORMS = {
+    "x @ w": lambda w, x: jnp.sum(jnp.tanh(x[0] @ w)),
+    "tokens @ w": lambda w, x: jnp.sum(jnp.tanh(x @ w)),
+    "einsum": lambda w, x: jnp.sum(jnp.tanh(jnp.einsum("td,df->tf", x, w))),
+    "tokens @ w.T": lambda w, x: jnp.sum(jnp.tanh(x @ w[:, :WIDTH].T)),
+}
+
+
+def dots(hlo: str) -> list[str]:
+    """Each dot of the HLO: its result shape and dimension numbers (operand names left out)."""
+    found = re.findall(r"=\s*(f32\[[\d,]*\])\S*\s+dot\([^)]*\),\s*([^\n]*?)(?:,\s*metadata|$)", hlo, re.MULTILINE)
+    return sorted(f"{shape} {dims}" for shape, dims in found)
+
+
+@pytest.mark.parametrize("form", sorted(DOT_FORMS))
+def test_the_fused_weight_gradient_is_the_batch_steps_product(form):
+    """The fused step's dots (operand order, contracting dimensions, result layout) are the
+    dots XLA compiles for jax.grad of the batch loss, so the backend runs the same kernels."""
+    loss = DOT_FORMS[form]
+    x = np.random.default_rng(6).standard_normal((8, TOKENS, WIDTH)).astype(np.float32)
+    w0 = _normal(np.random.default_rng(7), WIDTH, 2 * WIDTH)
+
+    def per_example(fuse):
+        w = smap.ParamState(w0)
+
+        def step(xi):
+            grad = smap.grad(lambda: loss(w.value, xi), grad_states=w)()
+            w.value = w.value - LR * jax.lax.pmean(grad, AXIS)
+            return jnp.zeros(())
+
+        m = smap.StatefulMapping(step, axis_name=AXIS, fuse_lane_sums=fuse)
+        m(x)
+        return m._dispatch.lower(m._state_list, [w.value], x).compile().as_text()
+
+    batch = jax.jit(lambda w, xs: w - LR * jax.grad(lambda v: jnp.mean(jax.vmap(loss, (None, 0))(v, xs)))(w))
+    want = dots(batch.lower(w0, x).compile().as_text())
+    assert dots(per_example(False)) != want  # the per-example products, without the fusion
+    assert dots(per_example(True)) == want
