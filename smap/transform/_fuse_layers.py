@@ -82,17 +82,13 @@ def layer_sum(node: Any, scale: Any, axis_name: Hashable, summed: Callable[[Any,
     return None
 
 
-def _scaled(x: jax.Array, scale: Any) -> jax.Array | None:
-    """``x * scale``, or None where the product would not keep ``x``'s dtype."""
-    if scale is None:
-        return x
-    if jnp.result_type(x, scale) != x.dtype:
-        return None
-    return x * scale
-
-
 def _keeps_dtype(x: Any, scale: Any) -> bool:
+    """Whether ``scale * x`` has ``x``'s dtype (a complex or wider factor would change it)."""
     return scale is None or jnp.result_type(x.value, scale) == x.value.dtype
+
+
+def _scaled(x: jax.Array, scale: Any) -> jax.Array:
+    return x if scale is None else x * scale
 
 
 def _scatter_add(node: Any, scale: Any, axis_name: Hashable, summed: Callable) -> Plan | None:
