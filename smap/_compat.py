@@ -46,6 +46,13 @@ __all__ = [
     "is_plain_call",
     "dot_layout",
     "converts_floats",
+    "conv_contracted_dims",
+    "is_zeros",
+    "pads_with_zeros",
+    "PAD",
+    "scatter_over_leading_axis",
+    "CONV",
+    "SCATTER_ADD",
     "bind_gathering_over",
     "SUM_PRIMITIVES",
     "CONVERT",
@@ -273,6 +280,48 @@ def converts_floats(eqn: Any) -> bool:
 
 def is_scan(eqn: Any) -> bool:
     return eqn.primitive.name == "scan"
+
+
+# Sums over the lanes of per-lane layers' weight gradients (smap.transform._fuse_layers).
+SCATTER_ADD, CONV, PAD = "scatter-add", "conv_general_dilated", "pad"
+
+
+def _is_literal_zero(var: Any) -> bool:
+    value = getattr(var, "val", None)
+    return value is not None and jax.numpy.ndim(value) == 0 and value == 0
+
+
+def is_zeros(eqn: Any) -> bool:
+    """Whether ``eqn`` broadcasts the literal 0 (how ``jax.grad`` starts a gradient it scatters into)."""
+    return eqn.primitive.name == "broadcast_in_dim" and bool(eqn.invars) and _is_literal_zero(eqn.invars[0])
+
+
+def pads_with_zeros(eqn: Any) -> bool:
+    """Whether a ``pad`` equation pads with the literal 0 (the gradient of a slice)."""
+    return _is_literal_zero(eqn.invars[1])
+
+
+def scatter_over_leading_axis(eqn: Any, operand: Any, indices: Any, updates: Any) -> Any:
+    """A scatter equation applied to ``indices`` and ``updates`` that each have one more
+    leading axis (one more scatter dimension), into ``operand``."""
+    dims = eqn.params["dimension_numbers"]
+    shift = lambda axes: tuple(d + 1 for d in axes)  # noqa: E731
+    dims = dims._replace(
+        update_window_dims=shift(dims.update_window_dims),
+        scatter_indices_batching_dims=shift(dims.scatter_indices_batching_dims),
+    )
+    return bind_equation(
+        eqn, [operand, indices, updates], dimension_numbers=dims, indices_are_sorted=False, unique_indices=False
+    )[0]
+
+
+def conv_contracted_dims(eqn: Any) -> tuple[int, int] | None:
+    """The input-feature dimensions of a convolution's two operands (summed over, with the
+    window), or None where features are grouped (``feature_group_count`` > 1)."""
+    if eqn.params["feature_group_count"] != 1:
+        return None
+    specs = eqn.params["dimension_numbers"]
+    return specs.lhs_spec[1], specs.rhs_spec[1]
 
 
 def bind_gathering_over(eqn: Any, ins: Sequence[Any], axis_name: Any, axis_size: int) -> list:

@@ -34,6 +34,7 @@ from jax.extend.core import ClosedJaxpr, Jaxpr, Literal
 
 from .. import _compat
 from .._compat import jaxprs_in_params
+from ._fuse_layers import layer_sum
 from ._lanes import _equation as _lane_dependent_outputs
 from ._lanes import lane_dependent
 
@@ -220,7 +221,7 @@ def _summed(node: _Node, scale: Any, axis_name: Hashable) -> Callable[[], Any] |
                     plan = _summed(other, factor.value if scale is None else scale * factor.value, axis_name)
                     if plan is not None:
                         return plan
-    return None
+    return layer_sum(node, scale, axis_name, lambda n, s: _summed(n, s, axis_name))
 
 
 def _rebind(eqn: Any, ins: list) -> Any:
