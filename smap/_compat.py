@@ -375,3 +375,68 @@ def outside_explicit_mesh(f: Callable, values: Sequence[Any], n_outs: int) -> Ca
         return f
     replicated = [NamedSharding(mesh, PartitionSpec())] * n_outs
     return jax.sharding.auto_axes(lambda *xs: list(f(*xs)), axes=_explicit(mesh), out_sharding=replicated)
+
+
+# -- jax.Ref ----------------------------------------------------------------------------
+
+# JAX's mutable arrays (``jax.new_ref``, public as ``jax.Ref`` in JAX 0.10 to 0.12).
+HAS_REFS = hasattr(jax, "Ref") and hasattr(jax, "new_ref")
+RefType: Any = jax.Ref if HAS_REFS else None
+
+
+def is_ref(x: Any) -> bool:
+    """Whether ``x`` is a concrete ``jax.Ref`` (not a traced one)."""
+    return HAS_REFS and type(x) is RefType
+
+
+def ref_value(ref: Any) -> Any:
+    """The array a concrete Ref holds now (no copy: JAX replaces its buffer in place on a write)."""
+    return ref._refs._buf
+
+
+def set_ref_value(ref: Any, value: Any) -> None:
+    """Make a concrete Ref hold ``value`` (of its shape and dtype), as JAX's own writes do.
+
+    JAX replaces a Ref's buffer in place, which keeps its sharding; a value
+    placed elsewhere (``sharding.place``) takes the buffer's place instead,
+    as a copy that nothing else holds.
+    """
+    buf = ref._refs._buf
+    if buf.sharding == value.sharding:
+        buf._replace_with(value)
+    else:
+        ref._refs._buf = jax.numpy.copy(value)
+
+
+def route_ref_access(active: Callable[[], bool], get: Callable, set_: Callable, addupdate: Callable) -> None:
+    """Send ``ref[idx]``, ``ref[idx] = x`` and ``ref.addupdate(x, idx)`` of concrete Refs to smap while ``active()``.
+
+    JAX has no hook for a Ref read while a jaxpr is built: a concrete Ref
+    becomes a constant of the jaxpr, whatever the shape a lane should see.
+    Refs index through their class's methods, so the routing wraps them;
+    outside smap's traces (``active()`` false) every call is JAX's own.
+    """
+    cls = RefType
+    jax_get, jax_set, jax_addupdate = cls.__getitem__, cls.__setitem__, cls.addupdate
+
+    def __getitem__(self: Any, idx: Any) -> Any:
+        return get(self, idx) if active() else jax_get(self, idx)
+
+    def __setitem__(self: Any, idx: Any, x: Any) -> None:
+        if active():
+            set_(self, idx, x)
+        else:
+            jax_set(self, idx, x)
+
+    def addupdate_(self: Any, x: Any, idx: Any = ()) -> None:
+        if active():
+            addupdate(self, idx, x)
+        else:
+            jax_addupdate(self, x, idx)
+
+    cls.__getitem__, cls.__setitem__, cls.addupdate = __getitem__, __setitem__, addupdate_
+
+
+def ref_constants(jaxpr: ClosedJaxpr) -> list:
+    """The concrete Refs a traced program captured as constants (used in a way smap does not route)."""
+    return [c for c in jaxpr.consts if is_ref(c)]

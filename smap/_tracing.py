@@ -109,6 +109,8 @@ def trace_program(
         (True, (0,))
     """
     leaves, in_tree = jax.tree_util.tree_flatten((args, kwargs))
+    if _compat.HAS_REFS:
+        _check_no_ref_arguments(name, leaves)
     trace_holder: list[Any] = []
 
     def state_input(state: State, value: Any) -> Any:
@@ -133,6 +135,10 @@ def trace_program(
     specs = [jax.ShapeDtypeStruct(a.shape, a.dtype, weak_type=a.weak_type) for a in arg_avals]
     with _compat.without_ambient_mesh():
         jaxpr = jax.make_jaxpr(traced, axis_env=list(axis_env) or None)(*specs)
+    if _compat.HAS_REFS and _compat.ref_constants(jaxpr):
+        from ._refs import unrouted_message
+
+        raise TypeError(unrouted_message(name, _compat.ref_constants(jaxpr)))
     index = {id(s): i for i, s in enumerate(frame.states)}
     return Program(
         jaxpr=jaxpr,
@@ -142,6 +148,15 @@ def trace_program(
         out_tree=result["out_tree"],
         n_args=len(leaves),
     )
+
+
+def _check_no_ref_arguments(name: str, leaves: Sequence[Any]) -> None:
+    if any(isinstance(x, _compat.RefType) for x in leaves):
+        raise TypeError(
+            f"{name}: a jax.Ref is passed as an argument; smap maps arrays, and takes a Ref as a state: "
+            f"let the function close over it or hold it in a smap.nn.Module (select it with state_in_axes "
+            f"to give each lane its own slice)."
+        )
 
 
 class TraceContext:
