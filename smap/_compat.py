@@ -177,7 +177,14 @@ def mentions_axis(jaxpr: Jaxpr | ClosedJaxpr, axis_name: Any) -> bool:
 
 
 def bind_equation(eqn: Any, ins: Sequence[Any], **params: Any) -> list:
-    """Apply an equation's primitive to ``ins``, with ``params`` replacing some of its parameters."""
+    """Apply an equation's primitive to ``ins``, with ``params`` replacing some of its parameters.
+
+    A sharding annotation is bound for the mesh context it runs in (see ``smap._annotations``).
+    """
+    if not params and annotation_spec(eqn) is not None:
+        from ._annotations import bind_annotation
+
+        return bind_annotation(eqn, ins)
     if params:
         outs = eqn.primitive.bind(*ins, **{**eqn.params, **params})
     else:
@@ -440,3 +447,78 @@ def route_ref_access(active: Callable[[], bool], get: Callable, set_: Callable, 
 def ref_constants(jaxpr: ClosedJaxpr) -> list:
     """The concrete Refs a traced program captured as constants (used in a way smap does not route)."""
     return [c for c in jaxpr.consts if is_ref(c)]
+
+
+# -- sharding annotations --------------------------------------------------------------
+
+# Primitives that only lay out their operand, and the parameter holding the layout.
+ANNOTATIONS = {"sharding_constraint": "sharding", "reshard": "dst_sharding"}
+# Parameters of other primitives that lay out their result (jnp's ``out_sharding=``).
+OUT_SHARDING_PARAMS = ("out_sharding", "sharding")
+
+
+def annotation_spec(eqn: Any) -> tuple[PartitionSpec, str] | None:
+    """The PartitionSpec a sharding annotation asks of an equation's (first) result, and its parameter; else None.
+
+    ``with_sharding_constraint`` and ``jax.sharding.reshard`` are annotations;
+    so is an operation given ``out_sharding=`` (``dot_general``, ``broadcast_in_dim``, ...).
+    """
+    name = ANNOTATIONS.get(eqn.primitive.name)
+    if name is None:
+        name = next((p for p in OUT_SHARDING_PARAMS if isinstance(eqn.params.get(p), NamedSharding)), None)
+        if name is None:
+            return None
+    sharding = eqn.params.get(name)
+    spec = getattr(sharding, "spec", None)
+    return (spec, name) if isinstance(spec, PartitionSpec) else None
+
+
+def bind_unannotated(eqn: Any, ins: Sequence[Any]) -> Any:
+    """An annotation equation's result without its layout: the operand, or the operation with no out_sharding."""
+    spec_param = annotation_spec(eqn)
+    assert spec_param is not None
+    if eqn.primitive.name in ANNOTATIONS:
+        return ins[0]
+    outs = bind_equation(eqn, ins, **{spec_param[1]: None})
+    return outs[0]
+
+
+def context_mesh() -> Any:
+    """The abstract mesh of the context a value is computed in (inside shard_map: its manual axes too)."""
+    return jax.sharding.get_abstract_mesh()
+
+
+def manual_axes(mesh: Any) -> frozenset:
+    """The axes of an abstract mesh that a shard_map around the current code has made manual."""
+    if mesh.empty:
+        return frozenset()
+    return frozenset(n for n, t in zip(mesh.axis_names, mesh.axis_types) if t == AxisType.Manual)
+
+
+def axis_kinds(mesh: Any) -> dict:
+    """Each axis of an abstract mesh: 'auto', 'explicit' or 'manual'."""
+    if mesh.empty:
+        return {}
+    return {n: t.name.lower() for n, t in zip(mesh.axis_names, mesh.axis_types)}
+
+
+def has_annotations(jaxpr: Jaxpr | ClosedJaxpr) -> bool:
+    """Whether a program (or a program nested in it) holds a sharding annotation."""
+    for eqn in open_jaxpr(jaxpr).eqns:
+        if annotation_spec(eqn) is not None:
+            return True
+        if any(has_annotations(sub) for sub in jaxprs_in_params(eqn.params)):
+            return True
+    return False
+
+
+def ambient_abstract_mesh() -> Any:
+    """A context with the ambient mesh's abstract mesh, for tracing a lane whose annotations need a mesh.
+
+    Entered inside :func:`without_ambient_mesh`: the lane is traced for the
+    axes of the mesh, and each annotation is laid out where the lane then
+    runs (``smap._annotations``).
+    """
+    mesh = ambient_mesh()
+    assert mesh is not None
+    return jax.sharding.use_abstract_mesh(mesh.abstract_mesh)

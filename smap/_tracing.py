@@ -48,6 +48,7 @@ class Program:
     written: tuple[int, ...]
     out_tree: PyTreeDef
     n_args: int
+    annotated: bool = False  # holds sharding annotations (bound per lane, see smap._annotations)
 
     @property
     def n_outs(self) -> int:
@@ -68,6 +69,10 @@ class Program:
 
     def __call__(self, *leaves: Any) -> list[Any]:
         """Evaluate the program on argument leaves followed by state leaves."""
+        if self.annotated:
+            from ._annotations import evaluate
+
+            return evaluate(self.jaxpr.jaxpr, self.jaxpr.consts, *leaves)
         return jax.core.eval_jaxpr(self.jaxpr.jaxpr, self.jaxpr.consts, *leaves)
 
 
@@ -133,8 +138,19 @@ def trace_program(
     if arg_avals is None:
         arg_avals = [abstract(x) for x in leaves]
     specs = [jax.ShapeDtypeStruct(a.shape, a.dtype, weak_type=a.weak_type) for a in arg_avals]
-    with _compat.without_ambient_mesh():
-        jaxpr = jax.make_jaxpr(traced, axis_env=list(axis_env) or None)(*specs)
+    trace = jax.make_jaxpr(traced, axis_env=list(axis_env) or None)
+    try:
+        with _compat.without_ambient_mesh():
+            jaxpr = trace(*specs)
+    except (ValueError, RuntimeError) as error:
+        # Sharding annotations (with_sharding_constraint, out_sharding=, reshard) need the
+        # ambient mesh: trace again under it (smap._annotations binds them per lane).
+        if _compat.ambient_mesh() is None or "mesh" not in str(error):
+            raise
+        frame = TraceFrame(state_input, name, check_write)
+        trace_holder.clear()
+        with _compat.without_ambient_mesh(), _compat.ambient_abstract_mesh():
+            jaxpr = trace(*specs)
     if _compat.HAS_REFS and _compat.ref_constants(jaxpr):
         from ._refs import unrouted_message
 
@@ -147,6 +163,7 @@ def trace_program(
         written=tuple(index[k] for k in frame.written),
         out_tree=result["out_tree"],
         n_args=len(leaves),
+        annotated=_compat.has_annotations(jaxpr),
     )
 
 
