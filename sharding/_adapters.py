@@ -217,8 +217,9 @@ class Pmap(_Adapter):
 
     def _map(self, f, leaves, axes, lane_avals, out_axes, axis_name, axis_size):
         def on_devices(*leaves: Any) -> list:
-            # jax.pmap brings its own devices: no ambient mesh, no Explicit mesh axes in the values' types.
-            with _compat.without_ambient_mesh():
+            # jax.pmap brings its own devices: no ambient mesh, no Explicit mesh axes in the values' types
+            # (and no mesh axis for the lanes' sharding annotations).
+            with _compat.without_ambient_mesh(), _annotations.lanes_over(()):
                 return self._pmap(f, list(leaves), axes, lane_avals, out_axes, axis_name, axis_size)
 
         return _compat.outside_explicit_mesh(on_devices, leaves, len(out_axes))(*leaves)

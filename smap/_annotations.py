@@ -42,13 +42,20 @@ _local = threading.local()
 
 @contextlib.contextmanager
 def lanes_over(axes: Sequence[str]) -> Iterator[None]:
-    """While tracing a mapped program: the mesh axes its lanes are split over."""
+    """While an adapter maps a program: the mesh axes its lanes are split over (none for ``jax.pmap``)."""
     previous: frozenset[str] = getattr(_local, "axes", frozenset())
     _local.axes = previous | frozenset(axes)
+    _local.depth = getattr(_local, "depth", 0) + 1
     try:
         yield
     finally:
         _local.axes = previous
+        _local.depth -= 1
+
+
+def in_lanes() -> bool:
+    """Whether annotations bound now are a lane's (inside :func:`evaluate` or :func:`lanes_over`)."""
+    return getattr(_local, "depth", 0) > 0
 
 
 def _names(entry: Any) -> tuple:
@@ -85,7 +92,7 @@ def bind_annotation(eqn: Any, ins: Sequence[Any]) -> list:
         return [base]
     kinds = _compat.axis_kinds(mesh)
     if any(kinds[n] == "explicit" for entry in kept for n in _names(entry)):
-        if eqn.primitive.name in _compat.ANNOTATIONS:
+        if _compat.lays_out_operand(eqn):
             return [jax.sharding.reshard(base, kept)]
         return _compat.bind_equation(eqn, ins, **{param: NamedSharding(mesh, kept)})
     return [jax.lax.with_sharding_constraint(base, kept)]
@@ -100,6 +107,15 @@ def evaluate(jaxpr: Jaxpr, consts: Sequence[Any], *args: Any) -> list:
 
     env.update(zip(jaxpr.constvars, consts))
     env.update(zip(jaxpr.invars, args))
+    _local.depth = getattr(_local, "depth", 0) + 1
+    try:
+        _evaluate_equations(jaxpr, env, read)
+    finally:
+        _local.depth -= 1
+    return [read(v) for v in jaxpr.outvars]
+
+
+def _evaluate_equations(jaxpr: Jaxpr, env: dict, read: Any) -> None:
     for eqn in jaxpr.eqns:
         ins = [read(v) for v in eqn.invars]
         if _compat.kind(eqn) is _compat.Kind.CALL and _compat.has_annotations(_compat.call_body(eqn)):
@@ -108,4 +124,3 @@ def evaluate(jaxpr: Jaxpr, consts: Sequence[Any], *args: Any) -> list:
         else:
             outs = _compat.bind_equation(eqn, ins)
         env.update(zip(eqn.outvars, outs))
-    return [read(v) for v in jaxpr.outvars]

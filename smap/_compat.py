@@ -182,9 +182,10 @@ def bind_equation(eqn: Any, ins: Sequence[Any], **params: Any) -> list:
     A sharding annotation is bound for the mesh context it runs in (see ``smap._annotations``).
     """
     if not params and annotation_spec(eqn) is not None:
-        from ._annotations import bind_annotation
+        from . import _annotations
 
-        return bind_annotation(eqn, ins)
+        if _annotations.in_lanes():
+            return _annotations.bind_annotation(eqn, ins)
     if params:
         outs = eqn.primitive.bind(*ins, **{**eqn.params, **params})
     else:
@@ -473,11 +474,16 @@ def annotation_spec(eqn: Any) -> tuple[PartitionSpec, str] | None:
     return (spec, name) if isinstance(spec, PartitionSpec) else None
 
 
+def lays_out_operand(eqn: Any) -> bool:
+    """Whether an annotation equation only lays out its operand (a constraint or a reshard)."""
+    return eqn.primitive.name in ANNOTATIONS
+
+
 def bind_unannotated(eqn: Any, ins: Sequence[Any]) -> Any:
     """An annotation equation's result without its layout: the operand, or the operation with no out_sharding."""
     spec_param = annotation_spec(eqn)
     assert spec_param is not None
-    if eqn.primitive.name in ANNOTATIONS:
+    if lays_out_operand(eqn):
         return ins[0]
     outs = bind_equation(eqn, ins, **{spec_param[1]: None})
     return outs[0]

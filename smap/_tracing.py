@@ -48,7 +48,7 @@ class Program:
     written: tuple[int, ...]
     out_tree: PyTreeDef
     n_args: int
-    annotated: bool = False  # holds sharding annotations (bound per lane, see smap._annotations)
+    annotated: bool = False  # traced under the global mesh for its sharding annotations (see smap._annotations)
 
     @property
     def n_outs(self) -> int:
@@ -139,6 +139,7 @@ def trace_program(
         arg_avals = [abstract(x) for x in leaves]
     specs = [jax.ShapeDtypeStruct(a.shape, a.dtype, weak_type=a.weak_type) for a in arg_avals]
     trace = jax.make_jaxpr(traced, axis_env=list(axis_env) or None)
+    annotated = False
     try:
         with _compat.without_ambient_mesh():
             jaxpr = trace(*specs)
@@ -151,6 +152,7 @@ def trace_program(
         trace_holder.clear()
         with _compat.without_ambient_mesh(), _compat.ambient_abstract_mesh():
             jaxpr = trace(*specs)
+        annotated = _compat.has_annotations(jaxpr)
     if _compat.HAS_REFS and _compat.ref_constants(jaxpr):
         from ._refs import unrouted_message
 
@@ -163,7 +165,7 @@ def trace_program(
         written=tuple(index[k] for k in frame.written),
         out_tree=result["out_tree"],
         n_args=len(leaves),
-        annotated=_compat.has_annotations(jaxpr),
+        annotated=annotated,
     )
 
 
