@@ -405,11 +405,15 @@ def ref_value(ref: Any) -> Any:
 def set_ref_value(ref: Any, value: Any) -> None:
     """Make a concrete Ref hold ``value`` (of its shape and dtype), as JAX's own writes do.
 
-    JAX replaces a Ref's buffer in place, which keeps its sharding; a value
-    placed elsewhere (``sharding.place``) takes the buffer's place instead,
-    as a copy that nothing else holds.
+    JAX replaces a Ref's buffer in place, which keeps its placement (and JAX's
+    own writes need it committed to its devices): a value not committed
+    anywhere is put where the buffer is. A value committed elsewhere
+    (``sharding.place``) takes the buffer's place instead, as a copy that
+    nothing else holds.
     """
     buf = ref._refs._buf
+    if not value.committed:
+        value = jax.device_put(value, buf.sharding)
     if buf.sharding == value.sharding:
         buf._replace_with(value)
     else:

@@ -242,14 +242,17 @@ def test_indexed_reads_and_writes_per_lane():
 
 def test_refs_outside_smap_stay_jax_s():
     ref = jax.new_ref(jnp.zeros(2))
+    state = smap.State(ref)
 
     @jax.jit
     def f(x):
         ref[...] = ref[...] + x
 
     f(jnp.ones(2))
+    state.value = jnp.full(2, 5.0)  # an uncommitted value: the Ref stays where it is, and JAX can write it
+    smap.jit(lambda x: ref.addupdate(x))(jnp.ones(2))
     f(jnp.ones(2))
-    _close(ref[...], jnp.full(2, 2.0))
+    _close(ref[...], jnp.full(2, 7.0))
 
 
 # -- bad input: clear errors, nothing written --------------------------------------------------
