@@ -412,6 +412,8 @@ def set_ref_value(ref: Any, value: Any) -> None:
     nothing else holds.
     """
     buf = ref._refs._buf
+    if value.weak_type:  # a Ref's type is never weak
+        value = jax.lax.convert_element_type(value, buf.dtype)
     if not value.committed:
         value = jax.device_put(value, buf.sharding)
     if buf.sharding == value.sharding:
