@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
-from smap import _compat
+from smap import _annotations, _compat
 
 from ._spanning import Span, spanning_lane
 
@@ -185,6 +185,10 @@ class ShardMap(_Adapter):
     def _map(self, f, leaves, axes, lane_avals, out_axes, axis_name, axis_size):
         mesh, mesh_axes = self.mesh_and_axes()
         self._check_context(mesh)
+        with _annotations.lanes_over(mesh_axes):  # sharding annotations in the lanes drop these axes
+            return self._map_over(mesh, mesh_axes, f, leaves, axes, lane_avals, out_axes, axis_name, axis_size)
+
+    def _map_over(self, mesh, mesh_axes, f, leaves, axes, lane_avals, out_axes, axis_name, axis_size):
         sizes = tuple(mesh.shape[a] for a in mesh_axes)
         where = " of mesh " + ", ".join(f"axis {a!r} (size {n})" for a, n in zip(mesh_axes, sizes))
         local = self._local_lanes(axis_size, math.prod(sizes), where)
@@ -240,8 +244,9 @@ class Pmap(_Adapter):
 
     def _map(self, f, leaves, axes, lane_avals, out_axes, axis_name, axis_size):
         def on_devices(*leaves: Any) -> list:
-            # jax.pmap brings its own devices: no ambient mesh, no Explicit mesh axes in the values' types.
-            with _compat.without_ambient_mesh():
+            # jax.pmap brings its own devices: no ambient mesh, no Explicit mesh axes in the values' types
+            # (and no mesh axis for the lanes' sharding annotations).
+            with _compat.without_ambient_mesh(), _annotations.lanes_over(()):
                 return self._pmap(f, list(leaves), axes, lane_avals, out_axes, axis_name, axis_size)
 
         return _compat.outside_explicit_mesh(on_devices, leaves, len(out_axes))(*leaves)

@@ -16,11 +16,14 @@ Example:
     Array([1., 2., 3.], dtype=float32)
 """
 
-from . import checkpoint, filter, nn, random, transform
+from . import _compat, checkpoint, filter, nn, random, transform
 from ._state import HiddenState, LongTermState, ParamState, ShortTermState, State
 from .transform import BatchAxisError, StatefulMapping, grad, jit, vmap2
 
 vmap = vmap2
+
+if _compat.HAS_REFS:
+    from . import _refs  # noqa: F401  (jax.Refs read or written inside smap's traces are states)
 
 __all__ = [
     "State",

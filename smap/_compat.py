@@ -184,7 +184,15 @@ def mentions_axis(jaxpr: Jaxpr | ClosedJaxpr, axis_name: Any) -> bool:
 
 
 def bind_equation(eqn: Any, ins: Sequence[Any], **params: Any) -> list:
-    """Apply an equation's primitive to ``ins``, with ``params`` replacing some of its parameters."""
+    """Apply an equation's primitive to ``ins``, with ``params`` replacing some of its parameters.
+
+    A sharding annotation is bound for the mesh context it runs in (see ``smap._annotations``).
+    """
+    if not params and annotation_spec(eqn) is not None:
+        from . import _annotations
+
+        if _annotations.in_lanes():
+            return _annotations.bind_annotation(eqn, ins)
     if params:
         outs = eqn.primitive.bind(*ins, **{**eqn.params, **params})
     else:
@@ -424,3 +432,154 @@ def outside_explicit_mesh(f: Callable, values: Sequence[Any], n_outs: int) -> Ca
         return f
     replicated = [NamedSharding(mesh, PartitionSpec())] * n_outs
     return jax.sharding.auto_axes(lambda *xs: list(f(*xs)), axes=_explicit(mesh), out_sharding=replicated)
+
+
+# -- jax.Ref ----------------------------------------------------------------------------
+
+# JAX's mutable arrays (``jax.new_ref``, public as ``jax.Ref`` in JAX 0.10 to 0.12).
+HAS_REFS = hasattr(jax, "Ref") and hasattr(jax, "new_ref")
+RefType: Any = jax.Ref if HAS_REFS else None
+
+
+def is_ref(x: Any) -> bool:
+    """Whether ``x`` is a concrete ``jax.Ref`` (not a traced one)."""
+    return HAS_REFS and type(x) is RefType
+
+
+def ref_value(ref: Any) -> Any:
+    """The array a concrete Ref holds now (no copy: JAX replaces its buffer in place on a write)."""
+    return ref._refs._buf
+
+
+def set_ref_value(ref: Any, value: Any) -> None:
+    """Make a concrete Ref hold ``value`` (of its shape and dtype), as JAX's own writes do.
+
+    JAX replaces a Ref's buffer in place, which keeps its placement (and JAX's
+    own writes need it committed to its devices): a value not committed
+    anywhere is put where the buffer is. A value committed elsewhere
+    (``sharding.place``) takes the buffer's place instead, as a copy that
+    nothing else holds.
+    """
+    buf = ref._refs._buf
+    if value.weak_type:  # a Ref's type is never weak
+        value = jax.lax.convert_element_type(value, buf.dtype)
+    if not value.committed:
+        value = jax.device_put(value, buf.sharding)
+    if buf.sharding == value.sharding:
+        buf._replace_with(value)
+    else:
+        ref._refs._buf = jax.numpy.copy(value)
+
+
+def route_ref_access(active: Callable[[], bool], get: Callable, set_: Callable, addupdate: Callable) -> None:
+    """Send ``ref[idx]``, ``ref[idx] = x`` and ``ref.addupdate(x, idx)`` of concrete Refs to smap while ``active()``.
+
+    JAX has no hook for a Ref read while a jaxpr is built: a concrete Ref
+    becomes a constant of the jaxpr, whatever the shape a lane should see.
+    Refs index through their class's methods, so the routing wraps them;
+    outside smap's traces (``active()`` false) every call is JAX's own.
+    """
+    cls = RefType
+    jax_get, jax_set, jax_addupdate = cls.__getitem__, cls.__setitem__, cls.addupdate
+
+    def __getitem__(self: Any, idx: Any) -> Any:
+        return get(self, idx) if active() else jax_get(self, idx)
+
+    def __setitem__(self: Any, idx: Any, x: Any) -> None:
+        if active():
+            set_(self, idx, x)
+        else:
+            jax_set(self, idx, x)
+
+    def addupdate_(self: Any, x: Any, idx: Any = ()) -> None:
+        if active():
+            addupdate(self, idx, x)
+        else:
+            jax_addupdate(self, x, idx)
+
+    cls.__getitem__, cls.__setitem__, cls.addupdate = __getitem__, __setitem__, addupdate_
+
+
+def ref_constants(jaxpr: ClosedJaxpr) -> list:
+    """The concrete Refs a traced program captured as constants (used in a way smap does not route)."""
+    return [c for c in jaxpr.consts if is_ref(c)]
+
+
+# -- sharding annotations --------------------------------------------------------------
+
+# Primitives that only lay out their operand, and the parameter holding the layout.
+ANNOTATIONS = {"sharding_constraint": "sharding", "reshard": "dst_sharding"}
+# Parameters of other primitives that lay out their result (jnp's ``out_sharding=``).
+OUT_SHARDING_PARAMS = ("out_sharding", "sharding")
+
+
+def annotation_spec(eqn: Any) -> tuple[PartitionSpec, str] | None:
+    """The PartitionSpec a sharding annotation asks of an equation's (first) result, and its parameter; else None.
+
+    ``with_sharding_constraint`` and ``jax.sharding.reshard`` are annotations;
+    so is an operation given ``out_sharding=`` (``dot_general``, ``broadcast_in_dim``, ...).
+    """
+    name = ANNOTATIONS.get(eqn.primitive.name)
+    if name is None:
+        name = next((p for p in OUT_SHARDING_PARAMS if isinstance(eqn.params.get(p), NamedSharding)), None)
+        if name is None:
+            return None
+    sharding = eqn.params.get(name)
+    spec = getattr(sharding, "spec", None)
+    return (spec, name) if isinstance(spec, PartitionSpec) else None
+
+
+def lays_out_operand(eqn: Any) -> bool:
+    """Whether an annotation equation only lays out its operand (a constraint or a reshard)."""
+    return eqn.primitive.name in ANNOTATIONS
+
+
+def bind_unannotated(eqn: Any, ins: Sequence[Any]) -> Any:
+    """An annotation equation's result without its layout: the operand, or the operation with no out_sharding."""
+    spec_param = annotation_spec(eqn)
+    assert spec_param is not None
+    if lays_out_operand(eqn):
+        return ins[0]
+    outs = bind_equation(eqn, ins, **{spec_param[1]: None})
+    return outs[0]
+
+
+def context_mesh() -> Any:
+    """The abstract mesh of the context a value is computed in (inside shard_map: its manual axes too)."""
+    return jax.sharding.get_abstract_mesh()
+
+
+def manual_axes(mesh: Any) -> frozenset:
+    """The axes of an abstract mesh that a shard_map around the current code has made manual."""
+    if mesh.empty:
+        return frozenset()
+    return frozenset(n for n, t in zip(mesh.axis_names, mesh.axis_types) if t == AxisType.Manual)
+
+
+def axis_kinds(mesh: Any) -> dict:
+    """Each axis of an abstract mesh: 'auto', 'explicit' or 'manual'."""
+    if mesh.empty:
+        return {}
+    return {n: t.name.lower() for n, t in zip(mesh.axis_names, mesh.axis_types)}
+
+
+def has_annotations(jaxpr: Jaxpr | ClosedJaxpr) -> bool:
+    """Whether a program (or a program nested in it) holds a sharding annotation."""
+    for eqn in open_jaxpr(jaxpr).eqns:
+        if annotation_spec(eqn) is not None:
+            return True
+        if any(has_annotations(sub) for sub in jaxprs_in_params(eqn.params)):
+            return True
+    return False
+
+
+def ambient_abstract_mesh() -> Any:
+    """A context with the ambient mesh's abstract mesh, for tracing a lane whose annotations need a mesh.
+
+    Entered inside :func:`without_ambient_mesh`: the lane is traced for the
+    axes of the mesh, and each annotation is laid out where the lane then
+    runs (``smap._annotations``).
+    """
+    mesh = ambient_mesh()
+    assert mesh is not None
+    return jax.sharding.use_abstract_mesh(mesh.abstract_mesh)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Hashable, Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -161,6 +161,16 @@ class State:
     """
 
     __slots__ = ("_value", "_tags", "_owner", "_name", "_lock", "__weakref__")
+
+    # Whether the value's shape and dtype can never change (a state backed by a jax.Ref).
+    fixed_shape: ClassVar[bool] = False
+
+    def __new__(cls, value: Any = None, *args: Any, **kwargs: Any) -> State:
+        if _compat.is_ref(value):  # a State backed by a jax.Ref (smap._refs)
+            from ._refs import backed_class
+
+            cls = backed_class(cls)
+        return super().__new__(cls)
 
     def __init__(self, value: Any, tag: str | Sequence[str] | None = None):
         self._lock = _locks.Group()

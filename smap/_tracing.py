@@ -48,6 +48,7 @@ class Program:
     written: tuple[int, ...]
     out_tree: PyTreeDef
     n_args: int
+    annotated: bool = False  # traced under the global mesh for its sharding annotations (see smap._annotations)
 
     @property
     def n_outs(self) -> int:
@@ -68,6 +69,10 @@ class Program:
 
     def __call__(self, *leaves: Any) -> list[Any]:
         """Evaluate the program on argument leaves followed by state leaves."""
+        if self.annotated:
+            from ._annotations import evaluate
+
+            return evaluate(self.jaxpr.jaxpr, self.jaxpr.consts, *leaves)
         return jax.core.eval_jaxpr(self.jaxpr.jaxpr, self.jaxpr.consts, *leaves)
 
 
@@ -109,6 +114,8 @@ def trace_program(
         (True, (0,))
     """
     leaves, in_tree = jax.tree_util.tree_flatten((args, kwargs))
+    if _compat.HAS_REFS:
+        _check_no_ref_arguments(name, leaves)
     trace_holder: list[Any] = []
 
     def state_input(state: State, value: Any) -> Any:
@@ -131,8 +138,25 @@ def trace_program(
     if arg_avals is None:
         arg_avals = [abstract(x) for x in leaves]
     specs = [jax.ShapeDtypeStruct(a.shape, a.dtype, weak_type=a.weak_type) for a in arg_avals]
-    with _compat.without_ambient_mesh():
-        jaxpr = jax.make_jaxpr(traced, axis_env=list(axis_env) or None)(*specs)
+    trace = jax.make_jaxpr(traced, axis_env=list(axis_env) or None)
+    annotated = False
+    try:
+        with _compat.without_ambient_mesh():
+            jaxpr = trace(*specs)
+    except (ValueError, RuntimeError) as error:
+        # Sharding annotations (with_sharding_constraint, out_sharding=, reshard) need the
+        # ambient mesh: trace again under it (smap._annotations binds them per lane).
+        if _compat.ambient_mesh() is None or "mesh" not in str(error):
+            raise
+        frame = TraceFrame(state_input, name, check_write)
+        trace_holder.clear()
+        with _compat.without_ambient_mesh(), _compat.ambient_abstract_mesh():
+            jaxpr = trace(*specs)
+        annotated = _compat.has_annotations(jaxpr)
+    if _compat.HAS_REFS and _compat.ref_constants(jaxpr):
+        from ._refs import unrouted_message
+
+        raise TypeError(unrouted_message(name, _compat.ref_constants(jaxpr)))
     index = {id(s): i for i, s in enumerate(frame.states)}
     return Program(
         jaxpr=jaxpr,
@@ -141,7 +165,17 @@ def trace_program(
         written=tuple(index[k] for k in frame.written),
         out_tree=result["out_tree"],
         n_args=len(leaves),
+        annotated=annotated,
     )
+
+
+def _check_no_ref_arguments(name: str, leaves: Sequence[Any]) -> None:
+    if any(isinstance(x, _compat.RefType) for x in leaves):
+        raise TypeError(
+            f"{name}: a jax.Ref is passed as an argument; smap maps arrays, and takes a Ref as a state: "
+            f"let the function close over it or hold it in a smap.nn.Module (select it with state_in_axes "
+            f"to give each lane its own slice)."
+        )
 
 
 class TraceContext:

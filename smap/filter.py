@@ -22,6 +22,9 @@ import fnmatch
 from collections.abc import Callable, Hashable, Iterable
 from typing import Union
 
+import jax
+
+from . import _compat
 from ._state import State, known_tags
 
 __all__ = [
@@ -84,7 +87,10 @@ class OfType(Filter):
         self.type = cls
 
     def __call__(self, path: Path, state: State) -> bool:
-        return isinstance(state, self.type)
+        # OfType(jax.Ref) selects the states backed by a jax.Ref (see smap._refs).
+        return isinstance(state, self.type) or (
+            state.fixed_shape and isinstance(getattr(state, "ref", None), self.type)
+        )
 
     def _key(self) -> tuple:
         return (self.type,)
@@ -161,14 +167,17 @@ class StateSet(Filter):
     """
 
     def __init__(self, states: Iterable[State]):
+        if isinstance(states, (dict, list, tuple)):  # a pytree of States and jax.Refs
+            states = jax.tree_util.tree_leaves(states, is_leaf=lambda x: isinstance(x, State))
         self.states = tuple(states)
         for s in self.states:
-            if not isinstance(s, State):
-                raise TypeError(f"a state selector must hold State instances, got {s!r}.")
+            if not isinstance(s, State) and not _compat.is_ref(s):
+                raise TypeError(f"a state selector must hold State instances or jax.Refs, got {s!r}.")
         self._ids = frozenset(id(s) for s in self.states)
 
     def __call__(self, path: Path, state: State) -> bool:
-        return id(state) in self._ids
+        # A jax.Ref selects the State backed by it (see smap._refs), whichever State that is at the call.
+        return id(state) in self._ids or (state.fixed_shape and id(getattr(state, "ref", None)) in self._ids)
 
     def _key(self) -> tuple:
         return (self._ids,)
@@ -294,11 +303,11 @@ class _Callable(Filter):
 def to_filter(selector: FilterLike) -> Filter:
     """Turn a selector into a :class:`Filter`.
 
-    Accepted: a Filter; a State subclass (:class:`OfType`); a string
+    Accepted: a Filter; a State subclass or ``jax.Ref`` (:class:`OfType`); a string
     (:class:`WithTag`: the transforms, ``Module.states`` and placement rules
-    refuse a string that is no State's tag, see :func:`check_tag_string`);
-    a State instance or an iterable of them
-    (:class:`StateSet`); ``True``/``False`` (:class:`Everything`/:class:`Nothing`);
+    refuse a string that is no State's tag, see :func:`check_tag_string`); a
+    State or ``jax.Ref`` instance, an iterable of them, or a dict, list or tuple
+    holding them (:class:`StateSet`); ``True``/``False`` (:class:`Everything`/:class:`Nothing`);
     any other callable ``(path, state) -> bool``.
 
     Example:
@@ -311,6 +320,8 @@ def to_filter(selector: FilterLike) -> Filter:
     if isinstance(selector, bool):
         return Everything() if selector else Nothing()
     if isinstance(selector, type):
+        if selector is _compat.RefType:
+            return OfType(selector)
         if not issubclass(selector, State):
             raise TypeError(f"a filter class must be a State subclass, got {selector!r}.")
         return OfType(selector)
@@ -318,6 +329,8 @@ def to_filter(selector: FilterLike) -> Filter:
         return WithTag(selector)
     if isinstance(selector, State):
         return StateSet([selector])
+    if _compat.is_ref(selector):
+        return StateSet([selector])  # type: ignore[list-item]  # jax.Ref: its State
     if callable(selector):
         return _Callable(selector)
     if isinstance(selector, Iterable):

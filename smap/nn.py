@@ -6,6 +6,7 @@ import weakref
 from collections.abc import Hashable, Iterator
 from typing import Any
 
+from . import _compat
 from . import filter as filters
 from ._state import State
 
@@ -87,6 +88,8 @@ Module.__module__ = "smap.nn"
 
 def _adopt(owner: Module, name: tuple[Hashable, ...], value: Any) -> None:
     """Record `owner` and `name` on the States and Modules inside `value`."""
+    if _compat.is_ref(value):
+        value = _ref_state(value)
     if isinstance(value, (State, Module)):
         if value is not owner:
             value._owner = weakref.ref(owner)
@@ -100,6 +103,8 @@ def _adopt(owner: Module, name: tuple[Hashable, ...], value: Any) -> None:
 
 
 def _walk(node: Any, path: tuple[Hashable, ...], seen: set[int]) -> Iterator[tuple[tuple, State]]:
+    if _compat.is_ref(node):
+        node = _ref_state(node)
     if id(node) in seen:
         return
     if isinstance(node, State):
@@ -121,3 +126,10 @@ def _walk(node: Any, path: tuple[Hashable, ...], seen: set[int]) -> Iterator[tup
         seen.add(id(node))
         for key, item in node.items():
             yield from _walk(item, path + (key,), seen)
+
+
+def _ref_state(ref: Any) -> State:
+    """The State backed by a jax.Ref a Module holds (see smap._refs)."""
+    from ._refs import state_of
+
+    return state_of(ref)

@@ -218,6 +218,12 @@ def _written_axes(
         if not per_lane:
             axes.extend([None] * n)
             continue
+        if state.fixed_shape and state not in inputs.lane_shaped:
+            raise BatchAxisError(
+                f"{name}: {state.describe()} is shared by the lanes but written with a per-lane value, and a "
+                f"jax.Ref cannot gain the mapped axis; select it in state_in_axes (one slice per lane), or "
+                f"write a value that is the same in every lane (a pmean over axis_name)."
+            )
         if not (selected and out_axis is not None):
             unexpected.append(i)
             out_axis = 0

@@ -272,3 +272,17 @@ def test_primitive_that_the_lane_sum_fusion_reads_exists(name):
 
     names = {p.name for p in vars(primitives).values() if hasattr(p, "bind") and hasattr(p, "name")}
     assert name in names, f"JAX has no primitive named {name!r}: the lane-sum fusion would never see it"
+
+
+# -- jax.Ref: its buffer, and the methods smap routes inside its traces --------------------
+
+
+@pytest.mark.skipif(not _compat.HAS_REFS, reason="this JAX has no jax.Ref")
+def test_ref_buffer_is_read_and_replaced():
+    ref = jax.new_ref(jnp.zeros(2))
+    assert _compat.is_ref(ref) and not _compat.is_ref(jnp.zeros(2))
+    assert _compat.ref_value(ref).tolist() == [0.0, 0.0]
+    _compat.set_ref_value(ref, jnp.ones(2))
+    assert ref[...].tolist() == [1.0, 1.0]
+    assert {"__getitem__", "__setitem__", "addupdate"} <= set(vars(_compat.RefType))
+    assert _compat.ref_constants(jax.make_jaxpr(lambda: jax.ref.get(ref, ()))()) == [ref]

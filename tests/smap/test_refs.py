@@ -1,0 +1,338 @@
+"""jax.Refs are states: read and written inside smap's transforms, they behave as States do.
+
+Every test runs the same program twice, once with Refs and once with States
+(or with plain ``jax.vmap`` and the state passed explicitly), and compares the
+outputs and the final values; bad input leaves every Ref and State as it was.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import sharding
+import smap
+from smap.filter import AtPath, OfType
+
+pytestmark = pytest.mark.skipif(not smap._compat.HAS_REFS, reason="this JAX has no jax.Ref")
+
+B = 8
+
+
+def _close(a, b):
+    for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b), strict=True):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-6, atol=1e-6)
+
+
+# -- the wall: a State from a Ref, and per-lane Refs ------------------------------------------
+
+
+def test_param_state_from_a_ref_is_backed_by_it():
+    ref = jax.new_ref(jnp.arange(3.0))
+    w = smap.ParamState(ref)
+    assert isinstance(w, smap.ParamState) and w.ref is ref
+    assert repr(w) == "ParamState(ref=float32[3])"
+    w.value = w.value * 2
+    _close(ref[...], jnp.array([0.0, 2.0, 4.0]))
+    ref[...] = jnp.ones(3)  # JAX's own write, outside smap
+    _close(w.value, jnp.ones(3))
+
+
+def test_closed_over_refs_map_per_lane_as_plain_vmap_does():
+    """The wall: per-lane Refs (a hidden state per example) and a shared weight, as jax.vmap with state passing."""
+    h0 = jax.random.normal(jax.random.key(0), (B, 3))
+    w0 = jax.random.normal(jax.random.key(1), (3, 3))
+    xs = jax.random.normal(jax.random.key(2), (B, 3))
+    hidden, weight = jax.new_ref(h0), jax.new_ref(w0)
+
+    def step(x):
+        hidden[...] = jnp.tanh(hidden[...] @ weight[...] + x)
+        return hidden[...].sum()
+
+    out = smap.vmap(step, state_in_axes=hidden)(xs)
+
+    def pure(h, x):
+        h = jnp.tanh(h @ w0 + x)
+        return h.sum(), h
+
+    ref_out, ref_h = jax.vmap(pure)(h0, xs)
+    _close(out, ref_out)
+    _close(hidden[...], ref_h)
+    _close(weight[...], w0)  # read only: shared and untouched
+
+
+# -- selection: by Ref, by pytree, by type, by path in a Module -------------------------------
+
+
+class Cell(smap.nn.Module):
+    def __init__(self):
+        self.w = jax.new_ref(jnp.full((2,), 0.5))
+        self.h = jax.new_ref(jnp.zeros((B, 2)))
+
+    def __call__(self, x):
+        self.h[...] = self.h[...] * self.w[...] + x
+        return self.h[...]
+
+
+@pytest.mark.parametrize(
+    "select",
+    [
+        lambda cell: cell.h,
+        lambda cell: {0: {"hidden": cell.h}},
+        lambda cell: AtPath("h"),
+        lambda cell: OfType(jax.Ref) & AtPath("h"),
+    ],
+    ids=["ref", "pytree", "path", "type-and-path"],
+)
+def test_a_module_holding_refs_selects_them_like_states(select):
+    cell = Cell()
+    assert list(cell.states()) == ["w", "h"]
+    xs = jnp.arange(B * 2.0).reshape(B, 2)
+    out = smap.vmap(cell, state_in_axes=select(cell))(xs)
+    expected = jax.vmap(lambda h, x: h * 0.5 + x)(jnp.zeros((B, 2)), xs)
+    _close(out, expected)
+    _close(cell.h[...], expected)
+
+
+def test_of_type_ref_selects_every_ref_and_no_state():
+    ref, state = jax.new_ref(jnp.zeros((B,))), smap.State(jnp.zeros((B,)))
+
+    def f(x):
+        ref[...] = ref[...] + x
+        state.value = state.value + 2 * x
+
+    smap.vmap(f, state_in_axes=jax.Ref, state_out_axes=smap.State)(jnp.ones(B))
+    _close(ref[...], jnp.ones(B))
+    _close(state.value, jnp.full((B, B), 2.0))  # shared, written per lane: gains the mapped axis
+
+
+def test_a_state_from_a_ref_is_selected_by_its_type():
+    ref = jax.new_ref(jnp.zeros((B, 2)))
+    h = smap.HiddenState(ref)
+
+    def f(x):
+        ref[...] = ref[...] + x  # the Ref itself: reads and writes go to h
+
+    smap.vmap(f, state_in_axes=smap.HiddenState)(jnp.ones((B, 2)))
+    _close(h.value, jnp.ones((B, 2)))
+
+
+# -- jit, grad, and the same program with States ---------------------------------------------
+
+
+def _train(use_refs: bool):
+    """A linear model trained by SGD, its parameters in Refs or in States."""
+    w0, b0 = jnp.array([[0.5], [-0.25]]), jnp.array([0.1])
+    if use_refs:
+        w, b = jax.new_ref(w0), jax.new_ref(b0)
+        params = smap.ParamState(w), smap.ParamState(b)
+        read = lambda: (w[...], b[...])  # noqa: E731
+
+        def write(gw, gb):
+            w[...] = w[...] - 0.1 * gw
+            b[...] -= 0.1 * gb
+    else:
+        params = smap.ParamState(w0), smap.ParamState(b0)
+        read = lambda: (params[0].value, params[1].value)  # noqa: E731
+
+        def write(gw, gb):
+            params[0].value = params[0].value - 0.1 * gw
+            params[1].value = params[1].value - 0.1 * gb
+
+    def loss(x, y):
+        wv, bv = read()
+        return jnp.mean((x @ wv + bv - y) ** 2)
+
+    grads = smap.grad(loss, grad_states=list(params))
+
+    @smap.jit
+    def step(x, y):
+        gw, gb = grads(x, y)
+        write(gw, gb)
+        return loss(x, y)
+
+    return step, params
+
+
+def test_jit_and_grad_on_refs_equal_states():
+    x = jax.random.normal(jax.random.key(0), (16, 2))
+    y = x @ jnp.array([[1.0], [2.0]])
+    step_r, params_r = _train(True)
+    step_s, params_s = _train(False)
+    for _ in range(3):
+        _close(step_r(x, y), step_s(x, y))
+    _close([p.value for p in params_r], [p.value for p in params_s])
+
+
+# -- on devices: the same values as jax.vmap -----------------------------------------------
+
+
+def _lanes_program(mapping_fn, use_refs: bool):
+    counts0 = jnp.zeros((B, 3))
+    scale0 = jnp.full((3,), 2.0)
+    total0 = jnp.zeros(())
+    if use_refs:
+        counts, scale, total = jax.new_ref(counts0), jax.new_ref(scale0), jax.new_ref(total0)
+        get = lambda r: r[...]  # noqa: E731
+
+        def put(r, v):
+            r[...] = v
+    else:
+        counts, scale, total = smap.ShortTermState(counts0), smap.State(scale0), smap.State(total0)
+        get = lambda s: s.value  # noqa: E731
+
+        def put(s, v):
+            s.value = v
+
+    def step(x):
+        put(counts, get(counts) + x * get(scale))
+        put(total, get(total) + jax.lax.pmean(x.sum(), "i"))  # the same in every lane: written once
+        return get(counts).sum()
+
+    mapping = smap.StatefulMapping(step, state_in_axes={0: [counts]}, axis_name="i", mapping_fn=mapping_fn)
+    return mapping, (counts, scale, total), get
+
+
+@pytest.mark.parametrize(
+    "strategy",
+    ["vmap", "shard_map-8", "shard_map-4"],
+)
+def test_refs_on_devices_equal_states_under_vmap(strategy):
+    if strategy == "vmap":
+        mapping_fn = jax.vmap
+    else:
+        n = int(strategy.split("-")[1])
+        mapping_fn = sharding.shard_map(sharding.make_mesh(data=n, devices=jax.devices()[:n]), axis="data")
+    xs = jnp.arange(B * 3.0).reshape(B, 3)
+    mapped_r, refs, get = _lanes_program(mapping_fn, True)
+    if strategy.startswith("shard_map"):
+        # A Ref's buffer is committed to one device: States made from the Refs place them on the mesh.
+        sharding.place([smap.State(r) for r in refs], mapped_r)
+    mapped_s, states, get_s = _lanes_program(jax.vmap, False)
+    for _ in range(2):
+        _close(mapped_r(xs), mapped_s(xs))
+    _close([get(r) for r in refs], [get_s(s) for s in states])
+
+
+def test_nested_jit_around_a_mapping_of_refs():
+    ref = jax.new_ref(jnp.zeros((B,)))
+    inner = smap.vmap(lambda x: ref.addupdate(x) or x * 2, state_in_axes=ref)
+    out = smap.jit(lambda xs: inner(xs).sum())(jnp.arange(B, dtype=jnp.float32))
+    _close(out, 2 * jnp.arange(B).sum())
+    _close(ref[...], jnp.arange(B))
+
+
+def test_indexed_reads_and_writes_per_lane():
+    ref = jax.new_ref(jnp.zeros((B, 4)))
+
+    def f(x):
+        ref[1:3] = ref[1:3] + x
+        ref[0] += 1.0
+        return ref[3]
+
+    out = smap.vmap(f, state_in_axes=ref)(jnp.ones((B, 2)))
+    expected = np.zeros((B, 4))
+    expected[:, 1:3] = 1.0
+    expected[:, 0] = 1.0
+    _close(ref[...], expected)
+    _close(out, jnp.zeros(B))
+
+
+def test_refs_outside_smap_stay_jax_s():
+    ref = jax.new_ref(jnp.zeros(2))
+    state = smap.State(ref)
+
+    @jax.jit
+    def f(x):
+        ref[...] = ref[...] + x
+
+    f(jnp.ones(2))
+    state.value = jnp.full(2, 5.0)  # an uncommitted value: the Ref stays where it is, and JAX can write it
+    smap.jit(lambda x: ref.addupdate(x))(jnp.ones(2))
+    f(jnp.ones(2))
+    _close(ref[...], jnp.full(2, 7.0))
+
+
+# -- bad input: clear errors, nothing written --------------------------------------------------
+
+
+class Net(smap.nn.Module):
+    def __init__(self):
+        self.w = jax.new_ref(jnp.ones(3))
+        self.s = smap.State(jnp.zeros(3))
+
+
+@pytest.mark.parametrize(
+    "body, error, words",
+    [
+        (lambda net, x: net.w.__setitem__(..., jnp.ones(4)), ValueError, ["Ref 'w'", "shape (4,)"]),
+        (lambda net, x: net.w.__setitem__(..., jnp.ones(3, jnp.int32)), TypeError, ["Ref 'w'", "int32"]),
+        (lambda net, x: net.w.__setitem__(slice(0, 2), jnp.ones(3)), ValueError, ["Ref 'w'", "shape (3,)"]),
+        (lambda net, x: jax.free_ref(net.w), TypeError, ["Ref 'w'", "jax.free_ref"]),
+        (lambda net, x: jax.ref.freeze(net.w), TypeError, ["Ref 'w'", "freeze"]),
+        (lambda net, x: jax.ref.set(net.w, (), jnp.zeros(3)), TypeError, ["Ref 'w'", "jax.ref.get/set"]),
+    ],
+    ids=["shape", "dtype", "indexed-shape", "free_ref", "freeze", "ref.set"],
+)
+@pytest.mark.parametrize("transform", ["jit", "vmap"])
+def test_bad_writes_name_the_ref_and_change_nothing(body, error, words, transform):
+    net = Net()
+
+    def f(x):
+        net.s.value = net.s.value + x
+        net.w[...] = net.w[...] * 2
+        body(net, x)
+        return x
+
+    wrapped = smap.jit(f) if transform == "jit" else smap.vmap(f, in_axes=None, axis_size=2)
+    with pytest.raises(error) as info:
+        wrapped(jnp.ones(3))
+    for word in words:
+        assert word in str(info.value)
+    _close(net.w[...], jnp.ones(3))
+    _close(net.s.value, jnp.zeros(3))
+
+
+def test_a_failing_call_leaves_refs_unchanged():
+    ref, state = jax.new_ref(jnp.zeros(2)), smap.State(jnp.zeros(2))
+
+    def f(x):
+        ref[...] = ref[...] + x
+        state.value = state.value + x
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        smap.jit(f)(jnp.ones(2))
+    _close(ref[...], jnp.zeros(2))
+    _close(state.value, jnp.zeros(2))
+
+
+def test_a_shared_ref_written_per_lane_is_refused_whatever_the_policy():
+    net = Net()
+
+    def f(x):
+        net.w[...] = net.w[...] + x
+
+    for policy in ("ignore", "warn", "raise"):
+        with pytest.raises(smap.BatchAxisError, match="Ref 'w'.*cannot gain the mapped axis"):
+            smap.vmap(f, unexpected_out_state_mapping=policy)(jnp.ones((B, 3)))
+    _close(net.w[...], jnp.ones(3))
+
+
+def test_a_ref_argument_is_refused_with_the_fix():
+    ref = jax.new_ref(jnp.zeros(2))
+    with pytest.raises(TypeError, match="passed as an argument.*close over it"):
+        smap.jit(lambda r: r[...])(ref)
+    _close(ref[...], jnp.zeros(2))
+
+
+def test_a_ref_backs_one_state_and_cannot_be_reset():
+    ref = jax.new_ref(jnp.zeros(2))
+    w = smap.ParamState(ref)
+    with pytest.raises(ValueError, match="already backs ParamState"):
+        smap.State(ref)
+    with pytest.raises(TypeError, match="shape and dtype are fixed"):
+        w.reset(jnp.zeros(3))
+    _close(w.value, jnp.zeros(2))
