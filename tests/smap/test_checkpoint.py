@@ -108,13 +108,22 @@ def test_round_trip_on_the_same_mesh_keeps_values_and_placement(tmp_path):
             assert got.sharding == want.sharding and got.dtype == want.dtype, name
     assert net.hidden.value.sharding.spec == P("data") and net.w.value.sharding.spec == P(None, "data")
 
-    # One file per distinct shard: 8 for a state split 8 ways, one for a replicated one.
-    manifest = json.loads((tmp_path / "step_00000005" / "manifest.json").read_text())
-    files = {name: [len(leaf["shards"]) for leaf in record["leaves"]] for name, record in manifest["states"].items()}
-    assert files == {"hidden": [8], "w": [8], "adam": [1, 1], "half": [8], "flags": [1], "rng": [1]}
+    # Each distinct shard once: 8 for a state split 8 ways, one for a replicated one, all in one data file.
+    folder = tmp_path / "step_00000005"
+    manifest = json.loads((folder / "manifest.json").read_text())
+    shards = {name: [len(leaf["shards"]) for leaf in record["leaves"]] for name, record in manifest["states"].items()}
+    assert shards == {"hidden": [8], "w": [8], "adam": [1, 1], "half": [8], "flags": [1], "rng": [1]}
     assert manifest["states"]["half"]["leaves"][0]["dtype"] == "bfloat16"
     assert manifest["states"]["adam"]["type"] == "smap.LongTermState"
-    assert len(list((tmp_path / "step_00000005").glob("*.npy"))) == sum(map(sum, files.values()))
+    assert sorted(p.name for p in folder.iterdir()) == ["data_0.bin", "manifest.json"]
+    # a shard is its raw bytes at its offset (NumPy reads it), each on its own page
+    entry = manifest["states"]["w"]["leaves"][0]["shards"][3]
+    assert entry["index"] == [[0, 4], [3, 4]] and entry["offset"] % _files.ALIGN == 0
+    raw = np.fromfile(folder / entry["file"], np.float32, count=4, offset=entry["offset"]).reshape(4, 1)
+    np.testing.assert_array_equal(raw, values["w"][:, 3:4])
+    total = sum(s["nbytes"] for r in manifest["states"].values() for leaf in r["leaves"] for s in leaf["shards"])
+    assert total == sum(np.asarray(x).nbytes for x in jax.tree_util.tree_leaves(values)) + 8  # + the key (2 x u32)
+    assert (folder / "data_0.bin").stat().st_size <= total + 28 * _files.ALIGN  # at most a page of padding a shard
 
 
 def test_restore_onto_8_then_2_then_1_then_4_devices(tmp_path):
@@ -308,31 +317,32 @@ def test_mismatched_target_names_every_state_and_changes_none(tmp_path):
     assert all(target[name].value is value for name, value in before.items())
 
 
-def _corrupt(path: pathlib.Path) -> None:
-    data = bytearray(path.read_bytes())
-    data[-1] ^= 0xFF
-    path.write_bytes(bytes(data))
-
-
-def test_corrupted_or_missing_shard_is_named_and_changes_nothing(tmp_path):
+def test_corrupted_truncated_or_missing_data_is_named_and_changes_nothing(tmp_path):
     values = arrays()
     net = Net(values)
     sharding.place(net, mapping_on(mesh_1d(8)))
     smap.checkpoint.save(tmp_path, net, step=1)
     folder = tmp_path / "step_00000001"
     manifest = json.loads((folder / "manifest.json").read_text())
-    shard = manifest["states"]["hidden"]["leaves"][0]["shards"][3]["file"]
-    _corrupt(folder / shard)
+    shard = manifest["states"]["half"]["leaves"][0]["shards"][3]
+    data = folder / shard["file"]
+    content = bytearray(data.read_bytes())
+    content[shard["offset"] + shard["nbytes"] - 1] ^= 0xFF  # the last byte of that shard
+    data.write_bytes(bytes(content))
 
     target = Net(zeros_like(values))
     before = {name: s.value for name, s in target.states().items()}
-    with pytest.raises(CheckpointError, match=rf"{shard}: the shard of state 'hidden' is corrupted: its sha256 is"):
+    with pytest.raises(CheckpointError, match=r"data_0.bin: the shard of state 'half' is corrupted: its sha256 is"):
         smap.checkpoint.restore(tmp_path, target)
     assert all(target.states()[name].value is value for name, value in before.items())
 
-    # a missing shard file is named too
-    (folder / shard).unlink()
-    with pytest.raises(CheckpointError, match=rf"{shard}: cannot read a shard of state 'hidden'"):
+    data.write_bytes(bytes(content[: shard["offset"] + 2]))  # cut short inside that shard
+    with pytest.raises(CheckpointError, match=r"data_0.bin: cannot read a shard of state 'half' \(the file ends"):
+        smap.checkpoint.restore(tmp_path, target)
+    assert all(target.states()[name].value is value for name, value in before.items())
+
+    data.unlink()  # a missing data file is named too
+    with pytest.raises(CheckpointError, match=r"data_0.bin: cannot read a shard of state 'hidden'"):
         smap.checkpoint.restore(tmp_path, target)
     assert all(target.states()[name].value is value for name, value in before.items())
 
@@ -342,31 +352,44 @@ def test_corrupted_or_missing_shard_is_named_and_changes_nothing(tmp_path):
     assert all(target.states()[name].value is value for name, value in before.items())
 
 
-def test_a_failed_save_leaves_the_previous_step_the_latest(tmp_path, monkeypatch):
+def _fail_on_the_third_shard(monkeypatch):
+    write = _files._write_at
+    calls = []
+
+    def fail(fd, offset, data):
+        calls.append(offset)
+        if len(calls) == 3:
+            raise OSError("disk full")
+        return write(fd, offset, data)
+
+    monkeypatch.setattr(_files, "_write_at", fail)
+
+
+@pytest.mark.parametrize("wait", [True, False])
+def test_a_failed_save_leaves_the_previous_step_the_latest(tmp_path, monkeypatch, wait):
     w = smap.ParamState(np.arange(B * 4, dtype=np.float32).reshape(B, 4))
     w.value = jax.device_put(w.value, NamedSharding(mesh_1d(8), P("data")))
     smap.checkpoint.save(tmp_path, {"w": w}, step=1)
-    write = _files.write_durably
-    calls = []
-
-    def fail_on_the_third_file(path, data):
-        calls.append(path)
-        if len(calls) == 3:
-            raise OSError("disk full")
-        write(path, data)
-
-    monkeypatch.setattr(_files, "write_durably", fail_on_the_third_file)
+    _fail_on_the_third_shard(monkeypatch)
     w.value = w.value + 1
-    with pytest.raises(OSError, match="disk full"):
-        smap.checkpoint.save(tmp_path, {"w": w}, step=2)
+    failure = r"saving step 2 failed \(OSError: disk full\)"
+    if wait:
+        with pytest.raises(CheckpointError, match=failure):
+            smap.checkpoint.save(tmp_path, {"w": w}, step=2)
+    else:  # the failure surfaces at wait()
+        pending = smap.checkpoint.save(tmp_path, {"w": w}, step=2, wait=False)
+        with pytest.raises(CheckpointError, match=failure):
+            pending.wait()
+        assert pending.done()
     monkeypatch.undo()
     assert smap.checkpoint.steps(tmp_path) == [1]
     assert (tmp_path / ".partial_step_00000002").is_dir()
-    assert smap.checkpoint.restore(tmp_path, {"w": w}) == 1
+    assert smap.checkpoint.restore(tmp_path, {"w": w}) == 1  # ... which removes the leftover
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_00000001"]
     np.testing.assert_array_equal(w.value, np.arange(B * 4).reshape(B, 4))
-    smap.checkpoint.save(tmp_path, {"w": w}, step=2)  # the partial folder is replaced
+    smap.checkpoint.save(tmp_path, {"w": w}, step=2)
     assert smap.checkpoint.steps(tmp_path) == [1, 2]
-    assert not (tmp_path / ".partial_step_00000002").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_00000001", "step_00000002"]
 
 
 SLOW_SAVER = textwrap.dedent(
@@ -378,11 +401,11 @@ SLOW_SAVER = textwrap.dedent(
     directory = sys.argv[1]
     states = {f"s{i}": smap.ParamState(jnp.full((64, 64), float(i))) for i in range(40)}
     smap.checkpoint.save(directory, states, step=1)
-    write = _files.write_durably
-    def slow(path, data):
-        write(path, data)
+    write = _files._write_at
+    def slow(fd, offset, data):
         time.sleep(0.25)
-    _files.write_durably = slow
+        return write(fd, offset, data)
+    _files._write_at = slow
     for state in states.values():
         state.value = state.value + 1000
     print("saving step 2", flush=True)
@@ -399,20 +422,24 @@ def test_a_save_killed_midway_never_loads(tmp_path):
     )
     partial = tmp_path / ".partial_step_00000002"
     deadline = time.monotonic() + 120
+    states = {f"s{i}": smap.ParamState(jnp.zeros((64, 64))) for i in range(40)}
     try:
-        while len(list(partial.glob("*.npy"))) < 3:
+        while not (partial / "data_0.bin").exists():
             assert saver.poll() is None, saver.stdout.read().decode()
             assert time.monotonic() < deadline, "the save of step 2 did not start"
             time.sleep(0.05)
+        # a restore meanwhile neither sees step 2 nor removes the folder of the save under way
+        assert smap.checkpoint.restore(tmp_path, states) == 1
+        assert (partial / "data_0.bin").exists() and saver.poll() is None
         saver.send_signal(signal.SIGKILL)
     finally:
         saver.kill()
         output = saver.communicate()[0].decode()
     assert "saving step 2" in output and "saved step 2" not in output, output
     assert smap.checkpoint.steps(tmp_path) == [1]
-    states = {f"s{i}": smap.ParamState(jnp.zeros((64, 64))) for i in range(40)}
     assert smap.checkpoint.restore(tmp_path, states) == 1
     for i, state in enumerate(states.values()):
         np.testing.assert_array_equal(state.value, np.full((64, 64), float(i)))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_00000001"]  # the killed save's folder is gone
     with pytest.raises(CheckpointError, match="step 2 was never saved completely"):
         smap.checkpoint.restore(tmp_path, states, step=2)
