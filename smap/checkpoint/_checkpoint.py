@@ -23,7 +23,7 @@ from jax.sharding import NamedSharding, SingleDeviceSharding
 
 from .. import nn
 from .._state import State, active_frames
-from . import _files
+from . import _files, _io
 
 __all__ = ["CheckpointError", "PendingSave", "save", "restore", "steps"]
 
@@ -298,7 +298,7 @@ def _write_part(
     process, processes = jax.process_index(), jax.process_count()
     partial, final = _files.partial_dir(directory, step), _files.step_dir(directory, step)
     file = f"data_{process}.bin"
-    placed = _files.write_pieces(partial / file, [_bytes_of(array) for _, array in pieces])
+    placed = _io.write_pieces(partial / file, [_bytes_of(array) for _, array in pieces])
     written = {
         (key, tuple(map(tuple, ranges))): {"file": file, "offset": offset, "nbytes": nbytes, "sha256": digest}
         for ((key, ranges), _), (offset, nbytes, digest) in zip(pieces, placed)
@@ -474,7 +474,7 @@ def _read_shard(folder: Path, fds: Mapping[str, int], shard: dict, dtype: np.dty
     if array.nbytes != shard["nbytes"]:
         raise CheckpointError(f"{path}: the shard of {what} has {shard['nbytes']} bytes, its index {shard['index']}.")
     try:
-        digest = _files.read_piece(fds[shard["file"]], shard["offset"], array.reshape(-1).view(np.uint8))
+        digest = _io.read_piece(fds[shard["file"]], shard["offset"], array.reshape(-1).view(np.uint8))
     except OSError as error:
         raise CheckpointError(f"{path}: cannot read a shard of {what} ({error.strerror}).") from None
     if digest != shard["sha256"]:
@@ -507,7 +507,7 @@ class _Reader:
                 ) from None
         key = (file, shard["offset"])
         if key not in self.reads:
-            self.reads[key] = _files.pool().submit(_read_shard, self.folder, self.fds, shard, dtype, what)
+            self.reads[key] = _io.pool().submit(_read_shard, self.folder, self.fds, shard, dtype, what)
         return self.reads[key]
 
     def close(self) -> None:

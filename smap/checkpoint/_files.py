@@ -3,7 +3,7 @@
     directory/
         step_00000012/              a complete step: visible only once complete
             manifest.json           what the step holds (written last, after every process's part)
-            data_0.bin              the shards process 0 wrote, one after another
+            data_0.bin              the shards process 0 wrote, one after another (see ``_io``)
         .partial_step_00000013/     a save under way, or one that was interrupted: never loaded
         .old_step_00000012/         the step an overwrite replaces, until the new one has its name
         .step_00000013.lock         held (``flock``) by the process that saves step 13
@@ -16,27 +16,23 @@ between, the old folder is step ``n``. Folders leave by being renamed to a
 hidden name first, then deleted. ``clean`` removes what interrupted saves
 left, and never a folder whose save still holds its lock.
 
-Only the standard library is used here (the SIGKILL test starts processes
-that import this module alone).
+Only the standard library is used here, and little of it (the SIGKILL test
+starts processes that import this module alone). The data files are written
+and read by ``_io``.
 """
 
 from __future__ import annotations
 
-import concurrent.futures
 import contextlib
-import errno
 import fcntl
-import hashlib
 import os
 import re
 import shutil
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
 
 __all__ = [
     "MANIFEST",
-    "ALIGN",
     "step_dir",
     "partial_dir",
     "folder_of",
@@ -48,17 +44,11 @@ __all__ = [
     "step_lock",
     "clean",
     "clean_step",
-    "pool",
-    "write_pieces",
-    "read_piece",
 ]
 
 MANIFEST = "manifest.json"
-ALIGN = 4096  # each shard starts on a page of its data file: parallel reads share no page
-_CHUNK = 1 << 26  # bytes per pwrite/preadv call
 _STEP = re.compile(r"step_(\d+)")
 _LEFTOVER = re.compile(r"\.(partial_step|old_step|step)_(\d+)(\.lock)?")
-_pool: concurrent.futures.ThreadPoolExecutor | None = None
 
 
 def step_dir(directory: Path, step: int) -> Path:
@@ -196,49 +186,3 @@ def clean_step(directory: Path, step: int) -> None:
             os.rename(old, final)
             sync_dir(directory)
     shutil.rmtree(partial_dir(directory, step), ignore_errors=True)
-
-
-def pool() -> concurrent.futures.ThreadPoolExecutor:
-    """The threads that write, read and hash shards (hashlib and file I/O release the GIL)."""
-    global _pool
-    if _pool is None:
-        _pool = concurrent.futures.ThreadPoolExecutor(max_workers=8, thread_name_prefix="smap.checkpoint")
-    return _pool
-
-
-def _write_at(fd: int, offset: int, data: memoryview) -> str:
-    done = 0
-    while done < len(data):
-        done += os.pwrite(fd, data[done : done + _CHUNK], offset + done)
-    return hashlib.sha256(data).hexdigest()
-
-
-def write_pieces(path: Path, pieces: Sequence[Any]) -> list[tuple[int, int, str]]:
-    """Write the byte buffers ``pieces`` into a new file ``path`` in parallel, flushed to the disk.
-
-    Each starts at a multiple of ``ALIGN``. Returns ``(offset, nbytes, sha256)`` per piece.
-    """
-    views = [memoryview(piece).cast("B") for piece in pieces]
-    offsets, end = [], 0
-    for view in views:
-        offsets.append(end)
-        end += -(-len(view) // ALIGN) * ALIGN
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-    try:
-        digests = list(pool().map(lambda args: _write_at(fd, *args), zip(offsets, views)))
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    return [(offset, len(view), digest) for offset, view, digest in zip(offsets, views, digests)]
-
-
-def read_piece(fd: int, offset: int, into: Any) -> str:
-    """Fill the writable buffer ``into`` from ``fd`` at ``offset``; the sha256 of what was read."""
-    view = memoryview(into).cast("B")
-    done = 0
-    while done < len(view):
-        got = os.preadv(fd, [view[done : done + _CHUNK]], offset + done)
-        if got == 0:
-            raise OSError(errno.EIO, "the file ends before the shard does")
-        done += got
-    return hashlib.sha256(view).hexdigest()

@@ -26,7 +26,7 @@ from jax.sharding import PartitionSpec as P
 
 import sharding
 import smap
-from smap.checkpoint import CheckpointError, _files
+from smap.checkpoint import CheckpointError, _files, _io
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 B = 8
@@ -118,12 +118,12 @@ def test_round_trip_on_the_same_mesh_keeps_values_and_placement(tmp_path):
     assert sorted(p.name for p in folder.iterdir()) == ["data_0.bin", "manifest.json"]
     # a shard is its raw bytes at its offset (NumPy reads it), each on its own page
     entry = manifest["states"]["w"]["leaves"][0]["shards"][3]
-    assert entry["index"] == [[0, 4], [3, 4]] and entry["offset"] % _files.ALIGN == 0
+    assert entry["index"] == [[0, 4], [3, 4]] and entry["offset"] % _io.ALIGN == 0
     raw = np.fromfile(folder / entry["file"], np.float32, count=4, offset=entry["offset"]).reshape(4, 1)
     np.testing.assert_array_equal(raw, values["w"][:, 3:4])
     total = sum(s["nbytes"] for r in manifest["states"].values() for leaf in r["leaves"] for s in leaf["shards"])
     assert total == sum(np.asarray(x).nbytes for x in jax.tree_util.tree_leaves(values)) + 8  # + the key (2 x u32)
-    assert (folder / "data_0.bin").stat().st_size <= total + 28 * _files.ALIGN  # at most a page of padding a shard
+    assert (folder / "data_0.bin").stat().st_size <= total + 28 * _io.ALIGN  # at most a page of padding a shard
 
 
 def test_restore_onto_8_then_2_then_1_then_4_devices(tmp_path):
@@ -353,7 +353,7 @@ def test_corrupted_truncated_or_missing_data_is_named_and_changes_nothing(tmp_pa
 
 
 def _fail_on_the_third_shard(monkeypatch):
-    write = _files._write_at
+    write = _io._write_at
     calls = []
 
     def fail(fd, offset, data):
@@ -362,7 +362,7 @@ def _fail_on_the_third_shard(monkeypatch):
             raise OSError("disk full")
         return write(fd, offset, data)
 
-    monkeypatch.setattr(_files, "_write_at", fail)
+    monkeypatch.setattr(_io, "_write_at", fail)
 
 
 @pytest.mark.parametrize("wait", [True, False])
@@ -396,16 +396,16 @@ SLOW_SAVER = textwrap.dedent(
     """
     import sys, time
     import jax.numpy as jnp, numpy as np, smap
-    from smap.checkpoint import _files
+    from smap.checkpoint import _io
 
     directory = sys.argv[1]
     states = {f"s{i}": smap.ParamState(jnp.full((64, 64), float(i))) for i in range(40)}
     smap.checkpoint.save(directory, states, step=1)
-    write = _files._write_at
+    write = _io._write_at
     def slow(fd, offset, data):
         time.sleep(0.25)
         return write(fd, offset, data)
-    _files._write_at = slow
+    _io._write_at = slow
     for state in states.values():
         state.value = state.value + 1000
     print("saving step 2", flush=True)
@@ -443,3 +443,69 @@ def test_a_save_killed_midway_never_loads(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step_00000001"]  # the killed save's folder is gone
     with pytest.raises(CheckpointError, match="step 2 was never saved completely"):
         smap.checkpoint.restore(tmp_path, states, step=2)
+
+
+OVERWRITER = textwrap.dedent(
+    """
+    import importlib.util, json, sys
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("files", sys.argv[1])
+    files = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(files)
+    directory = Path(sys.argv[2])
+    for k in range(1, 10**9):  # overwrite step 1 again and again, as save(overwrite=True) does
+        with files.step_lock(directory, 1):
+            files.clean_step(directory, 1)
+            partial = files.partial_dir(directory, 1)
+            partial.mkdir()
+            for i in range(16):
+                (partial / str(i)).write_text(str(k))
+            files.write_durably(partial / files.MANIFEST, json.dumps({"k": k}).encode())
+            files.commit(partial, files.step_dir(directory, 1))
+        print(k, flush=True)
+    """
+)
+
+
+def test_an_overwrite_killed_at_any_moment_leaves_the_old_or_the_new_step(tmp_path):
+    """SIGKILL at random moments of repeated overwrites: step 1 is always there, whole, and not older than committed.
+
+    The processes import only ``_files`` (the commit protocol, stdlib only) so
+    that 60 kills take a few seconds; 6 run at once, each in its own directory.
+    """
+    rng = np.random.default_rng(0)
+    in_the_window = 0
+    for batch in range(10):
+        directories = [tmp_path / f"{batch}.{i}" for i in range(6)]
+        children = []
+        for directory in directories:
+            directory.mkdir()
+            command = [
+                sys.executable,
+                "-S",
+                "-I",
+                "-c",
+                OVERWRITER,
+                str(ROOT / "smap/checkpoint/_files.py"),
+                str(directory),
+            ]
+            children.append(subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE))
+        for child in children:
+            assert child.stdout.readline().strip() == b"1", child.stderr.read()  # a first step is committed
+        start = time.monotonic()
+        for delay, child in sorted(zip(rng.uniform(0, 0.1, len(children)), children), key=lambda pair: pair[0]):
+            time.sleep(max(0.0, start + delay - time.monotonic()))
+            child.send_signal(signal.SIGKILL)
+        for child, directory in zip(children, directories):
+            printed = child.communicate()[0].split()
+            committed = int(printed[-1]) if printed else 1
+            in_the_window += (directory / ".old_step_00000001").exists()
+            assert _files.complete_steps(directory) == [1]
+            _files.clean(directory)  # as the next save or restore does
+            assert sorted(p.name for p in directory.iterdir()) == ["step_00000001"]
+            folder = directory / "step_00000001"
+            k = json.loads((folder / "manifest.json").read_text())["k"]
+            assert k >= committed  # the last committed step, or the one being written after it
+            assert [(folder / str(i)).read_text() for i in range(16)] == [str(k)] * 16
+    assert in_the_window > 0  # some kills hit an overwrite between its two renames or before the old one was gone
