@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 
 import jax
@@ -509,3 +510,89 @@ def test_an_overwrite_killed_at_any_moment_leaves_the_old_or_the_new_step(tmp_pa
             assert k >= committed  # the last committed step, or the one being written after it
             assert [(folder / str(i)).read_text() for i in range(16)] == [str(k)] * 16
     assert in_the_window > 0  # some kills hit an overwrite between its two renames or before the old one was gone
+
+
+def _hold_writes(monkeypatch):
+    """Writes of shards wait until the returned event is set."""
+    release, write = threading.Event(), _io._write_at
+
+    def held(fd, offset, data):
+        release.wait()
+        return write(fd, offset, data)
+
+    monkeypatch.setattr(_io, "_write_at", held)
+    return release
+
+
+def test_a_background_save_holds_the_values_of_the_call_while_training_donates_the_states(tmp_path, monkeypatch):
+    net = Net(arrays())
+    sharding.place(net, mapping_on(mesh_1d(8)), rules={smap.ParamState: P(None, "data")})
+    # a training step that writes every array state, donating its buffers
+    bump = jax.jit(lambda t: jax.tree_util.tree_map(lambda x: ~x if x.dtype == bool else x + 1, t), donate_argnums=0)
+
+    def train():
+        for state in (net.hidden, net.w, net.adam, net.half, net.flags):
+            state.value = bump(state.value)
+        net.rng.normal(size=2)
+
+    release = _hold_writes(monkeypatch)
+    expected = {1: host(net.states())}
+    pending = smap.checkpoint.save(tmp_path, net, step=1, wait=False)
+    assert isinstance(pending, smap.checkpoint.PendingSave)
+    for _ in range(3):
+        train()
+    assert not pending.done() and smap.checkpoint.steps(tmp_path) == []  # nothing visible before the commit
+    with pytest.raises(CheckpointError, match="no complete checkpoint"):
+        smap.checkpoint.restore(tmp_path, Net(arrays()))  # ... and it leaves the folder of the save under way
+    assert (tmp_path / ".partial_step_00000001").is_dir()
+
+    # a second background save of the directory waits for the first
+    expected[2] = host(net.states())
+    seconds = []
+    second = threading.Thread(target=lambda: seconds.append(smap.checkpoint.save(tmp_path, net, step=2, wait=False)))
+    second.start()
+    second.join(0.3)
+    assert second.is_alive() and not (tmp_path / ".partial_step_00000002").exists()
+    release.set()
+    second.join()
+    train()
+    pending.wait()
+    seconds[0].wait()
+    assert pending.done() and seconds[0].done() and smap.checkpoint.steps(tmp_path) == [1, 2]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_00000001", "step_00000002"]
+
+    for step in (1, 2):
+        other = Net(zeros_like(arrays()))
+        assert smap.checkpoint.restore(tmp_path, other, step=step) == step
+        got, want = host(other.states()), expected[step]
+        jax.tree_util.tree_map(np.testing.assert_array_equal, got, want)
+
+
+BACKGROUND_AT_EXIT = textwrap.dedent(
+    """
+    import sys, time
+    import jax.numpy as jnp, smap
+    from smap.checkpoint import _io
+
+    write = _io._write_at
+    def slow(fd, offset, data):
+        time.sleep(0.3)
+        return write(fd, offset, data)
+    _io._write_at = slow
+    states = {f"s{i}": smap.ParamState(jnp.full((16,), float(i))) for i in range(4)}
+    smap.checkpoint.save(sys.argv[1], states, step=1, wait=False)
+    print("returned", flush=True)
+    """
+)
+
+
+def test_the_process_waits_for_its_background_saves_at_exit(tmp_path):
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT), "XLA_FLAGS": ""}
+    result = subprocess.run(
+        [sys.executable, "-c", BACKGROUND_AT_EXIT, str(tmp_path)], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0 and "returned" in result.stdout, result.stderr
+    states = {f"s{i}": smap.ParamState(jnp.zeros(16)) for i in range(4)}
+    assert smap.checkpoint.restore(tmp_path, states) == 1
+    for i, state in enumerate(states.values()):
+        np.testing.assert_array_equal(state.value, np.full(16, float(i)))
