@@ -300,7 +300,13 @@ def _write_part(
     file = f"data_{process}.bin"
     placed = _io.write_pieces(partial / file, [_bytes_of(array) for _, array in pieces])
     written = {
-        (key, tuple(map(tuple, ranges))): {"file": file, "offset": offset, "nbytes": nbytes, "sha256": digest}
+        (key, tuple(map(tuple, ranges))): {
+            "file": file,
+            "offset": offset,
+            "nbytes": nbytes,
+            "sha256": digest,
+            "process": process,
+        }
         for ((key, ranges), _), (offset, nbytes, digest) in zip(pieces, placed)
     }
     if process > 0:
