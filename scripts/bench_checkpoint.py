@@ -1,7 +1,7 @@
 """Checkpoints: ``smap.checkpoint`` against Orbax's standard checkpointer, on the same sharded arrays.
 
 Runs on 8 emulated CPU devices (set here, before JAX starts). Needs
-``orbax-checkpoint`` (the ``bench`` extra; smap does not depend on it).
+``orbax-checkpoint`` installed (smap does not depend on it).
 
 The states are model-like: four float32 matrices split over the rows of an
 8-device ``('data',)`` mesh (70 % of the bytes), two replicated matrices
