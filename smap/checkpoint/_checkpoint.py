@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import atexit
-import concurrent.futures
 import contextlib
+import functools
 import json
 import math
 import os
@@ -31,6 +31,11 @@ FORMAT = "smap.checkpoint"
 VERSION = 2
 
 Ranges = tuple[tuple[int, int], ...]
+ShardKey = tuple[str, Ranges]  # '<state>/<leaf>' and the shard's index ranges
+
+
+def _key(leaf: str, index: Any) -> ShardKey:
+    return leaf, tuple((int(a), int(b)) for a, b in index)
 
 
 class CheckpointError(Exception):
@@ -140,7 +145,7 @@ class PendingSave:
         self.directory, self.step = directory, step
         self._error: BaseException | None = None
         self._observed = False
-        self._thread = threading.Thread(target=self._run, args=(work,), name=f"smap.checkpoint {step}", daemon=True)
+        self._thread = threading.Thread(target=self._run, args=(work,), name=f"smap.checkpoint {step}")
         self._thread.start()
 
     def _run(self, work: Any) -> None:
@@ -173,7 +178,7 @@ _pending_lock = threading.Lock()
 
 @atexit.register
 def _finish_pending() -> None:
-    """At exit, wait for the background saves; a failure nobody waited for is printed."""
+    """At exit (the interpreter has joined the saves' threads, which are not daemons), print unseen failures."""
     for pending in list(_pending.values()):
         pending._thread.join()
         if pending._error is not None and not pending._observed:
@@ -245,7 +250,7 @@ def save(
         raise CheckpointError(f"{directory}: step {step} exists; pass overwrite=True to replace it.")
     for _, shard in writes:
         shard.copy_to_host_async()
-    pieces = [(ranges, np.asarray(shard)) for ranges, shard in writes]  # the snapshot (no copy on the CPU)
+    pieces = [(key, np.asarray(shard)) for key, shard in writes]  # the snapshot (no copy on the CPU)
 
     process, partial = jax.process_index(), _files.partial_dir(directory, step)
     lock = contextlib.ExitStack()
@@ -292,22 +297,22 @@ _PEER_TIMEOUT = 600.0  # seconds a process waits for the others' parts of a save
 
 
 def _write_part(
-    directory: Path, step: int, token: str, records: dict, pieces: list[tuple[Ranges, np.ndarray]], keep: int | None
+    directory: Path, step: int, token: str, records: dict, pieces: list[tuple[ShardKey, np.ndarray]], keep: int | None
 ) -> None:
     """Write this process's shards; process 0 then writes the manifest once every part is on disk, and commits."""
     process, processes = jax.process_index(), jax.process_count()
     partial, final = _files.partial_dir(directory, step), _files.step_dir(directory, step)
     file = f"data_{process}.bin"
     placed = _io.write_pieces(partial / file, [_bytes_of(array) for _, array in pieces])
-    written = {
-        (key, tuple(map(tuple, ranges))): {
+    written: dict[ShardKey, dict[str, Any]] = {
+        key: {
             "file": file,
             "offset": offset,
             "nbytes": nbytes,
             "sha256": digest,
             "process": process,
         }
-        for ((key, ranges), _), (offset, nbytes, digest) in zip(pieces, placed)
+        for (key, _), (offset, nbytes, digest) in zip(pieces, placed)
     }
     if process > 0:
         part = partial / f"process_{process}.json"
@@ -322,12 +327,12 @@ def _write_part(
     for p in range(1, processes):
         part = partial / f"process_{p}.json"
         _await(directory, step, part.exists, f"process {p} to write its shards")
-        written.update({(k[0], tuple(map(tuple, k[1]))): v for k, v in json.loads(part.read_bytes())})
+        written.update({_key(*k): v for k, v in json.loads(part.read_bytes())})
         part.unlink()
     for name, record in records.items():
         for j, entry in enumerate(record["leaves"]):
             for shard in entry["shards"]:
-                shard.update(written[(f"{name}/{j}", tuple(map(tuple, shard["index"])))])
+                shard.update(written[_key(f"{name}/{j}", shard["index"])])
     manifest = {
         "format": FORMAT,
         "version": VERSION,
@@ -364,12 +369,13 @@ def _await(directory: Path, step: int, condition: Any, what: str) -> None:
         delay = min(2 * delay, 0.05)
 
 
-def _layout(states: Mapping[str, State]) -> tuple[dict, list[tuple[tuple[str, Ranges], jax.Array]]]:
+def _layout(states: Mapping[str, State]) -> tuple[dict, list[tuple[ShardKey, jax.Array]]]:
     """The manifest's records of ``states`` (files and checksums to come), and the shards this process writes.
 
     A shard to write is keyed by ``'<state>/<leaf>'`` and its index ranges.
     """
-    records, writes = {}, []
+    records: dict[str, dict] = {}
+    writes: list[tuple[ShardKey, jax.Array]] = []
     for name, state in states.items():
         leaves, _ = _leaves(state)
         entries = []
@@ -380,7 +386,7 @@ def _layout(states: Mapping[str, State]) -> tuple[dict, list[tuple[tuple[str, Ra
                 signature.update(data_shape=list(data.shape), data_dtype=str(data.dtype))
             shards, mine = _plan(data)
             entries.append({"path": path, **signature, "shards": shards})
-            writes.extend(((f"{name}/{j}", ranges), shard) for ranges, shard in mine)
+            writes.extend((_key(f"{name}/{j}", ranges), shard) for ranges, shard in mine)
         records[name] = {"type": _type_name(state), "leaves": entries}
     return records, writes
 
@@ -473,7 +479,7 @@ def _placements(name: str, state: State, mesh: Any, mapping: Any, rules: Any) ->
 
 
 def _read_shard(folder: Path, fds: Mapping[str, int], shard: dict, dtype: np.dtype, what: str) -> np.ndarray:
-    """One saved shard, read (in a thread of the pool) and checked against its sha256."""
+    """One saved shard, read (in one of ``_io.parallel``'s threads) and checked against its sha256."""
     path = folder / shard["file"]
     shape = [b - a for a, b in shard["index"]]
     array = np.empty(shape, dtype)
@@ -496,13 +502,16 @@ def _overlap(a: Ranges, b: Ranges) -> tuple[tuple[int, int], ...] | None:
 
 
 class _Reader:
-    """Reads the shards a restore needs in parallel, each file opened once."""
+    """Collects the shards a restore needs, then reads them in parallel, each file opened once."""
 
     def __init__(self, folder: Path) -> None:
-        self.folder, self.fds = folder, {}
-        self.reads: dict[tuple[str, int], concurrent.futures.Future] = {}
+        self.folder = folder
+        self.fds: dict[str, int] = {}
+        self.tasks: dict[tuple[str, int], Any] = {}
+        self.arrays: dict[tuple[str, int], np.ndarray] = {}
 
-    def read(self, shard: dict, dtype: np.dtype, what: str) -> concurrent.futures.Future:
+    def read(self, shard: dict, dtype: np.dtype, what: str) -> tuple[str, int]:
+        """Ask for ``shard``; its array is ``self.arrays[key]`` after ``run``."""
         file = shard["file"]
         if file not in self.fds:
             try:
@@ -512,14 +521,13 @@ class _Reader:
                     f"{self.folder / file}: cannot read a shard of {what} ({error.strerror})."
                 ) from None
         key = (file, shard["offset"])
-        if key not in self.reads:
-            self.reads[key] = _io.pool().submit(_read_shard, self.folder, self.fds, shard, dtype, what)
-        return self.reads[key]
+        self.tasks.setdefault(key, functools.partial(_read_shard, self.folder, self.fds, shard, dtype, what))
+        return key
+
+    def run(self) -> None:
+        self.arrays = dict(zip(self.tasks, _io.parallel(list(self.tasks.values()))))
 
     def close(self) -> None:
-        for future in self.reads.values():
-            future.cancel()
-        concurrent.futures.wait(self.reads.values())
         for fd in self.fds.values():
             os.close(fd)
 
@@ -551,7 +559,7 @@ def _leaf_reads(reader: _Reader, entry: dict, sharding: Any, what: str) -> Any:
     ]
 
     def build() -> jax.Array:
-        pieces = {ranges: future.result() for ranges, future in reads}
+        pieces = {ranges: reader.arrays[key] for ranges, key in reads}
         regions = {
             want: _region(pieces, want, dtype, f"{reader.folder / _files.MANIFEST}: the shards of {what}")
             for want in wanted
@@ -670,6 +678,7 @@ def restore(
             ]
             for name in states
         }
+        reader.run()
         for name, state in states.items():
             _, tree = _leaves(state)
             values[name] = jax.tree_util.tree_unflatten(tree, [build() for build in builds[name]])

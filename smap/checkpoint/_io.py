@@ -1,35 +1,63 @@
-"""The data files of a step: shards written and read in parallel by a pool of threads, hashed as they pass.
+"""The data files of a step: shards written and read in parallel by threads, hashed as they pass.
 
 Each process writes its shards into one file, ``data_<process>.bin``, each
 starting on a page (``ALIGN``): one file to fsync instead of one per shard.
-Writing, reading and sha256 hashing release the GIL, so the pool's threads
+Writing, reading and sha256 hashing release the GIL, so the threads
 overlap them; a shard is hashed from the buffer it is written from or read
 into, never read twice.
 """
 
 from __future__ import annotations
 
-import concurrent.futures
 import errno
+import functools
 import hashlib
+import itertools
 import os
-from collections.abc import Sequence
+import threading
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
-__all__ = ["ALIGN", "pool", "write_pieces", "read_piece"]
+__all__ = ["ALIGN", "parallel", "write_pieces", "read_piece"]
 
 ALIGN = 4096  # each shard starts on a page of its data file: parallel reads share no page
 _CHUNK = 1 << 26  # bytes per pwrite/preadv call
-_pool: concurrent.futures.ThreadPoolExecutor | None = None
+T = TypeVar("T")
 
 
-def pool() -> concurrent.futures.ThreadPoolExecutor:
-    """The threads that write, read and hash shards (hashlib and file I/O release the GIL)."""
-    global _pool
-    if _pool is None:
-        _pool = concurrent.futures.ThreadPoolExecutor(max_workers=8, thread_name_prefix="smap.checkpoint")
-    return _pool
+def parallel(tasks: Sequence[Callable[[], T]], threads: int = 8) -> list[T]:
+    """The results of ``tasks``, run by up to ``threads`` threads; the first exception is raised after all ran.
+
+    Threads of its own rather than a ``concurrent.futures`` pool: that pool
+    refuses work once the interpreter begins to exit, when a background save
+    may still be writing.
+    """
+    results: list[Any] = [None] * len(tasks)
+    errors: list[BaseException] = []
+    claim = itertools.count()
+    lock = threading.Lock()
+
+    def work() -> None:
+        while True:
+            with lock:
+                i = next(claim)
+            if i >= len(tasks) or errors:
+                return
+            try:
+                results[i] = tasks[i]()
+            except BaseException as error:  # re-raised in the calling thread below
+                errors.append(error)
+
+    workers = [threading.Thread(target=work, daemon=True) for _ in range(min(threads, len(tasks)) - 1)]
+    for worker in workers:
+        worker.start()
+    work()
+    for worker in workers:
+        worker.join()
+    if errors:
+        raise errors[0]
+    return results
 
 
 def _write_at(fd: int, offset: int, data: memoryview) -> str:
@@ -51,7 +79,7 @@ def write_pieces(path: Path, pieces: Sequence[Any]) -> list[tuple[int, int, str]
         end += -(-len(view) // ALIGN) * ALIGN
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
     try:
-        digests = list(pool().map(lambda args: _write_at(fd, *args), zip(offsets, views)))
+        digests = parallel([functools.partial(_write_at, fd, offset, view) for offset, view in zip(offsets, views)])
         os.fsync(fd)
     finally:
         os.close(fd)
