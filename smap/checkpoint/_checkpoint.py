@@ -478,11 +478,12 @@ def _placements(name: str, state: State, mesh: Any, mapping: Any, rules: Any) ->
         raise CheckpointError(f"state {name!r} cannot be placed as asked: {error}") from None
 
 
-def _read_shard(folder: Path, fds: Mapping[str, int], shard: dict, dtype: np.dtype, what: str) -> np.ndarray:
-    """One saved shard, read (in one of ``_io.parallel``'s threads) and checked against its sha256."""
+def _read_shard(
+    folder: Path, fds: Mapping[str, int], shard: dict, dtype: np.dtype, what: str, into: np.ndarray | None = None
+) -> np.ndarray:
+    """One saved shard, read into ``into`` or a new array (in one of ``_io.parallel``'s threads), its sha256 checked."""
     path = folder / shard["file"]
-    shape = [b - a for a, b in shard["index"]]
-    array = np.empty(shape, dtype)
+    array = np.empty([b - a for a, b in shard["index"]], dtype) if into is None else into
     if array.nbytes != shard["nbytes"]:
         raise CheckpointError(f"{path}: the shard of {what} has {shard['nbytes']} bytes, its index {shard['index']}.")
     try:
@@ -507,11 +508,11 @@ class _Reader:
     def __init__(self, folder: Path) -> None:
         self.folder = folder
         self.fds: dict[str, int] = {}
-        self.tasks: dict[tuple[str, int], Any] = {}
-        self.arrays: dict[tuple[str, int], np.ndarray] = {}
+        self.tasks: dict[tuple[str, int, int], Any] = {}
+        self.arrays: dict[tuple[str, int, int], np.ndarray] = {}
 
-    def read(self, shard: dict, dtype: np.dtype, what: str) -> tuple[str, int]:
-        """Ask for ``shard``; its array is ``self.arrays[key]`` after ``run``."""
+    def read(self, shard: dict, dtype: np.dtype, what: str, into: np.ndarray | None = None) -> tuple[str, int, int]:
+        """Ask for ``shard``, into ``into`` (a C-contiguous view) or a new array; ``self.arrays[key]`` after ``run``."""
         file = shard["file"]
         if file not in self.fds:
             try:
@@ -520,8 +521,8 @@ class _Reader:
                 raise CheckpointError(
                     f"{self.folder / file}: cannot read a shard of {what} ({error.strerror})."
                 ) from None
-        key = (file, shard["offset"])
-        self.tasks.setdefault(key, functools.partial(_read_shard, self.folder, self.fds, shard, dtype, what))
+        key = (file, shard["offset"], 0 if into is None else id(into))
+        self.tasks.setdefault(key, functools.partial(_read_shard, self.folder, self.fds, shard, dtype, what, into))
         return key
 
     def run(self) -> None:
@@ -532,10 +533,17 @@ class _Reader:
             os.close(fd)
 
 
-def _leaf_reads(reader: _Reader, entry: dict, sharding: Any, what: str) -> Any:
-    """Start reading the saved shards that overlap what this process's devices hold under ``sharding``.
+def _rows_of(ranges: Ranges, want: Ranges) -> bool:
+    """Whether the shard ``ranges`` is a block of whole rows of the region ``want`` (read straight into it)."""
+    return not want or (want[0][0] <= ranges[0][0] and ranges[0][1] <= want[0][1] and ranges[1:] == want[1:])
 
-    Returns a function that builds the leaf once they are read.
+
+def _leaf_reads(reader: _Reader, entry: dict, sharding: Any, what: str) -> Any:
+    """Plan the reads of the saved shards that overlap what this process's devices hold under ``sharding``.
+
+    A shard that is whole rows of a device's region is read straight into
+    it; others are read whole and the overlap copied. Returns a function
+    that builds the leaf once ``reader.run()`` has read them.
     """
     shape = tuple(entry.get("data_shape", entry["shape"]))
     dtype = np.dtype(jnp.dtype(entry.get("data_dtype", entry["dtype"])))
@@ -552,18 +560,28 @@ def _leaf_reads(reader: _Reader, entry: dict, sharding: Any, what: str) -> Any:
             raise CheckpointError(f"{what} cannot be placed as asked: {error}") from None
         wanted = {_ranges(i, shape) for i in sharding.addressable_devices_indices_map(shape).values()}
     saved = [(tuple(map(tuple, s["index"])), s) for s in entry["shards"]]
-    reads = [
-        (ranges, reader.read(shard, dtype, what))
-        for ranges, shard in saved
-        if any(_overlap(ranges, w) is not None for w in wanted)
-    ]
+    regions, copies = {}, []
+    for want in wanted:
+        region = regions[want] = np.empty([b - a for a, b in want], dtype)
+        covered = 0
+        for ranges, shard in saved:
+            both = _overlap(ranges, want)
+            if both is None:
+                continue
+            covered += math.prod(hi - lo for lo, hi in both)
+            if _rows_of(ranges, want):
+                rows = region[ranges[0][0] - want[0][0] : ranges[0][1] - want[0][0]] if want else region
+                reader.read(shard, dtype, what, into=rows)
+            else:
+                copies.append((region, want, ranges, both, reader.read(shard, dtype, what)))
+        if covered != region.size:
+            raise CheckpointError(f"{reader.folder / _files.MANIFEST}: the shards of {what} do not cover {want}.")
 
     def build() -> jax.Array:
-        pieces = {ranges: reader.arrays[key] for ranges, key in reads}
-        regions = {
-            want: _region(pieces, want, dtype, f"{reader.folder / _files.MANIFEST}: the shards of {what}")
-            for want in wanted
-        }
+        for region, want, ranges, both, key in copies:
+            region[tuple(slice(lo - w, hi - w) for (lo, hi), (w, _) in zip(both, want))] = reader.arrays[key][
+                tuple(slice(lo - r, hi - r) for (lo, hi), (r, _) in zip(both, ranges))
+            ]
         if sharding is None:
             value = jax.device_put(regions.popitem()[1])
         else:
@@ -573,24 +591,6 @@ def _leaf_reads(reader: _Reader, entry: dict, sharding: Any, what: str) -> Any:
         return value
 
     return build
-
-
-def _region(pieces: Mapping[Ranges, np.ndarray], want: Ranges, dtype: np.dtype, what: str) -> np.ndarray:
-    """The part ``want`` of a leaf, cut out of the saved ``pieces`` (one of them, if it is exactly that part)."""
-    if want in pieces:
-        return pieces[want]
-    region = np.empty([b - a for a, b in want], dtype)
-    covered = 0
-    for ranges, array in pieces.items():
-        both = _overlap(ranges, want)
-        if both is not None:
-            region[tuple(slice(lo - w, hi - w) for (lo, hi), (w, _) in zip(both, want))] = array[
-                tuple(slice(lo - r, hi - r) for (lo, hi), (r, _) in zip(both, ranges))
-            ]
-            covered += math.prod(hi - lo for lo, hi in both)
-    if covered != region.size:
-        raise CheckpointError(f"{what} do not cover its region {want}.")
-    return region
 
 
 def _agree(error: BaseException | None) -> None:

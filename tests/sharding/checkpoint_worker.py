@@ -71,9 +71,9 @@ def main(mode, directory):
     read = []
     read_shard = _checkpoint._read_shard
 
-    def recording(folder, fds, shard, dtype, what):
+    def recording(folder, fds, shard, dtype, what, into=None):
         read.append([shard["file"], what, shard["index"]])
-        return read_shard(folder, fds, shard, dtype, what)
+        return read_shard(folder, fds, shard, dtype, what, into)
 
     _checkpoint._read_shard = recording
     step = smap.checkpoint.restore(directory, states, mapping=mapping, rules=RULES)
