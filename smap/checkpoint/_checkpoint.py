@@ -286,6 +286,7 @@ def save(
         except Exception as error:
             raise _failure(directory, step, error) from error
         return None
+    _io.start_workers()  # now: a thread cannot be started once the interpreter exits
     pending = PendingSave(directory, step, work)
     with _pending_lock:
         _pending[directory] = pending

@@ -14,29 +14,57 @@ import functools
 import hashlib
 import itertools
 import os
+import queue
 import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
-__all__ = ["ALIGN", "parallel", "write_pieces", "read_piece"]
+__all__ = ["ALIGN", "THREADS", "start_workers", "parallel", "write_pieces", "read_piece"]
 
 ALIGN = 4096  # each shard starts on a page of its data file: parallel reads share no page
 _CHUNK = 1 << 26  # bytes per pwrite/preadv call
 T = TypeVar("T")
 
 
-def parallel(tasks: Sequence[Callable[[], T]], threads: int = 8) -> list[T]:
-    """The results of ``tasks``, run by up to ``threads`` threads; the first exception is raised after all ran.
+THREADS = 8  # threads a save or restore reads or writes with (its own and 7 workers)
+_jobs: queue.SimpleQueue = queue.SimpleQueue()
+_workers: list[threading.Thread] = []
+_workers_lock = threading.Lock()
 
-    Threads of its own rather than a ``concurrent.futures`` pool: that pool
-    refuses work once the interpreter begins to exit, when a background save
-    may still be writing.
+
+def start_workers() -> None:
+    """Start the worker threads if not yet done (they are daemons that wait for jobs).
+
+    A background save calls this before it starts: once the interpreter is
+    exiting, new threads cannot be started (Python 3.12), but these still run.
     """
+    with _workers_lock:
+        while len(_workers) < THREADS - 1:
+            worker = threading.Thread(target=_serve, name="smap.checkpoint I/O", daemon=True)
+            worker.start()
+            _workers.append(worker)
+
+
+def _serve() -> None:
+    while True:
+        _jobs.get()()
+
+
+def parallel(tasks: Sequence[Callable[[], T]]) -> list[T]:
+    """The results of ``tasks``, run by the calling thread and the workers; the first exception is raised.
+
+    Workers of its own rather than a ``concurrent.futures`` pool: that pool
+    refuses work once the interpreter begins to exit, when a background save
+    may still be writing. The calling thread takes tasks too, so calls from
+    several threads at once always progress.
+    """
+    start_workers()
     results: list[Any] = [None] * len(tasks)
     errors: list[BaseException] = []
     claim = itertools.count()
     lock = threading.Lock()
+    finished = threading.Semaphore(0)
 
     def work() -> None:
         while True:
@@ -49,12 +77,18 @@ def parallel(tasks: Sequence[Callable[[], T]], threads: int = 8) -> list[T]:
             except BaseException as error:  # re-raised in the calling thread below
                 errors.append(error)
 
-    workers = [threading.Thread(target=work, daemon=True) for _ in range(min(threads, len(tasks)) - 1)]
-    for worker in workers:
-        worker.start()
+    def assist() -> None:
+        try:
+            work()
+        finally:
+            finished.release()
+
+    helpers = min(THREADS, len(tasks)) - 1
+    for _ in range(helpers):
+        _jobs.put(assist)
     work()
-    for worker in workers:
-        worker.join()
+    for _ in range(helpers):
+        finished.acquire()
     if errors:
         raise errors[0]
     return results
