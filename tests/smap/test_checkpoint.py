@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import shutil
 import signal
 import subprocess
 import sys
@@ -596,3 +597,25 @@ def test_the_process_waits_for_its_background_saves_at_exit(tmp_path):
     assert smap.checkpoint.restore(tmp_path, states) == 1
     for i, state in enumerate(states.values()):
         np.testing.assert_array_equal(state.value, np.full(16, float(i)))
+
+
+def test_leftovers_of_interrupted_saves_and_removals_are_cleaned_by_the_next_save(tmp_path):
+    w = smap.ParamState(np.arange(4, dtype=np.float32))
+    for step in (1, 2, 3):
+        smap.checkpoint.save(tmp_path, {"w": w}, step=step)
+    # what kills leave: a half-deleted step, an overwrite killed after its new folder took the name
+    # (the old one left beside it), one killed between its two renames (only the old one), a partial save
+    os.rename(tmp_path / "step_00000003", tmp_path / ".removing_step_00000003")
+    (tmp_path / ".removing_step_00000003" / "manifest.json").unlink()
+    shutil.copytree(tmp_path / "step_00000001", tmp_path / ".old_step_00000001")
+    os.rename(tmp_path / "step_00000002", tmp_path / ".old_step_00000002")
+    (tmp_path / ".partial_step_00000004").mkdir()
+    (tmp_path / ".partial_step_00000004" / "data_0.bin").write_bytes(b"half")
+    assert smap.checkpoint.steps(tmp_path) == [1, 2]  # the old folder of step 2 is still step 2
+
+    smap.checkpoint.save(tmp_path, {"w": w}, step=5)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_00000001", "step_00000002", "step_00000005"]
+    for step in (1, 2, 5):
+        w.value = jnp.zeros(4)
+        assert smap.checkpoint.restore(tmp_path, {"w": w}, step=step) == step
+        np.testing.assert_array_equal(w.value, np.arange(4))
