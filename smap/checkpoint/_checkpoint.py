@@ -563,7 +563,7 @@ def _leaf_reads(reader: _Reader, entry: dict, sharding: Any, what: str) -> Any:
     saved = [(tuple(map(tuple, s["index"])), s) for s in entry["shards"]]
     regions, copies = {}, []
     for want in wanted:
-        region = regions[want] = np.empty([b - a for a, b in want], dtype)
+        region = regions[want] = _io.empty([b - a for a, b in want], dtype)  # on a page: no copy onto a CPU
         covered = 0
         for ranges, shard in saved:
             both = _overlap(ranges, want)

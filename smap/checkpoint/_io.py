@@ -13,6 +13,7 @@ import errno
 import functools
 import hashlib
 import itertools
+import math
 import os
 import queue
 import threading
@@ -20,7 +21,9 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
-__all__ = ["ALIGN", "THREADS", "start_workers", "parallel", "write_pieces", "read_piece"]
+import numpy as np
+
+__all__ = ["ALIGN", "THREADS", "start_workers", "parallel", "empty", "write_pieces", "read_piece"]
 
 ALIGN = 4096  # each shard starts on a page of its data file: parallel reads share no page
 _CHUNK = 1 << 26  # bytes per pwrite/preadv call
@@ -92,6 +95,15 @@ def parallel(tasks: Sequence[Callable[[], T]]) -> list[T]:
     if errors:
         raise errors[0]
     return results
+
+
+def empty(shape: Sequence[int], dtype: Any) -> np.ndarray:
+    """A new array whose buffer starts on a page: JAX's CPU client takes such a buffer without copying it."""
+    dtype = np.dtype(dtype)
+    nbytes = math.prod(shape) * dtype.itemsize
+    raw = np.empty(nbytes + ALIGN, np.uint8)
+    start = -raw.ctypes.data % ALIGN
+    return raw[start : start + nbytes].view(dtype).reshape(shape)
 
 
 def _write_at(fd: int, offset: int, data: memoryview) -> str:
