@@ -27,6 +27,7 @@ Every figure is the median over the rounds, with the ratio smap / Orbax
 (below 1: smap is faster) and, per round, its min..max as a noise gauge.
 
     python scripts/bench_checkpoint.py --sizes 64 512 1536 --rounds 5 3 1
+    python scripts/bench_checkpoint.py --sizes 1536 --rounds 3 --meshes 8   # restores onto the same mesh only
 """
 
 from __future__ import annotations
@@ -119,7 +120,7 @@ def timed(fn) -> float:
 def one_round(total: int, meshes: dict, work: Path, k: int, smap_first: bool) -> dict[str, tuple[float, float]]:
     import orbax.checkpoint as ocp
 
-    states = make_states(total, meshes["same mesh"], seed=abs(k))
+    states = make_states(total, jax.make_mesh((8,), ("data",)), seed=abs(k))
     arrays = {name: s.value for name, s in states.items()}
     orbax = ocp.StandardCheckpointer()
     smap_dir, orbax_dir = work / f"smap{k}", work / f"orbax{k}"
@@ -196,14 +197,14 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[64, 512, 1536], help="MiB of states per size")
     parser.add_argument("--rounds", type=int, nargs="+", default=[5, 3, 1], help="rounds per size (one per size)")
     parser.add_argument("--dir", default=None, help="where to write (default: a temporary folder)")
+    parser.add_argument(
+        "--meshes", nargs="+", choices=["8", "2", "1"], default=["8", "2", "1"], help="restore onto these device counts"
+    )
     args = parser.parse_args()
     logging.getLogger("absl").setLevel(logging.ERROR)
     devices = jax.devices()
-    meshes = {
-        "same mesh": jax.make_mesh((8,), ("data",), devices=devices),
-        "8 -> 2": jax.make_mesh((2,), ("data",), devices=devices[:2]),
-        "8 -> 1": jax.make_mesh((1,), ("data",), devices=devices[:1]),
-    }
+    names = {"8": "same mesh", "2": "8 -> 2", "1": "8 -> 1"}
+    meshes = {names[n]: jax.make_mesh((int(n),), ("data",), devices=devices[: int(n)]) for n in args.meshes}
     print(f"jax {jax.__version__}, {len(devices)} CPU devices, {os.cpu_count()} cores")
     work = Path(tempfile.mkdtemp(prefix="bench_checkpoint_", dir=args.dir))
     try:
