@@ -16,7 +16,8 @@ per-example gradients as one matrix product over the batch per weight (see
 hand-written batch step costs. Whichever ``--mapping``, ``--devices`` and
 ``--processes``, the same seed gives the same parameters (to float round-off).
 With ``--checkpoint-dir`` every state (parameters, Adam's moments, the random
-key) is saved after each epoch with ``smap.checkpoint``; ``--resume`` goes on
+key) is saved after each epoch with ``smap.checkpoint``, in the background
+while the next epoch trains; ``--resume`` goes on
 from the latest epoch saved there, on any number of devices or processes, and
 ends with the parameters of an uninterrupted run.
 Needs the ``demo`` extra (scikit-learn for the data set, optax).
@@ -55,7 +56,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--learning-rate", type=float, default=3e-3, help="Adam's learning rate (default 3e-3)")
     parser.add_argument("--seed", type=int, default=0, help="seed of parameters, dropout and shuffling (default 0)")
     parser.add_argument("--save", metavar="PATH", help="save the final parameters to PATH (.npz)")
-    parser.add_argument("--checkpoint-dir", metavar="DIR", help="save every state after each epoch (the last 3 kept)")
+    parser.add_argument(
+        "--checkpoint-dir", metavar="DIR", help="save every state after each epoch, in the background (the last 3 kept)"
+    )
     parser.add_argument("--resume", action="store_true", help="go on from the latest checkpoint in --checkpoint-dir")
     parser.add_argument("--stop-after-epoch", type=int, metavar="K", help="stop after epoch K, as if interrupted")
     args = parser.parse_args(argv)
@@ -192,6 +195,7 @@ def train(args: argparse.Namespace) -> int:
     elif args.resume:
         say(f"no checkpoint in {args.checkpoint_dir} yet: starting from epoch 1")
     last = min(args.epochs, args.stop_after_epoch or args.epochs)
+    pending = None
     for epoch in range(1, last + 1):
         order = shuffle.permutation(len(x_train))
         if epoch <= done:
@@ -215,8 +219,10 @@ def train(args: argparse.Namespace) -> int:
             f"epoch {epoch:2d}  loss {np.mean(losses):.4f}  train accuracy {np.mean(correct):.3f}  "
             f"{steps * args.batch_size / seconds:,.0f} examples/s"
         )
-        if args.checkpoint_dir:
-            smap.checkpoint.save(args.checkpoint_dir, states, step=epoch, keep=3)
+        if args.checkpoint_dir:  # written in the background while the next epoch trains
+            pending = smap.checkpoint.save(args.checkpoint_dir, states, step=epoch, keep=3, wait=False)
+    if pending is not None:
+        pending.wait()  # the last checkpoint is on disk (a failed save raises here)
     params = sharding.to_host({k: s.value for k, s in model.states(smap.ParamState).items()})
     test_accuracy = accuracy(params, x_test, y_test)
     say(f"test accuracy: {test_accuracy:.3f}")

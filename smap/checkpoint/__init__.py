@@ -1,8 +1,9 @@
 """Checkpoints of states, sharded or not, written by one process or many, restored onto any mesh.
 
-A checkpoint step is a folder of NumPy ``.npy`` files, one per distinct
-shard of each array, and a JSON manifest (states, types, shapes, dtypes,
-shard index ranges, sha256 checksums). See ``docs/checkpoints.md``.
+A checkpoint step is a folder with one data file per writing process (the
+raw bytes of its distinct shards) and a JSON manifest (states, types,
+shapes, dtypes, each shard's index ranges, file, offset and sha256). Saves
+can go on in the background (``wait=False``). See ``docs/checkpoints.md``.
 
 Example:
     >>> import tempfile, jax.numpy as jnp, smap
@@ -14,6 +15,6 @@ Example:
     (3, Array([1., 1.], dtype=float32))
 """
 
-from ._checkpoint import CheckpointError, restore, save, steps
+from ._checkpoint import CheckpointError, PendingSave, restore, save, steps
 
-__all__ = ["save", "restore", "steps", "CheckpointError"]
+__all__ = ["save", "restore", "steps", "CheckpointError", "PendingSave"]

@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+import atexit
+import contextlib
+import functools
 import json
 import math
-import shutil
+import os
+import sys
+import threading
+import time
+import uuid
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -16,14 +23,19 @@ from jax.sharding import NamedSharding, SingleDeviceSharding
 
 from .. import nn
 from .._state import State, active_frames
-from . import _files
+from . import _files, _io
 
-__all__ = ["CheckpointError", "save", "restore", "steps"]
+__all__ = ["CheckpointError", "PendingSave", "save", "restore", "steps"]
 
 FORMAT = "smap.checkpoint"
-VERSION = 1
+VERSION = 2
 
 Ranges = tuple[tuple[int, int], ...]
+ShardKey = tuple[str, Ranges]  # '<state>/<leaf>' and the shard's index ranges
+
+
+def _key(leaf: str, index: Any) -> ShardKey:
+    return leaf, tuple((int(a), int(b)) for a, b in index)
 
 
 class CheckpointError(Exception):
@@ -92,19 +104,18 @@ def _ranges(index: Any, shape: tuple[int, ...]) -> Ranges:
 # -- save --------------------------------------------------------------------
 
 
-def _plan(data: jax.Array, prefix: str) -> tuple[list[dict], list[tuple[str, jax.Array]]]:
-    """The distinct shards of ``data`` (one file each), and those this process writes.
+def _plan(data: jax.Array) -> tuple[list[dict], list[tuple[Ranges, jax.Array]]]:
+    """The distinct shards of ``data`` (their index ranges), and those this process writes.
 
     One device holds each distinct shard with ``replica_id == 0``; its
     process writes it. An array every process holds whole (not global)
     is written by process 0.
     """
     indices = sorted({_ranges(i, data.shape) for i in data.sharding.devices_indices_map(data.shape).values()})
-    files = {ranges: f"{prefix}.{k}.npy" for k, ranges in enumerate(indices)}
-    shards = [{"file": files[ranges], "index": [list(r) for r in ranges]} for ranges in indices]
+    shards = [{"index": [list(r) for r in ranges]} for ranges in indices]
     writes = []
     if not data.is_fully_addressable or jax.process_index() == 0:
-        writes = [(files[_ranges(s.index, data.shape)], s.data) for s in data.addressable_shards if s.replica_id == 0]
+        writes = [(_ranges(s.index, data.shape), s.data) for s in data.addressable_shards if s.replica_id == 0]
     return shards, writes
 
 
@@ -116,13 +127,94 @@ def _barrier(name: str) -> None:
         multihost_utils.sync_global_devices(name)
 
 
-def save(directory: str | Path, target: Any, step: int, *, keep: int | None = None, overwrite: bool = False) -> None:
+class PendingSave:
+    """A save that goes on in the background (``save(..., wait=False)``): ``wait()`` for it, or ask ``done()``.
+
+    Example:
+        >>> import tempfile, jax.numpy as jnp, smap
+        >>> directory = tempfile.mkdtemp()
+        >>> w = smap.ParamState(jnp.arange(3.0))
+        >>> pending = smap.checkpoint.save(directory, {'w': w}, step=1, wait=False)
+        >>> w.value = w.value + 1  # the checkpoint keeps the value of the call
+        >>> pending.wait()
+        >>> pending.done(), smap.checkpoint.steps(directory)
+        (True, [1])
+    """
+
+    def __init__(self, directory: Path, step: int, work: Any) -> None:
+        self.directory, self.step = directory, step
+        self._error: BaseException | None = None
+        self._observed = False
+        self._thread = threading.Thread(target=self._run, args=(work,), name=f"smap.checkpoint {step}")
+        self._thread.start()
+
+    def _run(self, work: Any) -> None:
+        try:
+            work()
+        except BaseException as error:  # kept for wait(): the thread has no caller to raise to
+            self._error = error
+
+    def done(self) -> bool:
+        """Whether the save has finished (committed, or failed: then ``wait`` raises)."""
+        return not self._thread.is_alive()
+
+    def wait(self) -> None:
+        """Block until the step is committed and durable; raise :class:`CheckpointError` if the save failed."""
+        self._thread.join()
+        self._observed = True
+        if self._error is not None:
+            raise _failure(self.directory, self.step, self._error) from self._error
+
+
+def _failure(directory: Path, step: int, error: BaseException) -> CheckpointError:
+    if isinstance(error, CheckpointError):
+        return error
+    return CheckpointError(f"{directory}: saving step {step} failed ({type(error).__name__}: {error}).")
+
+
+_pending: dict[Path, PendingSave] = {}  # the last background save of each directory, in this process
+_pending_lock = threading.Lock()
+
+
+@atexit.register
+def _finish_pending() -> None:
+    """At exit (the interpreter has joined the saves' threads, which are not daemons), print unseen failures."""
+    for pending in list(_pending.values()):
+        pending._thread.join()
+        if pending._error is not None and not pending._observed:
+            error = _failure(pending.directory, pending.step, pending._error)
+            print(f"smap.checkpoint: a background save failed: {error}", file=sys.stderr)
+
+
+def _busy_steps(directory: Path) -> list[int]:
+    with _pending_lock:
+        pending = _pending.get(directory)
+    return [] if pending is None or pending.done() else [pending.step]
+
+
+def save(
+    directory: str | Path,
+    target: Any,
+    step: int,
+    *,
+    keep: int | None = None,
+    overwrite: bool = False,
+    wait: bool = True,
+) -> PendingSave | None:
     """Save every state of ``target`` as checkpoint ``step`` of ``directory``.
 
-    When it returns, the step is complete and on disk. It becomes visible
-    only once complete, so an interrupted save never loads. Under
-    ``jax.distributed`` every process calls ``save`` alike and writes only its
-    own shards (the directory must be one that all processes share).
+    With ``wait=True``, when it returns the step is complete and on disk.
+    With ``wait=False`` it returns once the values are taken (on the CPU
+    without a copy, from an accelerator copied to the host): the states may
+    change, be written or donated at once, the checkpoint holds their values
+    of the call. The files are written in the background; the returned
+    :class:`PendingSave` tells when the step is committed. One background save
+    per directory goes on at a time (the next ``save`` waits for it), and the
+    process waits for them at exit. A step becomes visible only once
+    complete, so an interrupted save never loads, and an interrupted
+    overwrite leaves the old step or the new one. Under ``jax.distributed``
+    every process calls ``save`` alike and writes only its own shards (the
+    directory must be one that all processes share).
 
     Arguments:
         directory: where checkpoints live; created if missing.
@@ -130,6 +222,11 @@ def save(directory: str | Path, target: Any, step: int, *, keep: int | None = No
         step: the step number (an int ``>= 0``); ``restore`` loads the highest by default.
         keep: keep only the ``keep`` highest steps (all by default).
         overwrite: replace the step if it exists (otherwise that is a :class:`CheckpointError`).
+        wait: finish the save before returning (otherwise return a :class:`PendingSave`).
+
+    Raises:
+        CheckpointError: the step exists (without ``overwrite``), or writing
+            it failed (with ``wait=False``: raised by ``PendingSave.wait``).
 
     Example:
         >>> import tempfile, jax.numpy as jnp, smap
@@ -142,47 +239,145 @@ def save(directory: str | Path, target: Any, step: int, *, keep: int | None = No
     step = _check_step(step)
     if keep is not None and (isinstance(keep, bool) or not isinstance(keep, int) or keep < 1):
         raise ValueError(f"save: keep must be None or a positive int, got {keep!r}.")
-    directory = Path(directory)
+    directory = Path(directory).absolute()
     states = _states_of(target, "save")
+    records, writes = _layout(states)
+    with _pending_lock:
+        previous = _pending.get(directory)
+    if previous is not None:  # one background save per directory at a time
+        previous._thread.join()
     if not overwrite and step in _files.complete_steps(directory):
         raise CheckpointError(f"{directory}: step {step} exists; pass overwrite=True to replace it.")
-    records, writes = _layout(states)
+    for _, shard in writes:
+        shard.copy_to_host_async()
+    pieces = [(key, np.asarray(shard)) for key, shard in writes]  # the snapshot (no copy on the CPU)
 
-    partial = _files.partial_dir(directory, step)
-    if jax.process_index() == 0:
-        directory.mkdir(parents=True, exist_ok=True)
-        _files.sync_dir(directory.parent)
-        if partial.exists():  # left by an interrupted save
-            shutil.rmtree(partial)
-        partial.mkdir()
-    _barrier(f"smap.checkpoint.save {step}: started")
-    written = _write_shards(partial, writes)
-    _barrier(f"smap.checkpoint.save {step}: shards written")
-    if jax.process_index() == 0:
-        written.update(_checksums_of_others(partial))
-        for record in records.values():
-            for entry in record["leaves"]:
-                for shard in entry["shards"]:
-                    shard.update(written[shard["file"]])
-        manifest = {
-            "format": FORMAT,
-            "version": VERSION,
-            "step": step,
-            "processes": jax.process_count(),
-            "states": records,
+    process, partial = jax.process_index(), _files.partial_dir(directory, step)
+    lock = contextlib.ExitStack()
+    try:
+        if process == 0:
+            directory.mkdir(parents=True, exist_ok=True)
+            _files.sync_dir(directory.parent)
+            lock.enter_context(_files.step_lock(directory, step))
+            _files.clean(directory, busy=[step])
+            _files.clean_step(directory, step)
+            token = uuid.uuid4().hex
+            partial.mkdir()
+            (partial / _TOKEN).write_text(token)
+        _barrier(f"smap.checkpoint.save {step}: started")
+        if process > 0:
+            token = (partial / _TOKEN).read_text()
+    except BaseException:
+        lock.close()
+        raise
+
+    def work() -> None:
+        with lock:
+            try:
+                _write_part(directory, step, token, records, pieces, keep)
+            except BaseException as error:
+                with contextlib.suppress(OSError):
+                    (partial / f"failed_{process}").write_text(f"{type(error).__name__}: {error}")
+                raise
+
+    if wait:
+        try:
+            work()
+        except Exception as error:
+            raise _failure(directory, step, error) from error
+        return None
+    _io.start_workers()  # now: a thread cannot be started once the interpreter exits
+    pending = PendingSave(directory, step, work)
+    with _pending_lock:
+        _pending[directory] = pending
+    return pending
+
+
+_TOKEN = "save_id"
+_PEER_TIMEOUT = 600.0  # seconds a process waits for the others' parts of a save
+
+
+def _write_part(
+    directory: Path, step: int, token: str, records: dict, pieces: list[tuple[ShardKey, np.ndarray]], keep: int | None
+) -> None:
+    """Write this process's shards; process 0 then writes the manifest once every part is on disk, and commits."""
+    process, processes = jax.process_index(), jax.process_count()
+    partial, final = _files.partial_dir(directory, step), _files.step_dir(directory, step)
+    file = f"data_{process}.bin"
+    placed = _io.write_pieces(partial / file, [_bytes_of(array) for _, array in pieces])
+    written: dict[ShardKey, dict[str, Any]] = {
+        key: {
+            "file": file,
+            "offset": offset,
+            "nbytes": nbytes,
+            "sha256": digest,
+            "process": process,
         }
-        _files.write_durably(partial / _files.MANIFEST, json.dumps(manifest, indent=1).encode())
-        _files.commit(partial, _files.step_dir(directory, step))
-        if keep is not None:
-            for old in _files.complete_steps(directory)[:-keep]:
-                _files.remove(_files.step_dir(directory, old))
-    _barrier(f"smap.checkpoint.save {step}: committed")
+        for (key, _), (offset, nbytes, digest) in zip(pieces, placed)
+    }
+    if process > 0:
+        part = partial / f"process_{process}.json"
+        _files.write_durably(part.with_suffix(".tmp"), json.dumps([[list(k), v] for k, v in written.items()]).encode())
+        os.rename(part.with_suffix(".tmp"), part)
+        _await(directory, step, lambda: not partial.exists(), "process 0 to commit it")
+        manifest = _read_manifest(final)
+        if manifest.get("save_id") != token:
+            raise CheckpointError(f"{final}: process 0 did not commit this save.")
+        return
+    _files.sync_dir(partial)
+    for p in range(1, processes):
+        part = partial / f"process_{p}.json"
+        _await(directory, step, part.exists, f"process {p} to write its shards")
+        written.update({_key(*k): v for k, v in json.loads(part.read_bytes())})
+        part.unlink()
+    for name, record in records.items():
+        for j, entry in enumerate(record["leaves"]):
+            for shard in entry["shards"]:
+                shard.update(written[_key(f"{name}/{j}", shard["index"])])
+    manifest = {
+        "format": FORMAT,
+        "version": VERSION,
+        "step": step,
+        "processes": processes,
+        "save_id": token,
+        "states": records,
+    }
+    (partial / _TOKEN).unlink()
+    _files.write_durably(partial / _files.MANIFEST, json.dumps(manifest, indent=1).encode())
+    _files.commit(partial, final)
+    if keep is not None:
+        for old in _files.complete_steps(directory)[:-keep]:
+            _files.remove(_files.folder_of(directory, old))
 
 
-def _layout(states: Mapping[str, State]) -> tuple[dict, list[tuple[str, jax.Array]]]:
-    """The manifest's records of ``states`` (checksums to come), and the shards this process writes."""
-    records, writes = {}, []
-    for i, (name, state) in enumerate(states.items()):
+def _bytes_of(array: np.ndarray) -> np.ndarray:
+    """The bytes of ``array`` in C order, without a copy when it is contiguous (any dtype, ``bfloat16`` too)."""
+    return np.ascontiguousarray(array).reshape(-1).view(np.uint8)
+
+
+def _await(directory: Path, step: int, condition: Any, what: str) -> None:
+    """Poll the shared directory until ``condition()``; raise if another process's part failed, or on time-out."""
+    partial, deadline, delay = _files.partial_dir(directory, step), time.monotonic() + _PEER_TIMEOUT, 0.001
+    while not condition():
+        for failed in partial.glob("failed_*"):
+            raise CheckpointError(
+                f"{directory}: saving step {step} failed in process {failed.name.removeprefix('failed_')}: "
+                f"{failed.read_text()}"
+            )
+        if time.monotonic() > deadline:
+            raise CheckpointError(f"{directory}: saving step {step}: waited {_PEER_TIMEOUT:.0f} s for {what}.")
+        time.sleep(delay)
+        delay = min(2 * delay, 0.05)
+
+
+def _layout(states: Mapping[str, State]) -> tuple[dict, list[tuple[ShardKey, jax.Array]]]:
+    """The manifest's records of ``states`` (files and checksums to come), and the shards this process writes.
+
+    A shard to write is keyed by ``'<state>/<leaf>'`` and its index ranges.
+    """
+    records: dict[str, dict] = {}
+    writes: list[tuple[ShardKey, jax.Array]] = []
+    for name, state in states.items():
         leaves, _ = _leaves(state)
         entries = []
         for j, (path, x) in enumerate(leaves):
@@ -190,38 +385,11 @@ def _layout(states: Mapping[str, State]) -> tuple[dict, list[tuple[str, jax.Arra
             data = jax.random.key_data(x) if _is_key(x) else x
             if _is_key(x):
                 signature.update(data_shape=list(data.shape), data_dtype=str(data.dtype))
-            shards, mine = _plan(data, f"{i}.{j}")
+            shards, mine = _plan(data)
             entries.append({"path": path, **signature, "shards": shards})
-            writes.extend(mine)
+            writes.extend((_key(f"{name}/{j}", ranges), shard) for ranges, shard in mine)
         records[name] = {"type": _type_name(state), "leaves": entries}
     return records, writes
-
-
-def _write_shards(partial: Path, writes: list[tuple[str, jax.Array]]) -> dict[str, dict]:
-    """Write this process's shards durably; their checksums by file name.
-
-    Processes other than 0 also leave them in ``process_<i>.json`` for process 0.
-    """
-    process = jax.process_index()
-    written = {}
-    for file, shard in writes:
-        data = _files.encode(np.asarray(shard))
-        _files.write_durably(partial / file, data)
-        written[file] = {"sha256": _files.sha256(data), "process": process}
-    if process > 0:
-        _files.write_durably(partial / f"process_{process}.json", json.dumps(written).encode())
-    _files.sync_dir(partial)
-    return written
-
-
-def _checksums_of_others(partial: Path) -> dict[str, dict]:
-    """On process 0, once all have written: the checksums the other processes left (files removed)."""
-    written = {}
-    for p in range(1, jax.process_count()):
-        record = partial / f"process_{p}.json"
-        written.update(json.loads(record.read_bytes()))
-        record.unlink()
-    return written
 
 
 def _check_step(step: Any) -> int:
@@ -311,21 +479,21 @@ def _placements(name: str, state: State, mesh: Any, mapping: Any, rules: Any) ->
         raise CheckpointError(f"state {name!r} cannot be placed as asked: {error}") from None
 
 
-def _read_shard(folder: Path, shard: dict, dtype: np.dtype, what: str) -> np.ndarray:
+def _read_shard(
+    folder: Path, fds: Mapping[str, int], shard: dict, dtype: np.dtype, what: str, into: np.ndarray | None = None
+) -> np.ndarray:
+    """One saved shard, read into ``into`` or a new array (in one of ``_io.parallel``'s threads), its sha256 checked."""
     path = folder / shard["file"]
+    array = np.empty([b - a for a, b in shard["index"]], dtype) if into is None else into
+    if array.nbytes != shard["nbytes"]:
+        raise CheckpointError(f"{path}: the shard of {what} has {shard['nbytes']} bytes, its index {shard['index']}.")
     try:
-        data = path.read_bytes()
+        digest = _io.read_piece(fds[shard["file"]], shard["offset"], array.reshape(-1).view(np.uint8))
     except OSError as error:
         raise CheckpointError(f"{path}: cannot read a shard of {what} ({error.strerror}).") from None
-    digest = _files.sha256(data)
     if digest != shard["sha256"]:
         raise CheckpointError(
             f"{path}: the shard of {what} is corrupted: its sha256 is {digest}, the manifest says {shard['sha256']}."
-        )
-    array = _files.decode(data, dtype)
-    if list(array.shape) != [b - a for a, b in shard["index"]]:
-        raise CheckpointError(
-            f"{path}: the shard of {what} has shape {array.shape}, the manifest says {shard['index']}."
         )
     return array
 
@@ -335,8 +503,49 @@ def _overlap(a: Ranges, b: Ranges) -> tuple[tuple[int, int], ...] | None:
     return both if all(lo < hi for lo, hi in both) else None
 
 
-def _read_leaf(folder: Path, entry: dict, sharding: Any, what: str) -> jax.Array:
-    """A leaf from the saved shards that overlap what this process's devices hold under ``sharding``."""
+class _Reader:
+    """Collects the shards a restore needs, then reads them in parallel, each file opened once."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.fds: dict[str, int] = {}
+        self.tasks: dict[tuple[str, int, int], Any] = {}
+        self.arrays: dict[tuple[str, int, int], np.ndarray] = {}
+
+    def read(self, shard: dict, dtype: np.dtype, what: str, into: np.ndarray | None = None) -> tuple[str, int, int]:
+        """Ask for ``shard``, into ``into`` (a C-contiguous view) or a new array; ``self.arrays[key]`` after ``run``."""
+        file = shard["file"]
+        if file not in self.fds:
+            try:
+                self.fds[file] = os.open(self.folder / file, os.O_RDONLY)
+            except OSError as error:
+                raise CheckpointError(
+                    f"{self.folder / file}: cannot read a shard of {what} ({error.strerror})."
+                ) from None
+        key = (file, shard["offset"], 0 if into is None else id(into))
+        self.tasks.setdefault(key, functools.partial(_read_shard, self.folder, self.fds, shard, dtype, what, into))
+        return key
+
+    def run(self) -> None:
+        self.arrays = dict(zip(self.tasks, _io.parallel(list(self.tasks.values()))))
+
+    def close(self) -> None:
+        for fd in self.fds.values():
+            os.close(fd)
+
+
+def _rows_of(ranges: Ranges, want: Ranges) -> bool:
+    """Whether the shard ``ranges`` is a block of whole rows of the region ``want`` (read straight into it)."""
+    return not want or (want[0][0] <= ranges[0][0] and ranges[0][1] <= want[0][1] and ranges[1:] == want[1:])
+
+
+def _leaf_reads(reader: _Reader, entry: dict, sharding: Any, what: str) -> Any:
+    """Plan the reads of the saved shards that overlap what this process's devices hold under ``sharding``.
+
+    A shard that is whole rows of a device's region is read straight into
+    it; others are read whole and the overlap copied. Returns a function
+    that builds the leaf once ``reader.run()`` has read them.
+    """
     shape = tuple(entry.get("data_shape", entry["shape"]))
     dtype = np.dtype(jnp.dtype(entry.get("data_dtype", entry["dtype"])))
     if sharding is None:
@@ -352,32 +561,37 @@ def _read_leaf(folder: Path, entry: dict, sharding: Any, what: str) -> jax.Array
             raise CheckpointError(f"{what} cannot be placed as asked: {error}") from None
         wanted = {_ranges(i, shape) for i in sharding.addressable_devices_indices_map(shape).values()}
     saved = [(tuple(map(tuple, s["index"])), s) for s in entry["shards"]]
-    pieces = [
-        (ranges, _read_shard(folder, shard, dtype, what))
-        for ranges, shard in saved
-        if any(_overlap(ranges, w) is not None for w in wanted)
-    ]
-    regions = {}
+    regions, copies = {}, []
     for want in wanted:
-        region = np.empty([b - a for a, b in want], dtype)
+        region = regions[want] = _io.empty([b - a for a, b in want], dtype)  # on a page: no copy onto a CPU
         covered = 0
-        for ranges, array in pieces:
+        for ranges, shard in saved:
             both = _overlap(ranges, want)
-            if both is not None:
-                region[tuple(slice(lo - w, hi - w) for (lo, hi), (w, _) in zip(both, want))] = array[
-                    tuple(slice(lo - r, hi - r) for (lo, hi), (r, _) in zip(both, ranges))
-                ]
-                covered += math.prod(hi - lo for lo, hi in both)
+            if both is None:
+                continue
+            covered += math.prod(hi - lo for lo, hi in both)
+            if _rows_of(ranges, want):
+                rows = region[ranges[0][0] - want[0][0] : ranges[0][1] - want[0][0]] if want else region
+                reader.read(shard, dtype, what, into=rows)
+            else:
+                copies.append((region, want, ranges, both, reader.read(shard, dtype, what)))
         if covered != region.size:
-            raise CheckpointError(f"{folder / _files.MANIFEST}: the shards of {what} do not cover its region {want}.")
-        regions[want] = region
-    if sharding is None:
-        value = jax.device_put(regions.popitem()[1])
-    else:
-        value = jax.make_array_from_callback(shape, sharding, lambda index: regions[_ranges(index, shape)])
-    if "key_impl" in entry:
-        value = jax.random.wrap_key_data(value, impl=entry["key_impl"])
-    return value
+            raise CheckpointError(f"{reader.folder / _files.MANIFEST}: the shards of {what} do not cover {want}.")
+
+    def build() -> jax.Array:
+        for region, want, ranges, both, key in copies:
+            region[tuple(slice(lo - w, hi - w) for (lo, hi), (w, _) in zip(both, want))] = reader.arrays[key][
+                tuple(slice(lo - r, hi - r) for (lo, hi), (r, _) in zip(both, ranges))
+            ]
+        if sharding is None:
+            value = jax.device_put(regions.popitem()[1])
+        else:
+            value = jax.make_array_from_callback(shape, sharding, lambda index: regions[_ranges(index, shape)])
+        if "key_impl" in entry:
+            value = jax.random.wrap_key_data(value, impl=entry["key_impl"])
+        return value
+
+    return build
 
 
 def _agree(error: BaseException | None) -> None:
@@ -442,10 +656,12 @@ def restore(
     """
     if rules is not None and mesh is None and mapping is None:
         raise ValueError("restore: rules place states on a mesh; give mesh= (or mapping=) too.")
-    directory = Path(directory)
+    directory = Path(directory).absolute()
     states = _states_of(target, "restore")
+    if jax.process_index() == 0:
+        _files.clean(directory, busy=_busy_steps(directory))
     step = _find_step(directory, step)
-    folder = _files.step_dir(directory, step)
+    folder = _files.folder_of(directory, step)
     saved = _read_manifest(folder)["states"]
     problems = _mismatches(saved, states)
     if problems:
@@ -454,16 +670,23 @@ def restore(
         )
     placements = {name: _placements(name, state, mesh, mapping, rules) for name, state in states.items()}
     values, error = {}, None
+    reader = _Reader(folder)
     try:
-        for name, state in states.items():
-            _, tree = _leaves(state)
-            read = [
-                _read_leaf(folder, entry, sharding, f"state {name + entry['path']!r}")
+        builds = {
+            name: [
+                _leaf_reads(reader, entry, sharding, f"state {name + entry['path']!r}")
                 for entry, sharding in zip(saved[name]["leaves"], placements[name])
             ]
-            values[name] = jax.tree_util.tree_unflatten(tree, read)
+            for name in states
+        }
+        reader.run()
+        for name, state in states.items():
+            _, tree = _leaves(state)
+            values[name] = jax.tree_util.tree_unflatten(tree, [build() for build in builds[name]])
     except Exception as caught:  # every process must learn of it: see _agree
         error = caught
+    finally:
+        reader.close()
     _agree(error)
     for name, state in states.items():
         state.write_back(values[name])

@@ -63,7 +63,11 @@ def test_two_processes_save_one_restores_and_saves_two_restore(tmp_path):
     assert _writers(manifest, "w") == [[0, 0, 1, 1]]  # split over 'data' by a rule
     assert _writers(manifest, "opt") == [[0], [0]] and _writers(manifest, "rng") == [[0]]  # replicated
     assert _writers(manifest, "count") == [[0]]  # each process holds it whole: process 0 writes it
-    assert not list((tmp_path / "step_00000001").glob("process_*"))
+    assert sorted(p.name for p in (tmp_path / "step_00000001").iterdir()) == [
+        "data_0.bin",
+        "data_1.bin",
+        "manifest.json",
+    ]
 
     # 1 process, 8 devices, restores
     mesh = sharding.make_mesh(data=8)
@@ -93,7 +97,40 @@ def test_two_processes_save_one_restores_and_saves_two_restore(tmp_path):
         assert result["specs"]["hidden"] == str(P("data")) and result["specs"]["w"] == str(P(None, "data"))
         assert result["specs"]["count"] == str(P())
         np.testing.assert_allclose(result["draws"], expected_draws, rtol=1e-6)
-    # hidden (state 0) and w (state 1) were saved as 8 one-row / one-column files; opt, rng and count whole
+    # hidden and w were saved as 8 one-row / one-column shards, opt, rng and count whole, all in data_0.bin
     for p, result in enumerate(results):
-        expected = [name for i in (0, 1) for name in [f"{i}.0.{k}.npy" for k in range(4 * p, 4 * p + 4)]]
-        assert result["read"] == sorted(expected + ["2.0.0.npy", "2.1.0.npy", "3.0.0.npy", "4.0.0.npy"]), result["read"]
+        rows = [["state 'hidden'", [[k, k + 1], [0, 3]]] for k in range(4 * p, 4 * p + 4)]
+        columns = [["state 'w'", [[0, 4], [k, k + 1]]] for k in range(4 * p, 4 * p + 4)]
+        whole = [
+            ["state \"opt['count']\"", []],
+            ["state \"opt['mu']\"", [[0, 4], [0, 8]]],
+            ["state 'rng'", [[0, 2]]],
+            ["state 'count'", [[0, 3]]],
+        ]
+        assert {file for file, _, _ in result["read"]} == {"data_0.bin"}
+        assert sorted([what, index] for _, what, index in result["read"]) == sorted(rows + columns + whole)
+
+
+def test_two_processes_save_in_the_background_and_commit_once_both_parts_are_written(tmp_path):
+    worker = _worker_module()
+    lines = [line for line in _launch("background", tmp_path).splitlines() if "RESULT " in line]
+    results = sorted((json.loads(line.split("RESULT ", 1)[1]) for line in lines), key=lambda r: r["process"])
+    assert [r["process"] for r in results] == [0, 1]
+    # process 1 wrote its part 1 s after process 0; the step became visible only after that
+    assert results[1]["written"] > results[0]["written"] + 0.5
+    assert results[0]["visible"] >= results[1]["written"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_00000003"]
+    assert sorted(p.name for p in (tmp_path / "step_00000003").iterdir()) == [
+        "data_0.bin",
+        "data_1.bin",
+        "manifest.json",
+    ]
+    manifest = json.loads((tmp_path / "step_00000003" / "manifest.json").read_text())
+    assert _writers(manifest, "hidden") == [[0, 0, 1, 1]]
+
+    # the values of the call, though both processes donated and changed the states at once
+    mesh = sharding.make_mesh(data=8)
+    states, mapping = worker.build(jax.tree_util.tree_map(np.zeros_like, worker.values(0)), mesh)
+    assert smap.checkpoint.restore(tmp_path, states, mapping=mapping, rules=worker.RULES) == 3
+    got = {name: jax.tree_util.tree_map(np.asarray, s.value) for name, s in states.items() if name != "rng"}
+    jax.tree_util.tree_map(np.testing.assert_array_equal, got, worker.values(2))
