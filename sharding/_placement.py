@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import functools
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -12,44 +11,12 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 import smap
-from smap import _locks
-from smap.filter import AtPath, to_filter
+from smap.devices import ShardMap, mesh_mapping, move, placement
+from smap.filter import AtPath
 
-from ._adapters import ShardMap, adapt
-
-__all__ = ["spec_for", "place", "describe", "StateTable"]
+__all__ = ["place", "describe", "StateTable"]
 
 Rules = Mapping[Any, PartitionSpec]
-
-
-def _adapter(mapping: smap.StatefulMapping) -> ShardMap:
-    if not isinstance(mapping, smap.StatefulMapping):
-        raise TypeError(f"mapping must be a smap.StatefulMapping, got {type(mapping).__name__}.")
-    adapter, _ = adapt(mapping.mapping_fn, mapping.mapping_kwargs)
-    if not isinstance(adapter, ShardMap):
-        raise TypeError(
-            f"the mapping {mapping.name!r} runs with {mapping.mapping_fn!r}, which has no mesh; "
-            f"spec_for and place need sharding.shard_map(...) or jax.shard_map as mapping_fn."
-        )
-    return adapter
-
-
-def _rule_spec(state: smap.State, rules: Rules | None) -> PartitionSpec | None:
-    """The first rule that selects ``state``, checked against its rank."""
-    for selector, spec in (rules or {}).items():
-        if not isinstance(spec, PartitionSpec):
-            raise TypeError(
-                f"rules[{selector!r}] must be a PartitionSpec, got {type(spec).__name__} {spec!r}; "
-                f"write PartitionSpec({spec!r}) to partition the first dimension."
-            )
-        if to_filter(selector)(state.path, state):
-            ndim = min((np.ndim(x) for x in jax.tree_util.tree_leaves(state.peek())), default=0)
-            if len(spec) > ndim:
-                raise ValueError(
-                    f"the rule {spec} for {state.describe()} names {len(spec)} dimensions, but its value has {ndim}."
-                )
-            return spec
-    return None
 
 
 def _check_tag_rules(states: Iterable[smap.State], rules: Rules | None) -> None:
@@ -63,47 +30,6 @@ def _check_tag_rules(states: Iterable[smap.State], rules: Rules | None) -> None:
                     f"the rule {selector!r} selects states tagged {selector!r}, and none is; a string in "
                     f"rules is a tag. For the state at path {selector!r}, write smap.filter.AtPath({selector!r})."
                 )
-
-
-def spec_for(mapping: smap.StatefulMapping, state: smap.State, rules: Rules | None = None) -> PartitionSpec:
-    """The PartitionSpec that ``state`` gets under ``mapping``.
-
-    A state that ``mapping.state_in_axes`` batches along axis ``a`` is
-    partitioned over the mapping's lane axes at dimension ``a``; its other
-    dimensions, and all of a shared state, are replicated unless ``rules``
-    place them. ``rules`` is ``{selector: PartitionSpec}``: a selector is any
-    filter of ``state_in_axes`` (a State type, a tag string, a filter such as
-    ``smap.filter.AtPath('mlp.w1')`` for a dotted path), and the first rule
-    that selects a state gives the spec of its leading dimensions. A batched
-    state's rule leaves its mapped dimension ``None``.
-
-    Example:
-        >>> import jax, jax.numpy as jnp, smap, sharding
-        >>> mesh = sharding.make_mesh(data=jax.device_count())
-        >>> h = smap.HiddenState(jnp.zeros((jax.device_count(), 3)))
-        >>> step = smap.StatefulMapping(lambda x: x, state_in_axes=smap.HiddenState,
-        ...                             mapping_fn=sharding.shard_map(mesh))
-        >>> tuple(sharding.spec_for(step, h))
-        ('data',)
-    """
-    adapter = _adapter(mapping)
-    _check_state(state, "spec_for: state")
-    value = state.peek()
-    ndim = min(np.ndim(x) for x in jax.tree_util.tree_leaves(value)) if jax.tree_util.tree_leaves(value) else 0
-    axis = mapping.state_axis(state)
-    rule = _rule_spec(state, rules)
-    entries = list(rule or ()) + [None] * (ndim - len(rule or ()))
-    if axis is not None:
-        lane = adapter.lane_spec(ndim, axis % ndim)
-        if entries[axis % ndim] is not None:
-            raise ValueError(
-                f"the rule {rule} for {state.describe()} places dimension {axis % ndim}, which the "
-                f"mapping splits over {lane[axis % ndim]!r}."
-            )
-        entries[axis % ndim] = lane[axis % ndim]
-    while entries and entries[-1] is None:
-        entries.pop()
-    return PartitionSpec(*entries)
 
 
 def _check_state(state: Any, what: str) -> None:
@@ -129,26 +55,6 @@ def _states(target: Any) -> dict[str, smap.State]:
     raise TypeError(f"target must be a Module, a State, or a dict or list of States, got {type(target).__name__}.")
 
 
-def _check_divides(state: smap.State, spec: PartitionSpec, mesh: Any) -> None:
-    """Every dimension that ``spec`` partitions is a multiple of its mesh axes' size."""
-    for leaf in jax.tree_util.tree_leaves(state.peek()):
-        for dim, entry in enumerate(spec):
-            names = () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
-            for name in names:
-                if name not in mesh.shape:
-                    raise ValueError(
-                        f"the spec {spec} for {state.describe()} names mesh axis {name!r}, but the mesh "
-                        f"has axes {tuple(mesh.axis_names)}."
-                    )
-            size = int(np.prod([mesh.shape[name] for name in names]))
-            if dim < np.ndim(leaf) and np.shape(leaf)[dim] % size:
-                axes = " x ".join(f"{name!r} ({mesh.shape[name]})" for name in names)
-                raise ValueError(
-                    f"{state.describe()} has size {np.shape(leaf)[dim]} in dimension {dim}, which the "
-                    f"mesh axis {axes} of size {size} does not divide (spec {spec})."
-                )
-
-
 def place(
     target: Any, mapping: smap.StatefulMapping | None = None, *, mesh: Any = None, rules: Rules | None = None
 ) -> None:
@@ -171,50 +77,12 @@ def place(
         ()
     """
     if mapping is not None:
-        adapter = _adapter(mapping)
-        mesh = adapter.mesh if mesh is None else mesh
+        mesh = mesh_mapping(mapping).mesh if mesh is None else mesh
     if mesh is None:
         raise ValueError("place needs a mesh, or a mapping that runs on one.")
     states = list(_states(target).values())
     _check_tag_rules(states, rules)
-    placed = []  # every value is placed before any state changes: a failure leaves them all where they were
-    for state in states:
-        sharding = placement(state, mesh, mapping, rules)
-        placed.append(jax.tree_util.tree_map(functools.partial(_put, sharding=sharding), state.peek()))
-    with _locks.Holding(_locks.joined(states)):
-        for state, value in zip(states, placed):
-            state.write_back(value)
-
-
-def placement(
-    state: smap.State, mesh: Any, mapping: smap.StatefulMapping | None = None, rules: Rules | None = None
-) -> NamedSharding:
-    """The sharding :func:`place` gives ``state`` on ``mesh`` (the mapping's mesh when ``mesh`` is None).
-
-    Example:
-        >>> import jax, jax.numpy as jnp, smap, sharding
-        >>> from sharding._placement import placement
-        >>> mesh = sharding.make_mesh(data=jax.device_count())
-        >>> tuple(placement(smap.ParamState(jnp.ones(4)), mesh).spec)
-        ()
-    """
-    if mapping is not None:
-        mesh = _adapter(mapping).mesh if mesh is None else mesh
-        spec = spec_for(mapping, state, rules)
-    else:
-        spec = _rule_spec(state, rules) or PartitionSpec()
-    _check_divides(state, spec, mesh)
-    return NamedSharding(mesh, spec)
-
-
-def _put(x: Any, sharding: NamedSharding) -> jax.Array:
-    """``x`` (the same value on every process) placed with ``sharding``."""
-    if jax.process_count() == 1 or (isinstance(x, jax.Array) and not x.is_fully_addressable):
-        return jax.device_put(x, sharding)
-    # Across processes, each builds its own shards from its copy of the value
-    # (jax.device_put of a single-device array fails there with one device per process).
-    host = np.asarray(x)
-    return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+    move(states, [placement(state, mesh, mapping, rules) for state in states])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -316,7 +184,7 @@ def describe(target: Any, mapping: smap.StatefulMapping | None = None) -> StateT
         ----  ----------  ------  -------  -----  ------------
         w     ParamState  (2, 3)  float32  cpu:0            24
     """
-    adapter = None if mapping is None else _adapter(mapping)
+    adapter = None if mapping is None else mesh_mapping(mapping)
     table = StateTable()
     for path, state in _states(target).items():
         leaves = jax.tree_util.tree_leaves(state.peek())

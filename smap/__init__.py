@@ -16,7 +16,7 @@ Example:
     Array([1., 2., 3.], dtype=float32)
 """
 
-from . import checkpoint, filter, nn, random, transform
+from . import checkpoint, devices, filter, nn, random, transform
 from ._state import HiddenState, LongTermState, ParamState, ShortTermState, State
 from .transform import BatchAxisError, StatefulMapping, grad, jit, vmap2
 
@@ -39,6 +39,7 @@ __all__ = [
     "filter",
     "transform",
     "checkpoint",
+    "devices",
 ]
 
 __version__ = "0.1.0"

@@ -16,6 +16,7 @@ from jax.sharding import NamedSharding, SingleDeviceSharding
 
 from .. import nn
 from .._state import State, active_frames
+from ..devices import placement
 from . import _files
 
 __all__ = ["CheckpointError", "save", "restore", "steps"]
@@ -303,8 +304,6 @@ def _placements(name: str, state: State, mesh: Any, mapping: Any, rules: Any) ->
     leaves, _ = _leaves(state)
     if mesh is None and mapping is None:
         return [x.sharding if x.committed else None for _, x in leaves]
-    from sharding._placement import placement  # smap never imports sharding at import time
-
     try:
         return [placement(state, mesh, mapping, rules)] * len(leaves)
     except ValueError as error:

@@ -5,7 +5,8 @@ out_axes=..., axis_name=..., axis_size=...)``. The adapters here run it on
 several devices and give exactly the result of ``jax.vmap``: the mapped axis
 is split into one contiguous block of lanes per device, each device maps its
 block with a local ``jax.vmap``, and collectives on ``axis_name`` span all
-lanes of all devices (see :mod:`sharding._spanning`).
+lanes of all devices (see :mod:`smap.transform._spanning`). Their public names
+are in :mod:`smap.devices` (and ``sharding`` re-exports them).
 
 - :class:`ShardMap` runs the blocks with ``jax.shard_map`` over mesh axes: the
   mapped axis of arguments, outputs and batched states is partitioned over
@@ -26,8 +27,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
-from smap import _compat
-
+from .. import _compat
 from ._spanning import Span, spanning_lane
 
 __all__ = ["ShardMap", "Pmap", "shard_map", "pmap", "adapt"]
@@ -308,9 +308,9 @@ def shard_map(mesh: Any = None, axis: str | Sequence[str] | None = "data") -> Sh
             (``None``: all axes of the mesh).
 
     Example:
-        >>> import jax, jax.numpy as jnp, smap, sharding
-        >>> mesh = sharding.make_mesh(data=jax.device_count())
-        >>> double = smap.StatefulMapping(lambda x: 2 * x, mapping_fn=sharding.shard_map(mesh))
+        >>> import jax, jax.numpy as jnp, smap
+        >>> mesh = jax.make_mesh((jax.device_count(),), ("data",))
+        >>> double = smap.StatefulMapping(lambda x: 2 * x, mapping_fn=smap.devices.shard_map(mesh))
         >>> double(jnp.arange(float(jax.device_count()))).sum() == 2 * sum(range(jax.device_count()))
         Array(True, dtype=bool)
     """
@@ -321,8 +321,8 @@ def pmap(devices: Sequence[Any] | None = None) -> Pmap:
     """A ``mapping_fn`` that runs blocks of lanes on ``devices`` with ``jax.pmap``.
 
     Example:
-        >>> import jax, jax.numpy as jnp, smap, sharding
-        >>> total = smap.StatefulMapping(lambda x: jax.lax.psum(x, 'i'), axis_name='i', mapping_fn=sharding.pmap())
+        >>> import jax, jax.numpy as jnp, smap
+        >>> total = smap.StatefulMapping(lambda x: jax.lax.psum(x, 'i'), axis_name='i', mapping_fn=smap.devices.pmap())
         >>> total(jnp.ones(16))[0]
         Array(16., dtype=float32)
     """
@@ -348,8 +348,8 @@ def adapt(mapping_fn: Callable, mapping_kwargs: dict) -> tuple[Callable, dict]:
     unchanged. ``StatefulMapping`` asks this of every ``mapping_fn``.
 
     Example:
-        >>> import functools, jax, sharding
-        >>> adapter, _ = sharding.adapt(functools.partial(jax.smap, axis_name="data"), {})
+        >>> import functools, jax, smap
+        >>> adapter, _ = smap.devices.adapt(functools.partial(jax.smap, axis_name="data"), {})
         >>> adapter.name
         'jax.smap'
     """

@@ -25,6 +25,7 @@ import jax
 from .._dispatch import ArgSignature, Entry, Runner, StatefulFunction
 from .._state import State, check_same_structure
 from .._tracing import Program, TraceContext, abstract
+from ._adapters import adapt
 from ._axes import AxisSpec, leaf_axes, leaf_names, normalise_state_axes, select_axis
 from ._fuse import fused_lanes
 from ._plan import BatchAxisError, LaneInputs, LanePlan, plan
@@ -423,13 +424,9 @@ class _SizeFoundInTrace(Exception):
 def _calling_convention(mapping_fn: Callable, mapping_kwargs: dict) -> MappingFn:
     """``mapping_fn`` with its ``mapping_kwargs`` bound, as a :class:`MappingFn`.
 
-    Which functions need adapting, and how, is the sharding layer's one rule
-    (``sharding.adapt``); it is imported at the first trace, so that
-    importing smap does not import it.
+    Which functions need adapting, and how, is one rule: :func:`~smap.devices.adapt`.
     """
-    import sharding
-
-    adapted, kwargs = sharding.adapt(mapping_fn, mapping_kwargs)
+    adapted, kwargs = adapt(mapping_fn, mapping_kwargs)
     return functools.partial(adapted, **kwargs) if kwargs else adapted
 
 

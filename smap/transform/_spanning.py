@@ -21,9 +21,9 @@ import jax
 import jax.numpy as jnp
 from jax.extend.core import ClosedJaxpr, Jaxpr, Literal
 
-from smap import _compat
-from smap._compat import Kind, open_jaxpr
-from smap.transform._fuse import is_lane_sum, sum_over_lanes
+from .. import _compat
+from .._compat import Kind, open_jaxpr
+from ._fuse import is_lane_sum, sum_over_lanes
 
 __all__ = ["Span", "spanning_lane"]
 
