@@ -28,6 +28,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
 from .. import _compat
+from ._plan import LanePlan, Lanes
 from ._spanning import Span, spanning_lane
 
 __all__ = ["ShardMap", "Pmap", "shard_map", "pmap", "adapt"]
@@ -54,7 +55,12 @@ def _lane_aval(x: Any, axis: int | None) -> jax.ShapeDtypeStruct:
 
 
 class _Adapter:
-    """The shared steps: flatten, check sizes, span collectives, map locally."""
+    """The shared steps: take a lane program and its plan, span collectives, map locally.
+
+    A mapping hands an adapter its per-lane program and plan as one value
+    (:meth:`map_lanes`); called with ``jax.vmap``'s convention, an adapter
+    traces the function once into such a value itself.
+    """
 
     name = "adapter"
 
@@ -89,18 +95,21 @@ class _Adapter:
         def lane(*lane_leaves: Any) -> Any:
             return f(*jax.tree_util.tree_unflatten(tree, lane_leaves))
 
-        def flat_lane(*lane_leaves: Any) -> list:
-            return jax.tree_util.tree_leaves(lane(*lane_leaves))
-
         axis_env = [(axis_name, axis_size)] if axis_name is not None else None
-        _, out_shape = jax.make_jaxpr(lane, axis_env=axis_env, return_shape=True)(*lane_avals)
+        program, out_shape = jax.make_jaxpr(lane, axis_env=axis_env, return_shape=True)(*lane_avals)
         out_leaves, out_tree = jax.tree_util.tree_flatten(out_shape)
-        flat_out_axes = [
-            None if a is None else a % (len(s.shape) + 1)
-            for a, s in zip(_flat_axes(out_axes, out_shape, "out_axes"), out_leaves)
-        ]
-        results = self._map(flat_lane, leaves, axes, lane_avals, flat_out_axes, axis_name, axis_size)
-        return jax.tree_util.tree_unflatten(out_tree, results)
+        flat_out_axes = _flat_axes(out_axes, out_shape, "out_axes")
+        lanes = Lanes(program, LanePlan(tuple(axes), tuple(flat_out_axes), axis_name, axis_size))
+        return jax.tree_util.tree_unflatten(out_tree, self.map_lanes(lanes)(*leaves))
+
+    def map_lanes(self, lanes: Lanes) -> Callable[..., list]:
+        """The function of the program's input leaves that runs ``lanes`` on the devices, as its plan says.
+
+        It returns the output leaves, each with its mapped axis where the
+        plan puts it. The lane program is not traced again: collectives are
+        rewritten on ``lanes.jaxpr``.
+        """
+        return functools.partial(self._map, lanes)
 
     def _local_lanes(self, axis_size: int, n_devices: int, where: str = "") -> int:
         if axis_size % n_devices:
@@ -110,10 +119,8 @@ class _Adapter:
             )
         return axis_size // n_devices
 
-    def _local_program(
-        self, f: Callable, lane_avals: list, axes: list, out_axes: list, axis_name: Hashable | None, span: Span
-    ) -> Callable:
-        lane = spanning_lane(f, lane_avals, span) if axis_name is not None else f
+    def _local_program(self, lanes: Lanes, axes: list, out_axes: list, span: Span) -> Callable:
+        lane = spanning_lane(lanes.jaxpr, span) if lanes.plan.axis_name is not None else lanes
         return jax.vmap(
             lambda *a: tuple(lane(*a)),
             in_axes=tuple(axes),
@@ -122,17 +129,17 @@ class _Adapter:
             axis_size=span.local_size,
         )
 
-    def _map(
-        self,
-        f: Callable,
-        leaves: list,
-        axes: list,
-        lane_avals: list,
-        out_axes: list,
-        axis_name: Hashable | None,
-        axis_size: int,
-    ) -> list:
+    def _map(self, lanes: Lanes, *leaves: Any) -> list:
         raise NotImplementedError
+
+
+def _axes(lanes: Lanes, leaves: Sequence[Any]) -> tuple[list[int | None], list[int | None]]:
+    """The plan's input and output axes, made non-negative."""
+    plan = lanes.plan
+    in_axes = [None if a is None else a % jnp.ndim(x) for a, x in zip(plan.in_axes, leaves)]
+    out_avals = lanes.program.out_avals
+    out_axes = [None if a is None else a % (len(o.shape) + 1) for a, o in zip(plan.out_axes, out_avals)]
+    return in_axes, out_axes
 
 
 class ShardMap(_Adapter):
@@ -182,17 +189,18 @@ class ShardMap(_Adapter):
         axes = self.axes
         return PartitionSpec(*([None] * axis), axes[0] if len(axes) == 1 else axes)
 
-    def _map(self, f, leaves, axes, lane_avals, out_axes, axis_name, axis_size):
+    def _map(self, lanes: Lanes, *leaves: Any) -> list:
+        axes, out_axes = _axes(lanes, leaves)
         mesh, mesh_axes = self.mesh_and_axes()
         sizes = tuple(mesh.shape[a] for a in mesh_axes)
         where = " of mesh " + ", ".join(f"axis {a!r} (size {n})" for a, n in zip(mesh_axes, sizes))
-        local = self._local_lanes(axis_size, math.prod(sizes), where)
-        span = Span(axis_name, mesh_axes, sizes, Span.fresh_name(), local, self.name)
-        body = self._local_program(f, lane_avals, axes, out_axes, axis_name, span)
+        local = self._local_lanes(lanes.plan.axis_size, math.prod(sizes), where)
+        span = Span(lanes.plan.axis_name, mesh_axes, sizes, Span.fresh_name(), local, self.name)
+        body = self._local_program(lanes, axes, out_axes, span)
         in_specs = tuple(self.lane_spec(jnp.ndim(x), a) for x, a in zip(leaves, axes))
         out_specs = tuple(self.lane_spec(0, a) for a in out_axes)
-        leaves = _compat.onto_mesh(leaves, mesh, in_specs)
-        return list(_compat.shard_map(body, mesh, in_specs, out_specs, mesh_axes)(*leaves))
+        placed = _compat.onto_mesh(leaves, mesh, in_specs)
+        return list(_compat.shard_map(body, mesh, in_specs, out_specs, mesh_axes)(*placed))
 
     def __repr__(self) -> str:
         return f"sharding.shard_map(mesh={self._mesh!r}, axis={self._axis!r})"
@@ -211,24 +219,17 @@ class Pmap(_Adapter):
     def __init__(self, devices: Sequence[Any] | None = None):
         self.devices = None if devices is None else _check_devices(devices, "sharding.pmap")
 
-    def _map(self, f, leaves, axes, lane_avals, out_axes, axis_name, axis_size):
+    def _map(self, lanes: Lanes, *leaves: Any) -> list:
         def on_devices(*leaves: Any) -> list:
             # jax.pmap brings its own devices: no ambient mesh, no Explicit mesh axes in the values' types.
             with _compat.without_ambient_mesh():
-                return self._pmap(f, list(leaves), axes, lane_avals, out_axes, axis_name, axis_size)
+                return self._pmap(lanes, list(leaves))
 
-        return _compat.outside_explicit_mesh(on_devices, leaves, len(out_axes))(*leaves)
+        return _compat.outside_explicit_mesh(on_devices, list(leaves), len(lanes.plan.out_axes))(*leaves)
 
-    def _pmap(
-        self,
-        f: Callable,
-        leaves: list,
-        axes: list,
-        lane_avals: list,
-        out_axes: list,
-        axis_name: Hashable | None,
-        axis_size: int,
-    ) -> list:
+    def _pmap(self, lanes: Lanes, leaves: list) -> list:
+        axes, out_axes = _axes(lanes, leaves)
+        axis_size = lanes.plan.axis_size
         devices = self.devices if self.devices is not None else jax.local_devices()
         n = min(len(devices), axis_size)
         local = self._local_lanes(axis_size, n)
@@ -241,14 +242,9 @@ class Pmap(_Adapter):
                 f"outside jax.set_mesh."
             )
         device_axis = Span.fresh_name("devices")
-        span = Span(axis_name, (device_axis,), (n,), Span.fresh_name(), local, self.name)
+        span = Span(lanes.plan.axis_name, (device_axis,), (n,), Span.fresh_name(), local, self.name)
         body = self._local_program(
-            f,
-            lane_avals,
-            [None if a is None else 0 for a in axes],
-            [None if a is None else 0 for a in out_axes],
-            axis_name,
-            span,
+            lanes, [None if a is None else 0 for a in axes], [None if a is None else 0 for a in out_axes], span
         )
         blocks = [
             x if a is None else jnp.moveaxis(x, a, 0).reshape((n, local, *jnp.shape(x)[:a], *jnp.shape(x)[a + 1 :]))

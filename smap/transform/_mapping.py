@@ -7,9 +7,10 @@ selected by ``state_in_axes`` enters with its mapped axis removed, a state
 whose type gives each lane its own value, such as a random key, enters as
 one lane's value). :func:`~smap.transform._plan.plan` turns the program and
 those findings into a :class:`~smap.transform._plan.LanePlan`, and
-:func:`_mapped_program` runs the plan: ``mapping_fn`` (a :class:`MappingFn`)
-maps the program over the lanes, and the results are written back once the
-call has succeeded.
+:func:`_mapped_program` runs the plan: ``mapping_fn`` (a :class:`MappingFn`,
+or a device mapping of :mod:`smap.devices`, which takes the program and plan
+as one :class:`~smap.transform._plan.Lanes` value) maps the program over the
+lanes, and the results are written back once the call has succeeded.
 """
 
 from __future__ import annotations
@@ -25,10 +26,10 @@ import jax
 from .._dispatch import ArgSignature, Entry, Runner, StatefulFunction
 from .._state import State, check_same_structure
 from .._tracing import Program, TraceContext, abstract
-from ._adapters import adapt
+from ._adapters import _Adapter, adapt
 from ._axes import AxisSpec, leaf_axes, leaf_names, normalise_state_axes, select_axis
 from ._fuse import fused_lanes
-from ._plan import BatchAxisError, LaneInputs, LanePlan, plan
+from ._plan import BatchAxisError, LaneInputs, Lanes, plan
 from ._signature import check_callable, check_static_argnums, function_name
 
 __all__ = ["StatefulMapping", "vmap2", "MappingFn"]
@@ -372,10 +373,11 @@ class StatefulMapping(StatefulFunction[P, R]):
         )
         for i in lane_plan.unexpected_writes:
             self._unexpected_write(program.states[i])
-        lane_fn: Callable = program
+        fused = None
         if self.fuse_lane_sums and self.axis_name is not None:
-            lane_fn = fused_lanes(program.jaxpr, [a is not None for a in lane_plan.in_axes], self.axis_name) or program
-        return _mapped_program(program, lane_plan, _calling_convention(self.mapping_fn, self.mapping_kwargs), lane_fn)
+            fused = fused_lanes(program.jaxpr, [a is not None for a in lane_plan.in_axes], self.axis_name)
+        lanes = Lanes(program.jaxpr, lane_plan, fused)
+        return _mapped_program(program, lanes, _calling_convention(self.mapping_fn, self.mapping_kwargs))
 
     def _unexpected_write(self, state: State) -> None:
         message = (
@@ -430,15 +432,24 @@ def _calling_convention(mapping_fn: Callable, mapping_kwargs: dict) -> MappingFn
     return functools.partial(adapted, **kwargs) if kwargs else adapted
 
 
-def _mapped_program(program: Program, lane_plan: LanePlan, mapping_fn: MappingFn, lane_fn: Callable) -> Runner:
-    """The function of (argument leaves, state values) that runs ``program`` as ``lane_plan`` says.
+def _mapped_program(program: Program, lanes: Lanes, mapping_fn: MappingFn) -> Runner:
+    """The function of (argument leaves, state values) that runs ``program`` as ``lanes.plan`` says.
 
-    ``lane_fn`` evaluates the program for one lane: the program itself, or its
-    fused form (see ``smap.transform._fuse``).
+    A device mapping of :mod:`smap.devices` takes ``lanes`` (the lane program
+    and its plan) as one value; any other ``mapping_fn`` gets one lane's
+    function with ``jax.vmap``'s calling convention.
     """
-
-    def lane(*leaves: Any) -> tuple:
-        return tuple(lane_fn(*leaves))
+    lane_plan = lanes.plan
+    if isinstance(mapping_fn, _Adapter):
+        mapped = mapping_fn.map_lanes(lanes)
+    else:
+        mapped = mapping_fn(
+            lambda *leaves: tuple(lanes(*leaves)),
+            in_axes=lane_plan.in_axes,
+            out_axes=lane_plan.out_axes,
+            axis_name=lane_plan.axis_name,
+            axis_size=lane_plan.axis_size,
+        )
 
     def run(arg_leaves: list, state_values: list) -> tuple[Any, list]:
         state_leaves: list = []
@@ -447,13 +458,6 @@ def _mapped_program(program: Program, lane_plan: LanePlan, mapping_fn: MappingFn
             if i in lane_plan.own_lanes:
                 value, next_values[i] = cast(tuple, program.states[i].lane_values(value, lane_plan.axis_size))
             state_leaves.extend(jax.tree_util.tree_leaves(value))
-        mapped = mapping_fn(
-            lane,
-            in_axes=lane_plan.in_axes,
-            out_axes=lane_plan.out_axes,
-            axis_name=lane_plan.axis_name,
-            axis_size=lane_plan.axis_size,
-        )
         results = mapped(*arg_leaves, *state_leaves)
         outs, written = results[: program.n_outs], program.unflatten_written(results[program.n_outs :])
         for j, i in enumerate(program.written):
