@@ -178,7 +178,7 @@ class Program:
 def smap_compiled(m: Any, *args: Any) -> Any:
     """The compiled executable of an smap transform's cached program (call it once first)."""
     values = [s.value for s in m._state_list.states]
-    return m._dispatch.lower(m._state_list, values, *args).compile()
+    return m._state_list.dispatch.lower(values, *args).compile()
 
 
 def smap_hlo(m: Any, *args: Any) -> str:

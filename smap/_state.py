@@ -30,16 +30,20 @@ __all__ = [
     "TraceFrame",
 ]
 
-_local = threading.local()
+
+class _ThisThread(threading.local):
+    """What smap keeps per thread: the trace frames, innermost last."""
+
+    def __init__(self) -> None:
+        self.frames: list[TraceFrame] = []
+
+
+this_thread = _ThisThread()  # ``this_thread.frames``: one attribute read on a call's cached path
 
 
 def active_frames() -> list[TraceFrame]:
     """The trace frames of this thread, innermost last."""
-    try:
-        return _local.frames
-    except AttributeError:
-        _local.frames = []
-        return _local.frames
+    return this_thread.frames
 
 
 class InvalidatedStateError(RuntimeError):

@@ -118,7 +118,7 @@ def test_demo_step_holds_no_per_example_gradient(mapping, lanes):
         args = sharding.global_batch((x, y), mesh) if mesh is not None else (x, y)
         jax.block_until_ready(step(*args))
         values = [s.value for s in step._state_list.states]
-        hlo = step._dispatch.lower(step._state_list, values, *args).compile().as_text()
+        hlo = step._state_list.dispatch.lower(values, *args).compile().as_text()
         shapes = {tuple(int(d) for d in dims.split(",")) for dims in re.findall(r"f32\[([\d,]+)\]", hlo)}
         return {s for s in shapes if tuple(sorted(s)) in per_lane}
 

@@ -197,7 +197,7 @@ def whole_weight_gathers(hlo: str, shapes) -> list[str]:
 
 def compiled_hlo(fn, *args) -> str:
     values = [s.value for s in fn._state_list.states]
-    return fn._dispatch.lower(fn._state_list, values, *args).compile().as_text()
+    return fn._state_list.dispatch.lower(values, *args).compile().as_text()
 
 
 @pytest.mark.parametrize("program", list(PROGRAMS))

@@ -286,7 +286,7 @@ _COLLECTIVE = re.compile(
 def compiled_text(m, *args):
     """The optimised HLO of the program a call of ``m`` with ``args`` runs now."""
     states = m._state_list
-    return m._dispatch.lower(states, [s.value for s in states.states], *args).compile().as_text()
+    return states.dispatch.lower([s.value for s in states.states], *args).compile().as_text()
 
 
 SECOND_CALL_LAYOUTS = [

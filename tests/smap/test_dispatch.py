@@ -15,6 +15,7 @@ import pytest
 import smap
 from smap._dispatch import _UNLOCKED, ArgSignature, StatefulFunction
 from smap._tracing import Program, TraceContext
+from smap.transform._jit import JittedFunction
 
 
 class Doubling(StatefulFunction):
@@ -100,18 +101,17 @@ def test_a_state_touched_only_by_a_new_signature_joins_the_list_and_earlier_stat
 
 def test_a_cached_call_does_not_trace_the_dispatcher_again():
     s = smap.State(jnp.zeros(()))
-    g = smap.jit(lambda x: s.value + x)
     traces = []
-    original = g._dispatch_trace
 
-    def counting(*args, **kwargs):
-        traces.append(1)
-        return original(*args, **kwargs)
+    class Counting(JittedFunction):
+        def _dispatch_trace(self, *args, **kwargs):
+            traces.append(1)
+            return super()._dispatch_trace(*args, **kwargs)
 
-    g._dispatch = jax.jit(counting, static_argnums=(0,))
+    g = Counting(lambda x: s.value + x)
     for i in range(3):
         np.testing.assert_array_equal(g(jnp.asarray(float(i))), float(i))
-    assert len(traces) == 2  # the first trace (new state found) and its retry; then JAX's cache
+    assert len(traces) == 2  # the first trace (a new state found) and its retry; then JAX's cache
 
 
 def test_a_call_whose_state_changed_shape_traces_a_new_program(close):

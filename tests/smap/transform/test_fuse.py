@@ -227,7 +227,7 @@ def compiled_hlo(build: Callable, seed: int, **mapping: Any) -> tuple[str, Case]
     m = smap.StatefulMapping(case.fn, axis_name=AXIS, out_axes=case.out_axes, **mapping)
     m(*case.args)
     values = [s.value for s in m._state_list.states]
-    return m._dispatch.lower(m._state_list, values, *case.args).compile().as_text(), case
+    return m._state_list.dispatch.lower(values, *case.args).compile().as_text(), case
 
 
 def per_lane_arrays(hlo: str, lanes: int, weights: list[tuple[int, ...]]) -> list[str]:
