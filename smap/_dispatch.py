@@ -315,34 +315,32 @@ class StatefulFunction(Generic[P, R]):
     def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
         if this_thread.frames:
             return self._call_in_trace(args, kwargs)
-        while True:
-            state_list = self._state_list
-            # A call reads, computes and writes back its states as one step for other threads.
-            group = state_list.group
-            lock = group.lock
-            lock.acquire()
-            if group.merged_into is not None:  # merged while this thread waited: take the larger group's lock
-                lock.release()
-                lock = group.acquire().lock
-            try:
-                out, written = state_list.dispatch(list(map(_stored_value, state_list.states)), *args, **kwargs)
-                states = state_list.states
-                for i, value in written.items():
-                    if type(value) is not _compat.ArrayImpl:
-                        # Tracers come out of every written value or of none: the first one decides.
-                        _check_not_traced(self.name, states[i], value)
-                    states[i]._value = value
-            except _MissingStates as error:
-                missing: Sequence[State] | None = error.states
-            else:
-                missing = None
-            finally:
-                lock.release()
-            if missing is None:
-                return out if self._call_result is None else self._call_result(out)
-            # Outside the lock: joining the new states' lock groups may wait for other calls.
-            current = self._state_list
-            self._state_list = current.extended([s for s in missing if id(s) not in current.index], self)
+        state_list = self._state_list
+        # A call reads, computes and writes back its states as one step for other threads.
+        group = state_list.group
+        group.lock.acquire()
+        if group.merged_into is not None:  # merged while this thread waited: take the larger group's lock
+            group.lock.release()
+            group = group.acquire()
+        try:
+            states = state_list.states
+            out, written = state_list.dispatch([s._value for s in states], *args, **kwargs)
+            for i, value in written.items():
+                if type(value) is not _compat.ArrayImpl:
+                    # Tracers come out of every written value or of none: the first one decides.
+                    _check_not_traced(self.name, states[i], value)
+                states[i]._value = value
+        except _MissingStates as error:
+            missing = error.states
+        else:
+            return out if self._call_result is None else self._call_result(out)
+        finally:
+            group.lock.release()
+        # The trace found states the list lacks. Outside the lock (joining the new
+        # states' lock groups may wait for other calls): a longer list, and the call again.
+        current = self._state_list  # (another thread may have made a longer one meanwhile)
+        self._state_list = current.extended([s for s in missing if id(s) not in current.index], self)
+        return self(*args, **kwargs)
 
     def _call_in_trace(self, args: tuple, kwargs: dict) -> Any:
         """A call while another smap transform traces: only this program's states take part."""
