@@ -340,7 +340,7 @@ class StatefulFunction(Generic[P, R]):
         # states' lock groups may wait for other calls): a longer list, and the call again.
         current = self._state_list  # (another thread may have made a longer one meanwhile)
         self._state_list = current.extended([s for s in missing if id(s) not in current.index], self)
-        return self(*args, **kwargs)
+        return StatefulFunction.__call__(self, *args, **kwargs)
 
     def _call_in_trace(self, args: tuple, kwargs: dict) -> Any:
         """A call while another smap transform traces: only this program's states take part."""
