@@ -46,10 +46,11 @@ class MappingFn(Protocol):
     returns a function of the mapped arguments. ``StatefulMapping`` calls it
     with ``in_axes`` and ``out_axes`` flat tuples of ints and Nones (one per
     array leaf), ``axis_size`` always given, and the mapping's
-    ``mapping_kwargs``. ``jax.vmap`` and the ``sharding`` adapters follow
-    it; JAX's SPMD maps (``jax.pmap``, ``jax.shard_map``) do not, and the
-    sharding layer adapts them (``sharding.adapt``, the one place that says
-    which functions need adapting).
+    ``mapping_kwargs``. ``jax.vmap`` and the device mappings of
+    :mod:`smap.devices` follow it (those also take the lane program and its
+    plan as one value); JAX's SPMD maps (``jax.pmap``, ``jax.shard_map``) do
+    not, and the mapping adapts them (:func:`smap.devices.adapt`, the one
+    place that says which functions need adapting).
 
     Example:
         >>> import jax, jax.numpy as jnp, smap
@@ -202,8 +203,8 @@ class StatefulMapping(StatefulFunction[P, R]):
 
     ``mapping_fn`` (``jax.vmap`` by default) runs the traced per-lane program
     over the lanes; any function with ``jax.vmap``'s calling convention works,
-    and ``jax.pmap``, ``jax.shard_map`` and the adapters of the ``sharding``
-    package give the same results on any number of devices.
+    and ``jax.pmap``, ``jax.shard_map`` and the device mappings of
+    ``smap.devices`` give the same results on any number of devices.
 
     Arguments:
         fun: the function or Module to map.
@@ -228,7 +229,7 @@ class StatefulMapping(StatefulFunction[P, R]):
         axis_name: the name collectives (``psum``, ``axis_index``, ...) use.
         name: a name for errors and reprs.
         mapping_fn, mapping_kwargs: what maps the per-lane program (a :class:`MappingFn`,
-            or ``jax.pmap``/``jax.shard_map``, which the sharding layer adapts), and
+            or ``jax.pmap``/``jax.shard_map``, which ``smap.devices.adapt`` routes), and
             extra keyword arguments for it.
         fuse_lane_sums: compute a ``psum``/``pmean`` over ``axis_name`` of
             per-lane products (per-example weight gradients) as one product
