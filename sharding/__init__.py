@@ -1,5 +1,9 @@
 """The sharding layer of smap: meshes, state placement and SPMD mapping functions.
 
+The device mapping functions (``shard_map``, ``pmap``, ``adapt``) and
+``spec_for`` live in :mod:`smap.devices`, beside the mapping that runs them;
+this package names them too. It uses only smap's public names.
+
 Example:
     >>> import jax, jax.numpy as jnp, smap, sharding
     >>> mesh = sharding.make_mesh(data=jax.device_count())
@@ -15,10 +19,11 @@ Example:
     ('data',)
 """
 
-from ._adapters import Pmap, ShardMap, adapt, pmap, shard_map
+from smap.devices import Pmap, ShardMap, adapt, pmap, shard_map, spec_for
+
 from ._distributed import global_batch, initialize, to_host
 from ._mesh import emulate_cpu_devices, make_mesh
-from ._placement import StateTable, describe, place, spec_for
+from ._placement import StateTable, describe, place
 
 __all__ = [
     "make_mesh",

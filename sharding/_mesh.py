@@ -9,9 +9,9 @@ from collections.abc import Sequence
 from typing import Any
 
 import jax
-from jax.sharding import Mesh
+from jax.sharding import AxisType, Mesh
 
-from smap import _compat
+import smap
 
 __all__ = ["make_mesh", "emulate_cpu_devices"]
 
@@ -53,7 +53,7 @@ def make_mesh(*, devices: Sequence[Any] | None = None, **axes: int) -> Mesh:
             f"Give axis sizes that multiply to {len(devices)}, pass devices=..., or emulate CPU "
             f"devices with sharding.emulate_cpu_devices(n) before JAX starts."
         )
-    return _compat.make_auto_mesh(tuple(axes.values()), tuple(axes), devices)
+    return jax.make_mesh(tuple(axes.values()), tuple(axes), axis_types=(AxisType.Auto,) * len(axes), devices=devices)
 
 
 def emulate_cpu_devices(n: int) -> None:
@@ -69,7 +69,7 @@ def emulate_cpu_devices(n: int) -> None:
     """
     if not isinstance(n, int) or n < 1:
         raise ValueError(f"emulate_cpu_devices needs a positive int, got {n!r}.")
-    if _compat.backend_started():
+    if smap.devices.backend_started():
         have = len(jax.devices("cpu"))
         if have < n:
             raise RuntimeError(

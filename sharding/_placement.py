@@ -12,82 +12,12 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 import smap
-from smap import _locks
-from smap.filter import AtPath, check_tag_string, to_filter
+from smap.devices import ShardMap, mesh_mapping, move, placement
+from smap.filter import AtPath, check_tag_string
 
-from ._adapters import ShardMap, adapt
-
-__all__ = ["spec_for", "place", "describe", "StateTable"]
+__all__ = ["place", "describe", "StateTable"]
 
 Rules = Mapping[Any, PartitionSpec]
-
-
-def _adapter(mapping: smap.StatefulMapping) -> ShardMap:
-    if not isinstance(mapping, smap.StatefulMapping):
-        raise TypeError(f"mapping must be a smap.StatefulMapping, got {type(mapping).__name__}.")
-    adapter, _ = adapt(mapping.mapping_fn, mapping.mapping_kwargs)
-    if not isinstance(adapter, ShardMap):
-        raise TypeError(
-            f"the mapping {mapping.name!r} runs with {mapping.mapping_fn!r}, which has no mesh; "
-            f"spec_for and place need sharding.shard_map(...) or jax.shard_map as mapping_fn."
-        )
-    return adapter
-
-
-def _rule_spec(state: smap.State, rules: Rules | None) -> PartitionSpec | None:
-    """The first rule that selects ``state``; a rule that fits none of its leaves is an error.
-
-    A rule fits a leaf of at least its rank. A state whose value is a pytree
-    (an optax state) may hold leaves of lower rank (a scalar step count):
-    those are replicated, and the rule places the others.
-    """
-    for selector, spec in (rules or {}).items():
-        if not isinstance(spec, PartitionSpec):
-            raise TypeError(
-                f"rules[{selector!r}] must be a PartitionSpec, got {type(spec).__name__} {spec!r}; "
-                f"write PartitionSpec({spec!r}) to partition the first dimension."
-            )
-        if to_filter(selector)(state.path, state):
-            ranks = [np.ndim(x) for x in jax.tree_util.tree_leaves(state.peek())]
-            if len(spec) > max(ranks, default=0):
-                most = max(ranks, default=0)
-                has = f"its value has {most}" if len(ranks) == 1 else f"its leaves have at most {most}"
-                raise ValueError(f"the rule {spec} for {state.describe()} names {len(spec)} dimensions, but {has}.")
-            return spec
-    return None
-
-
-def _leaf_spec(
-    state: smap.State, where: str, ndim: int, rule: PartitionSpec | None, axis: int | None, adapter: ShardMap | None
-) -> PartitionSpec:
-    """The spec of a leaf of rank ``ndim`` (at ``where`` in the state's value): its rule if it fits, its lanes."""
-    entries = list(rule) if rule is not None and len(rule) <= ndim else []
-    entries += [None] * (ndim - len(entries))
-    if axis is not None and adapter is not None:
-        if not -ndim <= axis < ndim:
-            raise ValueError(
-                f"the mapping splits {state.describe()} along axis {axis}, but its leaf{where} has rank {ndim}."
-            )
-        lane = adapter.lane_spec(ndim, axis % ndim)
-        if entries[axis % ndim] is not None:
-            raise ValueError(
-                f"the rule {rule} for {state.describe()} places dimension {axis % ndim}, which the "
-                f"mapping splits over {lane[axis % ndim]!r}."
-            )
-        entries[axis % ndim] = lane[axis % ndim]
-    while entries and entries[-1] is None:
-        entries.pop()
-    return PartitionSpec(*entries)
-
-
-def _leaf_specs(state: smap.State, mapping: smap.StatefulMapping | None, rules: Rules | None) -> Any:
-    """A PartitionSpec per leaf of the state's value, in a pytree of the value's structure."""
-    adapter = None if mapping is None else _adapter(mapping)
-    axis = None if mapping is None else mapping.state_axis(state)
-    rule = _rule_spec(state, rules)
-    leaves, tree = jax.tree_util.tree_flatten_with_path(state.peek())
-    specs = [_leaf_spec(state, jax.tree_util.keystr(path), np.ndim(x), rule, axis, adapter) for path, x in leaves]
-    return jax.tree_util.tree_unflatten(tree, specs)
 
 
 def _check_tag_rules(states: Iterable[smap.State], rules: Rules | None) -> None:
@@ -119,43 +49,6 @@ def _check_tag_rules(states: Iterable[smap.State], rules: Rules | None) -> None:
             )
 
 
-def spec_for(mapping: smap.StatefulMapping, state: smap.State, rules: Rules | None = None) -> PartitionSpec:
-    """The PartitionSpec that ``state`` gets under ``mapping``.
-
-    A state that ``mapping.state_in_axes`` batches along axis ``a`` is
-    partitioned over the mapping's lane axes at dimension ``a``; its other
-    dimensions, and all of a shared state, are replicated unless ``rules``
-    place them. ``rules`` is ``{selector: PartitionSpec}``: a selector is any
-    filter of ``state_in_axes`` (a State type, a tag string, a filter such as
-    ``smap.filter.AtPath('mlp.w1')`` for a dotted path), and the first rule
-    that selects a state gives the spec of its leading dimensions. A batched
-    state's rule leaves its mapped dimension ``None``.
-
-    Rules apply per leaf: for a state whose value is a pytree (an optax
-    state, a dict of buffers) the result is a pytree of that structure with
-    one PartitionSpec per leaf. A rule places each leaf of at least its rank;
-    a leaf of lower rank (a scalar step count) is replicated. A rule that
-    fits no leaf is an error.
-
-    Example:
-        >>> import jax, jax.numpy as jnp, smap, sharding
-        >>> from jax.sharding import PartitionSpec as P
-        >>> mesh = sharding.make_mesh(data=jax.device_count())
-        >>> h = smap.HiddenState(jnp.zeros((jax.device_count(), 3)))
-        >>> step = smap.StatefulMapping(lambda x: x, state_in_axes=smap.HiddenState,
-        ...                             mapping_fn=sharding.shard_map(mesh))
-        >>> tuple(sharding.spec_for(step, h))
-        ('data',)
-        >>> buffers = smap.LongTermState({'count': jnp.zeros((), jnp.int32), 'sum': jnp.zeros((16, 2))})
-        >>> specs = sharding.spec_for(step, buffers, {smap.LongTermState: P('data')})
-        >>> {name: tuple(spec) for name, spec in specs.items()}
-        {'count': (), 'sum': ('data',)}
-    """
-    _adapter(mapping)
-    _check_state(state, "spec_for: state")
-    return _leaf_specs(state, mapping, rules)
-
-
 def _check_state(state: Any, what: str) -> None:
     if not isinstance(state, smap.State):
         raise TypeError(f"{what} must be a smap.State, got {type(state).__name__}; wrap arrays in a State.")
@@ -177,32 +70,6 @@ def _states(target: Any) -> dict[str, smap.State]:
             _check_state(s, f"target[{i}]")
         return {".".join(map(str, s.path)) or f"[{i}]": s for i, s in enumerate(listed)}
     raise TypeError(f"target must be a Module, a State, or a dict or list of States, got {type(target).__name__}.")
-
-
-def _check_divides(state: smap.State, specs: Any, mesh: Any) -> None:
-    """Every dimension that a leaf's spec partitions is a multiple of its mesh axes' size."""
-    leaves = jax.tree_util.tree_flatten_with_path(state.peek())[0]
-    for (path, leaf), spec in zip(leaves, jax.tree_util.tree_leaves(specs, is_leaf=_is_spec)):
-        where = f" (leaf {jax.tree_util.keystr(path)})" if path else ""
-        for dim, entry in enumerate(spec):
-            names = () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
-            for name in names:
-                if name not in mesh.shape:
-                    raise ValueError(
-                        f"the spec {spec} for {state.describe()} names mesh axis {name!r}, but the mesh "
-                        f"has axes {tuple(mesh.axis_names)}."
-                    )
-            size = int(np.prod([mesh.shape[name] for name in names]))
-            if np.shape(leaf)[dim] % size:
-                axes = " x ".join(f"{name!r} ({mesh.shape[name]})" for name in names)
-                raise ValueError(
-                    f"{state.describe()}{where} has size {np.shape(leaf)[dim]} in dimension {dim}, which the "
-                    f"mesh axis {axes} of size {size} does not divide (spec {spec})."
-                )
-
-
-def _is_spec(x: Any) -> bool:
-    return isinstance(x, PartitionSpec)
 
 
 def place(
@@ -229,52 +96,12 @@ def place(
         ()
     """
     if mapping is not None:
-        adapter = _adapter(mapping)
-        mesh = adapter.mesh if mesh is None else mesh
+        mesh = mesh_mapping(mapping).mesh if mesh is None else mesh
     if mesh is None:
         raise ValueError("place needs a mesh, or a mapping that runs on one.")
     states = list(_states(target).values())
     _check_tag_rules(states, rules)
-    placed = []  # every value is placed before any state changes: a failure leaves them all where they were
-    for state in states:
-        shardings = jax.tree_util.tree_leaves(placement(state, mesh, mapping, rules))
-        leaves, tree = jax.tree_util.tree_flatten(state.peek())
-        placed.append(jax.tree_util.tree_unflatten(tree, list(map(_put, leaves, shardings))))
-    with _locks.Holding(_locks.joined(states)):
-        for state, value in zip(states, placed):
-            state.write_back(value)
-
-
-def placement(
-    state: smap.State, mesh: Any, mapping: smap.StatefulMapping | None = None, rules: Rules | None = None
-) -> Any:
-    """The sharding :func:`place` gives each leaf of ``state`` on ``mesh`` (the mapping's mesh when ``mesh`` is None).
-
-    A NamedSharding for a state holding one array; for a pytree value, a
-    pytree of that structure with one NamedSharding per leaf.
-
-    Example:
-        >>> import jax, jax.numpy as jnp, smap, sharding
-        >>> from sharding._placement import placement
-        >>> mesh = sharding.make_mesh(data=jax.device_count())
-        >>> tuple(placement(smap.ParamState(jnp.ones(4)), mesh).spec)
-        ()
-    """
-    if mapping is not None:
-        mesh = _adapter(mapping).mesh if mesh is None else mesh
-    specs = _leaf_specs(state, mapping, rules)
-    _check_divides(state, specs, mesh)
-    return jax.tree_util.tree_map(lambda spec: NamedSharding(mesh, spec), specs, is_leaf=_is_spec)
-
-
-def _put(x: Any, sharding: NamedSharding) -> jax.Array:
-    """``x`` (the same value on every process) placed with ``sharding``."""
-    if jax.process_count() == 1 or (isinstance(x, jax.Array) and not x.is_fully_addressable):
-        return jax.device_put(x, sharding)
-    # Across processes, each builds its own shards from its copy of the value
-    # (jax.device_put of a single-device array fails there with one device per process).
-    host = np.asarray(x)
-    return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+    move(states, [placement(state, mesh, mapping, rules) for state in states])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -380,7 +207,7 @@ def describe(target: Any, mapping: smap.StatefulMapping | None = None) -> StateT
         ----  ----------  ------  -------  -----  ------------
         w     ParamState  (2, 3)  float32  cpu:0            24
     """
-    adapter = None if mapping is None else _adapter(mapping)
+    adapter = None if mapping is None else mesh_mapping(mapping)
     table = StateTable()
     for path, state in _states(target).items():
         axis = None if mapping is None else mapping.state_axis(state)

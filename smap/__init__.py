@@ -16,7 +16,7 @@ Example:
     Array([1., 2., 3.], dtype=float32)
 """
 
-from . import _compat, checkpoint, filter, nn, random, transform
+from . import _compat, checkpoint, devices, filter, nn, random, transform
 from ._state import HiddenState, LongTermState, ParamState, ShortTermState, State
 from .transform import BatchAxisError, StatefulMapping, grad, jit, vmap2
 
@@ -42,6 +42,7 @@ __all__ = [
     "filter",
     "transform",
     "checkpoint",
+    "devices",
 ]
 
 __version__ = "0.1.0"

@@ -1,4 +1,4 @@
-"""Everything smap and sharding know about JAX's internals (JAX 0.9 to 0.12), in one place.
+"""Everything smap knows about JAX's internals (JAX 0.9 to 0.12), in one place.
 
 Three kinds of knowledge live here and nowhere else:
 
@@ -11,7 +11,7 @@ Three kinds of knowledge live here and nowhere else:
 - The primitives smap interprets, in one table (:data:`PRIMITIVES`), and the
   layouts of their equations' parameters (:func:`collective_axes`,
   :func:`scan_parts`, ...). The lane analysis (``smap.transform._lanes``) and
-  the collective rewrite (``sharding._spanning``) both read them.
+  the collective rewrite (``smap.transform._spanning``) both read them.
 - Differences between JAX series: ``scan``'s parameters (JAX 0.11 replaced
   ``num_consts``/``num_carry`` by flat trees), where ``jaxprs_in_params``
   lives, the SPMD maps and mesh axis types the sharding layer uses.
@@ -75,7 +75,6 @@ __all__ = [
     "is_smap",
     "jaxprs_in_params",
     "kind",
-    "make_auto_mesh",
     "mentions_axis",
     "names_axis",
     "new_input",
@@ -365,12 +364,6 @@ def shard_map(f: Callable, mesh: Mesh, in_specs: Any, out_specs: Any, manual_axe
     # Explicit axes are manual too: onto_mesh replicates the values over those the lanes do not use.
     manual = frozenset(manual_axes) | frozenset(_explicit(mesh))
     return jax.shard_map(f, mesh=mesh, in_specs=in_specs, out_specs=out_specs, axis_names=manual, check_vma=False)
-
-
-def make_auto_mesh(shape: Sequence[int], names: Sequence[str], devices: Sequence[Any] | None = None) -> Mesh:
-    """A mesh whose axes are of type ``Auto``: XLA may place values freely around a mapped program."""
-    axis_types = (AxisType.Auto,) * len(names)
-    return jax.make_mesh(tuple(shape), tuple(names), axis_types=axis_types, devices=devices)
 
 
 def ambient_mesh() -> Mesh | None:

@@ -1,10 +1,11 @@
 """Dispatch: cache a transform's programs, run them, and write the states back.
 
 :class:`StatefulFunction` is the life of a transform call. All calls go
-through one ``jax.jit`` dispatcher that takes the values of the states
-touched so far, so JAX's own dispatch cache recognises a signature
-(arguments and states) and the per-call work in Python is a read of each
-state and a write of each written one. When the dispatcher is traced for a
+through one ``jax.jit`` dispatcher (the ``dispatch`` of the list of the
+states touched so far) that takes those states' values, so JAX's own
+dispatch cache recognises a signature (arguments and states) and the
+per-call work in Python is a read of each state and a write of each
+written one. When the dispatcher is traced for a
 new signature it looks up, or traces (:func:`~smap._tracing.trace_program`),
 the :class:`~smap._tracing.Program` of the Python function and runs the
 transform's function of it. The states' values change only after the call
@@ -14,6 +15,7 @@ has succeeded, so a failed call leaves every state as it was.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import operator
 from collections.abc import Callable, Hashable, Sequence
 from typing import Any, Generic, NamedTuple, ParamSpec, TypeVar
@@ -24,7 +26,7 @@ from jax.extend.core import ClosedJaxpr
 
 from . import _compat, _locks
 from ._aot import Lowered, Traced
-from ._state import InvalidatedStateError, State, active_frames
+from ._state import InvalidatedStateError, State, this_thread
 from ._tracing import Program, PyTreeDef, TraceContext, trace_program
 from .nn import Module
 
@@ -90,23 +92,26 @@ _stored_value = operator.attrgetter("_value")
 
 
 class _StateList:
-    """The states a transform passes to its compiled dispatcher, by identity.
+    """The states a transform's calls pass to their compiled dispatcher, and that dispatcher.
 
-    It is a static argument of the dispatcher: hashing by identity keeps a
-    cached executable tied to the exact states it was traced with.
+    A list is fixed: when a trace finds states it lacks, the transform makes
+    a longer one, with a dispatcher of its own, ``dispatch(values, *args,
+    **kwargs)`` (a ``jax.jit`` of :meth:`StatefulFunction._dispatch_trace`
+    with the list bound), so a cached call passes JAX only arrays.
     """
 
-    __slots__ = ("states", "index", "group")
+    __slots__ = ("states", "index", "group", "dispatch")
 
-    def __init__(self, states: Sequence[State], group: _locks.Group):
+    def __init__(self, states: Sequence[State], group: _locks.Group, owner: StatefulFunction):
         self.states = tuple(states)
         self.index = {id(s): i for i, s in enumerate(self.states)}
         # The lock group of the states (a top-level call's list joins them, holding no lock).
         self.group = group
+        self.dispatch = jax.jit(functools.partial(owner._dispatch_trace, self), **owner._jit_options)
 
-    def extended(self, more: Sequence[State]) -> _StateList:
+    def extended(self, more: Sequence[State], owner: StatefulFunction) -> _StateList:
         states = self.states + tuple(more)
-        return _StateList(states, _locks.joined(states))
+        return _StateList(states, _locks.joined(states), owner)
 
 
 _UNLOCKED = _locks.Group()  # the group of a nested call's list: it runs inside its caller's call
@@ -166,20 +171,19 @@ class StatefulFunction(Generic[P, R]):
         self.static_argnames = tuple(static_argnames)
         self.name = name
         self._entries: dict[ArgSignature, list[Entry]] = {}
-        self._state_list = _StateList((), _locks.Group())
-        self._nested_lists: dict[tuple[int, ...], _StateList] = {}
         for i in (*self.static_argnums, *donate_argnums):
             if i < 0:
                 raise ValueError(
                     f"{name}: negative static_argnums/donate_argnums need a function with a fixed "
                     f"number of positional arguments."
                 )
-        self._dispatch = jax.jit(
-            self._dispatch_trace,
-            static_argnums=(0, *(i + 2 for i in self.static_argnums)),
-            static_argnames=self.static_argnames,
-            donate_argnums=tuple(i + 2 for i in donate_argnums),
-        )
+        self._jit_options: dict[str, Any] = {
+            "static_argnums": tuple(i + 1 for i in self.static_argnums),
+            "static_argnames": self.static_argnames,
+            "donate_argnums": tuple(i + 1 for i in donate_argnums),
+        }
+        self._state_list = _StateList((), _locks.Group(), self)
+        self._nested_lists: dict[tuple[int, ...], _StateList] = {}
 
     # -- hooks: the contract with a transform ------------------------------------
 
@@ -310,32 +314,34 @@ class StatefulFunction(Generic[P, R]):
         }
 
     def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
-        frames = active_frames()
-        if frames:
+        if this_thread.frames:
             return self._call_in_trace(args, kwargs)
-        while True:
-            state_list = self._state_list
-            # A call reads, computes and writes back its states as one step for other threads.
-            held = state_list.group.acquire()
-            try:
-                values = list(map(_stored_value, state_list.states))
-                out, written = self._dispatch(state_list, values, *args, **kwargs)
-                missing: Sequence[State] | None = None
-                if written:
-                    states = state_list.states
-                    if type(next(iter(written.values()))) is not _compat.ArrayImpl:
-                        _check_not_traced(self.name, [states[i] for i in written], list(written.values()))
-                    for i, value in written.items():
-                        states[i]._value = value
-            except _MissingStates as error:
-                missing = error.states
-            finally:
-                held.lock.release()
-            if missing is None:
-                return out if self._call_result is None else self._call_result(out)
-            # Outside the lock: joining the new states' lock groups may wait for other calls.
-            current = self._state_list
-            self._state_list = current.extended([s for s in missing if id(s) not in current.index])
+        state_list = self._state_list
+        # A call reads, computes and writes back its states as one step for other threads.
+        group = state_list.group
+        group.lock.acquire()
+        if group.merged_into is not None:  # merged while this thread waited: take the larger group's lock
+            group.lock.release()
+            group = group.acquire()
+        try:
+            states = state_list.states
+            out, written = state_list.dispatch([s._value for s in states], *args, **kwargs)
+            for i, value in written.items():
+                if type(value) is not _compat.ArrayImpl:
+                    # Tracers come out of every written value or of none: the first one decides.
+                    _check_not_traced(self.name, states[i], value)
+                states[i]._value = value
+        except _MissingStates as error:
+            missing = error.states
+        else:
+            return out if self._call_result is None else self._call_result(out)
+        finally:
+            group.lock.release()
+        # The trace found states the list lacks. Outside the lock (joining the new
+        # states' lock groups may wait for other calls): a longer list, and the call again.
+        current = self._state_list  # (another thread may have made a longer one meanwhile)
+        self._state_list = current.extended([s for s in missing if id(s) not in current.index], self)
+        return StatefulFunction.__call__(self, *args, **kwargs)
 
     # -- ahead of time ----------------------------------------------------------
 
@@ -360,7 +366,7 @@ class StatefulFunction(Generic[P, R]):
             >>> total.value
             Array(0., dtype=float32)
         """
-        return Traced(self._ahead_of_time(self._dispatch.trace, args, kwargs), self.name)
+        return Traced(self._ahead_of_time("trace", args, kwargs), self.name)
 
     def lower(self, *args: P.args, **kwargs: P.kwargs) -> Lowered:
         """Lower the call ``self(*args, **kwargs)`` without running it, as ``jax.jit(f).lower``.
@@ -386,11 +392,11 @@ class StatefulFunction(Generic[P, R]):
             >>> w.value
             Array([1., 1., 1.], dtype=float32)
         """
-        return Lowered(self._ahead_of_time(self._dispatch.lower, args, kwargs), self.name)
+        return Lowered(self._ahead_of_time("lower", args, kwargs), self.name)
 
-    def _ahead_of_time(self, stage: Callable, args: tuple, kwargs: dict) -> Any:
-        """``stage`` (the dispatcher's ``trace`` or ``lower``) of a call, with the states' current values."""
-        if active_frames():
+    def _ahead_of_time(self, stage: str, args: tuple, kwargs: dict) -> Any:
+        """``stage`` (``"trace"`` or ``"lower"``, of the dispatcher) of a call, with the states' current values."""
+        if this_thread.frames:
             raise RuntimeError(
                 f"{self.name}: trace() and lower() are called outside of smap transforms, not while one traces; "
                 f"lower the outer transform to see the whole program."
@@ -399,22 +405,23 @@ class StatefulFunction(Generic[P, R]):
             state_list = self._state_list
             held = state_list.group.acquire()
             try:
-                return stage(state_list, list(map(_stored_value, state_list.states)), *args, **kwargs)
+                values = [s._value for s in state_list.states]
+                return getattr(state_list.dispatch, stage)(values, *args, **kwargs)
             except _MissingStates as error:
                 missing = error.states
             finally:
                 held.lock.release()
             current = self._state_list
-            self._state_list = current.extended([s for s in missing if id(s) not in current.index])
+            self._state_list = current.extended([s for s in missing if id(s) not in current.index], self)
 
     def _call_in_trace(self, args: tuple, kwargs: dict) -> Any:
         """A call while another smap transform traces: only this program's states take part."""
         key, leaves, dyn_args, dyn_kwargs = self.signature_key(*args, **kwargs)
         program = (self._lookup(key) or self._trace(key, leaves, dyn_args, dyn_kwargs)).program
         state_list = self._nested_lists.setdefault(
-            tuple(map(id, program.states)), _StateList(program.states, _UNLOCKED)
+            tuple(map(id, program.states)), _StateList(program.states, _UNLOCKED, self)
         )
-        out, written = self._dispatch(state_list, [s.value for s in program.states], *args, **kwargs)
+        out, written = state_list.dispatch([s.value for s in program.states], *args, **kwargs)
         for i, value in written.items():
             program.states[i].write_back(value)
         return out if self._call_result is None else self._call_result(out)
@@ -445,11 +452,11 @@ def _keep_placement(new: Any, old: Any) -> Any:
         return new
 
 
-def _check_not_traced(name: str, states: Sequence[State], values: Sequence[Any]) -> None:
-    leaf = jax.tree_util.tree_leaves(values)
+def _check_not_traced(name: str, state: State, value: Any) -> None:
+    leaf = jax.tree_util.tree_leaves(value)
     if leaf and isinstance(leaf[0], jax.core.Tracer):
         raise TypeError(
-            f"{name} writes {', '.join(s.describe() for s in states)} from inside a JAX "
-            f"transformation that smap does not see (jax.jit, jax.grad, ...). Use smap.jit "
-            f"and smap.grad around smap transforms so states are carried through."
+            f"{name} writes {state.describe()} from inside a JAX transformation that smap does not see "
+            f"(jax.jit, jax.grad, ...). Use smap.jit and smap.grad around smap transforms so states are "
+            f"carried through."
         )

@@ -30,7 +30,15 @@ __all__ = [
     "TraceFrame",
 ]
 
-_local = threading.local()
+
+class _ThisThread(threading.local):
+    """What smap keeps per thread: the trace frames, innermost last."""
+
+    def __init__(self) -> None:
+        self.frames: list[TraceFrame] = []
+
+
+this_thread = _ThisThread()  # ``this_thread.frames``: one attribute read on a call's cached path
 _TAGS: set[str] = set()  # every tag any State was created with: what a string selector can mean
 
 
@@ -41,11 +49,7 @@ def known_tags() -> frozenset[str]:
 
 def active_frames() -> list[TraceFrame]:
     """The trace frames of this thread, innermost last."""
-    try:
-        return _local.frames
-    except AttributeError:
-        _local.frames = []
-        return _local.frames
+    return this_thread.frames
 
 
 class InvalidatedStateError(RuntimeError):

@@ -23,6 +23,7 @@ from jax.sharding import NamedSharding, SingleDeviceSharding
 
 from .. import nn
 from .._state import State, active_frames
+from ..devices import placement
 from . import _files, _io
 
 __all__ = ["CheckpointError", "PendingSave", "save", "restore", "steps"]
@@ -471,8 +472,6 @@ def _placements(name: str, state: State, mesh: Any, mapping: Any, rules: Any) ->
     leaves, _ = _leaves(state)
     if mesh is None and mapping is None:
         return [x.sharding if x.committed else None for _, x in leaves]
-    from sharding._placement import placement  # smap never imports sharding at import time
-
     try:
         return jax.tree_util.tree_leaves(placement(state, mesh, mapping, rules))  # one per leaf
     except ValueError as error:

@@ -7,9 +7,10 @@ selected by ``state_in_axes`` enters with its mapped axis removed, a state
 whose type gives each lane its own value, such as a random key, enters as
 one lane's value). :func:`~smap.transform._plan.plan` turns the program and
 those findings into a :class:`~smap.transform._plan.LanePlan`, and
-:func:`_mapped_program` runs the plan: ``mapping_fn`` (a :class:`MappingFn`)
-maps the program over the lanes, and the results are written back once the
-call has succeeded.
+:func:`_mapped_program` runs the plan: ``mapping_fn`` (a :class:`MappingFn`,
+or a device mapping of :mod:`smap.devices`, which takes the program and plan
+as one :class:`~smap.transform._plan.Lanes` value) maps the program over the
+lanes, and the results are written back once the call has succeeded.
 """
 
 from __future__ import annotations
@@ -27,9 +28,10 @@ from .. import filter as filters
 from .._dispatch import ArgSignature, Entry, Runner, StatefulFunction
 from .._state import State, check_same_structure
 from .._tracing import Program, TraceContext, abstract
+from ._adapters import _Adapter, adapt
 from ._axes import AxisSpec, leaf_axes, leaf_names, normalise_state_axes, select_axis, string_selectors
 from ._fuse import fused_lanes
-from ._plan import BatchAxisError, LaneInputs, LanePlan, plan
+from ._plan import BatchAxisError, LaneInputs, LanePlan, Lanes, plan
 from ._signature import check_callable, check_static_argnums, function_name
 
 __all__ = ["StatefulMapping", "vmap2", "MappingFn"]
@@ -46,10 +48,11 @@ class MappingFn(Protocol):
     returns a function of the mapped arguments. ``StatefulMapping`` calls it
     with ``in_axes`` and ``out_axes`` flat tuples of ints and Nones (one per
     array leaf), ``axis_size`` always given, and the mapping's
-    ``mapping_kwargs``. ``jax.vmap`` and the ``sharding`` adapters follow
-    it; JAX's SPMD maps (``jax.pmap``, ``jax.shard_map``) do not, and the
-    sharding layer adapts them (``sharding.adapt``, the one place that says
-    which functions need adapting).
+    ``mapping_kwargs``. ``jax.vmap`` and the device mappings of
+    :mod:`smap.devices` follow it (those also take the lane program and its
+    plan as one value); JAX's SPMD maps (``jax.pmap``, ``jax.shard_map``) do
+    not, and the mapping adapts them (:func:`smap.devices.adapt`, the one
+    place that says which functions need adapting).
 
     Example:
         >>> import jax, jax.numpy as jnp, smap
@@ -203,8 +206,8 @@ class StatefulMapping(StatefulFunction[P, R]):
 
     ``mapping_fn`` (``jax.vmap`` by default) runs the traced per-lane program
     over the lanes; any function with ``jax.vmap``'s calling convention works,
-    and ``jax.pmap``, ``jax.shard_map`` and the adapters of the ``sharding``
-    package give the same results on any number of devices.
+    and ``jax.pmap``, ``jax.shard_map`` and the device mappings of
+    ``smap.devices`` give the same results on any number of devices.
 
     Arguments:
         fun: the function or Module to map.
@@ -237,7 +240,7 @@ class StatefulMapping(StatefulFunction[P, R]):
         axis_name: the name collectives (``psum``, ``axis_index``, ...) use.
         name: a name for errors and reprs.
         mapping_fn, mapping_kwargs: what maps the per-lane program (a :class:`MappingFn`,
-            or ``jax.pmap``/``jax.shard_map``, which the sharding layer adapts), and
+            or ``jax.pmap``/``jax.shard_map``, which ``smap.devices.adapt`` routes), and
             extra keyword arguments for it.
         fuse_lane_sums: compute a ``psum``/``pmean`` over ``axis_name`` of
             per-lane products (per-example weight gradients) as one product
@@ -413,10 +416,11 @@ class StatefulMapping(StatefulFunction[P, R]):
         for i in lane_plan.unexpected_writes:
             self._unexpected_write(program.states[i])
         self._remember_per_lane_writes(program, lane_plan)
-        lane_fn: Callable = program
+        fused = None
         if self.fuse_lane_sums and self.axis_name is not None:
-            lane_fn = fused_lanes(program.jaxpr, [a is not None for a in lane_plan.in_axes], self.axis_name) or program
-        return _mapped_program(program, lane_plan, _calling_convention(self.mapping_fn, self.mapping_kwargs), lane_fn)
+            fused = fused_lanes(program.jaxpr, [a is not None for a in lane_plan.in_axes], self.axis_name)
+        lanes = Lanes(program.jaxpr, lane_plan, fused)
+        return _mapped_program(program, lanes, _calling_convention(self.mapping_fn, self.mapping_kwargs))
 
     def _remember_per_lane_writes(self, program: Program, lane_plan: LanePlan) -> None:
         """Record the shapes that unexpected per-lane writes give their states (see :meth:`_state_in_axis`)."""
@@ -479,25 +483,30 @@ class _SizeFoundInTrace(Exception):
 def _calling_convention(mapping_fn: Callable, mapping_kwargs: dict) -> MappingFn:
     """``mapping_fn`` with its ``mapping_kwargs`` bound, as a :class:`MappingFn`.
 
-    Which functions need adapting, and how, is the sharding layer's one rule
-    (``sharding.adapt``); it is imported at the first trace, so that
-    importing smap does not import it.
+    Which functions need adapting, and how, is one rule: :func:`~smap.devices.adapt`.
     """
-    import sharding
-
-    adapted, kwargs = sharding.adapt(mapping_fn, mapping_kwargs)
+    adapted, kwargs = adapt(mapping_fn, mapping_kwargs)
     return functools.partial(adapted, **kwargs) if kwargs else adapted
 
 
-def _mapped_program(program: Program, lane_plan: LanePlan, mapping_fn: MappingFn, lane_fn: Callable) -> Runner:
-    """The function of (argument leaves, state values) that runs ``program`` as ``lane_plan`` says.
+def _mapped_program(program: Program, lanes: Lanes, mapping_fn: MappingFn) -> Runner:
+    """The function of (argument leaves, state values) that runs ``program`` as ``lanes.plan`` says.
 
-    ``lane_fn`` evaluates the program for one lane: the program itself, or its
-    fused form (see ``smap.transform._fuse``).
+    A device mapping of :mod:`smap.devices` takes ``lanes`` (the lane program
+    and its plan) as one value; any other ``mapping_fn`` gets one lane's
+    function with ``jax.vmap``'s calling convention.
     """
-
-    def lane(*leaves: Any) -> tuple:
-        return tuple(lane_fn(*leaves))
+    lane_plan = lanes.plan
+    if isinstance(mapping_fn, _Adapter):
+        mapped = mapping_fn.map_lanes(lanes)
+    else:
+        mapped = mapping_fn(
+            lambda *leaves: tuple(lanes(*leaves)),
+            in_axes=lane_plan.in_axes,
+            out_axes=lane_plan.out_axes,
+            axis_name=lane_plan.axis_name,
+            axis_size=lane_plan.axis_size,
+        )
 
     def run(arg_leaves: list, state_values: list) -> tuple[Any, list]:
         state_leaves: list = []
@@ -506,13 +515,6 @@ def _mapped_program(program: Program, lane_plan: LanePlan, mapping_fn: MappingFn
             if i in lane_plan.own_lanes:
                 value, next_values[i] = cast(tuple, program.states[i].lane_values(value, lane_plan.axis_size))
             state_leaves.extend(jax.tree_util.tree_leaves(value))
-        mapped = mapping_fn(
-            lane,
-            in_axes=lane_plan.in_axes,
-            out_axes=lane_plan.out_axes,
-            axis_name=lane_plan.axis_name,
-            axis_size=lane_plan.axis_size,
-        )
         results = mapped(*arg_leaves, *state_leaves)
         outs, written = results[: program.n_outs], program.unflatten_written(results[program.n_outs :])
         for j, i in enumerate(program.written):

@@ -15,16 +15,19 @@ lanes.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Hashable, Mapping
+import functools
+from collections.abc import Callable, Hashable, Mapping
+from typing import Any
 
 import jax
+from jax.extend.core import ClosedJaxpr
 
 from .._state import State
 from .._tracing import Program
 from ._axes import AxisSpec, StateAxes, leaf_axes, leaf_names, resolve_axis, select_axis
 from ._lanes import lane_dependent
 
-__all__ = ["LaneInputs", "LanePlan", "plan", "BatchAxisError"]
+__all__ = ["LaneInputs", "LanePlan", "Lanes", "plan", "BatchAxisError"]
 
 
 class BatchAxisError(ValueError):
@@ -90,6 +93,37 @@ class LanePlan:
     own_lanes: tuple[int, ...] = ()
     take_next: tuple[int, ...] = ()
     unexpected_writes: tuple[int, ...] = ()
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Lanes:
+    """One lane's program and the plan that maps it: what a mapping hands a device mapping.
+
+    Attributes:
+        program: one lane's traced program; its inputs and outputs are the
+            ones ``plan`` maps.
+        plan: how the program runs over the lanes.
+        fused: the program with its sums over the lanes of per-lane products
+            fused (see ``smap.transform._fuse``), or None to run it as traced.
+    """
+
+    program: ClosedJaxpr
+    plan: LanePlan
+    fused: Callable[..., list] | None = None
+
+    def __call__(self, *leaves: Any) -> list:
+        """One lane: the program's outputs from its input leaves."""
+        if self.fused is not None:
+            return self.fused(*leaves)
+        return jax.core.eval_jaxpr(self.program.jaxpr, self.program.consts, *leaves)
+
+    @functools.cached_property
+    def jaxpr(self) -> ClosedJaxpr:
+        """What one lane runs, as a jaxpr: the program, or its fused form traced once (for rewrites)."""
+        if self.fused is None:
+            return self.program
+        axis_env = [] if self.plan.axis_name is None else [(self.plan.axis_name, self.plan.axis_size)]
+        return jax.make_jaxpr(self.fused, axis_env=axis_env)(*self.program.in_avals)
 
 
 def plan(

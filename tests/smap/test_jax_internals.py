@@ -80,12 +80,12 @@ def test_smap_takes_axis_name():
 
 
 def test_auto_mesh_axes():
-    mesh = _compat.make_auto_mesh((1,), ("data",), jax.devices()[:1])
+    mesh = jax.make_mesh((1,), ("data",), axis_types=(jax.sharding.AxisType.Auto,), devices=jax.devices()[:1])
     assert mesh.axis_types == (jax.sharding.AxisType.Auto,)
 
 
 def test_ambient_mesh_is_read_inside_a_trace():
-    mesh = _compat.make_auto_mesh((1,), ("data",), jax.devices()[:1])
+    mesh = jax.make_mesh((1,), ("data",), axis_types=(jax.sharding.AxisType.Auto,), devices=jax.devices()[:1])
     seen = []
     with jax.set_mesh(mesh):
         jax.make_jaxpr(lambda x: seen.append(_compat.ambient_mesh()) or x)(1.0)
@@ -112,7 +112,7 @@ def _with_axis(f):
 
 
 def _invariant_psum():
-    mesh = _compat.make_auto_mesh((1,), ("i",), jax.devices()[:1])
+    mesh = jax.make_mesh((1,), ("i",), axis_types=(jax.sharding.AxisType.Auto,), devices=jax.devices()[:1])
     body = jax.shard_map(lambda x: jax.lax.psum(x, "i"), mesh=mesh, in_specs=jax.P("i"), out_specs=jax.P())
     return _traced(body, jnp.ones(2))
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import math
 from collections.abc import Callable, Hashable, Sequence
 from typing import Any
 
@@ -21,9 +20,9 @@ import jax
 import jax.numpy as jnp
 from jax.extend.core import ClosedJaxpr, Jaxpr, Literal
 
-from smap import _compat
-from smap._compat import Kind, open_jaxpr
-from smap.transform._fuse import is_lane_sum, sum_over_lanes
+from .. import _compat
+from .._compat import Kind, open_jaxpr
+from ._fuse import is_lane_sum, sum_over_lanes
 
 __all__ = ["Span", "spanning_lane"]
 
@@ -60,12 +59,8 @@ def _consts(jaxpr: Jaxpr | ClosedJaxpr) -> Sequence[Any]:
     return jaxpr.consts if isinstance(jaxpr, ClosedJaxpr) else ()
 
 
-def spanning_lane(f: Callable, lane_avals: Sequence[Any], span: Span) -> Callable:
-    """``f`` (a per-lane function) with collectives on ``span.axis_name`` spanning devices and lanes."""
-    axis_size = span.local_size * math.prod(span.device_sizes)
-    closed = jax.make_jaxpr(f, axis_env=[(span.axis_name, axis_size)])(*lane_avals)
-    if not _compat.mentions_axis(closed.jaxpr, span.axis_name):
-        return f
+def spanning_lane(closed: ClosedJaxpr, span: Span) -> Callable[..., list]:
+    """The per-lane program ``closed`` with collectives on ``span.axis_name`` spanning devices and lanes."""
 
     def lane(*args: Any) -> list:
         return _evaluate(closed.jaxpr, closed.consts, args, span)

@@ -5,7 +5,8 @@ out_axes=..., axis_name=..., axis_size=...)``. The adapters here run it on
 several devices and give exactly the result of ``jax.vmap``: the mapped axis
 is split into one contiguous block of lanes per device, each device maps its
 block with a local ``jax.vmap``, and collectives on ``axis_name`` span all
-lanes of all devices (see :mod:`sharding._spanning`).
+lanes of all devices (see :mod:`smap.transform._spanning`). Their public names
+are in :mod:`smap.devices` (and ``sharding`` re-exports them).
 
 - :class:`ShardMap` runs the blocks with ``jax.shard_map`` over mesh axes: the
   mapped axis of arguments, outputs and batched states is partitioned over
@@ -26,8 +27,8 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
-from smap import _annotations, _compat
-
+from .. import _annotations, _compat
+from ._plan import LanePlan, Lanes
 from ._spanning import Span, spanning_lane
 
 __all__ = ["ShardMap", "Pmap", "shard_map", "pmap", "adapt"]
@@ -54,7 +55,12 @@ def _lane_aval(x: Any, axis: int | None) -> jax.ShapeDtypeStruct:
 
 
 class _Adapter:
-    """The shared steps: flatten, check sizes, span collectives, map locally."""
+    """The shared steps: take a lane program and its plan, span collectives, map locally.
+
+    A mapping hands an adapter its per-lane program and plan as one value
+    (:meth:`map_lanes`); called with ``jax.vmap``'s convention, an adapter
+    traces the function once into such a value itself.
+    """
 
     name = "adapter"
 
@@ -89,18 +95,21 @@ class _Adapter:
         def lane(*lane_leaves: Any) -> Any:
             return f(*jax.tree_util.tree_unflatten(tree, lane_leaves))
 
-        def flat_lane(*lane_leaves: Any) -> list:
-            return jax.tree_util.tree_leaves(lane(*lane_leaves))
-
         axis_env = [(axis_name, axis_size)] if axis_name is not None else None
-        _, out_shape = jax.make_jaxpr(lane, axis_env=axis_env, return_shape=True)(*lane_avals)
+        program, out_shape = jax.make_jaxpr(lane, axis_env=axis_env, return_shape=True)(*lane_avals)
         out_leaves, out_tree = jax.tree_util.tree_flatten(out_shape)
-        flat_out_axes = [
-            None if a is None else a % (len(s.shape) + 1)
-            for a, s in zip(_flat_axes(out_axes, out_shape, "out_axes"), out_leaves)
-        ]
-        results = self._map(flat_lane, leaves, axes, lane_avals, flat_out_axes, axis_name, axis_size)
-        return jax.tree_util.tree_unflatten(out_tree, results)
+        flat_out_axes = _flat_axes(out_axes, out_shape, "out_axes")
+        lanes = Lanes(program, LanePlan(tuple(axes), tuple(flat_out_axes), axis_name, axis_size))
+        return jax.tree_util.tree_unflatten(out_tree, self.map_lanes(lanes)(*leaves))
+
+    def map_lanes(self, lanes: Lanes) -> Callable[..., list]:
+        """The function of the program's input leaves that runs ``lanes`` on the devices, as its plan says.
+
+        It returns the output leaves, each with its mapped axis where the
+        plan puts it. The lane program is not traced again: collectives are
+        rewritten on ``lanes.jaxpr``.
+        """
+        return functools.partial(self._map, lanes)
 
     def _local_lanes(self, axis_size: int, n_devices: int, where: str = "") -> int:
         if axis_size % n_devices:
@@ -110,10 +119,8 @@ class _Adapter:
             )
         return axis_size // n_devices
 
-    def _local_program(
-        self, f: Callable, lane_avals: list, axes: list, out_axes: list, axis_name: Hashable | None, span: Span
-    ) -> Callable:
-        lane = spanning_lane(f, lane_avals, span) if axis_name is not None else f
+    def _local_program(self, lanes: Lanes, axes: list, out_axes: list, span: Span) -> Callable:
+        lane = spanning_lane(lanes.jaxpr, span) if lanes.plan.axis_name is not None else lanes
         return jax.vmap(
             lambda *a: tuple(lane(*a)),
             in_axes=tuple(axes),
@@ -122,17 +129,17 @@ class _Adapter:
             axis_size=span.local_size,
         )
 
-    def _map(
-        self,
-        f: Callable,
-        leaves: list,
-        axes: list,
-        lane_avals: list,
-        out_axes: list,
-        axis_name: Hashable | None,
-        axis_size: int,
-    ) -> list:
+    def _map(self, lanes: Lanes, *leaves: Any) -> list:
         raise NotImplementedError
+
+
+def _axes(lanes: Lanes, leaves: Sequence[Any]) -> tuple[list[int | None], list[int | None]]:
+    """The plan's input and output axes, made non-negative."""
+    plan = lanes.plan
+    in_axes = [None if a is None else a % jnp.ndim(x) for a, x in zip(plan.in_axes, leaves)]
+    out_avals = lanes.program.out_avals
+    out_axes = [None if a is None else a % (len(o.shape) + 1) for a, o in zip(plan.out_axes, out_avals)]
+    return in_axes, out_axes
 
 
 class ShardMap(_Adapter):
@@ -182,22 +189,23 @@ class ShardMap(_Adapter):
         axes = self.axes
         return PartitionSpec(*([None] * axis), axes[0] if len(axes) == 1 else axes)
 
-    def _map(self, f, leaves, axes, lane_avals, out_axes, axis_name, axis_size):
+    def _map(self, lanes: Lanes, *leaves: Any) -> list:
         mesh, mesh_axes = self.mesh_and_axes()
         self._check_context(mesh)
         with _annotations.lanes_over(mesh_axes):  # sharding annotations in the lanes drop these axes
-            return self._map_over(mesh, mesh_axes, f, leaves, axes, lane_avals, out_axes, axis_name, axis_size)
+            return self._map_over(mesh, mesh_axes, lanes, leaves)
 
-    def _map_over(self, mesh, mesh_axes, f, leaves, axes, lane_avals, out_axes, axis_name, axis_size):
+    def _map_over(self, mesh: Any, mesh_axes: tuple, lanes: Lanes, leaves: tuple) -> list:
+        axes, out_axes = _axes(lanes, leaves)
         sizes = tuple(mesh.shape[a] for a in mesh_axes)
         where = " of mesh " + ", ".join(f"axis {a!r} (size {n})" for a, n in zip(mesh_axes, sizes))
-        local = self._local_lanes(axis_size, math.prod(sizes), where)
-        span = Span(axis_name, mesh_axes, sizes, Span.fresh_name(), local, self.name)
-        body = self._local_program(f, lane_avals, axes, out_axes, axis_name, span)
+        local = self._local_lanes(lanes.plan.axis_size, math.prod(sizes), where)
+        span = Span(lanes.plan.axis_name, mesh_axes, sizes, Span.fresh_name(), local, self.name)
+        body = self._local_program(lanes, axes, out_axes, span)
         in_specs = tuple(self.lane_spec(jnp.ndim(x), a) for x, a in zip(leaves, axes))
         out_specs = tuple(self.lane_spec(0, a) for a in out_axes)
-        leaves = _compat.onto_mesh(leaves, mesh, in_specs)
-        return list(_compat.shard_map(body, mesh, in_specs, out_specs, mesh_axes)(*leaves))
+        placed = _compat.onto_mesh(leaves, mesh, in_specs)
+        return list(_compat.shard_map(body, mesh, in_specs, out_specs, mesh_axes)(*placed))
 
     def _check_context(self, mesh: Any) -> None:
         """A mapping given its own mesh runs under no global mesh, or under that same one.
@@ -242,25 +250,18 @@ class Pmap(_Adapter):
     def __init__(self, devices: Sequence[Any] | None = None):
         self.devices = None if devices is None else _check_devices(devices, "sharding.pmap")
 
-    def _map(self, f, leaves, axes, lane_avals, out_axes, axis_name, axis_size):
+    def _map(self, lanes: Lanes, *leaves: Any) -> list:
         def on_devices(*leaves: Any) -> list:
             # jax.pmap brings its own devices: no ambient mesh, no Explicit mesh axes in the values' types
             # (and no mesh axis for the lanes' sharding annotations).
             with _compat.without_ambient_mesh(), _annotations.lanes_over(()):
-                return self._pmap(f, list(leaves), axes, lane_avals, out_axes, axis_name, axis_size)
+                return self._pmap(lanes, list(leaves))
 
-        return _compat.outside_explicit_mesh(on_devices, leaves, len(out_axes))(*leaves)
+        return _compat.outside_explicit_mesh(on_devices, list(leaves), len(lanes.plan.out_axes))(*leaves)
 
-    def _pmap(
-        self,
-        f: Callable,
-        leaves: list,
-        axes: list,
-        lane_avals: list,
-        out_axes: list,
-        axis_name: Hashable | None,
-        axis_size: int,
-    ) -> list:
+    def _pmap(self, lanes: Lanes, leaves: list) -> list:
+        axes, out_axes = _axes(lanes, leaves)
+        axis_size = lanes.plan.axis_size
         devices = self.devices if self.devices is not None else jax.local_devices()
         n = min(len(devices), axis_size)
         local = self._local_lanes(axis_size, n)
@@ -273,14 +274,9 @@ class Pmap(_Adapter):
                 f"outside jax.set_mesh."
             )
         device_axis = Span.fresh_name("devices")
-        span = Span(axis_name, (device_axis,), (n,), Span.fresh_name(), local, self.name)
+        span = Span(lanes.plan.axis_name, (device_axis,), (n,), Span.fresh_name(), local, self.name)
         body = self._local_program(
-            f,
-            lane_avals,
-            [None if a is None else 0 for a in axes],
-            [None if a is None else 0 for a in out_axes],
-            axis_name,
-            span,
+            lanes, [None if a is None else 0 for a in axes], [None if a is None else 0 for a in out_axes], span
         )
         blocks = [
             x if a is None else jnp.moveaxis(x, a, 0).reshape((n, local, *jnp.shape(x)[:a], *jnp.shape(x)[a + 1 :]))
@@ -340,9 +336,9 @@ def shard_map(mesh: Any = None, axis: str | Sequence[str] | None = "data") -> Sh
             (``None``: all axes of the mesh).
 
     Example:
-        >>> import jax, jax.numpy as jnp, smap, sharding
-        >>> mesh = sharding.make_mesh(data=jax.device_count())
-        >>> double = smap.StatefulMapping(lambda x: 2 * x, mapping_fn=sharding.shard_map(mesh))
+        >>> import jax, jax.numpy as jnp, smap
+        >>> mesh = jax.make_mesh((jax.device_count(),), ("data",))
+        >>> double = smap.StatefulMapping(lambda x: 2 * x, mapping_fn=smap.devices.shard_map(mesh))
         >>> double(jnp.arange(float(jax.device_count()))).sum() == 2 * sum(range(jax.device_count()))
         Array(True, dtype=bool)
     """
@@ -353,8 +349,8 @@ def pmap(devices: Sequence[Any] | None = None) -> Pmap:
     """A ``mapping_fn`` that runs blocks of lanes on ``devices`` with ``jax.pmap``.
 
     Example:
-        >>> import jax, jax.numpy as jnp, smap, sharding
-        >>> total = smap.StatefulMapping(lambda x: jax.lax.psum(x, 'i'), axis_name='i', mapping_fn=sharding.pmap())
+        >>> import jax, jax.numpy as jnp, smap
+        >>> total = smap.StatefulMapping(lambda x: jax.lax.psum(x, 'i'), axis_name='i', mapping_fn=smap.devices.pmap())
         >>> total(jnp.ones(16))[0]
         Array(16., dtype=float32)
     """
@@ -380,8 +376,8 @@ def adapt(mapping_fn: Callable, mapping_kwargs: dict) -> tuple[Callable, dict]:
     unchanged. ``StatefulMapping`` asks this of every ``mapping_fn``.
 
     Example:
-        >>> import functools, jax, sharding
-        >>> adapter, _ = sharding.adapt(functools.partial(jax.smap, axis_name="data"), {})
+        >>> import functools, jax, smap
+        >>> adapter, _ = smap.devices.adapt(functools.partial(jax.smap, axis_name="data"), {})
         >>> adapter.name
         'jax.smap'
     """
