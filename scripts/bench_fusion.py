@@ -267,8 +267,7 @@ def smap_step(w: Workload, devices: int, x: Any, y: Any, fuse: bool) -> Program:
         sharding.place([*params.values(), opt], m)
 
     def compiled():
-        values = [s.value for s in m._state_list.states]
-        return m._dispatch.lower(m._state_list, values, x, y).compile()
+        return m.lower(x, y).compile()
 
     return Program(
         "smap" if fuse else "smap, fuse_lane_sums=False",

@@ -1,4 +1,4 @@
-"""Tests of ``sharding._adapters``: routing, the vmap calling convention, lane layout, bad input.
+"""Tests of the device mappings (``sharding.shard_map``, ``sharding.pmap``): routing, calling convention, bad input.
 
 Every value is checked against ``jax.vmap`` or worked out by hand. Bad input
 must give a clear error and leave every State (the default random key

@@ -162,7 +162,7 @@ def test_the_model_axis_is_kept_in_the_lane_and_the_data_axis_dropped():
     xs = _values()[2]
     with jax.set_mesh(mesh):
         _close(step(xs), 2 * jnp.tanh(xs @ w.value))
-        text = step._dispatch.lower(step._state_list, [s._value for s in step._state_list.states], xs).as_text()
+        text = step.lower(xs).as_text()
     # the lane's constraint (local lanes x 1 x hidden) keeps 'model'; no constraint names 'data' (the lanes' axis)
     constraints = [line for line in text.splitlines() if "sharding_constraint" in line]
     assert any('{}, {"model"}]' in line for line in constraints), constraints

@@ -222,8 +222,7 @@ def compiled_hlo(case: Case, lanes: int, devices: int | None, fuse: bool) -> str
     data = case.data(np.random.default_rng(1), lanes)
     m, _ = step_of(case, 0, fuse_lane_sums=fuse, **mapping(devices))
     m(*data)
-    values = [s.value for s in m._state_list.states]
-    return m._dispatch.lower(m._state_list, values, *data).compile().as_text()
+    return m.lower(*data).compile().as_text()
 
 
 def per_lane_arrays(hlo: str, lanes: int, shapes: list[tuple[int, ...]]) -> list[str]:
@@ -316,7 +315,7 @@ def test_the_fused_weight_gradient_is_the_batch_steps_product(form):
 
         m = smap.StatefulMapping(step, axis_name=AXIS, fuse_lane_sums=fuse)
         m(x)
-        return m._dispatch.lower(m._state_list, [w.value], x).compile().as_text()
+        return m.lower(x).compile().as_text()
 
     batch = jax.jit(lambda w, xs: w - LR * jax.grad(lambda v: jnp.mean(jax.vmap(loss, (None, 0))(v, xs)))(w))
     want = dots(batch.lower(w0, x).compile().as_text())
