@@ -416,10 +416,12 @@ class StatefulMapping(StatefulFunction[P, R]):
         for i in lane_plan.unexpected_writes:
             self._unexpected_write(program.states[i])
         self._remember_per_lane_writes(program, lane_plan)
-        fused = None
+        run: Callable | None = None
         if self.fuse_lane_sums and self.axis_name is not None:
-            fused = fused_lanes(program.jaxpr, [a is not None for a in lane_plan.in_axes], self.axis_name)
-        lanes = Lanes(program.jaxpr, lane_plan, fused)
+            run = fused_lanes(program.jaxpr, [a is not None for a in lane_plan.in_axes], self.axis_name)
+        if run is None and program.annotated:  # its annotations are laid out where the lane runs
+            run = program
+        lanes = Lanes(program.jaxpr, lane_plan, run)
         return _mapped_program(program, lanes, _calling_convention(self.mapping_fn, self.mapping_kwargs))
 
     def _remember_per_lane_writes(self, program: Program, lane_plan: LanePlan) -> None:

@@ -103,27 +103,30 @@ class Lanes:
         program: one lane's traced program; its inputs and outputs are the
             ones ``plan`` maps.
         plan: how the program runs over the lanes.
-        fused: the program with its sums over the lanes of per-lane products
-            fused (see ``smap.transform._fuse``), or None to run it as traced.
+        run: how one lane runs when it is not by evaluating ``program`` as
+            traced: its fused form (sums over the lanes of per-lane products
+            fused, see ``smap.transform._fuse``), or the program with its
+            sharding annotations laid out where the lane runs (see
+            ``smap._annotations``); None to evaluate it as traced.
     """
 
     program: ClosedJaxpr
     plan: LanePlan
-    fused: Callable[..., list] | None = None
+    run: Callable[..., list] | None = None
 
     def __call__(self, *leaves: Any) -> list:
         """One lane: the program's outputs from its input leaves."""
-        if self.fused is not None:
-            return self.fused(*leaves)
+        if self.run is not None:
+            return self.run(*leaves)
         return jax.core.eval_jaxpr(self.program.jaxpr, self.program.consts, *leaves)
 
     @functools.cached_property
     def jaxpr(self) -> ClosedJaxpr:
-        """What one lane runs, as a jaxpr: the program, or its fused form traced once (for rewrites)."""
-        if self.fused is None:
+        """What one lane runs, as a jaxpr: the program, or its ``run`` traced once (for rewrites)."""
+        if self.run is None:
             return self.program
         axis_env = [] if self.plan.axis_name is None else [(self.plan.axis_name, self.plan.axis_size)]
-        return jax.make_jaxpr(self.fused, axis_env=axis_env)(*self.program.in_avals)
+        return jax.make_jaxpr(self.run, axis_env=axis_env)(*self.program.in_avals)
 
 
 def plan(
