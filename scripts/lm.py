@@ -260,8 +260,12 @@ def rules_for(args: argparse.Namespace) -> dict:
     return {smap.ParamState: P("data"), "moment": P("data")}
 
 
-def build(args: argparse.Namespace, vocab: int):
-    """The model, the optimizer, the mapped step, every state by name, and the mesh."""
+def build(args: argparse.Namespace, vocab: int, mesh=None):
+    """The model, the optimizer, the mapped step, every state by name, and the mesh.
+
+    ``mesh`` defaults to ``sharding.make_mesh`` (Auto axes) of ``data`` (and ``model`` of 2 with
+    ``--tensor-parallel``); scripts/bench_lm.py passes meshes of Explicit axes too.
+    """
     import jax
     import jax.numpy as jnp
 
@@ -282,9 +286,9 @@ def build(args: argparse.Namespace, vocab: int):
         adam.update(params, jax.lax.pmean(grads, "batch"))
         return loss
 
-    if args.tensor_parallel:
+    if mesh is None and args.tensor_parallel:
         mesh = sharding.make_mesh(data=args.devices // 2, model=2)
-    else:
+    elif mesh is None:
         mesh = sharding.make_mesh(data=args.devices)
     step = smap.StatefulMapping(
         train_lane, axis_name="batch", mapping_fn=sharding.shard_map(mesh, axis="data"), name="train_step"

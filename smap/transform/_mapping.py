@@ -27,6 +27,7 @@ from .._state import State, check_same_structure
 from .._tracing import Program, TraceContext, abstract
 from ._axes import AxisSpec, leaf_axes, leaf_names, normalise_state_axes, select_axis
 from ._fuse import fused_lanes
+from ._hoist import Tail, split_tail
 from ._plan import BatchAxisError, LaneInputs, LanePlan, plan
 from ._signature import check_callable, check_static_argnums, function_name
 
@@ -371,10 +372,14 @@ class StatefulMapping(StatefulFunction[P, R]):
         )
         for i in lane_plan.unexpected_writes:
             self._unexpected_write(program.states[i])
-        lane_fn: Callable = program
+        batched = [a is not None for a in lane_plan.in_axes]
+        tail = split_tail(program.jaxpr, batched, lane_plan.out_axes, self.axis_name)
+        head = program.jaxpr if tail is None else tail.head
+        lane_fn: Callable = functools.partial(jax.core.eval_jaxpr, head.jaxpr, head.consts)
         if self.fuse_lane_sums and self.axis_name is not None:
-            lane_fn = fused_lanes(program.jaxpr, [a is not None for a in lane_plan.in_axes], self.axis_name) or program
-        return _mapped_program(program, lane_plan, _calling_convention(self.mapping_fn, self.mapping_kwargs), lane_fn)
+            lane_fn = fused_lanes(head, batched, self.axis_name) or lane_fn
+        mapping_fn = _calling_convention(self.mapping_fn, self.mapping_kwargs)
+        return _mapped_program(program, lane_plan, mapping_fn, lane_fn, tail)
 
     def _unexpected_write(self, state: State) -> None:
         message = (
@@ -433,11 +438,14 @@ def _calling_convention(mapping_fn: Callable, mapping_kwargs: dict) -> MappingFn
     return functools.partial(adapted, **kwargs) if kwargs else adapted
 
 
-def _mapped_program(program: Program, lane_plan: LanePlan, mapping_fn: MappingFn, lane_fn: Callable) -> Runner:
+def _mapped_program(
+    program: Program, lane_plan: LanePlan, mapping_fn: MappingFn, lane_fn: Callable, tail: Tail | None = None
+) -> Runner:
     """The function of (argument leaves, state values) that runs ``program`` as ``lane_plan`` says.
 
     ``lane_fn`` evaluates the program for one lane: the program itself, or its
-    fused form (see ``smap.transform._fuse``).
+    fused form (see ``smap.transform._fuse``); with a ``tail``, its head, and
+    the tail runs after the lanes (see ``smap.transform._hoist``).
     """
 
     def lane(*leaves: Any) -> tuple:
@@ -453,11 +461,13 @@ def _mapped_program(program: Program, lane_plan: LanePlan, mapping_fn: MappingFn
         mapped = mapping_fn(
             lane,
             in_axes=lane_plan.in_axes,
-            out_axes=lane_plan.out_axes,
+            out_axes=lane_plan.out_axes if tail is None else tail.head_out_axes(lane_plan.out_axes),
             axis_name=lane_plan.axis_name,
             axis_size=lane_plan.axis_size,
         )
         results = mapped(*arg_leaves, *state_leaves)
+        if tail is not None:
+            results = tail.finish(results, [*arg_leaves, *state_leaves], program.jaxpr.consts)
         outs, written = results[: program.n_outs], program.unflatten_written(results[program.n_outs :])
         for j, i in enumerate(program.written):
             if i in lane_plan.take_next:
