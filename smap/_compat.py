@@ -211,6 +211,21 @@ def open_jaxpr(jaxpr: Jaxpr | ClosedJaxpr) -> Jaxpr:
     return jaxpr.jaxpr if isinstance(jaxpr, ClosedJaxpr) else jaxpr
 
 
+def sub_jaxpr(jaxpr: Jaxpr, invars: Sequence[Any], outvars: Sequence[Any], eqns: Sequence[Any]) -> Jaxpr:
+    """A jaxpr of some of ``jaxpr``'s equations, with other inputs and outputs.
+
+    Given ``jaxpr``'s own inputs it keeps its constants and effects (the
+    per-lane head of ``smap.transform._hoist``); given others it has neither
+    (the tail, whose equations have no effects). JAX warns about a jaxpr
+    without debug info; its names no longer fit, so they are dropped
+    (``DebugInfo.with_unknown_names``).
+    """
+    constvars = jaxpr.constvars if list(invars) == list(jaxpr.invars) else []
+    effects = jaxpr.effects if constvars else frozenset()
+    debug_info = jaxpr.debug_info.with_unknown_names()
+    return Jaxpr(constvars, invars, outvars, eqns, effects, debug_info)
+
+
 def call_body(eqn: Any) -> Jaxpr | ClosedJaxpr:
     """The program a CALL equation runs on its inputs."""
     return next(eqn.params[k] for k in CALL_PARAMS if k in eqn.params)

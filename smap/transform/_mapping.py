@@ -15,6 +15,7 @@ lanes, and the results are written back once the call has succeeded.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import re
 import warnings
@@ -31,6 +32,7 @@ from .._tracing import Program, TraceContext, abstract
 from ._adapters import _Adapter, adapt
 from ._axes import AxisSpec, leaf_axes, leaf_names, normalise_state_axes, select_axis, string_selectors
 from ._fuse import fused_lanes
+from ._hoist import Tail, split_tail
 from ._plan import BatchAxisError, LaneInputs, LanePlan, Lanes, plan
 from ._signature import check_callable, check_static_argnums, function_name
 
@@ -416,13 +418,22 @@ class StatefulMapping(StatefulFunction[P, R]):
         for i in lane_plan.unexpected_writes:
             self._unexpected_write(program.states[i])
         self._remember_per_lane_writes(program, lane_plan)
+        batched = [a is not None for a in lane_plan.in_axes]
+        # A program whose sharding annotations are laid out where its lanes run is run whole.
+        tail = None if program.annotated else split_tail(program.jaxpr, batched, lane_plan.out_axes, self.axis_name)
+        head = program.jaxpr if tail is None else tail.head
         run: Callable | None = None
         if self.fuse_lane_sums and self.axis_name is not None:
-            run = fused_lanes(program.jaxpr, [a is not None for a in lane_plan.in_axes], self.axis_name)
+            run = fused_lanes(head, batched, self.axis_name)
         if run is None and program.annotated:  # its annotations are laid out where the lane runs
             run = program
-        lanes = Lanes(program.jaxpr, lane_plan, run)
-        return _mapped_program(program, lanes, _calling_convention(self.mapping_fn, self.mapping_kwargs))
+        head_plan = (
+            lane_plan
+            if tail is None
+            else dataclasses.replace(lane_plan, out_axes=tail.head_out_axes(lane_plan.out_axes))
+        )
+        lanes = Lanes(head, head_plan, run)
+        return _mapped_program(program, lanes, _calling_convention(self.mapping_fn, self.mapping_kwargs), tail)
 
     def _remember_per_lane_writes(self, program: Program, lane_plan: LanePlan) -> None:
         """Record the shapes that unexpected per-lane writes give their states (see :meth:`_state_in_axis`)."""
@@ -491,12 +502,14 @@ def _calling_convention(mapping_fn: Callable, mapping_kwargs: dict) -> MappingFn
     return functools.partial(adapted, **kwargs) if kwargs else adapted
 
 
-def _mapped_program(program: Program, lanes: Lanes, mapping_fn: MappingFn) -> Runner:
+def _mapped_program(program: Program, lanes: Lanes, mapping_fn: MappingFn, tail: Tail | None = None) -> Runner:
     """The function of (argument leaves, state values) that runs ``program`` as ``lanes.plan`` says.
 
     A device mapping of :mod:`smap.devices` takes ``lanes`` (the lane program
     and its plan) as one value; any other ``mapping_fn`` gets one lane's
-    function with ``jax.vmap``'s calling convention.
+    function with ``jax.vmap``'s calling convention. With a ``tail``, the
+    lanes run the program's head, and the tail runs after the lanes (see
+    ``smap.transform._hoist``).
     """
     lane_plan = lanes.plan
     if isinstance(mapping_fn, _Adapter):
@@ -518,6 +531,8 @@ def _mapped_program(program: Program, lanes: Lanes, mapping_fn: MappingFn) -> Ru
                 value, next_values[i] = cast(tuple, program.states[i].lane_values(value, lane_plan.axis_size))
             state_leaves.extend(jax.tree_util.tree_leaves(value))
         results = mapped(*arg_leaves, *state_leaves)
+        if tail is not None:
+            results = tail.finish(results, [*arg_leaves, *state_leaves], program.jaxpr.consts)
         outs, written = results[: program.n_outs], program.unflatten_written(results[program.n_outs :])
         for j, i in enumerate(program.written):
             if i in lane_plan.take_next:

@@ -71,6 +71,20 @@ def test_new_arg_adds_an_input_mid_trace():
     assert jax.core.eval_jaxpr(jaxpr, [], jnp.ones(2), jnp.full(2, 2.0))[0].tolist() == [3.0, 3.0]
 
 
+def test_sub_jaxpr_keeps_some_equations_without_a_debug_info_warning():
+    """``_compat.sub_jaxpr`` (the lane-invariant tail's cut) builds a jaxpr from another's equations."""
+    import warnings
+
+    jaxpr = jax.make_jaxpr(lambda x: (x * 2) + 1)(1.0).jaxpr
+    doubled = jaxpr.eqns[0].outvars[0]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        head = _compat.sub_jaxpr(jaxpr, jaxpr.invars, [doubled], jaxpr.eqns[:1])
+        tail = _compat.sub_jaxpr(jaxpr, [doubled], jaxpr.outvars, jaxpr.eqns[1:])
+    assert jax.core.eval_jaxpr(head, [], 3.0)[0] == 6.0
+    assert jax.core.eval_jaxpr(tail, [], 6.0)[0] == 7.0
+
+
 def test_shard_map_takes_check_vma():
     assert "check_vma" in inspect.signature(jax.shard_map).parameters
 
