@@ -98,8 +98,7 @@ def smap_program(args: argparse.Namespace, vocab: int, mesh: Any) -> tuple[Progr
         return jax.device_put(ids, NamedSharding(mesh, P("data")))
 
     def compiled(ids: np.ndarray) -> Any:
-        values = [s.value for s in step._state_list.states]
-        return step._dispatch.lower(step._state_list, values, layout(ids)).compile()
+        return step.lower(layout(ids)).compile()
 
     params = {k: s.value for k, s in model.states(lm.smap.ParamState).items()}
     program = Program(

@@ -227,8 +227,7 @@ def test_fsdp_gathers_the_weights_the_lanes_read_and_no_optimizer_state(explicit
     step = smap.StatefulMapping(model, axis_name="batch", mapping_fn=sharding.shard_map(mesh, axis="data"))
     sharding.place(model, step, rules={smap.ParamState: P("data"), "moment": P("data")})
     step(x, y)
-    values = [s.value for s in step._state_list.states]
-    smap_hlo = step._dispatch.lower(step._state_list, values, x, y).compile().as_text()
+    smap_hlo = step.lower(x, y).compile().as_text()
 
     split = functools.partial(jax.device_put, device=NamedSharding(mesh, P("data")))
     p = {k: split(s.value) for k, s in model.params().items()}
