@@ -472,9 +472,9 @@ GROUP = 4  # programs per compiled step: the programs of a group share the lanes
 
 def group(index: int) -> tuple[list[Program], str]:
     """Group ``index``: the programs of seeds ``GROUP * index ...``, their lanes per device
-    (1, 2, 4 in turn) and their adapter (in turn)."""
+    (1, 2, 4 in turn) and their adapter (the four in turn)."""
     lanes_per_device = (1, 2, 4)[index % 3]
-    adapter = list(ADAPTERS)[(index // 3) % len(ADAPTERS)]
+    adapter = list(ADAPTERS)[index % len(ADAPTERS)]
     return [draw(seed, lanes_per_device) for seed in range(GROUP * index, GROUP * (index + 1))], adapter
 
 
