@@ -46,6 +46,7 @@ __all__ = [
     "is_plain_call",
     "plain_call_name",
     "convert_target",
+    "convert_source",
     "scatter_layout",
     "dot_layout",
     "converts_floats",
@@ -279,6 +280,11 @@ def plain_call_name(eqn: Any) -> str | None:
 def convert_target(eqn: Any) -> Any:
     """The dtype a ``convert_element_type`` converts to."""
     return eqn.params["new_dtype"]
+
+
+def convert_source(eqn: Any) -> Any:
+    """The dtype a ``convert_element_type`` converts from."""
+    return eqn.invars[0].aval.dtype
 
 
 def dot_layout(eqn: Any) -> tuple[tuple, dict]:

@@ -235,6 +235,8 @@ def _summed(node: _Node, scale: Any, axis_name: Hashable, dtype: Any) -> Callabl
         dims, options = _compat.dot_layout(eqn)
         return functools.partial(_product, a.value, b.value, scale, dims, options, axis_name, dtype)
     linear = name in _compat.LINEAR_PRIMITIVES and (name != _compat.CONVERT or _compat.converts_floats(eqn))
+    if linear and name == _compat.CONVERT and scale is not None and _complex_to_real(eqn):
+        return None  # taking the real part does not commute with a (complex) per-lane factor
     if linear and len(ins) == 1:
         inner = _summed(ins[0], scale, axis_name, dtype)
         return None if inner is None else functools.partial(_rebind_of, eqn, [inner], dtype)
@@ -270,6 +272,11 @@ def _product(a: Any, b: Any, scale: Any, dims: tuple, options: dict, axis_name: 
     return _contraction(a, b, dims, {**options, "preferred_element_type": out}, axis_name)
 
 
+def _complex_to_real(eqn: Any) -> bool:
+    complex_ = lambda dtype: jnp.issubdtype(dtype, jnp.complexfloating)  # noqa: E731
+    return complex_(_compat.convert_source(eqn)) and not complex_(_compat.convert_target(eqn))
+
+
 def _widened(dtype: Any, floor: Any) -> Any:
     """``dtype``, widened to ``floor``'s precision (complex only where ``dtype`` is complex)."""
     if jnp.issubdtype(floor, jnp.complexfloating) and not jnp.issubdtype(dtype, jnp.complexfloating):
@@ -288,7 +295,10 @@ def _rebind_of(eqn: Any, ins: list, dtype: Any) -> Any:
     if _compat.primitive_name(eqn) == _compat.CONVERT:
         (value,) = values
         new_dtype = _compat.convert_target(eqn)
-        target = _widened(new_dtype, _widened(jnp.result_type(value), dtype))
+        if _complex_to_real(eqn):  # the program's own real part
+            target = _widened(new_dtype, _widened(jnp.result_type(value), dtype))
+        else:  # a value made complex by a per-lane factor stays complex
+            target = jnp.promote_types(new_dtype, jnp.promote_types(jnp.result_type(value), dtype))
         if target == new_dtype:
             return _compat.bind_equation(eqn, values)[0]
         return jax.lax.convert_element_type(value, target)

@@ -540,3 +540,44 @@ def test_an_unsupported_collective_names_itself_and_the_way_around():
         mapped(jnp.arange(16.0))
     assert float(count.value) == 0.0
     np.testing.assert_allclose(smap.vmap(shift, axis_name=AXIS)(jnp.arange(16.0)), jnp.roll(jnp.arange(16.0), 1))
+
+
+@pytest.mark.parametrize("where", PLACES)
+def test_complex_factor_on_a_float16_gradient_keeps_the_product_complex(where):
+    """Found by the fuzzer (seed 110): float16 compute, float32 master weights, psum(phase * g).
+    The gradient is converted float16 -> float32 -> complex64 before the factor; the fused sum
+    converted the complex product back to float32 at the first convert (imaginary part 0)."""
+    mapping, lanes = place(where)
+    rng = np.random.default_rng(6)
+    x = rng.standard_normal((lanes, 4)).astype(np.float32)
+    phase = np.exp(1j * rng.uniform(0, 2 * np.pi, lanes)).astype(np.complex64)
+    w0 = _normal(rng, 4, 3)
+    w = smap.ParamState(w0)
+    loss = lambda v, xe: jnp.sum(jnp.tanh(xe.astype(jnp.float16) @ v.astype(jnp.float16))).astype(jnp.float32)  # noqa: E731
+
+    def step(xe, ph):
+        g = smap.grad(lambda: loss(w.value, xe), grad_states=w)()
+        return jax.lax.psum(ph * g, AXIS)
+
+    got = smap.StatefulMapping(step, axis_name=AXIS, out_axes=None, **mapping)(x, phase)
+    want = jnp.einsum("b,bij->ij", phase, _per_example_grads(loss, w0, x))
+    assert got.dtype == jnp.complex64
+    np.testing.assert_allclose(got, want, rtol=1e-2, atol=1e-3 * float(jnp.max(jnp.abs(want))))
+
+
+@pytest.mark.filterwarnings("ignore:Casting complex values to real")  # the program takes the real part
+def test_a_complex_factor_is_not_moved_past_a_real_part():
+    """psum(c * real(z)) with complex per-lane c and complex per-lane products z, the real
+    part taken by a convert: it does not commute with c, so the sum is computed as written."""
+
+    def lane(a, b, c):
+        z = jax.lax.dot_general(a[:, None], b[None, :], (((1,), (0,)), ((), ())))
+        return jax.lax.psum(c * jax.lax.convert_element_type(z, jnp.float32).astype(jnp.complex64), AXIS)
+
+    rng = np.random.default_rng(7)
+    a = (rng.standard_normal((B, 3)) + 1j * rng.standard_normal((B, 3))).astype(np.complex64)
+    b = (rng.standard_normal((B, 2)) + 1j * rng.standard_normal((B, 2))).astype(np.complex64)
+    c = np.exp(1j * rng.uniform(0, 2 * np.pi, B)).astype(np.complex64)
+    got = smap.StatefulMapping(lane, axis_name=AXIS, out_axes=None)(a, b, c)
+    want = jnp.einsum("b,bij->ij", c, jnp.einsum("bi,bj->bij", a, b).real)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
