@@ -44,6 +44,10 @@ __all__ = [
     "lane_sum_axes",
     "is_scan",
     "is_plain_call",
+    "plain_call_name",
+    "convert_target",
+    "convert_source",
+    "scatter_layout",
     "dot_layout",
     "converts_floats",
     "conv_contracted_dims",
@@ -123,6 +127,7 @@ class Kind(enum.Enum):
 
     REDUCTION = "reduction"  # every lane gets the reduction over all lanes (psum, pmax, ...)
     GATHER = "gather"  # every lane gets all lanes' values, stacked (all_gather)
+    SCATTER = "scatter"  # each lane gets its block of the sum over all lanes (psum_scatter)
     INDEX = "index"  # each lane gets its own index (axis_index)
     CALL = "call"  # runs one program on the equation's inputs (jit, checkpoint, custom rules)
     SCAN = "scan"
@@ -136,6 +141,7 @@ PRIMITIVES: dict[str, Kind] = {
     "pmin": Kind.REDUCTION,
     "psum_invariant": Kind.REDUCTION,  # psum under shard_map's replication checks
     "all_gather": Kind.GATHER,
+    "reduce_scatter": Kind.SCATTER,  # psum_scatter, and the transpose of all_gather
     "axis_index": Kind.INDEX,
     "jit": Kind.CALL,
     "remat2": Kind.CALL,  # jax.checkpoint
@@ -261,6 +267,12 @@ def gather_layout(eqn: Any) -> tuple[int, bool]:
     return eqn.params["all_gather_dimension"], eqn.params["tiled"]
 
 
+def scatter_layout(eqn: Any) -> tuple[int, bool]:
+    """Along which dimension a reduce_scatter hands each lane its block, and whether the
+    block keeps that dimension (``tiled``) or the lanes' blocks are its entries."""
+    return eqn.params["scatter_dimension"], eqn.params["tiled"]
+
+
 # -- sums of per-lane products (smap.transform._fuse) ------------------------------
 
 # psum(f(x)) == f(psum(x)) for these primitives, f applied with the same parameters.
@@ -287,6 +299,21 @@ def lane_sum_axes(eqn: Any) -> tuple | None:
 def is_plain_call(eqn: Any, name: str | None = None) -> bool:
     """Whether ``eqn`` is a ``jax.jit`` call (of a function named ``name``, when given)."""
     return eqn.primitive.name == "jit" and (name is None or eqn.params.get("name") == name)
+
+
+def plain_call_name(eqn: Any) -> str | None:
+    """The name of the function a ``jax.jit`` call equation calls; None for other equations."""
+    return eqn.params.get("name") if is_plain_call(eqn) else None
+
+
+def convert_target(eqn: Any) -> Any:
+    """The dtype a ``convert_element_type`` converts to."""
+    return eqn.params["new_dtype"]
+
+
+def convert_source(eqn: Any) -> Any:
+    """The dtype a ``convert_element_type`` converts from."""
+    return eqn.invars[0].aval.dtype
 
 
 def dot_layout(eqn: Any) -> tuple[tuple, dict]:

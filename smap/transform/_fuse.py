@@ -14,17 +14,30 @@ the mapping's axis whose operand is linear in such products (through
 transposes, reshapes, float converts, negations, sums, and scalings by
 lane-independent values or by per-lane scalars, which move into one factor)
 computed that way; anything it does not recognise is evaluated as it is.
-The value of each such psum is computed in a call named :data:`LANE_SUM`, so
-an ``axis_name``-rewriting layer (``sharding``, where a device holds a block
-of lanes) can sum over the device's own lanes and then over devices instead
-of gathering over devices (:func:`sum_over_lanes`), at the place of the psum
-(the linear steps after the product stay before the sum over devices).
+The value of each such psum is computed in a call named after :data:`LANE_SUM`
+and the lane axis it sums over, so an ``axis_name``-rewriting layer
+(``sharding``, where a device holds a block of lanes) can sum over the
+device's own lanes and then over devices instead of gathering over devices
+(:func:`sum_over_lanes`), at the place of the psum (the linear steps after
+the product stay before the sum over devices). Such a layer rewrites only the
+lane sums over its own axis (:func:`is_lane_sum` with the axis): a lane sum of
+a nested mapping, over that mapping's axis, stays as it is. A psum over
+several axes has only the mapping's axis folded; it is then summed over the
+others.
+
+The fused sum never works in a narrower or a real dtype where the program
+did not: the product over the lanes accumulates in the wider of the
+product's dtype and the psum's, a per-lane factor is applied in the wider of
+its dtype and the operand's (a complex factor keeps the product complex),
+and a float convert between the product and the psum converts to no
+narrower than the psum's dtype.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import threading
 from collections.abc import Callable, Hashable, Sequence
 from typing import Any
 
@@ -42,14 +55,25 @@ __all__ = ["fused_lanes", "is_lane_sum", "sum_over_lanes", "LANE_SUM"]
 
 LANE_SUM = "_smap_lane_sum"
 
+# The axes lane sums sum over: a lane sum's call is named LANE_SUM, "_", the axis's number here.
+_LANE_AXES: dict[Hashable, int] = {}
+_LANE_AXES_LOCK = threading.Lock()
 
-def _lane_sum(compute: Callable[[], Any]) -> Any:
-    """``compute()`` as a call named :data:`LANE_SUM`: the value of a psum over the lanes."""
+
+def _lane_sum_name(axis_name: Hashable) -> str:
+    """The name of a lane sum's call over ``axis_name``: it records the axis."""
+    with _LANE_AXES_LOCK:
+        number = _LANE_AXES.setdefault(axis_name, len(_LANE_AXES))
+    return f"{LANE_SUM}_{number}"
+
+
+def _lane_sum(compute: Callable[[], Any], axis_name: Hashable) -> Any:
+    """``compute()`` as a lane sum's call: the value of a psum over the lanes of ``axis_name``."""
 
     def call() -> Any:
         return compute()
 
-    call.__name__ = call.__qualname__ = LANE_SUM
+    call.__name__ = call.__qualname__ = _lane_sum_name(axis_name)
     return jax.jit(call)()
 
 
@@ -61,23 +85,33 @@ def _contraction(a: jax.Array, b: jax.Array, dims: tuple, options: dict, axis_na
     return jax.lax.dot_general(jax.lax.all_gather(a, axis_name), jax.lax.all_gather(b, axis_name), gathered, **options)
 
 
-def is_lane_sum(eqn: Any) -> bool:
-    """Whether ``eqn`` is a sum over the lanes that :func:`fused_lanes` wrote as products."""
-    return _compat.is_plain_call(eqn, LANE_SUM)
+def is_lane_sum(eqn: Any, lane_axis: Hashable | None = None) -> bool:
+    """Whether ``eqn`` is a sum over the lanes that :func:`fused_lanes` wrote as products
+    (over the lanes of ``lane_axis``, when given)."""
+    name = _compat.plain_call_name(eqn)
+    if name is None or not name.startswith(LANE_SUM + "_"):
+        return False
+    return lane_axis is None or name == f"{LANE_SUM}_{_LANE_AXES.get(lane_axis)}"
 
 
-def sum_over_lanes(eqn: Any, ins: Sequence[Any], axis_name: Hashable, axis_size: int) -> list:
-    """Evaluate an :func:`is_lane_sum` equation over the lanes of ``axis_name`` instead.
+def sum_over_lanes(eqn: Any, ins: Sequence[Any], lane_axis: Hashable, axis_name: Hashable, axis_size: int) -> list:
+    """Evaluate an ``is_lane_sum(eqn, lane_axis)`` equation over the lanes of ``axis_name`` instead.
 
     A device that holds a block of lanes sums over its own block (``axis_name``
     its local lane axis); the caller then sums the result over devices.
     """
+    assert is_lane_sum(eqn, lane_axis), f"{eqn.primitive.name} is not a sum over the lanes of {lane_axis!r}"
     sub, sub_consts = _open(_compat.call_body(eqn))
     env: dict[Any, Any] = dict(zip(sub.constvars, sub_consts))
     env.update(zip(sub.invars, ins))
     read = lambda v: v.val if isinstance(v, Literal) else env[v]  # noqa: E731
     for e in sub.eqns:
-        env.update(zip(e.outvars, _compat.bind_gathering_over(e, [read(v) for v in e.invars], axis_name, axis_size)))
+        e_ins = [read(v) for v in e.invars]
+        if _compat.names_axis(e, lane_axis):
+            outs = _compat.bind_gathering_over(e, e_ins, axis_name, axis_size)
+        else:
+            outs = _compat.bind_equation(e, e_ins)
+        env.update(zip(e.outvars, outs))
     return [read(v) for v in sub.outvars]
 
 
@@ -171,22 +205,28 @@ def _psum(eqn: Any, ins: list[_Node], axis_name: Hashable) -> list[_Node]:
     others = tuple(a for a in _compat.lane_sum_axes(eqn) or () if a != axis_name)
     outs = []
     for node in ins:
-        plan = _summed(node, None, axis_name) if node.dependent else None
+        dtype = jnp.result_type(node.value)
+        plan = _summed(node, None, axis_name, dtype) if node.dependent else None
         if plan is None:
             value = _compat.bind_equation(eqn, [node.value])[0]
         else:
-            value = _lane_sum(plan)
+            value = _lane_sum(plan, axis_name)
             value = jax.lax.psum(value, others) if others else value
+            value = value.astype(dtype)  # the psum's own dtype, which the fused sum never narrowed
         outs.append(_Node(value, False))
     return outs
 
 
-def _summed(node: _Node, scale: Any, axis_name: Hashable) -> Callable[[], Any] | None:
+def _inexact(dtype: Any) -> bool:
+    return jnp.issubdtype(dtype, jnp.inexact)
+
+
+def _summed(node: _Node, scale: Any, axis_name: Hashable, dtype: Any) -> Callable[[], Any] | None:
     """How to compute ``psum`` over the lanes of ``scale * node`` (``scale`` a per-lane
     scalar or None) without per-lane products, or None when ``node`` is not recognised
-    as linear in them."""
+    as linear in them. ``dtype`` is the psum's: the sum accumulates in no narrower one."""
     eqn = node.eqn
-    if eqn is None or not node.dependent:
+    if eqn is None or not node.dependent or not _inexact(jnp.result_type(node.value)):
         return None
     name, ins = _compat.primitive_name(eqn), node.inputs
     if name == _compat.DOT_GENERAL:
@@ -194,43 +234,79 @@ def _summed(node: _Node, scale: Any, axis_name: Hashable) -> Callable[[], Any] |
         if not (a.dependent and b.dependent):
             return None
         dims, options = _compat.dot_layout(eqn)
-
-        def contraction() -> Any:
-            lhs = a.value if scale is None else a.value * scale.astype(a.value.dtype)
-            return _contraction(lhs, b.value, dims, options, axis_name)
-
-        return contraction
+        return functools.partial(_product, a.value, b.value, scale, dims, options, axis_name, dtype)
     linear = name in _compat.LINEAR_PRIMITIVES and (name != _compat.CONVERT or _compat.converts_floats(eqn))
+    if linear and name == _compat.CONVERT and scale is not None and _complex_to_real(eqn):
+        return None  # taking the real part does not commute with a (complex) per-lane factor
     if linear and len(ins) == 1:
-        inner = _summed(ins[0], scale, axis_name)
-        return None if inner is None else functools.partial(_rebind_of, eqn, [inner])
+        inner = _summed(ins[0], scale, axis_name, dtype)
+        return None if inner is None else functools.partial(_rebind_of, eqn, [inner], dtype)
     if name in _compat.SUM_PRIMITIVES:
-        parts = [_summed(n, scale, axis_name) for n in ins]
-        return None if any(p is None for p in parts) else functools.partial(_rebind_of, eqn, parts)
+        parts = [_summed(n, scale, axis_name, dtype) for n in ins]
+        return None if any(p is None for p in parts) else functools.partial(_rebind_of, eqn, parts, dtype)
     if name in (_compat.MUL, _compat.DIV):
         x, y = ins
         if not y.dependent:
-            inner = _summed(x, scale, axis_name)
-            return None if inner is None else functools.partial(_rebind_of, eqn, [inner, y.value])
+            inner = _summed(x, scale, axis_name, dtype)
+            return None if inner is None else functools.partial(_rebind_of, eqn, [inner, y.value], dtype)
         if name == _compat.MUL and not x.dependent:
-            inner = _summed(y, scale, axis_name)
-            return None if inner is None else functools.partial(_rebind_of, eqn, [x.value, inner])
+            inner = _summed(y, scale, axis_name, dtype)
+            return None if inner is None else functools.partial(_rebind_of, eqn, [x.value, inner], dtype)
         if name == _compat.MUL:
             for factor, other in ((y, x), (x, y)):
                 if jnp.ndim(factor.value) == 0:
-                    plan = _summed(other, factor.value if scale is None else scale * factor.value, axis_name)
+                    plan = _summed(other, factor.value if scale is None else scale * factor.value, axis_name, dtype)
                     if plan is not None:
                         return plan
-    return layer_sum(node, scale, axis_name, lambda n, s: _summed(n, s, axis_name))
+    if jnp.promote_types(jnp.result_type(node.value), dtype) != jnp.result_type(node.value):
+        return None  # the layer rules sum in the gradient's own dtype: only where the psum's is no wider
+    return layer_sum(node, scale, axis_name, lambda n, s: _summed(n, s, axis_name, dtype))
 
 
-def _rebind(eqn: Any, ins: list) -> Any:
-    return _compat.bind_equation(eqn, ins)[0]
+def _product(a: Any, b: Any, scale: Any, dims: tuple, options: dict, axis_name: Hashable, dtype: Any) -> Any:
+    """The sum over the lanes of ``scale * dot_general(a, b)``, accumulated in no narrower
+    dtype than the product's and the psum's ``dtype``; ``scale`` (a per-lane scalar or None)
+    is applied in the wider of its dtype and the operands'."""
+    out = jnp.promote_types(options["preferred_element_type"] or jnp.result_type(a, b), dtype)
+    if scale is not None:
+        operands = jnp.promote_types(jnp.result_type(a, b), jnp.result_type(scale))
+        a, b = a.astype(operands) * scale.astype(operands), b.astype(operands)
+        out = jnp.promote_types(out, operands)
+    return _contraction(a, b, dims, {**options, "preferred_element_type": out}, axis_name)
 
 
-def _rebind_of(eqn: Any, ins: list) -> Any:
-    """``eqn`` applied to ``ins``, each a value or a plan (a function of no arguments) to compute it."""
-    return _rebind(eqn, [x() if callable(x) else x for x in ins])
+def _complex_to_real(eqn: Any) -> bool:
+    complex_ = lambda dtype: jnp.issubdtype(dtype, jnp.complexfloating)  # noqa: E731
+    return complex_(_compat.convert_source(eqn)) and not complex_(_compat.convert_target(eqn))
+
+
+def _widened(dtype: Any, floor: Any) -> Any:
+    """``dtype``, widened to ``floor``'s precision (complex only where ``dtype`` is complex)."""
+    if jnp.issubdtype(floor, jnp.complexfloating) and not jnp.issubdtype(dtype, jnp.complexfloating):
+        floor = jnp.finfo(floor).dtype
+    return jnp.promote_types(dtype, floor)
+
+
+def _rebind_of(eqn: Any, ins: list, dtype: Any) -> Any:
+    """``eqn`` applied to ``ins``, each a value or a plan (a function of no arguments) to compute it.
+
+    A plan's value may be wider than the equation's input (see :func:`_product`):
+    the other inputs are widened to it, and a float convert converts to no
+    narrower than the psum's ``dtype``.
+    """
+    values = [x() if callable(x) else x for x in ins]
+    if _compat.primitive_name(eqn) == _compat.CONVERT:
+        (value,) = values
+        new_dtype = _compat.convert_target(eqn)
+        if _complex_to_real(eqn):  # the program's own real part
+            target = _widened(new_dtype, _widened(jnp.result_type(value), dtype))
+        else:  # a value made complex by a per-lane factor stays complex
+            target = jnp.promote_types(new_dtype, jnp.promote_types(jnp.result_type(value), dtype))
+        if target == new_dtype:
+            return _compat.bind_equation(eqn, values)[0]
+        return jax.lax.convert_element_type(value, target)
+    wide = functools.reduce(jnp.promote_types, [jnp.result_type(v) for v in values])
+    return _compat.bind_equation(eqn, [v if jnp.result_type(v) == wide else v.astype(wide) for v in values])[0]
 
 
 def _scan_sums_over_lanes(eqn: Any, axis_name: Hashable) -> bool:

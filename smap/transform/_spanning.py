@@ -6,7 +6,10 @@ the mapping's ``axis_name`` must then reduce over both the local lanes and
 the devices, and ``axis_index`` must give the global lane index
 ``device_index * lanes_per_device + local_index``. :func:`spanning_lane`
 re-interprets the traced per-lane program with those collectives rewritten;
-everything else is bound unchanged.
+everything else is bound unchanged. A fused sum over the lanes
+(``smap.transform._fuse``) is rewritten only when it sums over the mapping's
+own axis: one of a nested mapping, over that mapping's axis, already ran
+over its lanes and is bound unchanged.
 """
 
 from __future__ import annotations
@@ -82,9 +85,9 @@ def _evaluate(jaxpr: Jaxpr, consts: Sequence[Any], args: Sequence[Any], span: Sp
         ins = [read(v) for v in eqn.invars]
         if _compat.names_axis(eqn, span.axis_name):
             outs = _collective(eqn, ins, span)
-        elif is_lane_sum(eqn):
+        elif is_lane_sum(eqn, span.axis_name):
             # A sum over every lane written as products: over the device's own lanes, then over devices.
-            outs = sum_over_lanes(eqn, ins, span.local_name, span.local_size)
+            outs = sum_over_lanes(eqn, ins, span.axis_name, span.local_name, span.local_size)
             outs = [jax.lax.psum(y, span.device_axes) for y in outs]
         elif any(_compat.mentions_axis(s, span.axis_name) for s in _compat.jaxprs_in_params(eqn.params)):
             outs = _structured(eqn, ins, span)
@@ -106,13 +109,16 @@ def _collective(eqn: Any, ins: list, span: Span) -> list:
         return [span.lane_index()]
     if kind is Kind.GATHER and not others:
         return [_all_gather(ins[0], eqn, span)]
+    if kind is Kind.SCATTER and not others:
+        return [_reduce_scatter(x, eqn, span) for x in ins]
     if span.local_size == 1:
         # One lane per device: the device axes are the mapped axis, lane for lane.
         return _compat.rebind_on_axes(eqn, ins, others + span.device_axes)
     raise NotImplementedError(
-        f"{span.adapter}: the collective {eqn.primitive.name!r} on the mapped axis {span.axis_name!r} is not "
-        f"supported when a device holds several lanes; psum, pmean, pmax, pmin, all_gather and "
-        f"axis_index are. Use one lane per device, or jax.vmap."
+        f"{span.adapter}: the collective {eqn.primitive.name!r} on the mapped axis {span.axis_name!r}"
+        f"{f' and the axes {others!r}' if others else ''} is not supported when a device holds several lanes; "
+        f"psum, pmean, pmax, pmin, axis_index, and all_gather and psum_scatter over the mapped axis alone are. "
+        f"Use one lane per device (as many devices as lanes), or jax.vmap."
     )
 
 
@@ -126,6 +132,19 @@ def _all_gather(x: jax.Array, eqn: Any, span: Span) -> jax.Array:
         shape = x.shape[:dim] + (lanes.shape[dim] * x.shape[dim],) + x.shape[dim + 1 :]
         lanes = lanes.reshape(shape)
     return lanes
+
+
+def _reduce_scatter(x: jax.Array, eqn: Any, span: Span) -> jax.Array:
+    """Each lane's block of the sum over all lanes: summed over the device's lanes, scattered
+    over devices (a device gets its lanes' blocks), then split between the device's lanes."""
+    dim, tiled = _compat.scatter_layout(eqn)
+    block = x.shape[dim] // (span.local_size * math.prod(span.device_sizes))  # 1 when not tiled
+    summed = jax.lax.psum(x, span.local_name)
+    devices = span.device_axes if len(span.device_axes) > 1 else span.device_axes[0]
+    mine = jax.lax.psum_scatter(summed, devices, scatter_dimension=dim, tiled=True)
+    start = jax.lax.axis_index(span.local_name) * block
+    lane = jax.lax.dynamic_slice_in_dim(mine, start, block, axis=dim)
+    return lane if tiled else jnp.squeeze(lane, dim)
 
 
 def _structured(eqn: Any, ins: list, span: Span) -> list:

@@ -169,6 +169,9 @@ WITNESSES = {
     "pmin": _with_axis(lambda x: jax.lax.pmin(x, "i")),
     "psum_invariant": _invariant_psum,
     "all_gather": _with_axis(lambda x: jax.lax.all_gather(x, "i", axis=1, tiled=True)),
+    "reduce_scatter": _with_axis(
+        lambda x: jax.lax.psum_scatter(jnp.ones((2, 8)), "i", scatter_dimension=1, tiled=True)
+    ),
     "axis_index": _with_axis(lambda x: x * jax.lax.axis_index("i")),
     "jit": lambda: _traced(jax.jit(lambda x: x * 2), 1.0),
     "remat2": lambda: _traced(jax.checkpoint(lambda x: jnp.sin(x) * 2), 1.0),
@@ -207,6 +210,9 @@ def test_primitive(name):
             assert jnp.array_equal(out, jnp.broadcast_to(reduce(lanes, axis=0), (2, 3)))
     if kind is Kind.GATHER:
         assert _compat.gather_layout(eqn) == (1, True)
+    if kind is Kind.SCATTER:
+        assert _compat.collective_axes(eqn)[1] == ("i",)
+        assert _compat.scatter_layout(eqn) == (1, True)
     if kind is Kind.CALL:
         body = _compat.open_jaxpr(_compat.call_body(eqn))
         assert len(body.invars) == len(eqn.invars) and len(body.outvars) == len(eqn.outvars)

@@ -349,3 +349,234 @@ def test_no_per_lane_weight_gradient_and_no_gathered_activations_on_devices(n):
     # The lanes are contracted on their device; only the gradients are summed over devices.
     assert "all-gather" not in fused
     assert fused.count("all-reduce(") == unfused.count("all-reduce(")
+
+
+# -- rewrites that never change a value: regression tests against plain JAX ------------------
+#
+# Each runs under jax.vmap and on the 8 devices with 1, 2 and 4 lanes per device, with
+# each of the four ways of mapping onto devices (PLACES).
+
+SPELLINGS: dict[str, Callable[[], tuple[Callable, dict]]] = {
+    "sharding.shard_map": lambda: (sharding.shard_map(sharding.make_mesh(data=8)), {}),
+    "sharding.pmap": lambda: (sharding.pmap(jax.devices()), {}),
+    "jax.shard_map": lambda: (jax.shard_map, {"mesh": sharding.make_mesh(data=8)}),
+    "jax.pmap": lambda: (jax.pmap, {}),
+}
+PLACES = ["jax.vmap", "sharding.shard_map-1", "sharding.pmap-2", "jax.shard_map-4", "jax.pmap-2"]
+
+
+def place(where: str) -> tuple[dict, int]:
+    """``StatefulMapping`` keywords for ``where`` ('<spelling>-<lanes per device>'), and the lanes."""
+    if where == "jax.vmap":
+        return {}, 16
+    spelling, per_device = where.rsplit("-", 1)
+    mapping_fn, mapping_kwargs = SPELLINGS[spelling]()
+    return {"mapping_fn": mapping_fn, "mapping_kwargs": mapping_kwargs}, 8 * int(per_device)
+
+
+def _per_example_grads(loss: Callable, w: Any, *batch: Any) -> jax.Array:
+    return jax.vmap(jax.grad(loss), (None, *[0] * len(batch)))(w, *batch)
+
+
+@pytest.mark.parametrize("where", PLACES)
+@pytest.mark.parametrize("axes", ["seq", ("batch", "seq")])
+def test_nested_mapping_on_devices_sums_over_its_own_lanes_once(where, axes):
+    """An inner mapping over each example's tokens pmeans per-token gradients over its own
+    axis ('seq'), or over ('batch', 'seq'); the outer mapping runs on devices. The inner lane
+    sum must not be summed over the devices again (it was: the gradient came back ×devices)."""
+    mapping, lanes = place(where)
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((lanes, 3, 4)).astype(np.float32)
+    w0 = _normal(rng, 4, 3)
+    w = smap.ParamState(w0)
+
+    def example(xe):
+        def token(xt):
+            g = smap.grad(lambda: jnp.sum(jnp.tanh(xt @ w.value)), grad_states=w)()
+            return jax.lax.pmean(g, axes)
+
+        g = smap.StatefulMapping(token, axis_name="seq", out_axes=None)(xe)
+        per_example = g
+        if axes == "seq":
+            g = jax.lax.pmean(g, AXIS)
+        w.value = w.value - LR * g
+        return per_example
+
+    got = smap.StatefulMapping(example, axis_name=AXIS, **mapping)(x)
+    loss = lambda v, xt: jnp.sum(jnp.tanh(xt @ v))  # noqa: E731
+    per_token = jax.vmap(lambda xe: _per_example_grads(loss, w0, xe))(x)  # (lanes, tokens, 4, 3)
+    want = per_token.mean(1) if axes == "seq" else jnp.broadcast_to(per_token.mean((0, 1)), per_token.mean(1).shape)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(w.value, w0 - LR * per_token.mean((0, 1)), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("where", PLACES)
+def test_complex_per_lane_factor_keeps_the_product_complex(where):
+    """psum(phase * g): a complex per-example scalar times a real per-example gradient. The
+    fused sum's imaginary part was 0 (the factor was cast to the gradient's real dtype)."""
+    mapping, lanes = place(where)
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((lanes, 4)).astype(np.float32)
+    phase = np.exp(1j * rng.uniform(0, 2 * np.pi, lanes)).astype(np.complex64)
+    w0 = _normal(rng, 4, 3)
+    w = smap.ParamState(w0)
+
+    def step(xe, ph):
+        g = smap.grad(lambda: jnp.sum(jnp.tanh(xe @ w.value)), grad_states=w)()
+        return jax.lax.psum(ph * g, AXIS)
+
+    got = smap.StatefulMapping(step, axis_name=AXIS, out_axes=None, **mapping)(x, phase)
+    want = jnp.einsum("b,bij->ij", phase, _per_example_grads(lambda v, xe: jnp.sum(jnp.tanh(xe @ v)), w0, x))
+    assert got.dtype == jnp.complex64
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("where", PLACES)
+def test_float16_sum_over_lanes_accumulates_in_float32(where):
+    """Float32 master weights, float16 compute, a scaled loss: each lane's gradient and their
+    mean fit in float16, their sum does not. The original program sums float32 values; the
+    fused sum was computed in float16 and overflowed to inf."""
+    mapping, lanes = place(where)
+    rng = np.random.default_rng(2)
+    x = (4 + 0.1 * rng.standard_normal((lanes, 3))).astype(np.float32)
+    w0 = np.full((3, 2), 0.3, np.float32)
+    w = smap.ParamState(w0)
+    scale = 512.0
+
+    def loss(v, xe):
+        y = xe.astype(jnp.float16) @ v.astype(jnp.float16)
+        return jnp.sum(y.astype(jnp.float32) ** 2) * scale
+
+    def step(xe):
+        g = smap.grad(lambda: loss(w.value, xe), grad_states=w)()
+        w.value = w.value - LR * jax.lax.pmean(g, AXIS) / scale
+        return g
+
+    per_lane = smap.StatefulMapping(step, axis_name=AXIS, **mapping)(x)
+    grads = _per_example_grads(loss, w0, x)
+    assert float(jnp.max(jnp.abs(grads))) < 65504 < float(jnp.max(jnp.abs(grads.sum(0))))
+    np.testing.assert_allclose(per_lane, grads, rtol=1e-3)
+    np.testing.assert_allclose(w.value, w0 - LR * grads.mean(0) / scale, rtol=1e-3)
+
+
+@pytest.mark.parametrize("where", PLACES)
+def test_float32_factors_on_float16_parameters_are_applied_in_float32(where):
+    """psum(s * g) with float32 per-example weights s (around 1e-7) and float16 gradients g:
+    the program multiplies in float32. The fused sum cast s to float16 first, where such
+    weights keep one or two bits (errors up to 30 %)."""
+    mapping, lanes = place(where)
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((lanes, 4)).astype(np.float32)
+    s = rng.uniform(0.5e-7, 2e-7, lanes).astype(np.float32)
+    w0 = _normal(rng, 4, 3).astype(np.float16)
+    w = smap.ParamState(w0)
+    loss = lambda v, xe: jnp.sum(jnp.tanh(xe.astype(jnp.float16) @ v))  # noqa: E731
+
+    def step(xe, se):
+        g = smap.grad(lambda: loss(w.value, xe), grad_states=w)()
+        return jax.lax.psum(se * g, AXIS)
+
+    got = smap.StatefulMapping(step, axis_name=AXIS, out_axes=None, **mapping)(x, s)
+    want = jnp.einsum("b,bij->ij", s, _per_example_grads(loss, w0, x).astype(jnp.float32))
+    assert got.dtype == jnp.float32
+    np.testing.assert_allclose(got, want, rtol=1e-2, atol=1e-3 * float(jnp.max(jnp.abs(want))))
+
+
+@pytest.mark.parametrize("where", PLACES)
+def test_gradient_of_a_contrastive_loss_over_all_gather(where):
+    """Each lane's loss compares its embedding with every lane's (all_gather): its gradient
+    holds a psum_scatter, which raised NotImplementedError with several lanes per device."""
+    mapping, lanes = place(where)
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((lanes, 4)).astype(np.float32)
+    w0 = _normal(rng, 4, 3)
+    w = smap.ParamState(w0)
+
+    def lane_loss(v, xe, everyone):
+        e = jnp.tanh(xe @ v)
+        return jax.nn.logsumexp(everyone @ e) - e @ e
+
+    def step(xe):
+        def loss():
+            e = jnp.tanh(xe @ w.value)
+            return lane_loss(w.value, xe, jax.lax.all_gather(e, AXIS))
+
+        g, value = smap.grad(loss, grad_states=w, return_value=True)()
+        w.value = w.value - LR * jax.lax.pmean(g, AXIS)
+        return value
+
+    values = smap.StatefulMapping(step, axis_name=AXIS, **mapping)(x)
+
+    def batch_loss(v):
+        everyone = jnp.tanh(x @ v)
+        return jax.vmap(lane_loss, (None, 0, None))(v, x, everyone)
+
+    np.testing.assert_allclose(values, batch_loss(w0), rtol=1e-5)
+    np.testing.assert_allclose(w.value, w0 - LR * jax.grad(lambda v: batch_loss(v).mean())(w0), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("where", PLACES)
+@pytest.mark.parametrize("tiled", [True, False])
+def test_psum_scatter_gives_each_lane_its_block_of_the_sum(where, tiled):
+    mapping, lanes = place(where)
+    x = np.random.default_rng(5).standard_normal((lanes, 3, lanes * (2 if tiled else 1))).astype(np.float32)
+    scatter = lambda v: jax.lax.psum_scatter(v, AXIS, scatter_dimension=1, tiled=tiled)  # noqa: E731
+    got = smap.StatefulMapping(scatter, axis_name=AXIS, **mapping)(x)
+    total = x.sum(0)
+    want = total.reshape(3, lanes, 2).transpose(1, 0, 2) if tiled else total.T
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_an_unsupported_collective_names_itself_and_the_way_around():
+    count = smap.LongTermState(jnp.zeros(()))
+
+    def shift(x):
+        count.value = count.value + 1
+        return jax.lax.ppermute(x, AXIS, [(i, (i + 1) % 16) for i in range(16)])
+
+    mapped = smap.StatefulMapping(shift, axis_name=AXIS, mapping_fn=sharding.shard_map(sharding.make_mesh(data=8)))
+    with pytest.raises(NotImplementedError, match=r"'ppermute'.*Use one lane per device .*or jax\.vmap"):
+        mapped(jnp.arange(16.0))
+    assert float(count.value) == 0.0
+    np.testing.assert_allclose(smap.vmap(shift, axis_name=AXIS)(jnp.arange(16.0)), jnp.roll(jnp.arange(16.0), 1))
+
+
+@pytest.mark.parametrize("where", PLACES)
+def test_complex_factor_on_a_float16_gradient_keeps_the_product_complex(where):
+    """Found by the fuzzer (seed 110): float16 compute, float32 master weights, psum(phase * g).
+    The gradient is converted float16 -> float32 -> complex64 before the factor; the fused sum
+    converted the complex product back to float32 at the first convert (imaginary part 0)."""
+    mapping, lanes = place(where)
+    rng = np.random.default_rng(6)
+    x = rng.standard_normal((lanes, 4)).astype(np.float32)
+    phase = np.exp(1j * rng.uniform(0, 2 * np.pi, lanes)).astype(np.complex64)
+    w0 = _normal(rng, 4, 3)
+    w = smap.ParamState(w0)
+    loss = lambda v, xe: jnp.sum(jnp.tanh(xe.astype(jnp.float16) @ v.astype(jnp.float16))).astype(jnp.float32)  # noqa: E731
+
+    def step(xe, ph):
+        g = smap.grad(lambda: loss(w.value, xe), grad_states=w)()
+        return jax.lax.psum(ph * g, AXIS)
+
+    got = smap.StatefulMapping(step, axis_name=AXIS, out_axes=None, **mapping)(x, phase)
+    want = jnp.einsum("b,bij->ij", phase, _per_example_grads(loss, w0, x))
+    assert got.dtype == jnp.complex64
+    np.testing.assert_allclose(got, want, rtol=1e-2, atol=1e-3 * float(jnp.max(jnp.abs(want))))
+
+
+@pytest.mark.filterwarnings("ignore:Casting complex values to real")  # the program takes the real part
+def test_a_complex_factor_is_not_moved_past_a_real_part():
+    """psum(c * real(z)) with complex per-lane c and complex per-lane products z, the real
+    part taken by a convert: it does not commute with c, so the sum is computed as written."""
+
+    def lane(a, b, c):
+        z = jax.lax.dot_general(a[:, None], b[None, :], (((1,), (0,)), ((), ())))
+        return jax.lax.psum(c * jax.lax.convert_element_type(z, jnp.float32).astype(jnp.complex64), AXIS)
+
+    rng = np.random.default_rng(7)
+    a = (rng.standard_normal((B, 3)) + 1j * rng.standard_normal((B, 3))).astype(np.complex64)
+    b = (rng.standard_normal((B, 2)) + 1j * rng.standard_normal((B, 2))).astype(np.complex64)
+    c = np.exp(1j * rng.uniform(0, 2 * np.pi, B)).astype(np.complex64)
+    got = smap.StatefulMapping(lane, axis_name=AXIS, out_axes=None)(a, b, c)
+    want = jnp.einsum("b,bij->ij", c, jnp.einsum("bi,bj->bij", a, b).real)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
