@@ -124,3 +124,11 @@ def _evaluate_equations(jaxpr: Jaxpr, env: dict, read: Any) -> None:
         else:
             outs = _compat.bind_equation(eqn, ins)
         env.update(zip(eqn.outvars, outs))
+
+
+def _bind_in_lanes(eqn: Any, ins: Sequence[Any]) -> list | None:
+    """``bind_annotation`` inside lanes; None (bind as traced) outside them."""
+    return bind_annotation(eqn, ins) if in_lanes() else None
+
+
+_compat.annotation_binder = _bind_in_lanes

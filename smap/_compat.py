@@ -188,16 +188,20 @@ def mentions_axis(jaxpr: Jaxpr | ClosedJaxpr, axis_name: Any) -> bool:
     )
 
 
+# How a sharding annotation binds inside lanes (a list of outputs), or None to bind it as
+# traced: set by smap._annotations when it is imported, so this module imports no other.
+annotation_binder: Callable[[Any, Sequence[Any]], list | None] | None = None
+
+
 def bind_equation(eqn: Any, ins: Sequence[Any], **params: Any) -> list:
     """Apply an equation's primitive to ``ins``, with ``params`` replacing some of its parameters.
 
     A sharding annotation is bound for the mesh context it runs in (see ``smap._annotations``).
     """
-    if not params and annotation_spec(eqn) is not None:
-        from . import _annotations
-
-        if _annotations.in_lanes():
-            return _annotations.bind_annotation(eqn, ins)
+    if not params and annotation_binder is not None and annotation_spec(eqn) is not None:
+        outs = annotation_binder(eqn, ins)
+        if outs is not None:
+            return outs
     if params:
         outs = eqn.primitive.bind(*ins, **{**eqn.params, **params})
     else:

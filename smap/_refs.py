@@ -26,7 +26,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from . import _compat, _locks
+from . import _compat, _locks, _state
 from ._state import State, _leaf_repr, _normalise_tags, active_frames
 
 __all__ = ["RefBacked", "state_of", "backed_class", "describe_ref"]
@@ -218,3 +218,6 @@ def unrouted_message(name: str, refs: Sequence[Any]) -> str:
 def is_ref_leaf(x: Any) -> bool:
     """Whether an argument leaf is a Ref, concrete or traced."""
     return isinstance(x, jax.Ref)
+
+
+_state.ref_backed_class = backed_class

@@ -39,7 +39,12 @@ class _ThisThread(threading.local):
 
 
 this_thread = _ThisThread()  # ``this_thread.frames``: one attribute read on a call's cached path
-_TAGS: set[str] = set()  # every tag any State was created with: what a string selector can mean
+_TAGS: set[str] = set()
+# The subclass of a State class whose storage is a jax.Ref: set by smap._refs, which smap
+# imports where JAX has Refs (so this module imports no module above it).
+ref_backed_class: Callable[[type[State]], type[State]] | None = (
+    None  # every tag any State was created with: what a string selector can mean
+)
 
 
 def known_tags() -> frozenset[str]:
@@ -170,10 +175,8 @@ class State:
     fixed_shape: ClassVar[bool] = False
 
     def __new__(cls, value: Any = None, *args: Any, **kwargs: Any) -> State:
-        if _compat.is_ref(value):  # a State backed by a jax.Ref (smap._refs)
-            from ._refs import backed_class
-
-            cls = backed_class(cls)
+        if ref_backed_class is not None and _compat.is_ref(value):  # a State backed by a jax.Ref
+            cls = ref_backed_class(cls)
         return super().__new__(cls)
 
     def __init__(self, value: Any, tag: str | Sequence[str] | None = None):

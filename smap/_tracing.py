@@ -21,7 +21,7 @@ import jax
 import numpy as np
 from jax.extend.core import ClosedJaxpr
 
-from . import _compat
+from . import _annotations, _compat
 from ._state import State, TraceFrame, check_same_structure
 
 __all__ = ["Program", "TraceContext", "trace_program", "abstract"]
@@ -70,9 +70,7 @@ class Program:
     def __call__(self, *leaves: Any) -> list[Any]:
         """Evaluate the program on argument leaves followed by state leaves."""
         if self.annotated:
-            from ._annotations import evaluate
-
-            return evaluate(self.jaxpr.jaxpr, self.jaxpr.consts, *leaves)
+            return _annotations.evaluate(self.jaxpr.jaxpr, self.jaxpr.consts, *leaves)
         return jax.core.eval_jaxpr(self.jaxpr.jaxpr, self.jaxpr.consts, *leaves)
 
 

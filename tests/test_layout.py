@@ -13,9 +13,9 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 # From the bottom up; a module may import its own layer and the ones below.
 LAYERS = [
-    ("smap._compat", "smap._locks"),
-    ("smap._state",),
-    ("smap.filter", "smap.nn", "smap.random", "smap._tracing"),
+    ("smap._compat", "smap._locks", "smap._aot"),
+    ("smap._state", "smap._annotations"),
+    ("smap._refs", "smap.filter", "smap.nn", "smap.random", "smap._tracing"),
     ("smap._dispatch",),
     ("smap.transform",),
     ("smap.devices",),
