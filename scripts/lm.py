@@ -341,6 +341,7 @@ def train(args: argparse.Namespace) -> int:
         print(f"no checkpoint in {args.checkpoint_dir} yet: starting from step 1")
     last = min(args.steps, args.stop_after_step or args.steps)
     losses, start, loss = [], time.perf_counter(), float("nan")
+    pending = None
     for k in range(done + 1, last + 1):
         batch = sharding.global_batch(batch_at(ids, k, args), mesh)
         # Waiting for each step keeps few programs in flight: XLA's CPU collectives
@@ -353,7 +354,10 @@ def train(args: argparse.Namespace) -> int:
             print(f"step {k:5d}  loss {loss:.4f}  {tokens / seconds:,.0f} tokens/s", flush=True)
             losses, start = [], time.perf_counter()
         if args.checkpoint_dir and (k % args.checkpoint_every == 0 or k == last):
-            smap.checkpoint.save(args.checkpoint_dir, states, step=k, keep=3)
+            # written in the background while the next steps train (a second save waits for the first)
+            pending = smap.checkpoint.save(args.checkpoint_dir, states, step=k, keep=3, wait=False)
+    if pending is not None:
+        pending.wait()  # the last checkpoint is on disk (a failed save raises here)
     print(f"final loss {loss:.4f} nats per token, unigram entropy {entropy:.3f}")
     if args.save:
         np.savez(args.save, **sharding.to_host({k: s.value for k, s in model.states(smap.ParamState).items()}))

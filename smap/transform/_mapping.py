@@ -446,6 +446,13 @@ class StatefulMapping(StatefulFunction[P, R]):
             start += n
 
     def _unexpected_write(self, state: State) -> None:
+        if select_axis(self.state_in_axes, state.path, state) == (True, None):
+            raise BatchAxisError(
+                f"{self.name}: {state.describe()} is marked shared ({{None: ...}} in state_in_axes) but written "
+                f"with a per-lane value; a shared state keeps its shape on every call, so it cannot take one value "
+                f"per lane. Write it a lane-independent value (after a pmean, say), or select it in state_in_axes "
+                f"or state_out_axes instead."
+            )
         message = (
             f"{self.name}: {state.describe()} is shared by the lanes but written with a per-lane value, "
             f"and state_out_axes does not select it"

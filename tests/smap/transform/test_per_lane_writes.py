@@ -159,3 +159,22 @@ def test_a_module_state_written_per_lane_keeps_its_shape(close):
         ref_out, expected = jax.vmap(lane, in_axes=(None if call == 0 else 0, 0))(expected, xs)
         close((out, net.last.value), (ref_out, expected))
     np.testing.assert_array_equal(net.scale.value, 3.0)  # only read: untouched
+
+
+@pytest.mark.parametrize("policy", ["ignore", "warn", "raise"])
+def test_a_state_marked_shared_and_written_per_lane_is_refused_on_the_first_call(policy):
+    # {None: ...} keeps a state shared on every call: it cannot gain the lane axis, so the
+    # first call is refused (not the second, as when it took the lanes' values).
+    total = smap.LongTermState(jnp.asarray(5.0))
+    key = smap.random.DEFAULT.value
+
+    def step(x):
+        total.value = x * 2.0 + smap.random.normal()
+        return x
+
+    mapped = smap.vmap(step, state_in_axes={None: total}, unexpected_out_state_mapping=policy)
+    for _ in range(2):  # every call the same way
+        with pytest.raises(smap.BatchAxisError, match=r"LongTermState.*marked shared.*per-lane value"):
+            mapped(jnp.arange(4.0))
+        assert total.value.shape == () and float(total.value) == 5.0
+        np.testing.assert_array_equal(jax.random.key_data(smap.random.DEFAULT.value), jax.random.key_data(key))
