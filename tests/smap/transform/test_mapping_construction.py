@@ -11,17 +11,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from mapping_helpers import rand
 
 import smap
 from smap.filter import OfType
 from smap.transform import StatefulMapping, vmap2
-
-# -- helpers ---------------------------------------------------------------------
-
-
-def rand(*shape, seed=0):
-    return jnp.asarray(np.random.default_rng(seed).normal(size=shape), dtype=jnp.float32)
-
 
 # -- construction and attributes -------------------------------------------------
 

@@ -7,17 +7,10 @@ values worked out by hand.
 
 import jax
 import jax.numpy as jnp
-import numpy as np
+from mapping_helpers import rand
 
 import smap
 from smap.transform import vmap2
-
-# -- helpers ---------------------------------------------------------------------
-
-
-def rand(*shape, seed=0):
-    return jnp.asarray(np.random.default_rng(seed).normal(size=shape), dtype=jnp.float32)
-
 
 # -- nesting ---------------------------------------------------------------------
 

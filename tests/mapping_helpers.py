@@ -1,0 +1,26 @@
+"""Helpers shared by the mapping tests (tests/smap/transform/test_mapping_*.py)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import smap
+
+
+def snapshot(*states):
+    """Copies of the states' values (and the default random key)."""
+    return [jax.tree_util.tree_map(np.array, s.value) for s in (*states, smap.random.DEFAULT)]
+
+
+def assert_unchanged(states, before):
+    """Every state (and the default random key) holds exactly the value of `before`."""
+    for state, old in zip((*states, smap.random.DEFAULT), before):
+        now = jax.tree_util.tree_map(np.asarray, state.value)
+        assert jax.tree_util.tree_structure(now) == jax.tree_util.tree_structure(old)
+        for a, b in zip(jax.tree_util.tree_leaves(now), jax.tree_util.tree_leaves(old)):
+            assert a.shape == b.shape and a.dtype == b.dtype, (state, a.shape, b.shape)
+            np.testing.assert_array_equal(a, b)
+
+
+def rand(*shape, seed=0):
+    return jnp.asarray(np.random.default_rng(seed).normal(size=shape), dtype=jnp.float32)
