@@ -1,5 +1,7 @@
 """Helpers shared by the mapping tests (tests/smap/transform/test_mapping_*.py)."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -24,3 +26,18 @@ def assert_unchanged(states, before):
 
 def rand(*shape, seed=0):
     return jnp.asarray(np.random.default_rng(seed).normal(size=shape), dtype=jnp.float32)
+
+
+def lane_draw_normal(lane_key, *shape):
+    """The draw of `RandomState(lane_key).normal(size=shape)`, written with jax.random."""
+    return jax.random.normal(jax.random.split(lane_key)[1], shape)
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _lanes_normal(lane_keys, shape):
+    return jax.vmap(lambda k: lane_draw_normal(k, *shape))(lane_keys)
+
+
+def lanes_normal(lane_keys, *shape):
+    """`lane_draw_normal` for every lane key, stacked."""
+    return _lanes_normal(lane_keys, shape)

@@ -8,34 +8,17 @@ computation written with plain ``jax.vmap`` and explicit state passing, or
 values worked out by hand.
 """
 
-import functools
 import warnings
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from mapping_helpers import assert_unchanged, rand, snapshot
+from mapping_helpers import assert_unchanged, lanes_normal, rand, snapshot
 
 import smap
 from smap.filter import OfType
 from smap.transform import vmap2
-
-
-def lane_draw_normal(lane_key, *shape):
-    """The draw of `RandomState(lane_key).normal(size=shape)`, written with jax.random."""
-    return jax.random.normal(jax.random.split(lane_key)[1], shape)
-
-
-@functools.partial(jax.jit, static_argnums=1)
-def _lanes_normal(lane_keys, shape):
-    return jax.vmap(lambda k: lane_draw_normal(k, *shape))(lane_keys)
-
-
-def lanes_normal(lane_keys, *shape):
-    """`lane_draw_normal` for every lane key, stacked."""
-    return _lanes_normal(lane_keys, shape)
-
 
 # -- states ----------------------------------------------------------------------
 
