@@ -85,5 +85,6 @@ def _check(clip_norm: Any) -> None:
         raise ValueError(f"clip_factor: clip_norm must be a positive, finite number, got {clip_norm!r}.")
     bad = ~(np.isfinite(value) & (value > 0))
     if bad.any():
-        shown = value if value.ndim == 0 else f"{value[tuple(np.argwhere(bad)[0])]} at {tuple(np.argwhere(bad)[0])}"
+        at = tuple(int(i) for i in np.argwhere(bad)[0])
+        shown = f"{value}" if value.ndim == 0 else f"{value[at]} at index {at}"
         raise ValueError(f"clip_factor: clip_norm must be a positive, finite number, got {shown}.")
