@@ -38,7 +38,9 @@ Reported per workload and device count:
 * per-example gradient-shaped arrays in smap DP's optimised HLO: instructions
   whose result has the dims (lanes per device, a weight's dims), for weights of
   two or more dims, leaving out shapes the batch step's HLO holds too
-  (activations that happen to have such a shape). Must be none.
+  (activations that happen to have such a shape) and the LM's position table
+  (its per-example gradient has the shape of a sequence's activations,
+  (tokens, width), which every step holds). Must be none.
 
 Time: ``--rounds`` rounds; in each, every program makes ``--calls`` calls,
 the programs in turn (order rotating each call), each call blocked until its
@@ -103,6 +105,7 @@ class Workload:
     data: tuple[np.ndarray, np.ndarray]
     states: dict[str, smap.ParamState] | None = None  # the LM's: its module reads them
     state_loss: Callable[[Any, Any], jax.Array] | None = None  # one example, reading the states
+    uncounted: tuple[str, ...] = ()  # weights whose per-example gradient has the activations' shape
 
 
 def _normal(rng: np.random.Generator, *shape: int, fan_in: int) -> np.ndarray:
@@ -201,7 +204,8 @@ def language_model(quick: bool) -> Workload:
     seqs = ids[starts[:, None] + np.arange(context + 1)]
     module_loss = smap.jit(state_loss)(jnp.asarray(seqs[0]), None)
     np.testing.assert_allclose(float(loss(params, jnp.asarray(seqs[0]), None)), float(module_loss), rtol=1e-5)
-    return Workload("lm", batch, params, loss, (seqs, np.zeros(batch, np.int32)), states, state_loss)
+    data = (seqs, np.zeros(batch, np.int32))
+    return Workload("lm", batch, params, loss, data, states, state_loss, uncounted=("positions",))
 
 
 WORKLOADS = {"mlp": mlp, "cnn": cnn, "lm": language_model}
@@ -391,7 +395,7 @@ def run(w: Workload, devices: int, rounds: int, calls: int) -> dict[str, Any]:
     clipped_error, params_error = parity(materialised, ours)
     compiled = [p.compiled() for p in progs]
     texts = [c.as_text() for c in compiled]
-    weights = [v.shape for v in w.params.values()]
+    weights = [v.shape for k, v in w.params.items() if k not in w.uncounted]
     lanes = w.batch // devices
     found = per_example_arrays(texts[3], lanes, weights, texts[0])
     found_materialised = per_example_arrays(texts[2], lanes, weights, texts[0])
