@@ -16,7 +16,7 @@ Example:
     Array([1., 2., 3.], dtype=float32)
 """
 
-from . import _compat, checkpoint, devices, filter, nn, random, transform
+from . import _compat, checkpoint, devices, filter, nn, privacy, random, transform
 from ._state import HiddenState, LongTermState, ParamState, ShortTermState, State
 from .transform import BatchAxisError, StatefulMapping, grad, jit, vmap2
 
@@ -39,6 +39,7 @@ __all__ = [
     "grad",
     "nn",
     "random",
+    "privacy",
     "filter",
     "transform",
     "checkpoint",

@@ -33,6 +33,7 @@ from ._state import State, active_frames
 
 __all__ = [
     "RandomState",
+    "SharedRandomState",
     "DEFAULT",
     "seed",
     "split_key",
@@ -170,7 +171,7 @@ class RandomState(State):
 
     def __repr__(self) -> str:
         if type(self._value) is _Unseeded:
-            return f"RandomState(seed={self._value.seed})"
+            return f"{type(self).__name__}(seed={self._value.seed})"
         return super().__repr__()
 
     def lane_values(self, value: Any, axis_size: int) -> tuple[Any, Any] | None:
@@ -365,6 +366,41 @@ class RandomState(State):
 
 
 RandomState.__module__ = "smap.random"
+
+
+class SharedRandomState(RandomState):
+    """A RandomState whose key the lanes of a mapping share: every lane draws the same numbers.
+
+    Outside a mapping it is a :class:`RandomState`. Inside one its key is not
+    split per lane (its :meth:`lane_values` is None): it is a shared state
+    like any other, a draw is a lane-independent value, and the key advances
+    once per draw, as outside a mapping, and is written back as it is. Use it
+    for a value the lanes must agree on, such as the noise DP-SGD adds to the
+    clipped sum of the gradients (docs/privacy.md). Selected by
+    ``state_in_axes``, it is a batch of keys, one per lane, as any state.
+
+    Example:
+        >>> import jax.numpy as jnp, smap
+        >>> noise = smap.random.SharedRandomState(0)
+        >>> draws = smap.vmap(lambda x: x + noise.normal())(jnp.zeros(3))
+        >>> bool((draws == draws[0]).all())
+        True
+    """
+
+    __slots__ = ()
+
+    def lane_values(self, value: Any, axis_size: int) -> None:
+        """None: every lane reads the state's own key (see :meth:`smap.State.lane_values`).
+
+        Example:
+            >>> import jax, smap
+            >>> print(smap.random.SharedRandomState(0).lane_values(jax.random.PRNGKey(0), 4))
+            None
+        """
+        return None
+
+
+SharedRandomState.__module__ = "smap.random"
 
 DEFAULT = RandomState(0)
 """The RandomState that the module-level samplers draw from."""

@@ -15,7 +15,7 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 LAYERS = [
     ("smap._compat", "smap._locks", "smap._aot"),
     ("smap._state", "smap._annotations"),
-    ("smap._refs", "smap.filter", "smap.nn", "smap.random", "smap._tracing"),
+    ("smap._refs", "smap.filter", "smap.nn", "smap.random", "smap.privacy", "smap._tracing"),
     ("smap._dispatch",),
     ("smap.transform",),
     ("smap.devices",),

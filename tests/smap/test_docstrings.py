@@ -17,6 +17,7 @@ MODULES = [
     "smap",
     "smap.filter",
     "smap.random",
+    "smap.privacy",
     "smap.nn",
     "smap._state",
     "smap._locks",

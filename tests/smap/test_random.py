@@ -513,3 +513,54 @@ def test_seed_names_what_it_expects(bad):
     np.testing.assert_array_equal(np.asarray(rng.value), before)
     with pytest.raises(TypeError, match="seed expects"):
         smap.random.seed(bad)
+
+
+# -- a random state the lanes share ------------------------------------------------
+
+
+def _shared_draw_mappings():
+    import sharding
+
+    mesh = sharding.make_mesh(data=8)
+    return {
+        "vmap": {},
+        "pmap-4": {"mapping_fn": jax.pmap, "mapping_kwargs": {"devices": jax.devices()[:4]}},
+        "shard_map-8": {"mapping_fn": sharding.shard_map(mesh, axis="data")},
+    }
+
+
+@pytest.mark.parametrize("mapping", ["vmap", "pmap-4", "shard_map-8"])
+def test_a_shared_random_state_gives_every_lane_the_draws_made_outside_a_mapping(mapping):
+    lanes = 8 if mapping != "pmap-4" else 4
+    noise = smap.random.SharedRandomState(9)
+
+    def add_noise(x):
+        return x + noise.normal(0.0, 2.0, size=3), noise.uniform()
+
+    m = smap.StatefulMapping(add_noise, **_shared_draw_mappings()[mapping])
+    xs = jnp.arange(lanes, dtype=jnp.float32)[:, None] * jnp.ones(3)
+    got, uniforms = m(xs)
+    k1, k2 = subkeys(9, 2)
+    expected = 2.0 * jax.random.normal(k1, (3,))
+    np.testing.assert_allclose(np.asarray(got), np.asarray(xs + expected), rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(np.asarray(uniforms), np.full(lanes, jax.random.uniform(k2, ())))
+    # The key advanced as two draws outside a mapping advance it, and was written back unbatched.
+    outside = smap.random.SharedRandomState(9)
+    outside.normal(size=3), outside.uniform()
+    assert_equal(noise.value, outside.value)
+
+
+def test_a_shared_random_state_selected_by_state_in_axes_is_a_batch_of_keys():
+    keys = jax.random.split(jax.random.PRNGKey(4), 3)
+    noise = smap.random.SharedRandomState(keys[0])
+    noise.reset(keys)  # a batch of keys, as a state split by state_in_axes holds
+    draws = smap.vmap(lambda: noise.normal(), axis_size=3, in_axes=(), state_in_axes={0: noise})()
+    expected = [jax.random.normal(jax.random.split(k)[1], ()) for k in keys]
+    np.testing.assert_allclose(np.asarray(draws), np.asarray(expected), rtol=1e-6)
+    assert noise.value.shape == (3, 2)
+
+
+def test_a_shared_random_state_reports_its_type():
+    assert repr(smap.random.SharedRandomState(1)) == "SharedRandomState(seed=1)"
+    assert str(smap.random.SharedRandomState) == "<class 'smap.random.SharedRandomState'>"
+    assert isinstance(smap.random.SharedRandomState(1), smap.random.RandomState)

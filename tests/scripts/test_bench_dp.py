@@ -1,0 +1,34 @@
+"""scripts/bench_dp.py runs (--quick): every workload on 1 and 8 devices, parity, memory and HLO lines."""
+
+import pathlib
+import re
+import subprocess
+import sys
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+BENCH = ROOT / "scripts" / "bench_dp.py"
+
+
+def test_the_quick_run_reports_every_workload_and_smap_matches_the_materialised_step():
+    result = subprocess.run(
+        [sys.executable, str(BENCH), "--quick"], capture_output=True, text=True, timeout=900, cwd=ROOT
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    out = result.stdout
+    found = re.findall(
+        r"^(\w+) +(\d) dev  ms: batch [\d.]+  \+noise [\d.]+  materialised [\d.]+  smap [\d.]+\n"
+        r"  smap DP/\(batch\+noise\) [\d.]+ \([\d.]+\.\.[\d.]+\)  materialised/\(batch\+noise\) [\d.]+ .*\n"
+        r"  parity with materialised: clipped sums (\S+), params (\S+)\n"
+        r"  memory KiB/device temp: batch \d+ materialised \d+ smap \d+ .*; peak: batch (\d+) materialised (\d+) .*\n"
+        r"  per-example gradient arrays in the HLO: smap (\d+) .* materialised (\d+)$",
+        out,
+        re.MULTILINE,
+    )
+    assert [(name, devices) for name, devices, *_ in found] == [
+        (name, devices) for name in ("mlp", "cnn", "lm") for devices in ("1", "8")
+    ], out
+    for name, devices, clipped, params, peak_batch, peak_materialised, _, materialised in found:
+        assert float(clipped) <= 1e-6 and float(params) <= 1e-5, (name, devices, clipped, params)
+        # the materialised step holds one gradient per example: the counter must see them
+        assert int(materialised) > 0 and int(peak_materialised) > int(peak_batch), (name, devices)
+    assert "all targets met" in out or "targets missed:" in out, out
