@@ -70,7 +70,7 @@ class Program:
     def __call__(self, *leaves: Any) -> list[Any]:
         """Evaluate the program on argument leaves followed by state leaves."""
         if self.annotated:
-            return _annotations.evaluate(self.jaxpr.jaxpr, self.jaxpr.consts, *leaves)
+            return _annotations.evaluate(self.jaxpr, *leaves)
         return jax.core.eval_jaxpr(self.jaxpr.jaxpr, self.jaxpr.consts, *leaves)
 
 
