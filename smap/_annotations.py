@@ -102,7 +102,7 @@ def evaluate(jaxpr: ClosedJaxpr, *args: Any) -> list:
     """Evaluate a program whose annotations are bound for the context (calls holding some are inlined)."""
 
     def rule(eqn: Any, ins: list) -> list:
-        if _compat.kind(eqn) is _compat.Kind.CALL and _compat.has_annotations(_compat.call_body(eqn)):
+        if _compat.kind(eqn) is _compat.Kind.CALL and _interpret.inside(eqn, _has_annotation):
             return _interpret.evaluate(_compat.call_body(eqn), ins, rule)
         return _interpret.bind(eqn, ins)
 
@@ -111,6 +111,10 @@ def evaluate(jaxpr: ClosedJaxpr, *args: Any) -> list:
         return _interpret.evaluate(jaxpr, args, rule)
     finally:
         _local.depth -= 1
+
+
+def _has_annotation(eqn: Any) -> bool:
+    return _compat.annotation_spec(eqn) is not None
 
 
 def _bind_in_lanes(eqn: Any, ins: Sequence[Any]) -> list | None:

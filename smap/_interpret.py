@@ -41,7 +41,7 @@ from jax.extend.core import ClosedJaxpr, Jaxpr, Literal
 from . import _compat
 from ._compat import Kind, open_jaxpr
 
-__all__ = ["analyse", "analyse_equation", "bind", "evaluate", "nested", "opaque", "uses_axis"]
+__all__ = ["analyse", "analyse_equation", "bind", "evaluate", "inside", "nested", "opaque", "reaches", "uses_axis"]
 
 Rule = Callable[[Any, list], list]
 FactRule = Callable[[Any, list], "list[bool] | None"]
@@ -118,11 +118,20 @@ def opaque(eqn: Any) -> bool:
     return _body(eqn) is None and bool(_compat.jaxprs_in_params(eqn.params))
 
 
+def reaches(jaxpr: Jaxpr | ClosedJaxpr, found: Callable[[Any], bool]) -> bool:
+    """Whether ``found(eqn)`` holds for an equation of ``jaxpr`` or of a program nested in it."""
+    return any(found(eqn) or inside(eqn, found) for eqn in open_jaxpr(jaxpr).eqns)
+
+
+def inside(eqn: Any, found: Callable[[Any], bool]) -> bool:
+    """Whether ``found`` holds for an equation of a program nested in ``eqn``."""
+    return any(reaches(sub, found) for sub in _compat.jaxprs_in_params(eqn.params))
+
+
 def uses_axis(eqn: Any, axis_name: Hashable) -> bool:
     """Whether ``eqn``, or a program nested in it, communicates over ``axis_name``."""
-    return _compat.names_axis(eqn, axis_name) or any(
-        _compat.mentions_axis(sub, axis_name) for sub in _compat.jaxprs_in_params(eqn.params)
-    )
+    names = lambda e: _compat.names_axis(e, axis_name)  # noqa: E731
+    return names(eqn) or inside(eqn, names)
 
 
 def analyse(jaxpr: Jaxpr, ins: Sequence[bool], rule: FactRule | None = None, record: dict | None = None) -> list[bool]:

@@ -43,7 +43,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-from jax.extend.core import ClosedJaxpr, Jaxpr
+from jax.extend.core import ClosedJaxpr
 
 from .. import _compat, _interpret
 from ._fuse_layers import layer_sum
@@ -124,15 +124,6 @@ def _reduces_over(eqn: Any, axis_name: Hashable) -> bool:
     return axes is not None and axis_name in axes
 
 
-def _sums_over_lanes(jaxpr: Jaxpr | ClosedJaxpr, axis_name: Hashable) -> bool:
-    """Whether ``jaxpr`` (nested programs included) has a psum over ``axis_name``."""
-    return any(
-        _reduces_over(eqn, axis_name)
-        or any(_sums_over_lanes(sub, axis_name) for sub in _compat.jaxprs_in_params(eqn.params))
-        for eqn in _compat.open_jaxpr(jaxpr).eqns
-    )
-
-
 def fused_lanes(jaxpr: ClosedJaxpr, inputs: Sequence[bool], axis_name: Hashable) -> Callable[..., list] | None:
     """The per-lane program ``jaxpr`` with sums over the lanes of per-lane products fused.
 
@@ -157,7 +148,7 @@ def fused_lanes(jaxpr: ClosedJaxpr, inputs: Sequence[bool], axis_name: Hashable)
         >>> bool(jnp.all(summed == x.T @ g))
         True
     """
-    if not _sums_over_lanes(jaxpr.jaxpr, axis_name):
+    if not _interpret.reaches(jaxpr, lambda eqn: _reduces_over(eqn, axis_name)):
         return None
 
     rule = _fusion_rule(axis_name)
@@ -185,7 +176,7 @@ def _fusion_rule(axis_name: Hashable) -> Callable[[Any, list], list]:
         if _compat.is_plain_call(eqn) and not is_lane_sum(eqn):
             return _interpret.evaluate(_compat.call_body(eqn), ins, rule, _leaf)
         deps = [n.dependent for n in ins]
-        if _compat.is_scan(eqn) and any(_sums_over_lanes(b, axis_name) for b in _compat.jaxprs_in_params(eqn.params)):
+        if _compat.is_scan(eqn) and _interpret.inside(eqn, lambda e: _reduces_over(e, axis_name)):
             # The body's inputs are per lane as the analysis finds them at its fixed point.
             facts: dict[Any, bool] = {}
             outs = _interpret.analyse_equation(eqn, deps, lanes, record=facts)
