@@ -30,10 +30,10 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 import jax
-from jax.extend.core import Jaxpr, Literal
+from jax.extend.core import ClosedJaxpr
 from jax.sharding import NamedSharding, PartitionSpec
 
-from . import _compat
+from . import _compat, _interpret
 
 __all__ = ["bind_annotation", "evaluate", "lanes_over"]
 
@@ -98,32 +98,23 @@ def bind_annotation(eqn: Any, ins: Sequence[Any]) -> list:
     return [jax.lax.with_sharding_constraint(base, kept)]
 
 
-def evaluate(jaxpr: Jaxpr, consts: Sequence[Any], *args: Any) -> list:
+def evaluate(jaxpr: ClosedJaxpr, *args: Any) -> list:
     """Evaluate a program whose annotations are bound for the context (calls holding some are inlined)."""
-    env: dict[Any, Any] = {}
 
-    def read(v: Any) -> Any:
-        return v.val if isinstance(v, Literal) else env[v]
+    def rule(eqn: Any, ins: list) -> list:
+        if _compat.kind(eqn) is _compat.Kind.CALL and _interpret.inside(eqn, _has_annotation):
+            return _interpret.evaluate(_compat.call_body(eqn), ins, rule)
+        return _interpret.bind(eqn, ins)
 
-    env.update(zip(jaxpr.constvars, consts))
-    env.update(zip(jaxpr.invars, args))
     _local.depth = getattr(_local, "depth", 0) + 1
     try:
-        _evaluate_equations(jaxpr, env, read)
+        return _interpret.evaluate(jaxpr, args, rule)
     finally:
         _local.depth -= 1
-    return [read(v) for v in jaxpr.outvars]
 
 
-def _evaluate_equations(jaxpr: Jaxpr, env: dict, read: Any) -> None:
-    for eqn in jaxpr.eqns:
-        ins = [read(v) for v in eqn.invars]
-        if _compat.kind(eqn) is _compat.Kind.CALL and _compat.has_annotations(_compat.call_body(eqn)):
-            body = _compat.call_body(eqn)
-            outs = evaluate(_compat.open_jaxpr(body), getattr(body, "consts", ()), *ins)
-        else:
-            outs = _compat.bind_equation(eqn, ins)
-        env.update(zip(eqn.outvars, outs))
+def _has_annotation(eqn: Any) -> bool:
+    return _compat.annotation_spec(eqn) is not None
 
 
 def _bind_in_lanes(eqn: Any, ins: Sequence[Any]) -> list | None:

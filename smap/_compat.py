@@ -10,8 +10,8 @@ Three kinds of knowledge live here and nowhere else:
   have started.
 - The primitives smap interprets, in one table (:data:`PRIMITIVES`), and the
   layouts of their equations' parameters (:func:`collective_axes`,
-  :func:`scan_parts`, ...). The lane analysis (``smap.transform._lanes``) and
-  the collective rewrite (``smap.transform._spanning``) both read them.
+  :func:`scan_parts`, ...). The jaxpr interpreter (``smap._interpret``) walks
+  programs with them; the passes give it rules.
 - Differences between JAX series: ``scan``'s parameters (JAX 0.11 replaced
   ``num_consts``/``num_carry`` by flat trees), where ``jaxprs_in_params``
   lives, the SPMD maps and mesh axis types the sharding layer uses.
@@ -79,7 +79,6 @@ __all__ = [
     "is_smap",
     "jaxprs_in_params",
     "kind",
-    "mentions_axis",
     "names_axis",
     "new_input",
     "onto_mesh",
@@ -178,14 +177,6 @@ def names_axis(eqn: Any, axis_name: Any) -> bool:
     """Whether an equation communicates over ``axis_name``."""
     found = collective_axes(eqn)
     return found is not None and axis_name in found[1]
-
-
-def mentions_axis(jaxpr: Jaxpr | ClosedJaxpr, axis_name: Any) -> bool:
-    """Whether any equation of ``jaxpr``, nested programs included, communicates over ``axis_name``."""
-    return any(
-        names_axis(eqn, axis_name) or any(mentions_axis(sub, axis_name) for sub in jaxprs_in_params(eqn.params))
-        for eqn in open_jaxpr(jaxpr).eqns
-    )
 
 
 # How a sharding annotation binds inside lanes (a list of outputs), or None to bind it as
@@ -600,16 +591,6 @@ def axis_kinds(mesh: Any) -> dict:
     if mesh.empty:
         return {}
     return {n: t.name.lower() for n, t in zip(mesh.axis_names, mesh.axis_types)}
-
-
-def has_annotations(jaxpr: Jaxpr | ClosedJaxpr) -> bool:
-    """Whether a program (or a program nested in it) holds a sharding annotation."""
-    for eqn in open_jaxpr(jaxpr).eqns:
-        if annotation_spec(eqn) is not None:
-            return True
-        if any(has_annotations(sub) for sub in jaxprs_in_params(eqn.params)):
-            return True
-    return False
 
 
 def ambient_abstract_mesh() -> Any:

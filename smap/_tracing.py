@@ -21,7 +21,7 @@ import jax
 import numpy as np
 from jax.extend.core import ClosedJaxpr
 
-from . import _annotations, _compat
+from . import _annotations, _compat, _interpret
 from ._state import State, TraceFrame, check_same_structure
 
 __all__ = ["Program", "TraceContext", "trace_program", "abstract"]
@@ -70,7 +70,7 @@ class Program:
     def __call__(self, *leaves: Any) -> list[Any]:
         """Evaluate the program on argument leaves followed by state leaves."""
         if self.annotated:
-            return _annotations.evaluate(self.jaxpr.jaxpr, self.jaxpr.consts, *leaves)
+            return _annotations.evaluate(self.jaxpr, *leaves)
         return jax.core.eval_jaxpr(self.jaxpr.jaxpr, self.jaxpr.consts, *leaves)
 
 
@@ -150,7 +150,7 @@ def trace_program(
         trace_holder.clear()
         with _compat.without_ambient_mesh(), _compat.ambient_abstract_mesh():
             jaxpr = trace(*specs)
-        annotated = _compat.has_annotations(jaxpr)
+        annotated = _interpret.reaches(jaxpr, lambda eqn: _compat.annotation_spec(eqn) is not None)
     if _compat.HAS_REFS and _compat.ref_constants(jaxpr):
         from ._refs import unrouted_message
 

@@ -13,7 +13,7 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 # From the bottom up; a module may import its own layer and the ones below.
 LAYERS = [
-    ("smap._compat", "smap._locks", "smap._aot"),
+    ("smap._compat", "smap._locks", "smap._aot", "smap._interpret"),
     ("smap._state", "smap._annotations"),
     ("smap._refs", "smap.filter", "smap.nn", "smap.random", "smap.privacy", "smap._tracing"),
     ("smap._dispatch",),

@@ -43,13 +43,11 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-from jax.extend.core import ClosedJaxpr, Jaxpr, Literal
+from jax.extend.core import ClosedJaxpr
 
-from .. import _compat
-from .._compat import jaxprs_in_params
+from .. import _compat, _interpret
 from ._fuse_layers import layer_sum
-from ._lanes import _equation as _lane_dependent_outputs
-from ._lanes import lane_dependent
+from ._lanes import lanes_rule
 
 __all__ = ["fused_lanes", "is_lane_sum", "sum_over_lanes", "LANE_SUM"]
 
@@ -101,18 +99,13 @@ def sum_over_lanes(eqn: Any, ins: Sequence[Any], lane_axis: Hashable, axis_name:
     its local lane axis); the caller then sums the result over devices.
     """
     assert is_lane_sum(eqn, lane_axis), f"{eqn.primitive.name} is not a sum over the lanes of {lane_axis!r}"
-    sub, sub_consts = _open(_compat.call_body(eqn))
-    env: dict[Any, Any] = dict(zip(sub.constvars, sub_consts))
-    env.update(zip(sub.invars, ins))
-    read = lambda v: v.val if isinstance(v, Literal) else env[v]  # noqa: E731
-    for e in sub.eqns:
-        e_ins = [read(v) for v in e.invars]
+
+    def rule(e: Any, e_ins: list) -> list:
         if _compat.names_axis(e, lane_axis):
-            outs = _compat.bind_gathering_over(e, e_ins, axis_name, axis_size)
-        else:
-            outs = _compat.bind_equation(e, e_ins)
-        env.update(zip(e.outvars, outs))
-    return [read(v) for v in sub.outvars]
+            return _compat.bind_gathering_over(e, e_ins, axis_name, axis_size)
+        return _interpret.bind(e, e_ins)
+
+    return _interpret.evaluate(_compat.call_body(eqn), ins, rule)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -125,24 +118,10 @@ class _Node:
     inputs: tuple[_Node, ...] = ()
 
 
-def _open(jaxpr: Jaxpr | ClosedJaxpr) -> tuple[Jaxpr, Sequence[Any]]:
-    return (jaxpr.jaxpr, jaxpr.consts) if isinstance(jaxpr, ClosedJaxpr) else (jaxpr, ())
-
-
 def _reduces_over(eqn: Any, axis_name: Hashable) -> bool:
     """Whether ``eqn`` sums over all the lanes of ``axis_name`` (not over groups of them)."""
     axes = _compat.lane_sum_axes(eqn)
     return axes is not None and axis_name in axes
-
-
-def _sums_over_lanes(jaxpr: Jaxpr, axis_name: Hashable) -> bool:
-    """Whether ``jaxpr`` (nested programs included) has a psum over ``axis_name``."""
-    for eqn in jaxpr.eqns:
-        if _reduces_over(eqn, axis_name):
-            return True
-        if any(_sums_over_lanes(_open(sub)[0], axis_name) for sub in jaxprs_in_params(eqn.params)):
-            return True
-    return False
 
 
 def fused_lanes(jaxpr: ClosedJaxpr, inputs: Sequence[bool], axis_name: Hashable) -> Callable[..., list] | None:
@@ -169,36 +148,53 @@ def fused_lanes(jaxpr: ClosedJaxpr, inputs: Sequence[bool], axis_name: Hashable)
         >>> bool(jnp.all(summed == x.T @ g))
         True
     """
-    if not _sums_over_lanes(jaxpr.jaxpr, axis_name):
+    if not _interpret.reaches(jaxpr, lambda eqn: _reduces_over(eqn, axis_name)):
         return None
+
+    rule = _fusion_rule(axis_name)
 
     def lane(*args: Any) -> list:
         nodes = [_Node(a, bool(d)) for a, d in zip(args, inputs)]
-        return [n.value for n in _evaluate(jaxpr.jaxpr, jaxpr.consts, nodes, axis_name)]
+        return [n.value for n in _interpret.evaluate(jaxpr, nodes, rule, _leaf)]
 
     return lane
 
 
-def _evaluate(jaxpr: Jaxpr, consts: Sequence[Any], args: Sequence[_Node], axis_name: Hashable) -> list[_Node]:
-    env: dict[Any, _Node] = {v: _Node(c, False) for v, c in zip(jaxpr.constvars, consts)}
-    env.update(zip(jaxpr.invars, args))
-    read = lambda v: _Node(v.val, False) if isinstance(v, Literal) else env[v]  # noqa: E731
-    for eqn in jaxpr.eqns:
-        ins = [read(v) for v in eqn.invars]
+def _leaf(value: Any) -> _Node:
+    """A literal's or a constant's node: the same in every lane."""
+    return _Node(value, False)
+
+
+def _fusion_rule(axis_name: Hashable) -> Callable[[Any, list], list]:
+    """The interpreter's rule of the fused program, on nodes: psums over the lanes fused,
+    plain calls and scans that hold one followed, anything else bound as it is."""
+    lanes = lanes_rule(axis_name)
+
+    def rule(eqn: Any, ins: list[_Node]) -> list[_Node]:
         if _reduces_over(eqn, axis_name):
-            outs = _psum(eqn, ins, axis_name)
-        elif _compat.is_plain_call(eqn) and not is_lane_sum(eqn):
-            sub, sub_consts = _open(_compat.call_body(eqn))
-            outs = _evaluate(sub, sub_consts, ins, axis_name)
-        elif _scan_sums_over_lanes(eqn, axis_name):
-            outs = _scan(eqn, ins, axis_name)
-        else:
-            values = _compat.bind_equation(eqn, [n.value for n in ins])
-            deps = _lane_dependent_outputs(eqn, [n.dependent for n in ins], axis_name)
-            single = len(values) == 1
-            outs = [_Node(v, d, eqn if single else None, tuple(ins)) for v, d in zip(values, deps)]
-        env.update(zip(eqn.outvars, outs))
-    return [read(v) for v in jaxpr.outvars]
+            return _psum(eqn, ins, axis_name)
+        if _compat.is_plain_call(eqn) and not is_lane_sum(eqn):
+            return _interpret.evaluate(_compat.call_body(eqn), ins, rule, _leaf)
+        deps = [n.dependent for n in ins]
+        if _compat.is_scan(eqn) and _interpret.inside(eqn, lambda e: _reduces_over(e, axis_name)):
+            # The body's inputs are per lane as the analysis finds them at its fixed point.
+            facts: dict[Any, bool] = {}
+            outs = _interpret.analyse_equation(eqn, deps, lanes, record=facts)
+
+            def run(body: Any, args: list) -> list:
+                invars = _compat.open_jaxpr(body).invars
+                nodes = [a if isinstance(a, _Node) else _Node(a, facts[v]) for a, v in zip(args, invars)]
+                return [n.value for n in _interpret.evaluate(body, nodes, rule, _leaf)]
+
+            values = _interpret.nested(eqn, ins, run, lambda n: n.value)
+            assert values is not None
+            return [_Node(v, d) for v, d in zip(values, outs)]
+        values = _interpret.bind(eqn, [n.value for n in ins])
+        deps = _interpret.analyse_equation(eqn, deps, lanes)
+        single = len(values) == 1
+        return [_Node(v, d, eqn if single else None, tuple(ins)) for v, d in zip(values, deps)]
+
+    return rule
 
 
 def _psum(eqn: Any, ins: list[_Node], axis_name: Hashable) -> list[_Node]:
@@ -307,34 +303,3 @@ def _rebind_of(eqn: Any, ins: list, dtype: Any) -> Any:
         return jax.lax.convert_element_type(value, target)
     wide = functools.reduce(jnp.promote_types, [jnp.result_type(v) for v in values])
     return _compat.bind_equation(eqn, [v if jnp.result_type(v) == wide else v.astype(wide) for v in values])[0]
-
-
-def _scan_sums_over_lanes(eqn: Any, axis_name: Hashable) -> bool:
-    """A scan whose body has a psum over ``axis_name``."""
-    return _compat.is_scan(eqn) and _sums_over_lanes(_open(_compat.scan_parts(eqn)[0])[0], axis_name)
-
-
-def _scan(eqn: Any, ins: list[_Node], axis_name: Hashable) -> list[_Node]:
-    """A scan whose body sums over the lanes: its body is evaluated by this pass too."""
-    body, n_consts, n_carry = _compat.scan_parts(eqn)
-    body_jaxpr, body_consts = _open(body)
-    deps = [n.dependent for n in ins]
-    carry_deps = deps[n_consts : n_consts + n_carry]
-    while True:  # the carry is per lane once any iteration makes it so (as in _lanes)
-        outs = lane_dependent(body_jaxpr, deps[:n_consts] + carry_deps + deps[n_consts + n_carry :], axis_name)
-        new = [a or b for a, b in zip(carry_deps, outs[:n_carry])]
-        if new == carry_deps:
-            break
-        carry_deps = new
-    consts = ins[:n_consts]
-    xs_deps = deps[n_consts + n_carry :]
-
-    def step(carry: list, xs: list) -> tuple[list, list]:
-        nodes = [*consts, *map(_Node, carry, carry_deps), *map(_Node, xs, xs_deps)]
-        out = [n.value for n in _evaluate(body_jaxpr, body_consts, nodes, axis_name)]
-        return out[:n_carry], out[n_carry:]
-
-    init = [n.value for n in ins[n_consts : n_consts + n_carry]]
-    xs = [n.value for n in ins[n_consts + n_carry :]]
-    carry, ys = jax.lax.scan(step, init, xs, **_compat.scan_options(eqn))
-    return [_Node(v, d) for v, d in zip([*carry, *ys], carry_deps + outs[n_carry:])]

@@ -27,8 +27,8 @@ from typing import Any
 import jax
 from jax.extend.core import ClosedJaxpr, Jaxpr, Literal
 
-from .. import _compat
-from ._lanes import _equation
+from .. import _compat, _interpret
+from ._lanes import lanes_rule
 
 __all__ = ["Tail", "split_tail"]
 
@@ -100,17 +100,14 @@ def split_tail(
         ((0,), (1,), ['mul', 'sub'])
     """
     jaxpr = program.jaxpr
-    dependent: dict[Any, bool] = {v: bool(d) for v, d in zip(jaxpr.invars, inputs)}
-
-    def is_dependent(v: Any) -> bool:
-        return False if isinstance(v, Literal) else dependent.get(v, False)
-
-    movable = []
-    for eqn in jaxpr.eqns:
-        ins = [is_dependent(v) for v in eqn.invars]
-        outs = _equation(eqn, ins, axis_name)
-        dependent.update(zip(eqn.outvars, outs))
-        movable.append(not any(ins) and not any(outs) and not eqn.effects and not _communicates(eqn, axis_name))
+    dependent: dict[Any, bool] = {}
+    _interpret.analyse(jaxpr, inputs, lanes_rule(axis_name), record=dependent)
+    movable = [
+        not any(dependent.get(v, False) for v in [*eqn.invars, *eqn.outvars] if not isinstance(v, Literal))
+        and not eqn.effects
+        and not (axis_name is not None and _interpret.uses_axis(eqn, axis_name))
+        for eqn in jaxpr.eqns
+    ]
 
     # Walk backwards: an equation joins the tail when all its results go only to the tail
     # or to outputs that leave the lanes unmapped.
@@ -158,12 +155,3 @@ def split_tail(
     head = _compat.sub_jaxpr(jaxpr, jaxpr.invars, [jaxpr.outvars[k] for k in kept] + boundary, head_eqns)
     tail = _compat.sub_jaxpr(jaxpr, tail_invars, [jaxpr.outvars[k] for k in hoisted], tail_eqns)
     return Tail(ClosedJaxpr(head, program.consts), tail, kept, hoisted, tuple(sources))
-
-
-def _communicates(eqn: Any, axis_name: Hashable | None) -> bool:
-    """Whether the equation, or a program inside it, uses a collective over the mapped axis."""
-    if axis_name is None:
-        return False
-    return _compat.names_axis(eqn, axis_name) or any(
-        _compat.mentions_axis(sub, axis_name) for sub in _compat.jaxprs_in_params(eqn.params)
-    )

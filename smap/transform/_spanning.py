@@ -17,15 +17,15 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import math
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Callable, Hashable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-from jax.extend.core import ClosedJaxpr, Jaxpr, Literal
+from jax.extend.core import ClosedJaxpr
 
-from .. import _compat
-from .._compat import Kind, open_jaxpr
+from .. import _compat, _interpret
+from .._compat import Kind
 from ._fuse import is_lane_sum, sum_over_lanes
 
 __all__ = ["Span", "spanning_lane"]
@@ -59,44 +59,27 @@ class Span:
         return self.device_index() * self.local_size + jax.lax.axis_index(self.local_name)
 
 
-def _consts(jaxpr: Jaxpr | ClosedJaxpr) -> Sequence[Any]:
-    return jaxpr.consts if isinstance(jaxpr, ClosedJaxpr) else ()
-
-
 def spanning_lane(closed: ClosedJaxpr, span: Span) -> Callable[..., list]:
     """The per-lane program ``closed`` with collectives on ``span.axis_name`` spanning devices and lanes."""
 
-    def lane(*args: Any) -> list:
-        return _evaluate(closed.jaxpr, closed.consts, args, span)
-
-    return lane
-
-
-def _evaluate(jaxpr: Jaxpr, consts: Sequence[Any], args: Sequence[Any], span: Span) -> list:
-    env: dict[Any, Any] = {}
-
-    def read(v: Any) -> Any:
-        return v.val if isinstance(v, Literal) else env[v]
-
-    for var, value in zip(jaxpr.constvars, consts):
-        env[var] = value
-    for var, value in zip(jaxpr.invars, args):
-        env[var] = value
-    for eqn in jaxpr.eqns:
-        ins = [read(v) for v in eqn.invars]
+    def rule(eqn: Any, ins: list) -> list:
         if _compat.names_axis(eqn, span.axis_name):
-            outs = _collective(eqn, ins, span)
-        elif is_lane_sum(eqn, span.axis_name):
+            return _collective(eqn, ins, span)
+        if is_lane_sum(eqn, span.axis_name):
             # A sum over every lane written as products: over the device's own lanes, then over devices.
             outs = sum_over_lanes(eqn, ins, span.axis_name, span.local_name, span.local_size)
-            outs = [jax.lax.psum(y, span.device_axes) for y in outs]
-        elif any(_compat.mentions_axis(s, span.axis_name) for s in _compat.jaxprs_in_params(eqn.params)):
-            outs = _structured(eqn, ins, span)
-        else:
-            outs = _compat.bind_equation(eqn, ins)
-        for var, value in zip(eqn.outvars, outs):
-            env[var] = value
-    return [read(v) for v in jaxpr.outvars]
+            return [jax.lax.psum(y, span.device_axes) for y in outs]
+        if not _interpret.uses_axis(eqn, span.axis_name):
+            return _interpret.bind(eqn, ins)
+        nested = _interpret.nested(eqn, ins, lambda program, args: _interpret.evaluate(program, args, rule))
+        if nested is None:
+            raise NotImplementedError(
+                f"{span.adapter}: {eqn.primitive.name!r} holds a collective on the mapped axis {span.axis_name!r}, "
+                f"which cannot be spread over devices holding several lanes."
+            )
+        return nested
+
+    return lambda *args: _interpret.evaluate(closed, args, rule)
 
 
 def _collective(eqn: Any, ins: list, span: Span) -> list:
@@ -146,39 +129,3 @@ def _reduce_scatter(x: jax.Array, eqn: Any, span: Span) -> jax.Array:
     start = jax.lax.axis_index(span.local_name) * block
     lane = jax.lax.dynamic_slice_in_dim(mine, start, block, axis=dim)
     return lane if tiled else jnp.squeeze(lane, dim)
-
-
-def _structured(eqn: Any, ins: list, span: Span) -> list:
-    """Re-express a primitive with nested programs so its collectives can be rewritten."""
-    kind = _compat.kind(eqn)
-    run = lambda sub, args: _evaluate(open_jaxpr(sub), _consts(sub), args, span)  # noqa: E731
-    if kind is Kind.CALL:
-        return run(_compat.call_body(eqn), ins)
-    if kind is Kind.SCAN:
-        program, n_consts, n_carry = _compat.scan_parts(eqn)
-        consts, init, xs = ins[:n_consts], ins[n_consts : n_consts + n_carry], ins[n_consts + n_carry :]
-
-        def step(carry: list, x: list) -> tuple[list, list]:
-            outs = run(program, [*consts, *carry, *x])
-            return outs[:n_carry], outs[n_carry:]
-
-        carry, ys = jax.lax.scan(step, init, xs, **_compat.scan_options(eqn))
-        return [*carry, *ys]
-    if kind is Kind.WHILE:
-        cond, body, n_cond, n_body = _compat.while_parts(eqn)
-        cond_consts, body_consts, init = ins[:n_cond], ins[n_cond : n_cond + n_body], ins[n_cond + n_body :]
-        return list(
-            jax.lax.while_loop(
-                lambda carry: run(cond, [*cond_consts, *carry])[0],
-                lambda carry: run(body, [*body_consts, *carry]),
-                list(init),
-            )
-        )
-    if kind is Kind.COND:
-        index, operands = ins[0], ins[1:]
-        branches = [lambda *ops, b=b: run(b, list(ops)) for b in _compat.cond_branches(eqn)]
-        return list(jax.lax.switch(index, branches, *operands))
-    raise NotImplementedError(
-        f"{span.adapter}: {eqn.primitive.name!r} holds a collective on the mapped axis {span.axis_name!r}, "
-        f"which cannot be spread over devices holding several lanes."
-    )

@@ -24,6 +24,7 @@ MODULES = [
     "smap._tracing",
     "smap._dispatch",
     "smap._aot",
+    "smap._interpret",
     "smap.transform._jit",
     "smap.transform._grad",
     "smap.transform._mapping",
