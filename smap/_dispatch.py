@@ -320,7 +320,8 @@ class StatefulFunction(Generic[P, R]):
         # as the call read them (a nested call's states are its caller's tracers, placed nowhere).
         top_level = state_list.group is not _UNLOCKED
         new = {
-            id(s): (_keep_placement(v, s._value) if top_level else v,) for s, v in zip(program.written_states, written)
+            id(s): _slot(_keep_placement(v, s._value) if top_level else v)
+            for s, v in zip(program.written_states, written)
         }
         return (out, *(new.get(id(s)) for s in state_list.writes))
 
@@ -350,8 +351,14 @@ class StatefulFunction(Generic[P, R]):
         self._call = _compile_call(self, self._state_list)
         return self._call(*args, **kwargs)
 
-    def _check_written(self, state: State, value: Any) -> None:
+    def _written(self, state: State, slot: Any) -> Any:
+        """The value in a slot that is not a concrete array, refused if it is traced.
+
+        Tracers come out of every written value or of none, so the first one decides.
+        """
+        value = _unslot(slot)
         _check_not_traced(self.name, state, value)
+        return value
 
     # -- ahead of time ----------------------------------------------------------
 
@@ -435,7 +442,7 @@ class StatefulFunction(Generic[P, R]):
         out, *slots = state_list.dispatch(*[s.value for s in program.states], *args, **kwargs)
         for state, slot in zip(state_list.writes, slots):
             if slot is not None:
-                state.write_back(slot[0])
+                state.write_back(_unslot(slot))
         return out if self._call_result is None else self._call_result(out)
 
 
@@ -463,11 +470,23 @@ def make(owner, dispatch, acquire, release, group, finish, ArrayImpl, {states}):
 
 _WRITE_BACK = """\
             if w{j} is not None:
-                w{j}, = w{j}
                 if type(w{j}) is not ArrayImpl:
-                    owner._check_written(s{i}, w{j})  # tracers come out of every write or of none
+                    w{j} = owner._written(s{i}, w{j})
                 s{i}._value = w{j}
 """
+
+
+def _slot(value: Any) -> Any:
+    """How the dispatcher returns a written value: an array as itself, any other pytree in a 1-tuple.
+
+    So a slot is None only when its state was not written, and a cached call
+    writes an array back without unpacking anything.
+    """
+    return value if isinstance(value, jax.Array) else (value,)
+
+
+def _unslot(slot: Any) -> Any:
+    return slot[0] if type(slot) is tuple else slot
 
 
 def _compile_call(owner: StatefulFunction, state_list: _StateList) -> Callable:
