@@ -96,9 +96,9 @@ class _StateList:
     :meth:`StatefulFunction._dispatch_trace` with the list bound) takes the
     value of each of ``states``, then the call's arguments, and returns
     ``(out, *slots)``: one slot per state of ``writes`` (the states some
-    program of the list has written), ``(new_value,)`` or None where this
-    call's program does not write it. So a cached call passes JAX only
-    arrays, and the write-back needs no lookup. A list is fixed: when a
+    program of the list has written), its new value (see :func:`_slot`) or
+    None where this call's program does not write it. So a cached call
+    passes JAX only arrays, and the write-back needs no lookup. A list is fixed: when a
     trace finds states it lacks, or writes one that has no slot, the
     transform makes a longer list, with a dispatcher of its own.
     """
@@ -193,7 +193,7 @@ class StatefulFunction(Generic[P, R]):
         self.donate_argnums = tuple(donate_argnums)
         self._state_list = _StateList((), (), _locks.Group(), self)
         self._call = _compile_call(self, self._state_list)
-        self._nested_lists: dict[tuple[int, ...], _StateList] = {}
+        self._nested_lists: dict[tuple[tuple[int, ...], tuple[int, ...]], _StateList] = {}
 
     # -- hooks: the contract with a transform ------------------------------------
 
@@ -435,10 +435,12 @@ class StatefulFunction(Generic[P, R]):
         """A call while another smap transform traces: only this program's states take part."""
         key, leaves, dyn_args, dyn_kwargs = self.signature_key(*args, **kwargs)
         program = (self._lookup(key) or self._trace(key, leaves, dyn_args, dyn_kwargs)).program
-        state_list = self._nested_lists.get(tuple(map(id, program.states)))
-        if state_list is None or any(id(s) not in set(map(id, state_list.writes)) for s in program.written_states):
-            state_list = _StateList(program.states, program.written_states, _UNLOCKED, self)
-            self._nested_lists[tuple(map(id, program.states))] = state_list
+        lists_key = (tuple(map(id, program.states)), tuple(map(id, program.written_states)))
+        state_list = self._nested_lists.get(lists_key)
+        if state_list is None:
+            state_list = self._nested_lists[lists_key] = _StateList(
+                program.states, program.written_states, _UNLOCKED, self
+            )
         out, *slots = state_list.dispatch(*[s.value for s in program.states], *args, **kwargs)
         for state, slot in zip(state_list.writes, slots):
             if slot is not None:
