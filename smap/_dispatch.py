@@ -463,7 +463,7 @@ def make(owner, dispatch, acquire, release, group, finish, ArrayImpl, {states}):
         except _MissingStates as error:
             missing = error
         else:
-            return out if finish is None else finish(out)
+            return {result}
         finally:
             release()
         return owner._extend(missing, args, kwargs)
@@ -510,6 +510,7 @@ def _compile_call(owner: StatefulFunction, state_list: _StateList) -> Callable:
         values="".join(f"s{i}._value, " for i in range(n)),
         write_back="".join(_WRITE_BACK.format(i=index[id(s)], j=j) for j, s in enumerate(state_list.writes))
         or "            pass\n",
+        result="out" if owner._call_result is None else "finish(out)",
     )
     namespace: dict[str, Any] = {"tracing": tracing, "this_thread": this_thread, "_MissingStates": _MissingStates}
     exec(compile(source, f"<smap call of {owner.name} with {n} states>", "exec"), namespace)
