@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import operator
 from collections.abc import Callable, Hashable, Sequence
 from typing import TYPE_CHECKING, Any, Generic, NamedTuple, ParamSpec, TypeVar
 
@@ -167,6 +166,13 @@ class StatefulFunction(Generic[P, R]):
     after the call has succeeded) is the core's.
     """
 
+    # A call is the state list's own function (see _compile_call), kept in a slot: Python finds it
+    # on the instance with no frame of its own between the caller and it.
+    __slots__ = ("__call__", "__dict__", "__weakref__")
+    if TYPE_CHECKING:
+
+        def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R: ...
+
     def __init__(
         self,
         fun: Callable[P, Any],
@@ -191,8 +197,7 @@ class StatefulFunction(Generic[P, R]):
                     f"number of positional arguments."
                 )
         self.donate_argnums = tuple(donate_argnums)
-        self._state_list = _StateList((), (), _locks.Group(), self)
-        self._call = _compile_call(self, self._state_list)
+        self._use(_StateList((), (), _locks.Group(), self))
         self._nested_lists: dict[tuple[tuple[int, ...], tuple[int, ...]], _StateList] = {}
 
     # -- hooks: the contract with a transform ------------------------------------
@@ -325,21 +330,12 @@ class StatefulFunction(Generic[P, R]):
         }
         return (out, *(new.get(id(s)) for s in state_list.writes))
 
-    if TYPE_CHECKING:
-
-        def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R: ...
-
-    else:
-        # A call is the state list's own function (see _compile_call), reached from the instance
-        # without a Python frame of its own: the cached path is one frame around the dispatch.
-        __call__ = property(operator.attrgetter("_call"))
-
     def _relock(self, args: tuple, kwargs: dict) -> Any:
         """The call again, after the states' lock group was merged into a larger one."""
         state_list = self._state_list
         state_list.group = state_list.group.current()
-        self._call = _compile_call(self, state_list)
-        return self._call(*args, **kwargs)
+        self._use(state_list)
+        return self(*args, **kwargs)
 
     def _extend(self, missing: _MissingStates, args: tuple, kwargs: dict) -> Any:
         """The call again, with a list that has the states a trace found and a slot for each it writes.
@@ -347,9 +343,13 @@ class StatefulFunction(Generic[P, R]):
         Outside the lock: joining the new states' lock groups may wait for other calls.
         """
         current = self._state_list  # (another thread may have made a longer one meanwhile)
-        self._state_list = current.extended(missing, self)
-        self._call = _compile_call(self, self._state_list)
-        return self._call(*args, **kwargs)
+        self._use(current.extended(missing, self))
+        return self(*args, **kwargs)
+
+    def _use(self, state_list: _StateList) -> None:
+        """Make ``state_list`` the list of the next calls, and its written-out function their call."""
+        self._state_list = state_list
+        self.__call__ = _compile_call(self, state_list)  # type: ignore[method-assign]
 
     def _written(self, state: State, slot: Any) -> Any:
         """The value in a slot that is not a concrete array, refused if it is traced.
@@ -428,8 +428,7 @@ class StatefulFunction(Generic[P, R]):
                 missing = error
             finally:
                 held.lock.release()
-            self._state_list = self._state_list.extended(missing, self)
-            self._call = _compile_call(self, self._state_list)
+            self._use(self._state_list.extended(missing, self))
 
     def _call_in_trace(self, args: tuple, kwargs: dict) -> Any:
         """A call while another smap transform traces: only this program's states take part."""
