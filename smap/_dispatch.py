@@ -5,7 +5,8 @@ through one ``jax.jit`` dispatcher (the ``dispatch`` of the list of the
 states touched so far) that takes those states' values, so JAX's own
 dispatch cache recognises a signature (arguments and states) and the
 per-call work in Python is a read of each state and a write of each
-written one. When the dispatcher is traced for a
+written one, in a function written out for the list (:func:`_compile_call`).
+When the dispatcher is traced for a
 new signature it looks up, or traces (:func:`~smap._tracing.trace_program`),
 the :class:`~smap._tracing.Program` of the Python function and runs the
 transform's function of it. The states' values change only after the call
@@ -16,9 +17,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import operator
 from collections.abc import Callable, Hashable, Sequence
-from typing import Any, Generic, NamedTuple, ParamSpec, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, NamedTuple, ParamSpec, TypeVar
 
 import jax
 import numpy as np
@@ -26,7 +26,7 @@ from jax.extend.core import ClosedJaxpr
 
 from . import _compat, _locks
 from ._aot import Lowered, Traced
-from ._state import InvalidatedStateError, State, this_thread
+from ._state import InvalidatedStateError, State, this_thread, tracing
 from ._tracing import Program, PyTreeDef, TraceContext, trace_program
 from .nn import Module
 
@@ -88,37 +88,48 @@ class Entry:
             return None
 
 
-_stored_value = operator.attrgetter("_value")
-
-
 class _StateList:
     """The states a transform's calls pass to their compiled dispatcher, and that dispatcher.
 
-    A list is fixed: when a trace finds states it lacks, the transform makes
-    a longer one, with a dispatcher of its own, ``dispatch(values, *args,
-    **kwargs)`` (a ``jax.jit`` of :meth:`StatefulFunction._dispatch_trace`
-    with the list bound), so a cached call passes JAX only arrays.
+    ``dispatch(*values, *args, **kwargs)`` (a ``jax.jit`` of
+    :meth:`StatefulFunction._dispatch_trace` with the list bound) takes the
+    value of each of ``states``, then the call's arguments, and returns
+    ``(out, *slots)``: one slot per state of ``writes`` (the states some
+    program of the list has written), its new value (see :func:`_slot`) or
+    None where this call's program does not write it. So a cached call
+    passes JAX only arrays, and the write-back needs no lookup. A list is fixed: when a
+    trace finds states it lacks, or writes one that has no slot, the
+    transform makes a longer list, with a dispatcher of its own.
     """
 
-    __slots__ = ("states", "index", "group", "dispatch")
+    __slots__ = ("states", "index", "writes", "group", "dispatch")
 
-    def __init__(self, states: Sequence[State], group: _locks.Group, owner: StatefulFunction):
+    def __init__(self, states: Sequence[State], writes: Sequence[State], group: _locks.Group, owner: StatefulFunction):
         self.states = tuple(states)
         self.index = {id(s): i for i, s in enumerate(self.states)}
+        self.writes = tuple(writes)
         # The lock group of the states (a top-level call's list joins them, holding no lock).
         self.group = group
-        self.dispatch = jax.jit(functools.partial(owner._dispatch_trace, self), **owner._jit_options)
+        n = len(self.states)  # the arguments come after the states' values
+        self.dispatch = jax.jit(
+            functools.partial(owner._dispatch_trace, self),
+            static_argnums=tuple(i + n for i in owner.static_argnums),
+            static_argnames=owner.static_argnames,
+            donate_argnums=tuple(i + n for i in owner.donate_argnums),
+        )
 
-    def extended(self, more: Sequence[State], owner: StatefulFunction) -> _StateList:
-        states = self.states + tuple(more)
-        return _StateList(states, _locks.joined(states), owner)
+    def extended(self, more: _MissingStates, owner: StatefulFunction) -> _StateList:
+        listed, written = set(map(id, self.states)), set(map(id, self.writes))
+        states = self.states + tuple(s for s in more.states if id(s) not in listed)
+        writes = self.writes + tuple(s for s in more.writes if id(s) not in written)
+        return _StateList(states, writes, _locks.joined(states), owner)
 
 
 _UNLOCKED = _locks.Group()  # the group of a nested call's list: it runs inside its caller's call
 
 
 class _MissingStates(Exception):
-    """Raised while tracing the dispatcher when the program touches new states.
+    """Raised while tracing the dispatcher when the program touches new states, or writes one with no slot.
 
     Why an exception: only the dispatcher's trace of a new signature learns
     which states the program touches, and by then ``jax.jit`` has fixed the
@@ -128,8 +139,9 @@ class _MissingStates(Exception):
     back on the cached path, which ``jax.jit``'s C++ cache now does.
     """
 
-    def __init__(self, states: Sequence[State]):
-        self.states = states
+    def __init__(self, states: Sequence[State], writes: Sequence[State]):
+        self.states = states  # the program's states, the list lacks some
+        self.writes = writes  # the states the program writes
 
 
 class StatefulFunction(Generic[P, R]):
@@ -154,6 +166,13 @@ class StatefulFunction(Generic[P, R]):
     after the call has succeeded) is the core's.
     """
 
+    # A call is the state list's own function (see _compile_call), kept in a slot: Python finds it
+    # on the instance with no frame of its own between the caller and it.
+    __slots__ = ("__call__", "__dict__", "__weakref__")
+    if TYPE_CHECKING:
+
+        def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R: ...
+
     def __init__(
         self,
         fun: Callable[P, Any],
@@ -177,13 +196,9 @@ class StatefulFunction(Generic[P, R]):
                     f"{name}: negative static_argnums/donate_argnums need a function with a fixed "
                     f"number of positional arguments."
                 )
-        self._jit_options: dict[str, Any] = {
-            "static_argnums": tuple(i + 1 for i in self.static_argnums),
-            "static_argnames": self.static_argnames,
-            "donate_argnums": tuple(i + 1 for i in donate_argnums),
-        }
-        self._state_list = _StateList((), _locks.Group(), self)
-        self._nested_lists: dict[tuple[int, ...], _StateList] = {}
+        self.donate_argnums = tuple(donate_argnums)
+        self._use(_StateList((), (), _locks.Group(), self))
+        self._nested_lists: dict[tuple[tuple[int, ...], tuple[int, ...]], _StateList] = {}
 
     # -- hooks: the contract with a transform ------------------------------------
 
@@ -296,52 +311,54 @@ class StatefulFunction(Generic[P, R]):
 
     # -- call ------------------------------------------------------------------
 
-    def _dispatch_trace(self, state_list: _StateList, values: list, *args: Any, **kwargs: Any) -> tuple[Any, dict]:
+    def _dispatch_trace(self, state_list: _StateList, *values_and_args: Any, **kwargs: Any) -> tuple:
+        values, args = values_and_args[: len(state_list.states)], values_and_args[len(state_list.states) :]
         key, leaves, dyn_args, dyn_kwargs = self.signature_key(*args, **kwargs)
         entry = self._lookup(key) or self._trace(key, leaves, dyn_args, dyn_kwargs)
         program = entry.program
-        missing = [s for s in program.states if id(s) not in state_list.index]
-        if missing:
-            raise _MissingStates(missing)
         index = state_list.index
+        slots = {id(s) for s in state_list.writes}
+        if any(id(s) not in index for s in program.states) or any(id(s) not in slots for s in program.written_states):
+            raise _MissingStates(program.states, program.written_states)
         out, written = entry.run(leaves, [values[index[id(s)]] for s in program.states])
         # Written states keep where they live: the states' own values, which this call's lock keeps
         # as the call read them (a nested call's states are its caller's tracers, placed nowhere).
-        placed = None if state_list.group is _UNLOCKED else list(map(_stored_value, state_list.states))
-        return out, {
-            index[id(s)]: _keep_placement(v, placed[index[id(s)]] if placed else None)
+        top_level = state_list.group is not _UNLOCKED
+        new = {
+            id(s): _slot(_keep_placement(v, s._value) if top_level else v)
             for s, v in zip(program.written_states, written)
         }
+        return (out, *(new.get(id(s)) for s in state_list.writes))
 
-    def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
-        if this_thread.frames:
-            return self._call_in_trace(args, kwargs)
+    def _relock(self, args: tuple, kwargs: dict) -> Any:
+        """The call again, after the states' lock group was merged into a larger one."""
         state_list = self._state_list
-        # A call reads, computes and writes back its states as one step for other threads.
-        group = state_list.group
-        group.lock.acquire()
-        if group.merged_into is not None:  # merged while this thread waited: take the larger group's lock
-            group.lock.release()
-            group = group.acquire()
-        try:
-            states = state_list.states
-            out, written = state_list.dispatch([s._value for s in states], *args, **kwargs)
-            for i, value in written.items():
-                if type(value) is not _compat.ArrayImpl:
-                    # Tracers come out of every written value or of none: the first one decides.
-                    _check_not_traced(self.name, states[i], value)
-                states[i]._value = value
-        except _MissingStates as error:
-            missing = error.states
-        else:
-            return out if self._call_result is None else self._call_result(out)
-        finally:
-            group.lock.release()
-        # The trace found states the list lacks. Outside the lock (joining the new
-        # states' lock groups may wait for other calls): a longer list, and the call again.
+        state_list.group = state_list.group.current()
+        self._use(state_list)
+        return self(*args, **kwargs)
+
+    def _extend(self, missing: _MissingStates, args: tuple, kwargs: dict) -> Any:
+        """The call again, with a list that has the states a trace found and a slot for each it writes.
+
+        Outside the lock: joining the new states' lock groups may wait for other calls.
+        """
         current = self._state_list  # (another thread may have made a longer one meanwhile)
-        self._state_list = current.extended([s for s in missing if id(s) not in current.index], self)
-        return StatefulFunction.__call__(self, *args, **kwargs)
+        self._use(current.extended(missing, self))
+        return self(*args, **kwargs)
+
+    def _use(self, state_list: _StateList) -> None:
+        """Make ``state_list`` the list of the next calls, and its written-out function their call."""
+        self._state_list = state_list
+        self.__call__ = _compile_call(self, state_list)  # type: ignore[method-assign]
+
+    def _written(self, state: State, slot: Any) -> Any:
+        """The value in a slot that is not a concrete array, refused if it is traced.
+
+        Tracers come out of every written value or of none, so the first one decides.
+        """
+        value = _unslot(slot)
+        _check_not_traced(self.name, state, value)
+        return value
 
     # -- ahead of time ----------------------------------------------------------
 
@@ -406,25 +423,107 @@ class StatefulFunction(Generic[P, R]):
             held = state_list.group.acquire()
             try:
                 values = [s._value for s in state_list.states]
-                return getattr(state_list.dispatch, stage)(values, *args, **kwargs)
+                return getattr(state_list.dispatch, stage)(*values, *args, **kwargs)
             except _MissingStates as error:
-                missing = error.states
+                missing = error
             finally:
                 held.lock.release()
-            current = self._state_list
-            self._state_list = current.extended([s for s in missing if id(s) not in current.index], self)
+            self._use(self._state_list.extended(missing, self))
 
     def _call_in_trace(self, args: tuple, kwargs: dict) -> Any:
         """A call while another smap transform traces: only this program's states take part."""
         key, leaves, dyn_args, dyn_kwargs = self.signature_key(*args, **kwargs)
         program = (self._lookup(key) or self._trace(key, leaves, dyn_args, dyn_kwargs)).program
-        state_list = self._nested_lists.setdefault(
-            tuple(map(id, program.states)), _StateList(program.states, _UNLOCKED, self)
-        )
-        out, written = state_list.dispatch([s.value for s in program.states], *args, **kwargs)
-        for i, value in written.items():
-            program.states[i].write_back(value)
+        lists_key = (tuple(map(id, program.states)), tuple(map(id, program.written_states)))
+        state_list = self._nested_lists.get(lists_key)
+        if state_list is None:
+            state_list = self._nested_lists[lists_key] = _StateList(
+                program.states, program.written_states, _UNLOCKED, self
+            )
+        out, *slots = state_list.dispatch(*[s.value for s in program.states], *args, **kwargs)
+        for state, slot in zip(state_list.writes, slots):
+            if slot is not None:
+                state.write_back(_unslot(slot))
         return out if self._call_result is None else self._call_result(out)
+
+
+_CALL = """
+def make(owner, dispatch, acquire, release, group, finish, ArrayImpl, {states}):
+    def call(*args, **kwargs):
+        if tracing.threads and this_thread.frames:
+            return owner._call_in_trace(args, kwargs)
+        acquire()
+        if group.merged_into is not None:  # merged while this thread waited: the larger group's lock
+            release()
+            return owner._relock(args, kwargs)
+        try:
+            out, {slots} = dispatch({values}*args, **kwargs)
+{write_back}
+        except _MissingStates as error:
+            missing = error
+        else:
+            return {result}
+        finally:
+            release()
+        return owner._extend(missing, args, kwargs)
+    return call
+"""
+
+_WRITE_BACK = """\
+            if w{j} is not None:
+                if type(w{j}) is not ArrayImpl:
+                    w{j} = owner._written(s{i}, w{j})
+                s{i}._value = w{j}
+"""
+
+
+def _slot(value: Any) -> Any:
+    """How the dispatcher returns a written value: an array as itself, any other pytree in a 1-tuple.
+
+    So a slot is None only when its state was not written, and a cached call
+    writes an array back without unpacking anything.
+    """
+    return value if isinstance(value, jax.Array) else (value,)
+
+
+def _unslot(slot: Any) -> Any:
+    return slot[0] if type(slot) is tuple else slot
+
+
+def _compile_call(owner: StatefulFunction, state_list: _StateList) -> Callable:
+    """The function a call of ``owner`` runs while ``state_list`` is its list, written out for that list.
+
+    It checks for an enclosing smap trace, takes the states' lock, passes
+    each state's value to the dispatcher, writes back each slot the program
+    filled and returns the result; a merged lock group, new states and a call
+    inside a trace leave through ``owner``'s slower methods. It is Python
+    source made for the list (each state a local name, each slot a line), so
+    the cached path has no loop, lookup or container of its own around JAX's
+    dispatch.
+    """
+    n = len(state_list.states)
+    index = state_list.index
+    source = _CALL.format(
+        states=", ".join(f"s{i}" for i in range(n)) or "*_",
+        slots="".join(f"w{j}, " for j in range(len(state_list.writes))),
+        values="".join(f"s{i}._value, " for i in range(n)),
+        write_back="".join(_WRITE_BACK.format(i=index[id(s)], j=j) for j, s in enumerate(state_list.writes))
+        or "            pass\n",
+        result="out" if owner._call_result is None else "finish(out)",
+    )
+    namespace: dict[str, Any] = {"tracing": tracing, "this_thread": this_thread, "_MissingStates": _MissingStates}
+    exec(compile(source, f"<smap call of {owner.name} with {n} states>", "exec"), namespace)
+    group = state_list.group
+    return namespace["make"](
+        owner,
+        state_list.dispatch,
+        group.lock.acquire,
+        group.lock.release,
+        group,
+        owner._call_result,
+        _compat.ArrayImpl,
+        *state_list.states,
+    )
 
 
 def _keep_placement(new: Any, old: Any) -> Any:

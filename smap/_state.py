@@ -38,7 +38,24 @@ class _ThisThread(threading.local):
         self.frames: list[TraceFrame] = []
 
 
-this_thread = _ThisThread()  # ``this_thread.frames``: one attribute read on a call's cached path
+this_thread = _ThisThread()  # ``this_thread.frames``: the trace frames of the thread that reads it
+
+
+class _Tracing:
+    """How many threads have a trace frame open: while none has, no call needs ``this_thread``."""
+
+    __slots__ = ("threads", "_lock")
+
+    def __init__(self) -> None:
+        self.threads = 0
+        self._lock = threading.Lock()
+
+    def count(self, change: int) -> None:
+        with self._lock:
+            self.threads += change
+
+
+tracing = _Tracing()  # a call's cached path reads ``tracing.threads`` (a global), then only if set this_thread
 _TAGS: set[str] = set()
 # The subclass of a State class whose storage is a jax.Ref: set by smap._refs, which smap
 # imports where JAX has Refs (so this module imports no module above it).
@@ -456,13 +473,18 @@ class TraceFrame:
 
     def __enter__(self) -> TraceFrame:
         self.trace = _compat.current_trace()
-        active_frames().append(self)
+        frames = active_frames()
+        if not frames:
+            tracing.count(+1)
+        frames.append(self)
         return self
 
     def __exit__(self, *exc: Any) -> None:
         frames = active_frames()
         assert frames and frames[-1] is self
         frames.pop()
+        if not frames:
+            tracing.count(-1)
         self.invalidate_created()
 
     def _outer_value(self, state: State) -> Any:

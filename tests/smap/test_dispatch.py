@@ -162,3 +162,62 @@ def test_cache_key_errors_name_the_function():
         g.get_jaxpr_by_cache(("not", "a key"))
     with pytest.raises(KeyError, match="no program is cached under this key"):
         g.get_jaxpr_by_cache(g.get_arg_cache_key(jnp.ones(2)))
+
+
+def test_a_state_first_written_by_a_later_signature_gets_a_slot_and_earlier_signatures_still_run():
+    s = smap.State(jnp.zeros(()))
+
+    def f(x):
+        if x.ndim == 0:
+            return s.value + x  # reads s only
+        s.value = s.value + x.sum()  # writes it
+        return x
+
+    g = smap.jit(f)
+    np.testing.assert_array_equal(g(jnp.asarray(1.0)), 1.0)
+    assert g._state_list.writes == ()
+    g(jnp.ones(3))
+    assert g._state_list.writes == (s,)
+    np.testing.assert_array_equal(s.value, 3.0)
+    # The reading signature, on the new list: its slot for s is empty, and s keeps the value written above.
+    np.testing.assert_array_equal(g(jnp.asarray(1.0)), 4.0)
+    np.testing.assert_array_equal(s.value, 3.0)
+    g(jnp.full(2, 0.5))
+    np.testing.assert_array_equal(s.value, 4.0)
+
+
+def test_written_values_that_are_not_one_array_come_back_whole():
+    tree = smap.State({"a": jnp.zeros(2), "b": (jnp.ones(()),)})
+    hidden = smap.HiddenState(jnp.ones(3))  # reset to None by the call: None is a value, not "not written"
+    empty = smap.HiddenState(None)  # and the other way round
+
+    @smap.jit
+    def f(x):
+        tree.value = {"a": tree.value["a"] + x, "b": (tree.value["b"][0] * 2,)}
+        hidden.reset(None)
+        empty.reset(x)
+
+    for i in range(1, 3):
+        hidden.reset(jnp.ones(3))
+        empty.reset(None)
+        f(jnp.full(2, 1.0))
+        np.testing.assert_array_equal(tree.value["a"], np.full(2, float(i)))
+        np.testing.assert_array_equal(tree.value["b"][0], 2.0**i)
+        assert hidden.value is None
+        np.testing.assert_array_equal(empty.value, np.ones(2))
+
+
+def test_a_call_after_its_states_lock_group_was_merged_takes_the_merged_lock(close):
+    shared, own = smap.State(jnp.zeros(())), smap.State(jnp.zeros(()))
+    a = smap.jit(lambda x: setattr(shared, "value", shared.value + x))
+    a(jnp.asarray(1.0))
+    group_before = a._state_list.group
+    b = smap.jit(lambda x: setattr(own, "value", own.value + shared.value + x))
+    b(jnp.asarray(2.0))  # joins own's group and shared's: one of them is merged into the other
+    a(jnp.asarray(1.0))
+    a(jnp.asarray(1.0))
+    assert a._state_list.group.merged_into is None
+    assert a._state_list.group is b._state_list.group.current()
+    assert group_before.current() is a._state_list.group
+    close(shared.value, 3.0)
+    close(own.value, 1.0 + 2.0)
