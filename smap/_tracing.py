@@ -148,8 +148,20 @@ def trace_program(
             raise
         frame = TraceFrame(state_input, name, check_write)
         trace_holder.clear()
-        with _compat.without_ambient_mesh(), _compat.ambient_abstract_mesh():
-            jaxpr = trace(*specs)
+        try:
+            with _compat.without_ambient_mesh(), _compat.ambient_abstract_mesh():
+                jaxpr = trace(*specs)
+        except ValueError as indivisible:
+            # A lane's slice of a batch (a dimension of size 1) annotated as the batch is: trace for axes
+            # of size 1, and let each annotation be checked where it runs (smap._annotations drops the
+            # entries of dimensions of size 1 there; the others must divide as JAX requires).
+            if not _compat.indivisible(indivisible):
+                raise
+            frame = TraceFrame(state_input, name, check_write)
+            trace_holder.clear()
+            with _compat.without_ambient_mesh(), _compat.ambient_abstract_mesh(unit_axes=True):
+                jaxpr = trace(*specs)
+            _check_divisible(jaxpr, dict(getattr(_compat.ambient_mesh(), "shape", {})), name)
         annotated = _compat.has_annotations(jaxpr)
     if _compat.HAS_REFS and _compat.ref_constants(jaxpr):
         from ._refs import unrouted_message
@@ -174,6 +186,26 @@ def _check_no_ref_arguments(name: str, leaves: Sequence[Any]) -> None:
             f"let the function close over it or hold it in a smap.nn.Module (select it with state_in_axes "
             f"to give each lane its own slice)."
         )
+
+
+def _check_divisible(jaxpr: Any, sizes: Any, name: str) -> None:
+    """Every annotation of ``jaxpr`` on a dimension larger than 1 names mesh axes (of ``sizes``) that divide it."""
+    for eqn in _compat.open_jaxpr(jaxpr).eqns:
+        found = _compat.annotation_spec(eqn)
+        spec = found[0] if found is not None else jax.sharding.PartitionSpec()
+        shape: tuple[int, ...] = getattr(eqn.outvars[0].aval, "shape", ()) if found is not None else ()
+        for dim, (size, entry) in enumerate(zip(shape, spec)):
+            names = () if entry is None or entry is jax.sharding.PartitionSpec.UNCONSTRAINED else entry
+            names = (names,) if isinstance(names, str) else tuple(names)
+            parts = int(np.prod([sizes[n] for n in names]))
+            if size != 1 and size % parts:
+                raise ValueError(
+                    f"{name}: a sharding annotation lays out a value of shape {tuple(shape)} as {spec}, but "
+                    f"the mesh axes {names} ({parts} parts) do not evenly divide dimension {dim} (size {size}). "
+                    f"Only a dimension of size 1 (a lane's slice of a batch) may name axes that do not divide it."
+                )
+        for sub in _compat.jaxprs_in_params(eqn.params):
+            _check_divisible(sub, sizes, name)
 
 
 class TraceContext:
