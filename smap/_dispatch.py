@@ -30,6 +30,15 @@ from ._state import InvalidatedStateError, State, this_thread
 from ._tracing import Program, PyTreeDef, TraceContext, trace_program
 from .nn import Module
 
+if _compat.HAS_REFS:
+    from ._refs import hide_refs
+else:
+
+    def hide_refs(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        """Without jax.Ref, no argument is a Ref."""
+        return args, kwargs
+
+
 __all__ = ["ArgSignature", "Runner", "StatefulFunction"]
 
 P = ParamSpec("P")
@@ -229,7 +238,7 @@ class StatefulFunction(Generic[P, R]):
 
     def signature_key(self, *args: Any, **kwargs: Any) -> tuple[ArgSignature, list, tuple, dict]:
         """The argument part of the cache key, with the leaves and the dynamic arguments."""
-        dyn_args, dyn_kwargs, static = self._split_static(args, kwargs)
+        dyn_args, dyn_kwargs, static = self._split_static(*hide_refs(args, kwargs))
         leaves, tree = jax.tree_util.tree_flatten((dyn_args, dyn_kwargs))
         key = ArgSignature(tree, static, len(args), tuple(map(_leaf_signature, leaves)))
         return key, leaves, dyn_args, dyn_kwargs
@@ -316,6 +325,8 @@ class StatefulFunction(Generic[P, R]):
     def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
         if this_thread.frames:
             return self._call_in_trace(args, kwargs)
+        # A Ref argument is a state, not an input: the dispatcher gets a leafless node for it.
+        call_args, call_kwargs = hide_refs(args, kwargs)
         state_list = self._state_list
         # A call reads, computes and writes back its states as one step for other threads.
         group = state_list.group
@@ -325,7 +336,7 @@ class StatefulFunction(Generic[P, R]):
             group = group.acquire()
         try:
             states = state_list.states
-            out, written = state_list.dispatch([s._value for s in states], *args, **kwargs)
+            out, written = state_list.dispatch([s._value for s in states], *call_args, **call_kwargs)
             for i, value in written.items():
                 if type(value) is not _compat.ArrayImpl:
                     # Tracers come out of every written value or of none: the first one decides.
@@ -401,6 +412,7 @@ class StatefulFunction(Generic[P, R]):
                 f"{self.name}: trace() and lower() are called outside of smap transforms, not while one traces; "
                 f"lower the outer transform to see the whole program."
             )
+        args, kwargs = hide_refs(args, kwargs)
         while True:
             state_list = self._state_list
             held = state_list.group.acquire()
@@ -416,6 +428,7 @@ class StatefulFunction(Generic[P, R]):
 
     def _call_in_trace(self, args: tuple, kwargs: dict) -> Any:
         """A call while another smap transform traces: only this program's states take part."""
+        args, kwargs = hide_refs(args, kwargs)
         key, leaves, dyn_args, dyn_kwargs = self.signature_key(*args, **kwargs)
         program = (self._lookup(key) or self._trace(key, leaves, dyn_args, dyn_kwargs)).program
         state_list = self._nested_lists.setdefault(

@@ -92,7 +92,9 @@ def trace_program(
     (a pytree of ShapedArrays like ``value``) its input takes in the program.
     Array leaves of ``args`` and ``kwargs`` become inputs, with the abstract
     values ``arg_avals`` when given (a mapping traces one lane); static
-    arguments are bound into ``fun`` by the caller. ``check_write(state,
+    arguments are bound into ``fun`` by the caller. A ``jax.Ref`` among the
+    arguments is no input: ``fun`` receives it, and its reads and writes are
+    those of its State (see :mod:`smap._refs`). ``check_write(state,
     current, new)`` checks each write of a state inside the trace.
 
     Example:
@@ -111,9 +113,11 @@ def trace_program(
         >>> program.states == (total,), program.written
         (True, (0,))
     """
+    if _compat.HAS_REFS:  # a Ref argument is a state: no input of the program (see smap._refs)
+        from ._refs import hide_refs, show_refs
+
+        args, kwargs = hide_refs(args, kwargs)
     leaves, in_tree = jax.tree_util.tree_flatten((args, kwargs))
-    if _compat.HAS_REFS:
-        _check_no_ref_arguments(name, leaves)
     trace_holder: list[Any] = []
 
     def state_input(state: State, value: Any) -> Any:
@@ -127,6 +131,8 @@ def trace_program(
     def traced(*arg_leaves: Any) -> tuple[list, list]:
         trace_holder.append(_compat.current_trace())
         call_args, call_kwargs = jax.tree_util.tree_unflatten(in_tree, arg_leaves)
+        if _compat.HAS_REFS:
+            call_args, call_kwargs = show_refs(call_args, "args"), show_refs(call_kwargs, "kwargs")
         with frame:
             out = fun(*call_args, **call_kwargs)
         out_leaves, result["out_tree"] = jax.tree_util.tree_flatten(out)
@@ -177,15 +183,6 @@ def trace_program(
         n_args=len(leaves),
         annotated=annotated,
     )
-
-
-def _check_no_ref_arguments(name: str, leaves: Sequence[Any]) -> None:
-    if any(isinstance(x, _compat.RefType) for x in leaves):
-        raise TypeError(
-            f"{name}: a jax.Ref is passed as an argument; smap maps arrays, and takes a Ref as a state: "
-            f"let the function close over it or hold it in a smap.nn.Module (select it with state_in_axes "
-            f"to give each lane its own slice)."
-        )
 
 
 def _check_divisible(jaxpr: Any, sizes: Any, name: str) -> None:
