@@ -8,6 +8,9 @@ made when a trace first reads or writes the Ref. Inside smap's traces
 trace frame as reads and writes of that State (see ``_compat.route_ref_access``),
 so discovery, ``state_in_axes``, write-back after success and the rollback
 of a failed call are the States' own. Outside smap's traces a Ref is JAX's.
+A Ref passed as an argument is the same State: the dispatcher carries it as
+a :class:`RefArgument` (no array input, its identity part of the cache key)
+and the function receives the Ref itself.
 
 Where it differs from a State: a Ref's shape and dtype are fixed, so
 ``reset`` is refused and a shared Ref cannot gain the mapped axis (a

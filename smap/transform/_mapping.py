@@ -254,7 +254,9 @@ class StatefulMapping(StatefulFunction[P, R]):
     Arguments:
         fun: the function or Module to map.
         in_axes, out_axes: as in ``jax.vmap`` (ints, None, pytree prefixes,
-            negative axes). Keyword arguments are mapped along axis 0.
+            negative axes). Keyword arguments are mapped along axis 0. A
+            ``jax.Ref`` argument is a state, whose entry is read as ``jax.vmap``
+            reads it: an axis splits it into one slice per lane, None shares it.
         state_in_axes: ``{axis: selector}`` or a bare selector (``{0: selector}``):
             the selected states are split along ``axis``, one slice per lane,
             and written back along the same axis. ``{None: selector}`` marks

@@ -603,3 +603,16 @@ def test_a_ref_freed_or_frozen_before_the_call_behaves_as_under_jax_jit():
         end(theirs)
         _close(smap.jit(f)(ours, 1.0), jax.jit(f)(theirs, 1.0))
         _close(ours[...], theirs[...])
+
+
+def test_a_ref_passed_by_keyword_is_mapped_along_axis_0_as_jax_vmap_maps_keywords():
+    def add(x, *, acc):
+        acc[...] = acc[...] + x
+        return acc[...].sum()
+
+    xs = jnp.arange(B * 2.0).reshape(B, 2)
+    ours, theirs = jax.new_ref(jnp.ones((B, 2))), jax.new_ref(jnp.ones((B, 2)))
+    _close(smap.vmap(add)(xs, acc=ours), jax.vmap(add)(xs, acc=theirs))
+    _close(ours[...], theirs[...])
+    _close(smap.jit(add)(xs, acc=ours), (2 * xs + 1).sum())
+    _close(ours[...], 2 * xs + 1)
