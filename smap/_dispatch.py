@@ -119,7 +119,8 @@ class _StateList:
         self.dispatch = jax.jit(functools.partial(owner._dispatch_trace, self), **owner._jit_options)
 
     def extended(self, more: Sequence[State], owner: StatefulFunction) -> _StateList:
-        states = self.states + tuple(more)
+        """A list with ``more`` states, without those whose storage is gone (the States of freed Refs)."""
+        states = tuple(s for s in self.states if not s._gone()) + tuple(more)
         return _StateList(states, _locks.joined(states), owner)
 
 
@@ -352,7 +353,20 @@ class StatefulFunction(Generic[P, R]):
         # states' lock groups may wait for other calls): a longer list, and the call again.
         current = self._state_list  # (another thread may have made a longer one meanwhile)
         self._state_list = current.extended([s for s in missing if id(s) not in current.index], self)
+        self._forget_gone_states()
         return StatefulFunction.__call__(self, *args, **kwargs)
+
+    def _forget_gone_states(self) -> None:
+        """Drop the programs of states whose storage is gone: Refs passed once as arguments, and freed since."""
+        for key in list(self._entries):
+            kept = [e for e in self._entries[key] if not any(s._gone() for s in e.program.states)]
+            if kept:
+                self._entries[key] = kept
+            else:
+                del self._entries[key]
+        for ids, nested in list(self._nested_lists.items()):
+            if any(s._gone() for s in nested.states):
+                del self._nested_lists[ids]
 
     # -- ahead of time ----------------------------------------------------------
 

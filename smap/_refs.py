@@ -122,6 +122,18 @@ class _ImplicitState(RefBacked, State):
     def ref(self) -> Any:
         return self._ref()
 
+    @property
+    def _value(self) -> Any:
+        ref = self._ref()
+        return None if ref is None else _compat.ref_value(ref)  # None: a transform's list drops it
+
+    @_value.setter
+    def _value(self, value: Any) -> None:
+        _compat.set_ref_value(self.ref, value)
+
+    def _gone(self) -> bool:
+        return self._ref() is None
+
 
 _ImplicitState.__name__ = _ImplicitState.__qualname__ = "State"
 _ImplicitState.__module__ = "smap"

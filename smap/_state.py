@@ -199,6 +199,10 @@ class State:
     def _canonical(self, value: Any) -> Any:
         return canonical_value(value, self.describe)
 
+    def _gone(self) -> bool:
+        """Whether the state's storage is gone (a Ref smap made it for was freed): no call can use it again."""
+        return False
+
     def _stored(self) -> Any:
         value = self._value
         if type(value) is _Invalidated:

@@ -616,3 +616,23 @@ def test_a_ref_passed_by_keyword_is_mapped_along_axis_0_as_jax_vmap_maps_keyword
     _close(ours[...], theirs[...])
     _close(smap.jit(add)(xs, acc=ours), (2 * xs + 1).sum())
     _close(ours[...], 2 * xs + 1)
+
+
+@pytest.mark.parametrize("transform", ["jit", "vmap"])
+def test_refs_passed_once_and_freed_are_forgotten(transform):
+    """A new Ref each call: each call is right, and the transform keeps no State of the freed ones."""
+    import gc
+
+    def add(r, x):
+        r[...] = r[...] + x
+        return r[...].sum()
+
+    wrapped = smap.jit(add) if transform == "jit" else smap.vmap(add, in_axes=(0, None))
+    for i in range(4):
+        ref = jax.new_ref(jnp.full((2, 3), float(i)))
+        _close(wrapped(ref, 1.0), (i + 1.0) * (6 if transform == "jit" else 3))
+        _close(ref[...], jnp.full((2, 3), i + 1.0))
+        del ref
+        gc.collect()
+    assert len(wrapped._state_list.states) <= 1
+    assert sum(map(len, wrapped._entries.values())) <= 1
