@@ -32,7 +32,7 @@ import jax.numpy as jnp
 from . import _compat, _locks, _state
 from ._state import State, _leaf_repr, _normalise_tags, active_frames
 
-__all__ = ["RefBacked", "state_of", "backed_class", "describe_ref", "RefArgument", "hide_refs", "show_refs"]
+__all__ = ["RefBacked", "state_of", "backed_class", "describe_ref", "RefArgument", "hide_refs", "show_refs", "refs_in"]
 
 # Each Ref's State: the user's, held weakly (it holds its Ref), or smap's own, held here while its Ref lives.
 _states: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
