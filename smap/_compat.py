@@ -593,13 +593,23 @@ def axis_kinds(mesh: Any) -> dict:
     return {n: t.name.lower() for n, t in zip(mesh.axis_names, mesh.axis_types)}
 
 
-def ambient_abstract_mesh() -> Any:
+def ambient_abstract_mesh(unit_axes: bool = False) -> Any:
     """A context with the ambient mesh's abstract mesh, for tracing a lane whose annotations need a mesh.
 
     Entered inside :func:`without_ambient_mesh`: the lane is traced for the
     axes of the mesh, and each annotation is laid out where the lane then
-    runs (``smap._annotations``).
+    runs (``smap._annotations``). With ``unit_axes`` every axis has size 1, so
+    that JAX's check that an axis divides a dimension waits for that place
+    (a lane's slice of a batch, of size 1, annotated for the whole batch).
     """
     mesh = ambient_mesh()
     assert mesh is not None
-    return jax.sharding.use_abstract_mesh(mesh.abstract_mesh)
+    abstract = mesh.abstract_mesh
+    if unit_axes:
+        abstract = abstract.update(axis_sizes=(1,) * len(abstract.axis_names))
+    return jax.sharding.use_abstract_mesh(abstract)
+
+
+def indivisible(error: Exception) -> bool:
+    """Whether JAX refused a layout because a mesh axis does not divide an array's dimension."""
+    return isinstance(error, ValueError) and "evenly divide" in str(error)

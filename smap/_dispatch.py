@@ -30,6 +30,18 @@ from ._state import InvalidatedStateError, State, this_thread, tracing
 from ._tracing import Program, PyTreeDef, TraceContext, trace_program
 from .nn import Module
 
+_PLAIN_ARGUMENTS = frozenset({_compat.ArrayImpl, float, int, bool})
+"""Types of arguments that are never Refs nor hold one: a call of only these skips the search for Refs."""
+
+if _compat.HAS_REFS:
+    from ._refs import hide_refs
+else:
+
+    def hide_refs(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        """Without jax.Ref, no argument is a Ref."""
+        return args, kwargs
+
+
 __all__ = ["ArgSignature", "Runner", "StatefulFunction"]
 
 P = ParamSpec("P")
@@ -119,9 +131,11 @@ class _StateList:
         )
 
     def extended(self, more: _MissingStates, owner: StatefulFunction) -> _StateList:
-        listed, written = set(map(id, self.states)), set(map(id, self.writes))
-        states = self.states + tuple(s for s in more.states if id(s) not in listed)
-        writes = self.writes + tuple(s for s in more.writes if id(s) not in written)
+        """A list with the states a trace found, without those whose storage is gone (the States of freed Refs)."""
+        kept, kept_writes = (tuple(s for s in group if not s._gone()) for group in (self.states, self.writes))
+        listed, written = set(map(id, kept)), set(map(id, kept_writes))
+        states = kept + tuple(s for s in more.states if id(s) not in listed)
+        writes = kept_writes + tuple(s for s in more.writes if id(s) not in written)
         return _StateList(states, writes, _locks.joined(states), owner)
 
 
@@ -244,7 +258,7 @@ class StatefulFunction(Generic[P, R]):
 
     def signature_key(self, *args: Any, **kwargs: Any) -> tuple[ArgSignature, list, tuple, dict]:
         """The argument part of the cache key, with the leaves and the dynamic arguments."""
-        dyn_args, dyn_kwargs, static = self._split_static(args, kwargs)
+        dyn_args, dyn_kwargs, static = self._split_static(*hide_refs(args, kwargs))
         leaves, tree = jax.tree_util.tree_flatten((dyn_args, dyn_kwargs))
         key = ArgSignature(tree, static, len(args), tuple(map(_leaf_signature, leaves)))
         return key, leaves, dyn_args, dyn_kwargs
@@ -344,6 +358,7 @@ class StatefulFunction(Generic[P, R]):
         """
         current = self._state_list  # (another thread may have made a longer one meanwhile)
         self._use(current.extended(missing, self))
+        self._forget_gone_states()
         return self(*args, **kwargs)
 
     def _use(self, state_list: _StateList) -> None:
@@ -359,6 +374,18 @@ class StatefulFunction(Generic[P, R]):
         value = _unslot(slot)
         _check_not_traced(self.name, state, value)
         return value
+
+    def _forget_gone_states(self) -> None:
+        """Drop the programs of states whose storage is gone: Refs passed once as arguments, and freed since."""
+        for key in list(self._entries):
+            kept = [e for e in self._entries[key] if not any(s._gone() for s in e.program.states)]
+            if kept:
+                self._entries[key] = kept
+            else:
+                del self._entries[key]
+        for ids, nested in list(self._nested_lists.items()):
+            if any(s._gone() for s in nested.states):
+                del self._nested_lists[ids]
 
     # -- ahead of time ----------------------------------------------------------
 
@@ -418,6 +445,7 @@ class StatefulFunction(Generic[P, R]):
                 f"{self.name}: trace() and lower() are called outside of smap transforms, not while one traces; "
                 f"lower the outer transform to see the whole program."
             )
+        args, kwargs = hide_refs(args, kwargs)
         while True:
             state_list = self._state_list
             held = state_list.group.acquire()
@@ -432,6 +460,7 @@ class StatefulFunction(Generic[P, R]):
 
     def _call_in_trace(self, args: tuple, kwargs: dict) -> Any:
         """A call while another smap transform traces: only this program's states take part."""
+        args, kwargs = hide_refs(args, kwargs)
         key, leaves, dyn_args, dyn_kwargs = self.signature_key(*args, **kwargs)
         program = (self._lookup(key) or self._trace(key, leaves, dyn_args, dyn_kwargs)).program
         lists_key = (tuple(map(id, program.states)), tuple(map(id, program.written_states)))
@@ -452,6 +481,8 @@ def make(owner, dispatch, acquire, release, group, finish, ArrayImpl, {states}):
     def call(*args, **kwargs):
         if tracing.threads and this_thread.frames:
             return owner._call_in_trace(args, kwargs)
+        if kwargs or not plain.issuperset(map(type, args)):  # a Ref argument is a state, not an input
+            args, kwargs = hide_refs(args, kwargs)
         acquire()
         if group.merged_into is not None:  # merged while this thread waited: the larger group's lock
             release()
@@ -511,7 +542,13 @@ def _compile_call(owner: StatefulFunction, state_list: _StateList) -> Callable:
         or "            pass\n",
         result="out" if owner._call_result is None else "finish(out)",
     )
-    namespace: dict[str, Any] = {"tracing": tracing, "this_thread": this_thread, "_MissingStates": _MissingStates}
+    namespace: dict[str, Any] = {
+        "tracing": tracing,
+        "this_thread": this_thread,
+        "_MissingStates": _MissingStates,
+        "hide_refs": hide_refs,
+        "plain": _PLAIN_ARGUMENTS,
+    }
     exec(compile(source, f"<smap call of {owner.name} with {n} states>", "exec"), namespace)
     group = state_list.group
     return namespace["make"](

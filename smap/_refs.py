@@ -8,6 +8,9 @@ made when a trace first reads or writes the Ref. Inside smap's traces
 trace frame as reads and writes of that State (see ``_compat.route_ref_access``),
 so discovery, ``state_in_axes``, write-back after success and the rollback
 of a failed call are the States' own. Outside smap's traces a Ref is JAX's.
+A Ref passed as an argument is the same State: the dispatcher carries it as
+a :class:`RefArgument` (no array input, its identity part of the cache key)
+and the function receives the Ref itself.
 
 Where it differs from a State: a Ref's shape and dtype are fixed, so
 ``reset`` is refused and a shared Ref cannot gain the mapped axis (a
@@ -29,7 +32,7 @@ import jax.numpy as jnp
 from . import _compat, _locks, _state
 from ._state import State, _leaf_repr, _normalise_tags, active_frames
 
-__all__ = ["RefBacked", "state_of", "backed_class", "describe_ref"]
+__all__ = ["RefBacked", "state_of", "backed_class", "describe_ref", "RefArgument", "hide_refs", "show_refs", "refs_in"]
 
 # Each Ref's State: the user's, held weakly (it holds its Ref), or smap's own, held here while its Ref lives.
 _states: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
@@ -51,7 +54,7 @@ class RefBacked(State):
         Array([1., 1.], dtype=float32)
     """
 
-    __slots__ = ("_ref",)
+    __slots__ = ("_ref", "_argument")
     fixed_shape = True
 
     def __init__(self, value: Any, tag: str | Sequence[str] | None = None):
@@ -60,6 +63,7 @@ class RefBacked(State):
         self._name = None
         self._tags = _normalise_tags(tag)
         self._ref = value
+        self._argument: str | None = None  # how the call that passed its Ref as an argument names it
         previous = _state_in_table(value)
         if previous is not None and not isinstance(previous, _ImplicitState):
             raise ValueError(
@@ -96,6 +100,8 @@ class RefBacked(State):
         kind = type(self).__name__
         if path:
             return f"Ref '{'.'.join(map(str, path))}' ({kind})"
+        if self._argument is not None:
+            return f"Ref {self._argument} ({kind}, {_leaf_repr(self.ref)})"
         return f"Ref {_leaf_repr(self.ref)} ({kind})"
 
     def __repr__(self) -> str:
@@ -115,6 +121,18 @@ class _ImplicitState(RefBacked, State):
     @property
     def ref(self) -> Any:
         return self._ref()
+
+    @property
+    def _value(self) -> Any:
+        ref = self._ref()
+        return None if ref is None else _compat.ref_value(ref)  # None: a transform's list drops it
+
+    @_value.setter
+    def _value(self, value: Any) -> None:
+        _compat.set_ref_value(self.ref, value)
+
+    def _gone(self) -> bool:
+        return self._ref() is None
 
 
 _ImplicitState.__name__ = _ImplicitState.__qualname__ = "State"
@@ -147,6 +165,80 @@ def describe_ref(ref: Any) -> str:
     """How errors name a Ref: its State's path, or its shape and dtype."""
     state = _state_in_table(ref)
     return state.describe() if state is not None else f"jax.Ref {_leaf_repr(ref)}"
+
+
+# -- Refs passed as arguments ---------------------------------------------------------------
+
+
+class RefArgument:
+    """A Ref passed as an argument, as smap's dispatcher carries it: a pytree node with no leaves.
+
+    A Ref argument is a state, not an array input: the dispatcher's
+    ``jax.jit`` sees no leaf for it, and its tree structure (so its cache
+    key) tells one Ref from another. The function receives the Ref itself
+    (:func:`show_refs`), whose reads and writes are its State's.
+    """
+
+    __slots__ = ("_ref", "_hash")
+
+    def __init__(self, ref: Any):
+        self._ref = weakref.ref(ref)  # a cache key must not keep the Ref alive
+        self._hash = id(ref)
+
+    @property
+    def ref(self) -> Any:
+        return self._ref()
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, RefArgument):
+            return NotImplemented
+        mine = self._ref()
+        return self is other or (mine is not None and mine is other._ref())
+
+    def __hash__(self) -> int:
+        return self._hash
+
+    def __repr__(self) -> str:
+        ref = self._ref()
+        return f"RefArgument({'freed' if ref is None else _leaf_repr(ref)})"
+
+
+_ARRAY_TYPES = frozenset({_compat.ArrayImpl, float, int, bool})
+jax.tree_util.register_pytree_node(RefArgument, lambda node: ((), node), lambda node, _: node)
+
+
+def hide_refs(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """``args`` and ``kwargs`` with every concrete Ref leaf a :class:`RefArgument` (the same objects without one)."""
+    if not kwargs and all(type(x) in _ARRAY_TYPES for x in args):  # a call's usual arguments: no tree to walk
+        return args, kwargs
+    if _compat.RefType not in set(map(type, jax.tree_util.tree_leaves((args, kwargs)))):
+        return args, kwargs
+    return jax.tree_util.tree_map(lambda x: RefArgument(x) if type(x) is _compat.RefType else x, (args, kwargs))
+
+
+def show_refs(tree: Any, root: str | None = None) -> Any:
+    """``tree`` with each :class:`RefArgument` its Ref again; with ``root``, each Ref's State is named by its path.
+
+    The name (``args[0]['w']``) is how errors about the State then name it,
+    unless a Module holding the Ref gives it a path.
+    """
+
+    def show(path: Any, x: Any) -> Any:
+        if not isinstance(x, RefArgument):
+            return x
+        if root is not None:
+            state = state_of(x.ref)
+            if isinstance(state, RefBacked):
+                state._argument = root + jax.tree_util.keystr(path)
+        return x.ref
+
+    return jax.tree_util.tree_map_with_path(show, tree, is_leaf=lambda x: isinstance(x, RefArgument))
+
+
+def refs_in(tree: Any) -> list:
+    """The Refs a tree of arguments holds as :class:`RefArgument` nodes."""
+    nodes = jax.tree_util.tree_leaves(tree, is_leaf=lambda x: isinstance(x, RefArgument))
+    return [x.ref for x in nodes if isinstance(x, RefArgument)]
 
 
 # -- Ref access inside smap's traces -----------------------------------------------------
@@ -213,11 +305,6 @@ def unrouted_message(name: str, refs: Sequence[Any]) -> str:
         f"ref.at[...], jax.ref.freeze, jax.free_ref, and a Ref passed to a JAX transformation inside the "
         f"function are not supported there. Nothing was written."
     )
-
-
-def is_ref_leaf(x: Any) -> bool:
-    """Whether an argument leaf is a Ref, concrete or traced."""
-    return isinstance(x, jax.Ref)
 
 
 _state.ref_backed_class = backed_class

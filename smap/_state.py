@@ -119,21 +119,24 @@ def check_same_structure(state: State, old: Any, new: Any, *, batched_axis: int 
     old_tree: Any  # jaxlib's PyTreeDef has no type information
     old_leaves, old_tree = jax.tree_util.tree_flatten(old)
     new_leaves, new_tree = jax.tree_util.tree_flatten(new)
+
+    def fix(what: str) -> str:
+        if state.fixed_shape:
+            return "A jax.Ref's shape and dtype are fixed."
+        return f"Use `state.reset(value)` to change a state's {what}."
+
     if old_tree != new_tree:
         raise ValueError(
-            f"{state.describe()}: the new value has tree structure {new_tree}, "
-            f"expected {old_tree}. Use `state.reset(value)` to change a state's structure."
+            f"{state.describe()}: the new value has tree structure {new_tree}, expected {old_tree}. {fix('structure')}"
         )
     for o, n in zip(old_leaves, new_leaves):
         if jnp.shape(o) != jnp.shape(n):
             raise ValueError(
-                f"{state.describe()}: the new value has shape {jnp.shape(n)}, expected "
-                f"{jnp.shape(o)}. Use `state.reset(value)` to change a state's shape."
+                f"{state.describe()}: the new value has shape {jnp.shape(n)}, expected {jnp.shape(o)}. {fix('shape')}"
             )
         if _dtype(o) != _dtype(n):
             raise TypeError(
-                f"{state.describe()}: the new value has dtype {_dtype(n)}, expected "
-                f"{_dtype(o)}. Use `state.reset(value)` to change a state's dtype."
+                f"{state.describe()}: the new value has dtype {_dtype(n)}, expected {_dtype(o)}. {fix('dtype')}"
             )
 
 
@@ -212,6 +215,10 @@ class State:
 
     def _canonical(self, value: Any) -> Any:
         return canonical_value(value, self.describe)
+
+    def _gone(self) -> bool:
+        """Whether the state's storage is gone (a Ref smap made it for was freed): no call can use it again."""
+        return False
 
     def _stored(self) -> Any:
         value = self._value

@@ -92,7 +92,9 @@ def trace_program(
     (a pytree of ShapedArrays like ``value``) its input takes in the program.
     Array leaves of ``args`` and ``kwargs`` become inputs, with the abstract
     values ``arg_avals`` when given (a mapping traces one lane); static
-    arguments are bound into ``fun`` by the caller. ``check_write(state,
+    arguments are bound into ``fun`` by the caller. A ``jax.Ref`` among the
+    arguments is no input: ``fun`` receives it, and its reads and writes are
+    those of its State (see :mod:`smap._refs`). ``check_write(state,
     current, new)`` checks each write of a state inside the trace.
 
     Example:
@@ -111,9 +113,11 @@ def trace_program(
         >>> program.states == (total,), program.written
         (True, (0,))
     """
+    if _compat.HAS_REFS:  # a Ref argument is a state: no input of the program (see smap._refs)
+        from ._refs import hide_refs, show_refs
+
+        args, kwargs = hide_refs(args, kwargs)
     leaves, in_tree = jax.tree_util.tree_flatten((args, kwargs))
-    if _compat.HAS_REFS:
-        _check_no_ref_arguments(name, leaves)
     trace_holder: list[Any] = []
 
     def state_input(state: State, value: Any) -> Any:
@@ -127,6 +131,8 @@ def trace_program(
     def traced(*arg_leaves: Any) -> tuple[list, list]:
         trace_holder.append(_compat.current_trace())
         call_args, call_kwargs = jax.tree_util.tree_unflatten(in_tree, arg_leaves)
+        if _compat.HAS_REFS:
+            call_args, call_kwargs = show_refs(call_args, "args"), show_refs(call_kwargs, "kwargs")
         with frame:
             out = fun(*call_args, **call_kwargs)
         out_leaves, result["out_tree"] = jax.tree_util.tree_flatten(out)
@@ -148,8 +154,20 @@ def trace_program(
             raise
         frame = TraceFrame(state_input, name, check_write)
         trace_holder.clear()
-        with _compat.without_ambient_mesh(), _compat.ambient_abstract_mesh():
-            jaxpr = trace(*specs)
+        try:
+            with _compat.without_ambient_mesh(), _compat.ambient_abstract_mesh():
+                jaxpr = trace(*specs)
+        except ValueError as indivisible:
+            # A lane's slice of a batch (a dimension of size 1) annotated as the batch is: trace for axes
+            # of size 1, and let each annotation be checked where it runs (smap._annotations drops the
+            # entries of dimensions of size 1 there; the others must divide as JAX requires).
+            if not _compat.indivisible(indivisible):
+                raise
+            frame = TraceFrame(state_input, name, check_write)
+            trace_holder.clear()
+            with _compat.without_ambient_mesh(), _compat.ambient_abstract_mesh(unit_axes=True):
+                jaxpr = trace(*specs)
+            _check_divisible(jaxpr, dict(getattr(_compat.ambient_mesh(), "shape", {})), name)
         annotated = _interpret.reaches(jaxpr, lambda eqn: _compat.annotation_spec(eqn) is not None)
     if _compat.HAS_REFS and _compat.ref_constants(jaxpr):
         from ._refs import unrouted_message
@@ -167,13 +185,24 @@ def trace_program(
     )
 
 
-def _check_no_ref_arguments(name: str, leaves: Sequence[Any]) -> None:
-    if any(isinstance(x, _compat.RefType) for x in leaves):
-        raise TypeError(
-            f"{name}: a jax.Ref is passed as an argument; smap maps arrays, and takes a Ref as a state: "
-            f"let the function close over it or hold it in a smap.nn.Module (select it with state_in_axes "
-            f"to give each lane its own slice)."
-        )
+def _check_divisible(jaxpr: Any, sizes: Any, name: str) -> None:
+    """Every annotation of ``jaxpr`` on a dimension larger than 1 names mesh axes (of ``sizes``) that divide it."""
+    for eqn in _compat.open_jaxpr(jaxpr).eqns:
+        found = _compat.annotation_spec(eqn)
+        spec = found[0] if found is not None else jax.sharding.PartitionSpec()
+        shape: tuple[int, ...] = getattr(eqn.outvars[0].aval, "shape", ()) if found is not None else ()
+        for dim, (size, entry) in enumerate(zip(shape, spec)):
+            names = () if entry is None or entry is jax.sharding.PartitionSpec.UNCONSTRAINED else entry
+            names = (names,) if isinstance(names, str) else tuple(names)
+            parts = int(np.prod([sizes[n] for n in names]))
+            if size != 1 and size % parts:
+                raise ValueError(
+                    f"{name}: a sharding annotation lays out a value of shape {tuple(shape)} as {spec}, but "
+                    f"the mesh axes {names} ({parts} parts) do not evenly divide dimension {dim} (size {size}). "
+                    f"Only a dimension of size 1 (a lane's slice of a batch) may name axes that do not divide it."
+                )
+        for sub in _compat.jaxprs_in_params(eqn.params):
+            _check_divisible(sub, sizes, name)
 
 
 class TraceContext:

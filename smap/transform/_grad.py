@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .. import _compat
 from .._dispatch import ArgSignature, Runner, StatefulFunction
 from .._state import State
 from .._tracing import Program, TraceContext
@@ -17,7 +18,7 @@ from ._signature import check_callable, function_name
 
 __all__ = ["grad"]
 
-GradStates = State | Sequence[State] | Mapping[Any, State] | None
+GradStates = Any  # a State or jax.Ref, a sequence or a dict of them, or None
 P = ParamSpec("P")
 
 
@@ -25,8 +26,8 @@ def _grad_state_list(grad_states: GradStates) -> tuple[list[State], Callable[[li
     """The states to differentiate, and how to rebuild the user's structure."""
     if grad_states is None:
         return [], lambda grads: None
-    if isinstance(grad_states, State):
-        return [grad_states], lambda grads: grads[0]
+    if isinstance(grad_states, State) or _compat.is_ref(grad_states):
+        return [_as_state(grad_states)], lambda grads: grads[0]
     container: Any = type(grad_states)  # a dict, list or tuple type, or a user's subclass of one
     rebuild: Callable[[list], Any]
     if isinstance(grad_states, Mapping):
@@ -37,12 +38,21 @@ def _grad_state_list(grad_states: GradStates) -> tuple[list[State], Callable[[li
         rebuild = lambda grads: container(grads)  # noqa: E731
     else:
         raise TypeError(
-            f"grad_states must be a State, a sequence of States or a dict of States, got {type(grad_states).__name__}."
+            f"grad_states must be a State or jax.Ref, a sequence or a dict of them, got {type(grad_states).__name__}."
         )
     for s in states:
-        if not isinstance(s, State):
-            raise TypeError(f"grad_states must hold States, got {type(s).__name__}.")
-    return states, rebuild
+        if not isinstance(s, State) and not _compat.is_ref(s):
+            raise TypeError(f"grad_states must hold States or jax.Refs, got {type(s).__name__}.")
+    return [_as_state(s) for s in states], rebuild
+
+
+def _as_state(s: Any) -> State:
+    """A State, or the State backed by a jax.Ref (see smap._refs)."""
+    if isinstance(s, State):
+        return s
+    from .._refs import state_of
+
+    return state_of(s)
 
 
 def _check_argnums(argnums: Any) -> None:
@@ -95,6 +105,8 @@ class GradFunction(StatefulFunction[P, Any]):
         self._check_loss(program)
         tree = key.tree
         positions = tuple(self._argnum(p, key.n_args) for p in self._arg_positions)
+        if _compat.HAS_REFS:
+            self._check_no_refs_at(positions, tree)
         n_grad = len(self.grad_states)
 
         def run(arg_leaves: list, state_values: list) -> tuple[tuple, list]:
@@ -125,6 +137,19 @@ class GradFunction(StatefulFunction[P, Any]):
                 raise TypeError(
                     f"{self.name}: with has_aux=True, aux must be a pytree of arrays, but "
                     f"aux{jax.tree_util.keystr(path)} is a {type(leaf).__name__}: {leaf!r}."
+                )
+
+    def _check_no_refs_at(self, positions: tuple[int, ...], tree: Any) -> None:
+        """A differentiated argument holds no jax.Ref: a Ref is a state, differentiated as one."""
+        from .._refs import refs_in
+
+        args = jax.tree_util.tree_unflatten(tree, [None] * tree.num_leaves)[0]
+        for p in positions:
+            if refs_in(args[p]):
+                raise TypeError(
+                    f"{self.name}: argnums selects args[{p}], which holds a jax.Ref; a Ref is a state, not an "
+                    f"array argument: differentiate it with grad_states=smap.ParamState(ref) (a State backed "
+                    f"by the Ref), or pass its value ref[...] instead."
                 )
 
     def _argnum(self, p: int, n_args: int) -> int:
@@ -195,6 +220,7 @@ def grad(
         grad_states: a State, a sequence of States or a dict of States (as
             ``module.states(filter)`` returns); the state gradients have the
             same structure. A state the loss does not use gets a zero gradient.
+            A ``jax.Ref`` stands for its State (see docs/refs.md).
         argnums: the positional arguments to differentiate; with
             ``grad_states=None`` it defaults to ``0``.
         has_aux: ``fun`` returns ``(loss, aux)``.

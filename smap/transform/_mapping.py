@@ -25,6 +25,7 @@ from typing import Any, ParamSpec, Protocol, TypeVar, cast, overload
 
 import jax
 
+from .. import _compat
 from .. import filter as filters
 from .._dispatch import ArgSignature, Entry, Runner, StatefulFunction
 from .._state import State, check_same_structure
@@ -94,6 +95,8 @@ class _LaneTrace(TraceContext):
         self.axis_size = axis_size
         self.size_source = size_source
         self.state_axes: dict[State, tuple[int, ...]] = {}
+        # The states of the jax.Refs passed as arguments: state -> (its in_axes entry, the argument's name).
+        self.ref_axes: dict[State, tuple[int | None, str]] = {}
         self.own_lanes: set[State] = set()
         # Shared states written with a lane's slice: state -> (out axis, the state's sizes along it).
         self.lane_shaped: dict[State, tuple[int, frozenset[int]]] = {}
@@ -105,15 +108,19 @@ class _LaneTrace(TraceContext):
             self.own_lanes.add(state)
             return own
         leaves, tree = jax.tree_util.tree_flatten(value)
-        axis = self.mapping._state_in_axis(state, leaves)
+        if state in self.ref_axes:
+            axis, what = self._ref_argument_axis(state, leaves[0].ndim), "in_axes"
+        else:
+            axis, what = self.mapping._state_in_axis(state, leaves), "state_in_axes"
         if axis is None:
             return jax.tree_util.tree_map(abstract, value)
-        written = "" if self.mapping.state_axis(state) is not None else ", written per lane by an earlier call"
+        earlier = state not in self.ref_axes and self.mapping.state_axis(state) is None
+        written = ", written per lane by an earlier call" if earlier else ""
         axes = []
         for leaf in leaves:
             if leaf.ndim == 0 or not -leaf.ndim <= axis < leaf.ndim:
                 raise ValueError(
-                    f"{self.mapping.name}: state_in_axes maps {state.describe()} along axis {axis}, "
+                    f"{self.mapping.name}: {what} maps {state.describe()} along axis {axis}, "
                     f"but its value has shape {tuple(leaf.shape)}."
                 )
             ax = axis % leaf.ndim
@@ -121,6 +128,26 @@ class _LaneTrace(TraceContext):
             axes.append(ax)
         self.state_axes[state] = tuple(axes)
         return jax.tree_util.tree_unflatten(tree, [_drop_axis(abstract(x), a) for x, a in zip(leaves, axes)])
+
+    def _ref_argument_axis(self, state: State, ndim: int) -> int | None:
+        """The axis of a Ref argument: its in_axes entry, or else the one ``state_in_axes`` selects it at.
+
+        As ``jax.vmap`` reads it, a Ref argument's in_axes entry is the axis its
+        lanes' slices lie along (None: shared); ``state_in_axes`` may select it
+        too, and where both say something they must agree.
+        """
+        axis, name = self.ref_axes[state]
+        selected, chosen = select_axis(self.mapping.state_in_axes, state.path, state)
+        if axis is None or not selected:
+            return chosen if axis is None else axis
+        if chosen is None or not (-ndim <= chosen < ndim and -ndim <= axis < ndim) or chosen % ndim != axis % ndim:
+            said = "marks it shared" if chosen is None else f"selects it at axis {chosen}"
+            raise ValueError(
+                f"{self.mapping.name}: in_axes maps {name}, a jax.Ref, along axis {axis}, but state_in_axes {said}. "
+                f"A Ref argument is a state whose in_axes entry is its axis (None: shared by the lanes); "
+                f"give it one axis."
+            )
+        return axis
 
     def findings(self) -> LaneInputs:
         """What this trace found, for :func:`~smap.transform._plan.plan`."""
@@ -151,6 +178,19 @@ class _LaneTrace(TraceContext):
         lane = jax.tree_util.tree_map(lambda x: _drop_axis(abstract(x), axis % x.ndim), current)
         check_same_structure(state, lane, new)
         self.lane_shaped[state] = (axis, frozenset(x.shape[axis % x.ndim] for x in leaves))
+
+    def add_ref_argument(self, ref: Any, axis: int | None, name: str) -> None:
+        """A jax.Ref passed as an argument: a state of the lanes, split along ``axis`` (its in_axes entry) or shared."""
+        from .._refs import state_of
+
+        state = state_of(ref)
+        previous = self.ref_axes.get(state)
+        if previous is not None and previous[0] != axis:
+            raise ValueError(
+                f"{self.mapping.name}: the same jax.Ref is passed as {previous[1]} with in_axes {previous[0]} "
+                f"and as {name} with in_axes {axis}; a Ref is one state, with one axis."
+            )
+        self.ref_axes.setdefault(state, (axis, name))
 
     def _check_size(self, size: int, source: str) -> None:
         if self.axis_size is None:
@@ -214,7 +254,9 @@ class StatefulMapping(StatefulFunction[P, R]):
     Arguments:
         fun: the function or Module to map.
         in_axes, out_axes: as in ``jax.vmap`` (ints, None, pytree prefixes,
-            negative axes). Keyword arguments are mapped along axis 0.
+            negative axes). Keyword arguments are mapped along axis 0. A
+            ``jax.Ref`` argument is a state, whose entry is read as ``jax.vmap``
+            reads it: an axis splits it into one slice per lane, None shares it.
         state_in_axes: ``{axis: selector}`` or a bare selector (``{0: selector}``):
             the selected states are split along ``axis``, one slice per lane,
             and written back along the same axis. ``{None: selector}`` marks
@@ -351,6 +393,10 @@ class StatefulMapping(StatefulFunction[P, R]):
 
     def _trace_context(self, key: ArgSignature, leaves: list) -> _LaneTrace:
         args, kwargs = jax.tree_util.tree_unflatten(key.tree, leaves)
+        if _compat.HAS_REFS:  # a Ref argument is a leaf of in_axes, and a state of the lanes
+            from .._refs import show_refs
+
+            args, kwargs = show_refs(args), show_refs(kwargs)
         static_positions = {k for k, _ in key.static if isinstance(k, int)}
         arg_axes = self._arg_axes(args, kwargs, key.n_args, static_positions)
         names = leaf_names(args, "args") + leaf_names(kwargs, "kwargs")
@@ -359,7 +405,10 @@ class StatefulMapping(StatefulFunction[P, R]):
             context = _LaneTrace(self, [], self.axis_size, "axis_size")
         else:
             context = _LaneTrace(self, [], found, "a batched state" if found else None)
-        for leaf, axis, leaf_name in zip(leaves, arg_axes, names):
+        for leaf, axis, leaf_name in zip(jax.tree_util.tree_leaves((args, kwargs)), arg_axes, names):
+            if _compat.is_ref(leaf):
+                context.add_ref_argument(leaf, axis, leaf_name)
+                continue
             if axis is None:
                 context.arg_axes.append(None)
                 continue

@@ -258,8 +258,9 @@ def _written_axes(
         if state.fixed_shape and state not in inputs.lane_shaped:
             raise BatchAxisError(
                 f"{name}: {state.describe()} is shared by the lanes but written with a per-lane value, and a "
-                f"jax.Ref cannot gain the mapped axis; select it in state_in_axes (one slice per lane), or "
-                f"write a value that is the same in every lane (a pmean over axis_name)."
+                f"jax.Ref cannot gain the mapped axis; select it in state_in_axes or, passed as an argument, "
+                f"give it an axis in in_axes (one slice per lane), or write a value that is the same in every "
+                f"lane (a pmean over axis_name)."
             )
         if not (selected and out_axis is not None):
             unexpected.append(i)

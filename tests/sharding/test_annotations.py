@@ -60,13 +60,13 @@ def _tensor_parallel(kind):
     trace = smap.HiddenState(jnp.zeros((B, H)))
 
     def lane(x):
-        # The lane's slice of a batch, size 1 along 'data': a constraint drops that entry in the lane. (On
-        # Explicit axes JAX checks a reshard when the lane is traced, so the lane writes it without 'data'.)
-        row = _layout(x[None], P("data", None) if kind == "auto" else P(None, None), kind)
+        # The lane's slice of a batch, size 1 along 'data', annotated as the batch is: the entry is dropped in
+        # the lane, on Auto and on Explicit axes (where JAX would refuse to split a dimension of size 1).
+        row = _layout(x[None], P("data", None), kind)
         if kind == "auto":
             h = jax.lax.with_sharding_constraint(jnp.tanh(row @ w1.value), P("data", "model"))
         else:
-            h = jnp.tanh(jnp.matmul(row, w1.value, out_sharding=P(None, "model")))
+            h = jnp.tanh(jnp.matmul(row, w1.value, out_sharding=P("data", "model")))
         trace.value = 0.5 * trace.value + h[0]
         return jnp.sum((h @ w2.value - row) ** 2)
 
@@ -84,6 +84,7 @@ def _fsdp(kind):
     trace = smap.HiddenState(jnp.zeros((B, H)))
 
     def loss(x):
+        x = _layout(x[None], P("data", None), kind)[0]  # the example as a batch of one, annotated as the batch
         # gathered for use, as FSDP code does
         h = jnp.tanh(x @ _layout(w1.value, P(), kind))
         return jnp.sum((h @ _layout(w2.value, P(), kind) - x) ** 2), h
@@ -203,6 +204,25 @@ def test_an_axis_the_mesh_lacks_is_named_and_nothing_changes(kind, mapping):
     with jax.set_mesh(mesh), pytest.raises(ValueError, match="'expert'|expert"):
         step(jnp.ones((B, D)))
     _close(count.value, jnp.zeros((B, D)))
+
+
+@pytest.mark.parametrize("mapping", ["vmap", "shard_map"])
+def test_an_axis_that_does_not_divide_a_lane_dimension_larger_than_1_keeps_jax_s_error(mapping):
+    """Only a dimension of size 1 (a lane's slice) is let through: 3 hidden units over 'model' (2) are refused."""
+    mesh = _mesh("explicit")
+    count = smap.ShortTermState(jnp.zeros((B, 3)))
+
+    def lane(x):
+        count.value = count.value + x
+        return jax.sharding.reshard(x[None], P("data", "model"))
+
+    step = smap.StatefulMapping(lane, state_in_axes=smap.ShortTermState, mapping_fn=_mapping_fn(mapping, mesh)[0])
+    with (
+        jax.set_mesh(mesh),
+        pytest.raises(ValueError, match=r"\('model',\) \(2 parts\) do not evenly divide dimension 1 \(size 3\)"),
+    ):
+        step(jnp.ones((B, 3)))
+    _close(count.value, jnp.zeros((B, 3)))
 
 
 def test_without_a_global_mesh_annotations_keep_jax_s_error():

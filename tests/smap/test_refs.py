@@ -321,13 +321,6 @@ def test_a_shared_ref_written_per_lane_is_refused_whatever_the_policy():
     _close(net.w[...], jnp.ones(3))
 
 
-def test_a_ref_argument_is_refused_with_the_fix():
-    ref = jax.new_ref(jnp.zeros(2))
-    with pytest.raises(TypeError, match="passed as an argument.*close over it"):
-        smap.jit(lambda r: r[...])(ref)
-    _close(ref[...], jnp.zeros(2))
-
-
 def test_a_ref_backs_one_state_and_cannot_be_reset():
     ref = jax.new_ref(jnp.zeros(2))
     w = smap.ParamState(ref)
@@ -336,3 +329,310 @@ def test_a_ref_backs_one_state_and_cannot_be_reset():
     with pytest.raises(TypeError, match="shape and dtype are fixed"):
         w.reset(jnp.zeros(3))
     _close(w.value, jnp.zeros(2))
+
+
+# -- Refs passed as arguments: states, as JAX's own transformations take them ---------------
+
+
+def _train_with_ref_arguments():
+    """_train(True)'s model, its parameters passed to the step as a dict of Refs."""
+    params = {"w": jax.new_ref(jnp.array([[0.5], [-0.25]])), "b": jax.new_ref(jnp.array([0.1]))}
+
+    def loss(params, x, y):
+        return jnp.mean((x @ params["w"][...] + params["b"][...] - y) ** 2)
+
+    @smap.jit
+    def step(params, x, y):
+        gw, gb = smap.grad(loss, grad_states=[params["w"], params["b"]], argnums=None)(params, x, y)
+        params["w"][...] = params["w"][...] - 0.1 * gw
+        params["b"][...] -= 0.1 * gb
+        return loss(params, x, y)
+
+    return step, params
+
+
+def test_ref_arguments_under_jit_and_grad_equal_states():
+    x = jax.random.normal(jax.random.key(0), (16, 2))
+    y = x @ jnp.array([[1.0], [2.0]])
+    step_r, params_r = _train_with_ref_arguments()
+    step_s, params_s = _train(False)
+    for _ in range(3):
+        _close(step_r(params_r, x, y), step_s(x, y))
+    _close([params_r["w"][...], params_r["b"][...]], [p.value for p in params_s])
+
+
+def test_each_ref_passed_is_its_own_state():
+    """The same function called with two Refs writes each; the cache tells them apart."""
+
+    @smap.jit
+    def add(ref, x):
+        ref[...] = ref[...] + x
+        return ref[...].sum()
+
+    a, b = jax.new_ref(jnp.zeros(2)), jax.new_ref(jnp.ones(2))
+    _close(add(a, 1.0), 2.0)
+    _close(add(b, 1.0), 4.0)
+    _close(add(a, 1.0), 4.0)
+    _close([a[...], b[...]], [jnp.full(2, 2.0), jnp.full(2, 2.0)])
+
+
+def _step(refs, x):
+    """Per-lane code on a dict of Refs: 'h' a hidden state, 'w' a weight, 'n' a count written once."""
+    refs["h"][...] = jnp.tanh(refs["h"][...] * refs["w"][...] + x)
+    refs["n"][...] = refs["n"][...] + jax.lax.psum(1.0, "i")
+    return refs["h"][...].sum()
+
+
+def _pure(h, w, n, xs):
+    """_step with the state passed explicitly, under plain jax.vmap: the reference."""
+    out, h = jax.vmap(lambda h, x: (jnp.tanh(h * w + x).sum(), jnp.tanh(h * w + x)))(h, xs)
+    return out, h, n + xs.shape[0]
+
+
+def _initial(lanes):
+    k = jax.random.split(jax.random.key(3), 3)
+    return (
+        jax.random.normal(k[0], (lanes, 3)),
+        jax.random.normal(k[1], (3,)),
+        jnp.zeros(()),
+        jax.random.normal(k[2], (lanes, 3)),
+    )
+
+
+@pytest.mark.parametrize("select", ["in_axes", "the-ref", "type"])
+def test_ref_arguments_to_vmap_equal_explicit_state_passing(select):
+    """A Ref argument is per-lane by its in_axes entry (as jax.vmap reads it), by itself or by its State's type."""
+    h0, w0, n0, xs = _initial(B)
+    refs = {"h": jax.new_ref(h0), "w": jax.new_ref(w0), "n": jax.new_ref(n0)}
+    if select == "in_axes":
+        kwargs = {"in_axes": ({"h": 0, "w": None, "n": None}, 0)}
+    elif select == "the-ref":
+        kwargs = {"in_axes": (None, 0), "state_in_axes": refs["h"]}
+    else:
+        hidden = smap.HiddenState(refs["h"])  # noqa: F841  (the Ref's State while it lives)
+        kwargs = {"in_axes": (None, 0), "state_in_axes": smap.HiddenState}
+    mapped = smap.vmap(_step, axis_name="i", **kwargs)
+    h, n = h0, n0
+    for _ in range(2):
+        out, h, n = _pure(h, w0, n, xs)
+        _close(mapped(refs, xs), out)
+    _close([refs["h"][...], refs["w"][...], refs["n"][...]], [h, w0, n])
+
+
+def test_ref_arguments_to_smap_vmap_equal_jax_vmap_on_refs():
+    """JAX's own jax.vmap takes the same Ref arguments with the same in_axes: the same values.
+
+    (Without the count: jax.vmap refuses to write a psum into an unbatched Ref, which smap allows.)
+    """
+    h0, w0, _, xs = _initial(B)
+
+    def step(refs, x):
+        refs["h"][...] = jnp.tanh(refs["h"][...] * refs["w"][...] + x)
+        return refs["h"][...].sum()
+
+    ours = {"h": jax.new_ref(h0), "w": jax.new_ref(w0)}
+    theirs = {"h": jax.new_ref(h0), "w": jax.new_ref(w0)}
+    in_axes = ({"h": 0, "w": None}, 0)
+    for _ in range(2):
+        _close(smap.vmap(step, in_axes=in_axes)(ours, xs), jax.vmap(step, in_axes)(theirs, xs))
+    _close([ours[k][...] for k in "hw"], [theirs[k][...] for k in "hw"])
+
+
+@pytest.mark.parametrize("axis", [0, 1, -1])
+def test_a_ref_argument_along_another_axis(axis):
+    xs = jnp.arange(B * 3.0).reshape(B, 3)
+    ref = jax.new_ref(jnp.zeros((3, B)) if axis else jnp.zeros((B, 3)))
+
+    def add(r, x):
+        r[...] = r[...] + x
+        return r[...].sum()
+
+    out = smap.vmap(add, in_axes=(axis, 0))(ref, xs)
+    _close(out, xs.sum(1))
+    _close(ref[...], xs.T if axis else xs)
+
+
+@pytest.mark.parametrize("per_device", [1, 2, 4])
+def test_ref_arguments_on_eight_devices_equal_states_and_jax_vmap(per_device):
+    """sharding.shard_map over 8 devices, 1, 2 or 4 lanes each: Ref arguments, States, and jax.vmap agree."""
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    mesh = sharding.make_mesh(data=8)
+    lanes = 8 * per_device
+    h0, w0, n0, xs = _initial(lanes)
+    split, whole = NamedSharding(mesh, P("data")), NamedSharding(mesh, P())
+    refs = {"h": jax.new_ref(jax.device_put(h0, split)), "w": jax.new_ref(jax.device_put(w0, whole))}
+    refs["n"] = jax.new_ref(jax.device_put(n0, whole))
+    mapping_fn = sharding.shard_map(mesh, axis="data")
+    with_refs = smap.StatefulMapping(
+        _step, in_axes=({"h": 0, "w": None, "n": None}, 0), axis_name="i", mapping_fn=mapping_fn
+    )
+    states = {"h": smap.HiddenState(h0), "w": smap.ParamState(w0), "n": smap.State(n0)}
+    views = {k: _StateView(s) for k, s in states.items()}
+    with_states = smap.StatefulMapping(
+        lambda x: _step(views, x), state_in_axes=smap.HiddenState, axis_name="i", mapping_fn=mapping_fn
+    )
+    sharding.place(list(states.values()), with_states)
+    xs = jax.device_put(xs, split)
+    h, n = h0, n0
+    for _ in range(2):
+        out, h, n = _pure(h, w0, n, xs)
+        _close(with_refs(refs, xs), out)
+        _close(with_states(xs), out)
+    _close([refs[k][...] for k in "hwn"], [h, w0, n])
+    _close([states[k].value for k in "hwn"], [h, w0, n])
+
+
+class _StateView:
+    """A State read and written as a Ref is (``view[...]``): the same per-lane code on States."""
+
+    def __init__(self, state):
+        self.state = state
+
+    def __getitem__(self, idx):
+        return self.state.value[idx]
+
+    def __setitem__(self, idx, value):
+        self.state.value = self.state.value.at[idx].set(value) if idx is not Ellipsis else value
+
+
+def test_a_ref_argument_inside_a_jitted_mapping():
+    """smap.jit around smap.vmap, the Ref passed through both as an argument."""
+    ref = jax.new_ref(jnp.zeros((B,)))
+    inner = smap.vmap(lambda r, x: r.addupdate(x) or x * 2)
+    out = smap.jit(lambda r, xs: inner(r, xs).sum())(ref, jnp.arange(B, dtype=jnp.float32))
+    _close(out, 2 * jnp.arange(B).sum())
+    _close(ref[...], jnp.arange(B))
+
+
+def test_lowering_with_ref_arguments_writes_nothing():
+    ref = jax.new_ref(jnp.ones((B, 2)))
+
+    def step(r, x):
+        r[...] = r[...] * x
+        return r[...].sum()
+
+    mapped = smap.vmap(step)
+    compiled = mapped.lower(ref, jnp.full((B, 2), 3.0)).compile()
+    assert compiled.memory_analysis().argument_size_in_bytes == 2 * B * 2 * 4  # the Ref's value and x
+    assert smap.jit(step).trace(ref, 2.0).jaxpr.in_avals[0].shape == (B, 2)  # the Ref's State is the first input
+    _close(ref[...], jnp.ones((B, 2)))
+
+
+# -- Ref arguments: bad input names the argument, and nothing changes ------------------------
+
+
+@pytest.mark.parametrize(
+    "body, error, words",
+    [
+        (lambda r: r["w"].__setitem__(..., jnp.ones(4)), ValueError, ["Ref args[0]['w']", "shape (4,)", "fixed"]),
+        (lambda r: r["w"].__setitem__(..., jnp.ones(3, jnp.int32)), TypeError, ["Ref args[0]['w']", "int32"]),
+        (lambda r: jax.free_ref(r["w"]), TypeError, ["Ref args[0]['w']", "jax.free_ref"]),
+        (lambda r: jax.ref.freeze(r["w"]), TypeError, ["Ref args[0]['w']", "freeze"]),
+    ],
+    ids=["shape", "dtype", "free_ref", "freeze"],
+)
+@pytest.mark.parametrize("transform", ["jit", "vmap"])
+def test_bad_writes_of_a_ref_argument_name_it_and_change_nothing(body, error, words, transform):
+    refs = {"w": jax.new_ref(jnp.ones(3)), "s": jax.new_ref(jnp.zeros(3))}
+    other = smap.State(jnp.zeros(3))
+
+    def f(r, x):
+        other.value = other.value + x
+        r["s"][...] = r["s"][...] + 1.0
+        body(r)
+        return x
+
+    wrapped = smap.jit(f) if transform == "jit" else smap.vmap(f, in_axes=(None, None), axis_size=2)
+    with pytest.raises(error) as info:
+        wrapped(refs, jnp.ones(3))
+    for word in words:
+        assert word in str(info.value)
+    _close([refs["w"][...], refs["s"][...], other.value], [jnp.ones(3), jnp.zeros(3), jnp.zeros(3)])
+
+
+def test_lower_with_the_wrong_structure_names_the_argument_and_changes_nothing():
+    ref = jax.new_ref(jnp.zeros((B, 2)))
+
+    def f(r, x):
+        r[...] = r[...] + x
+
+    mapped = smap.vmap(f, in_axes=({"a": 0}, 0))
+    with pytest.raises(ValueError, match=r"in_axes\[0\], for args\[0\]"):
+        mapped.lower(ref, jnp.ones((B, 2)))
+    with pytest.raises(ValueError, match=r"mapped sizes differ: .*Ref args\[0\]"):
+        smap.vmap(f).lower(ref, jnp.ones((B + 1, 2)))
+    with pytest.raises(ValueError, match="in_axes has 2 entries but the function was called with 1"):
+        smap.vmap(f, in_axes=(0, 0)).lower(ref)
+    _close(ref[...], jnp.zeros((B, 2)))
+
+
+def test_a_ref_argument_given_two_axes_is_refused():
+    ref = jax.new_ref(jnp.zeros((B, B)))
+
+    def f(r, q, x):
+        r[...] = r[...] + x
+
+    with pytest.raises(ValueError, match=r"in_axes maps args\[0\], a jax.Ref, along axis 0, but state_in_axes"):
+        smap.vmap(f, in_axes=(0, 0, 0), state_in_axes={1: jax.Ref})(ref, ref, jnp.ones((B, B)))
+    with pytest.raises(ValueError, match=r"the same jax.Ref is passed as args\[0\] with in_axes 0 and as args\[1\]"):
+        smap.vmap(f, in_axes=(0, 1, 0))(ref, ref, jnp.ones((B, B)))
+    _close(ref[...], jnp.zeros((B, B)))
+
+
+def test_differentiating_a_ref_argument_says_to_use_grad_states():
+    ref = jax.new_ref(jnp.ones(3))
+    loss = lambda r, x: jnp.sum(r[...] * x) ** 2  # noqa: E731
+    with pytest.raises(TypeError, match=r"argnums selects args\[0\], which holds a jax.Ref.*grad_states"):
+        smap.grad(loss)(ref, jnp.ones(3))
+    # the fix: the Ref as a state (itself, or a State made from it) in grad_states
+    _close(smap.grad(loss, grad_states=ref, argnums=None)(ref, jnp.arange(3.0)), 6 * jnp.arange(3.0))
+
+
+def test_a_ref_freed_or_frozen_before_the_call_behaves_as_under_jax_jit():
+    """JAX 0.10-0.12 leave a Ref freed or frozen outside a trace readable and writable: smap as jax.jit."""
+
+    def f(r, x):
+        r[...] = r[...] + x
+        return r[...]
+
+    for end in (jax.free_ref, jax.ref.freeze):
+        ours, theirs = jax.new_ref(jnp.zeros(2)), jax.new_ref(jnp.zeros(2))
+        end(ours)
+        end(theirs)
+        _close(smap.jit(f)(ours, 1.0), jax.jit(f)(theirs, 1.0))
+        _close(ours[...], theirs[...])
+
+
+def test_a_ref_passed_by_keyword_is_mapped_along_axis_0_as_jax_vmap_maps_keywords():
+    def add(x, *, acc):
+        acc[...] = acc[...] + x
+        return acc[...].sum()
+
+    xs = jnp.arange(B * 2.0).reshape(B, 2)
+    ours, theirs = jax.new_ref(jnp.ones((B, 2))), jax.new_ref(jnp.ones((B, 2)))
+    _close(smap.vmap(add)(xs, acc=ours), jax.vmap(add)(xs, acc=theirs))
+    _close(ours[...], theirs[...])
+    _close(smap.jit(add)(xs, acc=ours), (2 * xs + 1).sum())
+    _close(ours[...], 2 * xs + 1)
+
+
+@pytest.mark.parametrize("transform", ["jit", "vmap"])
+def test_refs_passed_once_and_freed_are_forgotten(transform):
+    """A new Ref each call: each call is right, and the transform keeps no State of the freed ones."""
+    import gc
+
+    def add(r, x):
+        r[...] = r[...] + x
+        return r[...].sum()
+
+    wrapped = smap.jit(add) if transform == "jit" else smap.vmap(add, in_axes=(0, None))
+    for i in range(4):
+        ref = jax.new_ref(jnp.full((2, 3), float(i)))
+        _close(wrapped(ref, 1.0), (i + 1.0) * (6 if transform == "jit" else 3))
+        _close(ref[...], jnp.full((2, 3), i + 1.0))
+        del ref
+        gc.collect()
+    assert len(wrapped._state_list.states) <= 1
+    assert sum(map(len, wrapped._entries.values())) <= 1

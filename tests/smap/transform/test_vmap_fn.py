@@ -104,3 +104,49 @@ def test_a_state_written_inside_micro_vmap_is_a_clear_error_and_stays_unchanged(
     with pytest.raises(TypeError, match=r"writes LongTermState float32\[\] from inside a JAX transformation"):
         micro_vmap(counting, microbatch_size=2, vmap_fn=smap.vmap)(jnp.ones((4, 2)))
     assert seen.value == 0
+
+
+needs_refs = pytest.mark.skipif(not smap._compat.HAS_REFS, reason="this JAX has no jax.Ref")
+
+
+@needs_refs
+@pytest.mark.parametrize("microbatch_size", [2, 8])
+def test_micro_vmap_reads_refs_as_states(microbatch_size):
+    w0 = rand(3, 2, seed=1)
+    w = jax.new_ref(w0)
+    x, y = rand(8, 3, seed=2), rand(8, 2, seed=3)
+    ours = micro_vmap(
+        lambda x, y: grad_of(w[...], x, y), in_axes=(0, 0), microbatch_size=microbatch_size, vmap_fn=smap.vmap
+    )(x, y)
+    np.testing.assert_allclose(ours, jax.vmap(grad_of, in_axes=(None, 0, 0))(w0, x, y), rtol=1e-5, atol=1e-5)
+
+
+@needs_refs
+def test_a_ref_written_inside_micro_vmap_is_a_clear_error_and_stays_unchanged():
+    seen = jax.new_ref(jnp.zeros(()))
+
+    def counting(x):
+        seen[...] = seen[...] + 1
+        return 2 * x
+
+    with pytest.raises(TypeError, match=r"writes Ref float32\[\] \(State\) from inside a JAX transformation"):
+        micro_vmap(counting, microbatch_size=2, vmap_fn=smap.vmap)(jnp.ones((4, 2)))
+    assert seen[...] == 0
+
+
+def test_on_explicit_axes_micro_vmap_cannot_split_a_split_batch_with_jax_vmap_either():
+    """docs/from-jax.md's claim: optax's own reshape is refused, whichever vmap_fn (so not smap's to fix)."""
+    mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Explicit,))
+    w = smap.ParamState(rand(3, 2, seed=1))
+    errors = []
+
+    def microbatched(vmap_fn):
+        return jax.jit(micro_vmap(lambda x, y: grad_of(w.value, x, y), microbatch_size=8, vmap_fn=vmap_fn))
+
+    with jax.set_mesh(mesh):
+        x, y = (jax.device_put(a, P("data")) for a in (rand(16, 3, seed=2), rand(16, 2, seed=3)))
+        for vmap_fn in (smap.vmap, jax.vmap):
+            with pytest.raises(Exception, match="reshape is not supported") as error:
+                microbatched(vmap_fn)(x, y)
+            errors.append(type(error.value).__name__)
+    assert errors[0] == errors[1]
