@@ -120,6 +120,10 @@ class _Adapter:
         return axis_size // n_devices
 
     def _local_program(self, lanes: Lanes, axes: list, out_axes: list, span: Span) -> Callable:
+        if span.local_size == 1:
+            # A device's sum over its one lane is that lane's product: fusing it only rewrites the
+            # contraction, in a form XLA:CPU leaves to a slower kernel (docs/performance.md).
+            lanes = lanes.unfused()
         lane = spanning_lane(lanes.jaxpr, span) if lanes.plan.axis_name is not None else lanes
         return jax.vmap(
             lambda *a: tuple(lane(*a)),

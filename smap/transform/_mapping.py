@@ -422,17 +422,16 @@ class StatefulMapping(StatefulFunction[P, R]):
         # A program whose sharding annotations are laid out where its lanes run is run whole.
         tail = None if program.annotated else split_tail(program.jaxpr, batched, lane_plan.out_axes, self.axis_name)
         head = program.jaxpr if tail is None else tail.head
-        run: Callable | None = None
+        fused = None
         if self.fuse_lane_sums and self.axis_name is not None:
-            run = fused_lanes(head, batched, self.axis_name)
-        if run is None and program.annotated:  # its annotations are laid out where the lane runs
-            run = program
+            fused = fused_lanes(head, batched, self.axis_name)
+        run = program if program.annotated else None  # its annotations are laid out where the lane runs
         head_plan = (
             lane_plan
             if tail is None
             else dataclasses.replace(lane_plan, out_axes=tail.head_out_axes(lane_plan.out_axes))
         )
-        lanes = Lanes(head, head_plan, run)
+        lanes = Lanes(head, head_plan, run, fused)
         return _mapped_program(program, lanes, _calling_convention(self.mapping_fn, self.mapping_kwargs), tail)
 
     def _remember_per_lane_writes(self, program: Program, lane_plan: LanePlan) -> None:
