@@ -199,9 +199,10 @@ def compiled_hlo(fn, *args) -> str:
     return fn.lower(*args).compile().as_text()
 
 
+@pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("program", list(PROGRAMS))
-def test_no_all_gather_of_a_whole_weight(program):
-    m = mesh(4, 2)  # Auto axes: on Explicit ones the weights are gathered during the call (docs/sharding.md)
+def test_no_all_gather_of_a_whole_weight(program, kind):
+    m = mesh(4, 2, kind)
     _, mlp, _, step = run(PROGRAMS[program], sharding.shard_map(m, axis="data"), place_on=m, calls=1)
     x = jax.device_put(rand(B, D, seed=10), NamedSharding(m, P("data")))
     hlo = compiled_hlo(step, x)
