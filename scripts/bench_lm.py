@@ -32,7 +32,10 @@ from the same initial parameters and the same batches; (2) time per step:
 in each of ``--rounds`` rounds every program makes ``--calls`` blocked calls,
 the two programs of a form one after the other (which goes first alternates),
 and the round's ratio is the smap median over the plain median; the median
-ratio over the rounds and its spread are printed; (3) the collectives in
+ratio over the rounds and its spread are printed, and the median ratio of
+the process CPU time per call (every thread's: steadier than wall time on a
+shared machine, where a call of 8 emulated devices waits for whichever
+thread the OS runs); (3) the collectives in
 XLA's optimised HLO of each step, by kind, and (4) its temporary bytes per
 device (``compiled.memory_analysis()``).
 """
@@ -223,20 +226,27 @@ def check_losses(pair: tuple[Program, Program], batches: list[np.ndarray]) -> li
     return seen
 
 
-def measure(pairs: list[tuple[Program, Program]], ids: np.ndarray, rounds: int, calls: int) -> list[list[float]]:
-    """Per form, the ratio smap / plain of each round's median call time (the pair's order alternating)."""
+def measure(
+    pairs: list[tuple[Program, Program]], ids: np.ndarray, rounds: int, calls: int
+) -> tuple[list[list[float]], list[list[float]]]:
+    """Per form, the ratios smap / plain of each round's median call time and median process CPU
+    time (all threads: the devices' work, and their waits) per call; the pair's order alternates."""
     ratios: list[list[float]] = [[] for _ in pairs]
+    cpu_ratios: list[list[float]] = [[] for _ in pairs]
     for r in range(rounds):
         for i, pair in enumerate(pairs):
             times: list[list[float]] = [[], []]
+            cpu: list[list[float]] = [[], []]
             order = (0, 1) if (r + i) % 2 == 0 else (1, 0)
             for j in order:
                 for _ in range(calls):
-                    start = time.perf_counter()
+                    start, start_cpu = time.perf_counter(), time.process_time()
                     jax.block_until_ready(pair[j].step(ids))
                     times[j].append(time.perf_counter() - start)
+                    cpu[j].append(time.process_time() - start_cpu)
             ratios[i].append(statistics.median(times[0]) / statistics.median(times[1]))
-    return ratios
+            cpu_ratios[i].append(statistics.median(cpu[0]) / statistics.median(cpu[1]))
+    return ratios, cpu_ratios
 
 
 def machine() -> str:
@@ -279,12 +289,13 @@ def main() -> int:
             pairs.append((smap_side, plain_side))
             print(f"built {form} on {mesh_kind} axes", flush=True)
     batch = lm.batch_at(ids, 0, args).reshape(int(options.batch_size), -1)
-    ratios = measure(pairs, batch, options.rounds, options.calls)
+    ratios, cpu_ratios = measure(pairs, batch, options.rounds, options.calls)
 
     header = [
         "form",
         "smap / plain (median)",
         "range",
+        "CPU time (median)",
         "loss step 1 (smap, plain)",
         "step 20",
         "all-gathers",
@@ -292,12 +303,13 @@ def main() -> int:
         "temp bytes",
     ]
     lines = []
-    for (name, losses, counts, temps), r in zip(rows, ratios):
+    for (name, losses, counts, temps), r, c in zip(rows, ratios, cpu_ratios):
         lines.append(
             [
                 name,
                 f"{statistics.median(r):.2f}x",
                 f"{min(r):.2f}-{max(r):.2f}",
+                f"{statistics.median(c):.2f}x",
                 f"{losses[0][0]:.6f}, {losses[0][1]:.6f}",
                 f"{losses[1][0]:.6f}, {losses[1][1]:.6f}",
                 f"{counts[0]['all-gather']} ({counts[1]['all-gather']})",

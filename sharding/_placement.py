@@ -157,15 +157,18 @@ def _bytes_per_device(x: Any) -> int:
     return int(np.prod(np.shape(x))) * np.dtype(x.dtype).itemsize
 
 
-def _gathered(leaves: list, axis: int | None, adapter: ShardMap) -> str:
-    """The lane axes over which a call gathers these leaves, read from their shardings.
+def _gathered(leaves: list, axis: int | None, adapter: ShardMap, read_in_lanes: bool | None) -> str:
+    """The lane axes over which a call gathers these leaves, from the program and their shardings.
 
     The call's ``shard_map`` is manual over the lane axes only and takes a
     value whole over them, except its mapped dimension ``axis``, which it
-    takes split over exactly the lane axes in order. So a leaf is gathered
-    over each lane axis that splits one of its other dimensions (or that
-    splits its mapped dimension in another order). Splits over the other
-    mesh axes stay in place during the call.
+    takes split over exactly the lane axes in order. So a leaf that the lanes
+    read is gathered over each lane axis that splits one of its other
+    dimensions (or that splits its mapped dimension in another order). A
+    state that only the lane-invariant tail reads (``read_in_lanes`` False:
+    an optimizer's moments) is never taken by the ``shard_map``: it is
+    updated where its shards live. Splits over the other mesh axes stay in
+    place during the call, on Auto and Explicit axes alike.
     """
     lanes = adapter.axes
     gathered: set[str] = set()
@@ -179,7 +182,9 @@ def _gathered(leaves: list, axis: int | None, adapter: ShardMap) -> str:
             on_lanes = tuple(n for n in names if n in lanes)
             if dim != mapped or on_lanes not in ((), lanes):
                 gathered.update(on_lanes)
-    return "over " + ",".join(a for a in lanes if a in gathered) if gathered else "no"
+    if not gathered or read_in_lanes is False:
+        return "no"
+    return "over " + ",".join(a for a in lanes if a in gathered)
 
 
 def describe(target: Any, mapping: smap.StatefulMapping | None = None) -> StateTable:
@@ -193,9 +198,13 @@ def describe(target: Any, mapping: smap.StatefulMapping | None = None) -> StateT
     rest. With ``mapping`` (one that runs with ``sharding.shard_map`` or
     ``jax.shard_map``), a ``gathered`` column says, per state, over which of
     the mapping's lane axes its call gathers it whole (``no`` when it does not,
-    ``not on mesh`` for a value not yet placed on the mapping's mesh). It is
-    read from the state's sharding and the lane axes: a call is manual over the
-    lane axes only, so splits over every other mesh axis stay during the call.
+    ``not on mesh`` for a value not yet placed on the mapping's mesh). It comes
+    from the program the mapping built at its last call (which states its lanes
+    read: one that only the lane-invariant tail reads, such as an optimizer's
+    moment, is updated where its shards live) and the state's sharding: a call
+    is manual over the lane axes only, so splits over every other mesh axis
+    stay during the call. Before the first call every state counts as read by
+    the lanes.
 
     Example:
         >>> import jax.numpy as jnp, smap, sharding
@@ -211,6 +220,7 @@ def describe(target: Any, mapping: smap.StatefulMapping | None = None) -> StateT
     table = StateTable()
     for path, state in _states(target).items():
         axis = None if mapping is None else mapping.state_axis(state)
+        read_in_lanes = None if mapping is None else mapping.read_in_lanes(state)
         for leaf_path, x in jax.tree_util.tree_flatten_with_path(state.peek())[0]:
             table.append(
                 StateRow(
@@ -220,7 +230,7 @@ def describe(target: Any, mapping: smap.StatefulMapping | None = None) -> StateT
                     dtype=str(x.dtype),
                     spec=_spec_text(x),
                     bytes_per_device=_bytes_per_device(x),
-                    gathered=None if adapter is None else _gathered([x], axis, adapter),
+                    gathered=None if adapter is None else _gathered([x], axis, adapter, read_in_lanes),
                 )
             )
     return table

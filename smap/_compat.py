@@ -423,6 +423,34 @@ def _explicit(mesh: Any) -> tuple[str, ...]:
     return tuple(n for n, t in zip(mesh.axis_names, mesh.axis_types) if t == AxisType.Explicit)
 
 
+def explicit_axes(mesh: Any) -> tuple[str, ...]:
+    """The names of ``mesh``'s Explicit axes."""
+    return _explicit(mesh)
+
+
+def spec_on(x: Any, mesh: Mesh) -> PartitionSpec | None:
+    """The PartitionSpec in ``x``'s type (traced or not) when that type is on ``mesh``'s axes, else None."""
+    sharding = jax.typeof(x).sharding
+    if sharding.mesh.empty or sharding.mesh.axis_names != mesh.axis_names:
+        return None
+    return sharding.spec
+
+
+def with_auto_axes(f: Callable, mesh: Mesh, out_specs: Sequence[PartitionSpec]) -> Callable:
+    """``f`` run with ``mesh``'s Explicit axes made Auto; its outputs typed as ``out_specs`` on ``mesh``."""
+    shardings = tuple(NamedSharding(mesh, spec) for spec in out_specs)
+    auto = jax.sharding.auto_axes(lambda *xs: tuple(f(*xs)), axes=_explicit(mesh), out_sharding=shardings)
+    return lambda *xs: list(auto(*xs))
+
+
+def in_context_types(mesh: Mesh) -> Mesh:
+    """``mesh`` with the axis types of the context (inside ``jax.sharding.auto_axes`` its Explicit axes are Auto)."""
+    context = jax.sharding.get_abstract_mesh()
+    if context.empty or tuple(context.axis_names) != tuple(mesh.axis_names) or context.axis_types == mesh.axis_types:
+        return mesh
+    return Mesh(mesh.devices, mesh.axis_names, axis_types=context.axis_types)
+
+
 def onto_mesh(values: Sequence[Any], mesh: Mesh, specs: Sequence[PartitionSpec]) -> list:
     """Traced ``values`` resharded onto ``mesh`` as ``specs`` say, where the mesh has Explicit axes.
 
@@ -434,8 +462,9 @@ def onto_mesh(values: Sequence[Any], mesh: Mesh, specs: Sequence[PartitionSpec])
     A value split over an Explicit axis the lanes do not use is gathered over
     it here: the per-lane program is traced without a mesh, and JAX's
     Explicit sharding types would ask it to say how each product over such an
-    axis is laid out. Hybrid data and model placement inside the call needs
-    that axis to be of type Auto (``sharding.make_mesh``).
+    axis is laid out. A ``StatefulMapping`` avoids this by running its lanes
+    under :func:`with_auto_axes` (the axes are Auto there, and no value is
+    resharded here).
     """
     if not _explicit(mesh):
         return list(values)

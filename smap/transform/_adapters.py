@@ -111,6 +111,22 @@ class _Adapter:
         """
         return functools.partial(self._map, lanes)
 
+    def enclose(
+        self,
+        compute: Callable[..., list],
+        leaves: list,
+        in_axes: Sequence[int | None],
+        out_axes: Sequence[int | None],
+        like: list[int | None],
+    ) -> list:
+        """``compute(*leaves)``: a mapping's whole program (its lanes, then their tail), as the adapter runs it.
+
+        ``in_axes`` and ``out_axes`` are the mapped axes of the leaves and
+        of the outputs; ``like[k]`` is the input leaf whose layout output
+        ``k`` keeps (a written state's value), or None.
+        """
+        return compute(*leaves)
+
     def _local_lanes(self, axis_size: int, n_devices: int, where: str = "") -> int:
         if axis_size % n_devices:
             raise ValueError(
@@ -120,6 +136,10 @@ class _Adapter:
         return axis_size // n_devices
 
     def _local_program(self, lanes: Lanes, axes: list, out_axes: list, span: Span) -> Callable:
+        if span.local_size == 1:
+            # A device's sum over its one lane is that lane's product: fusing it only rewrites the
+            # contraction, in a form XLA:CPU leaves to a slower kernel (docs/performance.md).
+            lanes = lanes.unfused()
         lane = spanning_lane(lanes.jaxpr, span) if lanes.plan.axis_name is not None else lanes
         return jax.vmap(
             lambda *a: tuple(lane(*a)),
@@ -189,9 +209,37 @@ class ShardMap(_Adapter):
         axes = self.axes
         return PartitionSpec(*([None] * axis), axes[0] if len(axes) == 1 else axes)
 
+    def enclose(
+        self,
+        compute: Callable[..., list],
+        leaves: list,
+        in_axes: Sequence[int | None],
+        out_axes: Sequence[int | None],
+        like: list[int | None],
+    ) -> list:
+        """``compute`` with the mesh's Explicit axes made Auto (``jax.sharding.auto_axes``) while it runs.
+
+        Inside, the lanes' ``shard_map`` is manual over the lane axes only and
+        XLA lays out the rest, as on a mesh of Auto axes: a value split over
+        another axis stays split while the lanes compute. Each output comes
+        back typed as the Explicit axes say: a written state as its value was
+        when that was on the mesh, an output mapped along ``axis`` split over
+        the lane axes there, any other output replicated.
+        """
+        mesh, lane_axes = self.mesh_and_axes()
+        if not _compat.explicit_axes(mesh):
+            return compute(*leaves)
+        specs = []
+        for k, axis in enumerate(out_axes):
+            j = like[k]
+            kept = None if j is None or in_axes[j] != axis else _compat.spec_on(leaves[j], mesh)
+            specs.append(self.lane_spec(0, axis) if kept is None else kept)
+        return _compat.with_auto_axes(compute, mesh, specs)(*leaves)
+
     def _map(self, lanes: Lanes, *leaves: Any) -> list:
         mesh, mesh_axes = self.mesh_and_axes()
         self._check_context(mesh)
+        mesh = _compat.in_context_types(mesh)
         with _annotations.lanes_over(mesh_axes):  # sharding annotations in the lanes drop these axes
             return self._map_over(mesh, mesh_axes, lanes, leaves)
 

@@ -24,6 +24,7 @@ from collections.abc import Callable, Hashable, Sequence
 from typing import Any, ParamSpec, Protocol, TypeVar, cast, overload
 
 import jax
+from jax.extend.core import Literal
 
 from .. import _compat
 from .. import filter as filters
@@ -360,6 +361,9 @@ class StatefulMapping(StatefulFunction[P, R]):
         self._written_per_lane: weakref.WeakKeyDictionary[State, tuple[tuple[int, ...], ...]] = (
             weakref.WeakKeyDictionary()
         )
+        # Per state, whether the lanes of the program traced last read it (a state that only the
+        # lane-invariant tail reads is read where its shards live; see _hoist).
+        self._read_in_lanes: weakref.WeakKeyDictionary[State, bool] = weakref.WeakKeyDictionary()
         functools.update_wrapper(self, fun, updated=())
 
     def state_axis(self, state: State) -> int | None:
@@ -372,6 +376,29 @@ class StatefulMapping(StatefulFunction[P, R]):
             1
         """
         return select_axis(self.state_in_axes, state.path, state)[1]
+
+    def read_in_lanes(self, state: State) -> bool | None:
+        """Whether the lanes of this mapping's last traced program read ``state``; None before a trace.
+
+        A state that only the lane-invariant tail reads (an optimizer's
+        moments, after the ``pmean`` of the gradients) is read after the
+        lanes, where its shards live (see ``smap.transform._hoist``).
+
+        Example:
+            >>> import jax, jax.numpy as jnp, smap
+            >>> w, m = smap.ParamState(jnp.ones(3)), smap.LongTermState(jnp.zeros(3))
+            >>> @smap.vmap(axis_name="b")
+            ... def step(x):
+            ...     g = jax.lax.pmean(x * w.value, "b")
+            ...     m.value = 0.9 * m.value + g
+            ...     w.value = w.value - m.value
+            >>> step.read_in_lanes(w) is None
+            True
+            >>> _ = step(jnp.ones((2, 3)))
+            >>> step.read_in_lanes(w), step.read_in_lanes(m)
+            (True, False)
+        """
+        return self._read_in_lanes.get(state)
 
     def _state_in_axis(self, state: State, leaves: list) -> int | None:
         """The axis a call maps ``state`` along: ``state_in_axes``'s, or 0 for a state this mapping wrote per lane.
@@ -471,18 +498,29 @@ class StatefulMapping(StatefulFunction[P, R]):
         # A program whose sharding annotations are laid out where its lanes run is run whole.
         tail = None if program.annotated else split_tail(program.jaxpr, batched, lane_plan.out_axes, self.axis_name)
         head = program.jaxpr if tail is None else tail.head
-        run: Callable | None = None
+        self._remember_lane_reads(program, head)
+        fused = None
         if self.fuse_lane_sums and self.axis_name is not None:
-            run = fused_lanes(head, batched, self.axis_name)
-        if run is None and program.annotated:  # its annotations are laid out where the lane runs
-            run = program
+            fused = fused_lanes(head, batched, self.axis_name)
+        run = program if program.annotated else None  # its annotations are laid out where the lane runs
         head_plan = (
             lane_plan
             if tail is None
             else dataclasses.replace(lane_plan, out_axes=tail.head_out_axes(lane_plan.out_axes))
         )
-        lanes = Lanes(head, head_plan, run)
+        lanes = Lanes(head, head_plan, run, fused)
         return _mapped_program(program, lanes, _calling_convention(self.mapping_fn, self.mapping_kwargs), tail)
+
+    def _remember_lane_reads(self, program: Program, head: Any) -> None:
+        """Record which states the lanes (``head``, the per-lane part of ``program``) read."""
+        read = [v for eqn in head.jaxpr.eqns for v in eqn.invars] + list(head.jaxpr.outvars)
+        used = {v for v in read if not isinstance(v, Literal)}
+        state_vars = head.jaxpr.invars[program.n_args :]
+        start = 0
+        for state, tree in zip(program.states, program.state_trees):
+            n = tree.num_leaves
+            self._read_in_lanes[state] = any(v in used for v in state_vars[start : start + n])
+            start += n
 
     def _remember_per_lane_writes(self, program: Program, lane_plan: LanePlan) -> None:
         """Record the shapes that unexpected per-lane writes give their states (see :meth:`_state_in_axis`)."""
@@ -579,16 +617,31 @@ def _mapped_program(program: Program, lanes: Lanes, mapping_fn: MappingFn, tail:
             axis_size=lane_plan.axis_size,
         )
 
+    out_axes = lane_plan.out_axes if tail is None else tail.program_out_axes(lane_plan.out_axes)
+
+    def compute(*leaves: Any) -> list:
+        results = mapped(*leaves)
+        if tail is not None:
+            results = tail.finish(results, list(leaves), program.jaxpr.consts)
+        return list(results)
+
     def run(arg_leaves: list, state_values: list) -> tuple[Any, list]:
         state_leaves: list = []
+        starts: list[int] = []
         next_values: dict[int, Any] = {}
         for i, value in enumerate(state_values):
             if i in lane_plan.own_lanes:
                 value, next_values[i] = cast(tuple, program.states[i].lane_values(value, lane_plan.axis_size))
+            starts.append(len(arg_leaves) + len(state_leaves))
             state_leaves.extend(jax.tree_util.tree_leaves(value))
-        results = mapped(*arg_leaves, *state_leaves)
-        if tail is not None:
-            results = tail.finish(results, [*arg_leaves, *state_leaves], program.jaxpr.consts)
+        leaves = [*arg_leaves, *state_leaves]
+        if isinstance(mapping_fn, _Adapter):
+            # A written state's new value is laid out as its value was (the input leaf it was read from).
+            like: list[int | None] = [None] * program.n_outs
+            like += [starts[i] + k for i in program.written for k in range(program.state_trees[i].num_leaves)]
+            results = mapping_fn.enclose(compute, leaves, lane_plan.in_axes, out_axes, like)
+        else:
+            results = compute(*leaves)
         outs, written = results[: program.n_outs], program.unflatten_written(results[program.n_outs :])
         for j, i in enumerate(program.written):
             if i in lane_plan.take_next:

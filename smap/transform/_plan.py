@@ -104,29 +104,43 @@ class Lanes:
             ones ``plan`` maps.
         plan: how the program runs over the lanes.
         run: how one lane runs when it is not by evaluating ``program`` as
-            traced: its fused form (sums over the lanes of per-lane products
-            fused, see ``smap.transform._fuse``), or the program with its
-            sharding annotations laid out where the lane runs (see
-            ``smap._annotations``); None to evaluate it as traced.
+            traced: the program with its sharding annotations laid out where
+            the lane runs (see ``smap._annotations``); None to evaluate it as
+            traced.
+        fused: the lane's fused form (sums over the lanes of per-lane
+            products written as one product, see ``smap.transform._fuse``),
+            which a lane runs when there is one; None when nothing was fused.
     """
 
     program: ClosedJaxpr
     plan: LanePlan
     run: Callable[..., list] | None = None
+    fused: Callable[..., list] | None = None
 
     def __call__(self, *leaves: Any) -> list:
         """One lane: the program's outputs from its input leaves."""
+        if self.fused is not None:
+            return self.fused(*leaves)
         if self.run is not None:
             return self.run(*leaves)
         return jax.core.eval_jaxpr(self.program.jaxpr, self.program.consts, *leaves)
 
+    def unfused(self) -> Lanes:
+        """These lanes with their sums over the lanes computed lane by lane, as traced.
+
+        Where a device holds one lane, a fused sum contracts that lane's
+        product alone: the same product as the traced one (the lane's, then
+        the collective over devices), in the form XLA's own programs take.
+        """
+        return self if self.fused is None else dataclasses.replace(self, fused=None)
+
     @functools.cached_property
     def jaxpr(self) -> ClosedJaxpr:
-        """What one lane runs, as a jaxpr: the program, or its ``run`` traced once (for rewrites)."""
-        if self.run is None:
+        """What one lane runs, as a jaxpr: the program, or its fused form or ``run`` traced once (for rewrites)."""
+        if self.fused is None and self.run is None:
             return self.program
         axis_env = [] if self.plan.axis_name is None else [(self.plan.axis_name, self.plan.axis_size)]
-        return jax.make_jaxpr(self.run, axis_env=axis_env)(*self.program.in_avals)
+        return jax.make_jaxpr(self, axis_env=axis_env)(*self.program.in_avals)
 
 
 def plan(

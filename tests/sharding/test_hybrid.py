@@ -199,9 +199,10 @@ def compiled_hlo(fn, *args) -> str:
     return fn.lower(*args).compile().as_text()
 
 
+@pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("program", list(PROGRAMS))
-def test_no_all_gather_of_a_whole_weight(program):
-    m = mesh(4, 2)  # Auto axes: on Explicit ones the weights are gathered during the call (docs/sharding.md)
+def test_no_all_gather_of_a_whole_weight(program, kind):
+    m = mesh(4, 2, kind)
     _, mlp, _, step = run(PROGRAMS[program], sharding.shard_map(m, axis="data"), place_on=m, calls=1)
     x = jax.device_put(rand(B, D, seed=10), NamedSharding(m, P("data")))
     hlo = compiled_hlo(step, x)
@@ -314,3 +315,39 @@ def test_a_collective_over_the_model_axis_needs_a_shard_map_that_makes_it_manual
     np.testing.assert_allclose(got, (np.asarray(x) * (np.arange(H) + 1.0)).sum(axis=1), rtol=1e-5)
     np.testing.assert_allclose(w_sharded, w.value)
     assert w_sharded.sharding.spec == P("model")
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_dropout_draws_are_one_per_lane_on_every_device_of_its_model_group(kind):
+    """Dropout under hybrid placement: the hidden layer is split over 'model', and each lane's mask
+    (smap.random) is the one jax.vmap draws for that lane: the same on every device that holds a
+    piece of the lane (its model group), different between lanes (data groups)."""
+    m = mesh(4, 2, kind)
+
+    def build():
+        smap.random.seed(3)
+        w = smap.ParamState(rand(D, H, seed=1), tag="column")
+
+        def lane(x):
+            keep = smap.random.bernoulli(0.5, (H,))
+            return jnp.where(keep, jnp.tanh(x @ w.value) * 2.0, 0.0), keep
+
+        return w, lane
+
+    w, lane = build()
+    x = rand(B, D, seed=4)
+    want_out, want_keep = smap.StatefulMapping(lane, mapping_fn=jax.vmap)(x)
+    w, lane = build()
+    step = smap.StatefulMapping(lane, mapping_fn=sharding.shard_map(m, axis="data"))
+    sharding.place([w], step, rules={"column": P(None, "model")})
+    out, keep = step(jax.device_put(x, NamedSharding(m, P("data"))))
+    np.testing.assert_allclose(out, want_out, rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(keep, want_keep)
+    assert len({tuple(row) for row in np.asarray(want_keep).tolist()}) == B  # lanes draw differently
+    # Each device's piece of the masks (its data group's lanes; whole, or its part over 'model')
+    # is that piece of the lanes' draws: the devices of a model group agree.
+    assert len(keep.addressable_shards) == 8  # 4 data groups x 2 devices of 'model'
+    for shard in keep.addressable_shards:
+        assert shard.data.shape[0] == B // 4
+        np.testing.assert_array_equal(np.asarray(shard.data), np.asarray(want_keep)[shard.index])
+    assert trimmed(w.value.sharding.spec) == P(None, "model")
