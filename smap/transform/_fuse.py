@@ -7,7 +7,10 @@ the program holds one product per lane (``f32[lanes, in, out]``) and then
 sums them. The same sum is one ``dot_general`` that also contracts over the
 lanes: ``psum_L(dot(a, b)) == dot(all_gather_L(a), all_gather_L(b))`` with
 the gathered axis contracted, and under ``jax.vmap`` the ``all_gather`` of a
-batched value over the mapped axis is the batched array itself.
+batched value over the mapped axis is the batched array itself. Where a
+lane's product contracts dimensions of its own (tokens), that product may be
+one per group of lanes, then summed over the groups (a cost rule per product,
+:mod:`smap.transform._lane_groups`): never one per lane.
 
 :func:`fused_lanes` re-evaluates a per-lane program with every ``psum`` over
 the mapping's axis whose operand is linear in such products (through
@@ -48,6 +51,7 @@ from jax.extend.core import ClosedJaxpr, Jaxpr, Literal
 from .. import _compat
 from .._compat import jaxprs_in_params
 from ._fuse_layers import layer_sum
+from ._lane_groups import grouped_contraction, is_lane_product, rebind_lane_product
 from ._lanes import _equation as _lane_dependent_outputs
 from ._lanes import lane_dependent
 
@@ -77,14 +81,6 @@ def _lane_sum(compute: Callable[[], Any], axis_name: Hashable) -> Any:
     return jax.jit(call)()
 
 
-def _contraction(a: jax.Array, b: jax.Array, dims: tuple, options: dict, axis_name: Hashable) -> jax.Array:
-    """Sum over the lanes of ``dot_general(a, b, dims)``: one product that contracts the lanes too."""
-    (lhs_c, rhs_c), (lhs_b, rhs_b) = dims
-    shift = lambda axes: tuple(d + 1 for d in axes)  # noqa: E731
-    gathered = (((0, *shift(lhs_c)), (0, *shift(rhs_c))), (shift(lhs_b), shift(rhs_b)))
-    return jax.lax.dot_general(jax.lax.all_gather(a, axis_name), jax.lax.all_gather(b, axis_name), gathered, **options)
-
-
 def is_lane_sum(eqn: Any, lane_axis: Hashable | None = None) -> bool:
     """Whether ``eqn`` is a sum over the lanes that :func:`fused_lanes` wrote as products
     (over the lanes of ``lane_axis``, when given)."""
@@ -107,7 +103,9 @@ def sum_over_lanes(eqn: Any, ins: Sequence[Any], lane_axis: Hashable, axis_name:
     read = lambda v: v.val if isinstance(v, Literal) else env[v]  # noqa: E731
     for e in sub.eqns:
         e_ins = [read(v) for v in e.invars]
-        if _compat.names_axis(e, lane_axis):
+        if is_lane_product(e):  # made again for this device's lanes (its groups)
+            outs = rebind_lane_product(e, e_ins)
+        elif _compat.names_axis(e, lane_axis):
             outs = _compat.bind_gathering_over(e, e_ins, axis_name, axis_size)
         else:
             outs = _compat.bind_equation(e, e_ins)
@@ -272,7 +270,7 @@ def _product(a: Any, b: Any, scale: Any, dims: tuple, options: dict, axis_name: 
         operands = jnp.promote_types(jnp.result_type(a, b), jnp.result_type(scale))
         a, b = a.astype(operands) * scale.astype(operands), b.astype(operands)
         out = jnp.promote_types(out, operands)
-    return _contraction(a, b, dims, {**options, "preferred_element_type": out}, axis_name)
+    return grouped_contraction(a, b, dims, {**options, "preferred_element_type": out}, axis_name)
 
 
 def _complex_to_real(eqn: Any) -> bool:
