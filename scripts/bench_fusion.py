@@ -29,7 +29,9 @@ steps, ``allclose`` at rtol=2e-4, atol=1e-5):
 
 Reported per workload and device count: the per-call time ratios smap /
 jax batch (target <= 1.05) and smap / smap unfused (target <= 1.0, within
-noise <= 1.03); the temporary bytes of ``compiled.memory_analysis()`` per
+noise <= 1.03; this checks the cost rule that picks, per fused product, one
+product over the lanes or one per group of lanes: smap/transform/_lane_groups.py);
+the temporary bytes of ``compiled.memory_analysis()`` per
 device, smap / jax batch (target <= 1.1); and the arrays of shape (lanes per
 device, a weight's shape) in the optimised HLO (every weight of two or more
 dimensions, the embedding and the convolution kernels included; must be

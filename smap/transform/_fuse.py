@@ -7,7 +7,10 @@ the program holds one product per lane (``f32[lanes, in, out]``) and then
 sums them. The same sum is one ``dot_general`` that also contracts over the
 lanes: ``psum_L(dot(a, b)) == dot(all_gather_L(a), all_gather_L(b))`` with
 the gathered axis contracted, and under ``jax.vmap`` the ``all_gather`` of a
-batched value over the mapped axis is the batched array itself.
+batched value over the mapped axis is the batched array itself. Where a
+lane's product contracts dimensions of its own (tokens), that product may be
+one per group of lanes, then summed over the groups (a cost rule per product,
+:mod:`smap.transform._lane_groups`): never one per lane.
 
 :func:`fused_lanes` re-evaluates a per-lane program with every ``psum`` over
 the mapping's axis whose operand is linear in such products (through
@@ -47,6 +50,7 @@ from jax.extend.core import ClosedJaxpr
 
 from .. import _compat, _interpret
 from ._fuse_layers import layer_sum
+from ._lane_groups import grouped_contraction, is_lane_product, rebind_lane_product
 from ._lanes import lanes_rule
 
 __all__ = ["fused_lanes", "is_lane_sum", "sum_over_lanes", "LANE_SUM"]
@@ -75,14 +79,6 @@ def _lane_sum(compute: Callable[[], Any], axis_name: Hashable) -> Any:
     return jax.jit(call)()
 
 
-def _contraction(a: jax.Array, b: jax.Array, dims: tuple, options: dict, axis_name: Hashable) -> jax.Array:
-    """Sum over the lanes of ``dot_general(a, b, dims)``: one product that contracts the lanes too."""
-    (lhs_c, rhs_c), (lhs_b, rhs_b) = dims
-    shift = lambda axes: tuple(d + 1 for d in axes)  # noqa: E731
-    gathered = (((0, *shift(lhs_c)), (0, *shift(rhs_c))), (shift(lhs_b), shift(rhs_b)))
-    return jax.lax.dot_general(jax.lax.all_gather(a, axis_name), jax.lax.all_gather(b, axis_name), gathered, **options)
-
-
 def is_lane_sum(eqn: Any, lane_axis: Hashable | None = None) -> bool:
     """Whether ``eqn`` is a sum over the lanes that :func:`fused_lanes` wrote as products
     (over the lanes of ``lane_axis``, when given)."""
@@ -101,6 +97,8 @@ def sum_over_lanes(eqn: Any, ins: Sequence[Any], lane_axis: Hashable, axis_name:
     assert is_lane_sum(eqn, lane_axis), f"{eqn.primitive.name} is not a sum over the lanes of {lane_axis!r}"
 
     def rule(e: Any, e_ins: list) -> list:
+        if is_lane_product(e):  # made again for this device's lanes (its groups)
+            return rebind_lane_product(e, e_ins)
         if _compat.names_axis(e, lane_axis):
             return _compat.bind_gathering_over(e, e_ins, axis_name, axis_size)
         return _interpret.bind(e, e_ins)
@@ -268,7 +266,7 @@ def _product(a: Any, b: Any, scale: Any, dims: tuple, options: dict, axis_name: 
         operands = jnp.promote_types(jnp.result_type(a, b), jnp.result_type(scale))
         a, b = a.astype(operands) * scale.astype(operands), b.astype(operands)
         out = jnp.promote_types(out, operands)
-    return _contraction(a, b, dims, {**options, "preferred_element_type": out}, axis_name)
+    return grouped_contraction(a, b, dims, {**options, "preferred_element_type": out}, axis_name)
 
 
 def _complex_to_real(eqn: Any) -> bool:

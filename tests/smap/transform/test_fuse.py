@@ -606,3 +606,54 @@ def test_a_complex_factor_is_not_moved_past_a_real_part():
     got = smap.StatefulMapping(lane, axis_name=AXIS, out_axes=None)(a, b, c)
     want = jnp.einsum("b,bij->ij", c, jnp.einsum("bi,bj->bij", a, b).real)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("where", ["jax.pmap-2", "sharding.shard_map-1", "jax.shard_map-4"])
+def test_bfloat16_sum_over_lanes_on_devices_differs_from_vmap_only_by_its_order(where):
+    """Found by the fuzzer (seed 222): bfloat16 parameters and compute, two Adam steps in a
+    while_loop, psum over ('batch',), jax.pmap with 2 lanes per device: Adam's moments
+    differed from jax.vmap's by 1e-4 (largest 8.6e-4). Not a defect: a bfloat16 psum rounds
+    every partial sum; jax.vmap sums the lanes in one reduction, a device its block of lanes
+    and then the blocks, and where the lanes' gradients cancel the two orders round apart.
+    Summed in float32 and rounded once, the step gives jax.vmap's values; summed in bfloat16,
+    each order's sum is within bfloat16's error bound of the exact sum."""
+    mapping, lanes = place(where)
+    rng = np.random.default_rng(8)
+    x = rng.standard_normal((lanes, 3, 4)).astype(np.float32)
+    y = rng.standard_normal((lanes, 3, 2)).astype(np.float32)
+    w0 = _normal(rng, 4, 2).astype(jnp.bfloat16)
+    zeros = np.zeros((4, 2), np.float32)
+    bf16 = jnp.bfloat16
+
+    def loss(v, xe, ye):
+        return jnp.mean((jnp.tanh(xe.astype(bf16) @ v) - ye.astype(bf16)).astype(jnp.float32) ** 2)
+
+    def summed(g, wide):
+        return jax.lax.psum(g.astype(jnp.float32), (AXIS,)).astype(bf16) if wide else jax.lax.psum(g, (AXIS,))
+
+    def train(w, m, s, xe, ye, wide):
+        def adam(carry):
+            i, w, m, s = carry
+            g = summed(jax.grad(loss)(w, xe, ye), wide).astype(jnp.float32) / lanes
+            m, s = 0.9 * m + 0.1 * g, 0.99 * s + 0.01 * g**2
+            return i + 1, (w - 0.01 * m / (jnp.sqrt(s) + 1e-3)).astype(bf16), m, s
+
+        return jax.lax.while_loop(lambda c: c[0] < 2, adam, (0, w, m, s))[1:]
+
+    w, m, s = smap.ParamState(w0), smap.LongTermState(zeros), smap.LongTermState(zeros)
+
+    def step(xe, ye):
+        w.value, m.value, s.value = train(w.value, m.value, s.value, xe, ye, True)
+        return summed(jax.grad(loss)(w0, xe, ye), False)
+
+    on_devices = smap.StatefulMapping(step, axis_name=AXIS, out_axes=None, **mapping)(x, y)
+    reference = jax.vmap(lambda xe, ye: train(w0, zeros, zeros, xe, ye, True), axis_name=AXIS, out_axes=None)(x, y)
+    for got, want in zip((w.value, m.value, s.value), reference):
+        np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), rtol=1e-6, atol=1e-9)
+
+    per_lane = np.asarray(_per_example_grads(loss, w0, x, y), np.float64)  # bfloat16 values
+    in_one_reduction = jax.vmap(lambda g: summed(g, False), axis_name=AXIS, out_axes=None)(per_lane.astype(bf16))
+    unit = 2.0**-8  # bfloat16 keeps 8 significant bits
+    bound = (lanes - 1) * unit / (1 - (lanes - 1) * unit) * np.abs(per_lane).sum(0)
+    for total in (on_devices, in_one_reduction):
+        assert np.all(np.abs(np.asarray(total, np.float64) - per_lane.sum(0)) <= bound)

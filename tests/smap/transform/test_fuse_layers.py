@@ -26,6 +26,7 @@ import pytest
 import sharding
 import smap
 from smap import _compat
+from smap.transform._lane_groups import lane_groups
 
 AXIS = "batch"
 LR = 0.5
@@ -300,7 +301,10 @@ def dots(hlo: str) -> list[str]:
 @pytest.mark.parametrize("form", sorted(DOT_FORMS))
 def test_the_fused_weight_gradient_is_the_batch_steps_product(form):
     """The fused step's dots (operand order, contracting dimensions, result layout) are the
-    dots XLA compiles for jax.grad of the batch loss, so the backend runs the same kernels."""
+    dots XLA compiles for jax.grad of the batch loss, so the backend runs the same kernels,
+    where the cost rule makes one product over the lanes (8 lanes of 5 tokens: too few to
+    group; test_lane_groups.py checks the grouped form)."""
+    assert lane_groups(8, TOKENS, jax.default_backend()) == 1
     loss = DOT_FORMS[form]
     x = np.random.default_rng(6).standard_normal((8, TOKENS, WIDTH)).astype(np.float32)
     w0 = _normal(np.random.default_rng(7), WIDTH, 2 * WIDTH)

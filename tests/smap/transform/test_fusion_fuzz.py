@@ -30,7 +30,14 @@ maps the same function with ``smap.StatefulMapping`` (an inner
 ``jax.vmap`` and on 8 emulated devices with 1, 2 or 4 lanes per device (the
 adapter drawn from ``sharding.shard_map``, ``sharding.pmap``,
 ``jax.shard_map`` and ``jax.pmap``). Every output and State must equal the
-reference's to the round-off of the program's dtype.
+reference's to the round-off of the program's dtype; a bfloat16 program's
+values may also differ by twice the gap between the reference and the
+reference with its gradients' sums accumulated in float32 (a bfloat16 sum
+rounds where its order puts partial sums, which the lanes per device change;
+see ``_WIDE_SUMS``).
+
+Odd groups of seeds lower the threshold of the fused product's cost rule
+so that their products over the lanes are written per group of lanes.
 
 A fixed set of seeds runs in CI; ``SMAP_FUZZ_PROGRAMS=N`` runs seeds
 ``0..N-1`` instead (``SMAP_FUZZ_START`` shifts them), e.g.
@@ -53,6 +60,7 @@ import pytest
 
 import sharding
 import smap
+from smap.transform import _lane_groups
 
 AXIS, INNER = "batch", "seq"
 DEVICES = 8
@@ -69,6 +77,25 @@ COLLECTIVES = ("pmean", "psum", "psum_tuple", "all_gather_sum")
 STRUCTURES = ("plain", "plain", "plain", "scan", "while", "cond")
 OPTIMISERS = ("sgd", "adam")
 TOLERANCE = {"float32": 2e-4, "complex64": 2e-4, "bfloat16": 6e-2, "float16-master": 2e-2}
+
+# While set (by `reference(..., wide_sums=True)`), the gradients' collectives sum bfloat16 values
+# in float32 and round once. A bfloat16 psum rounds each partial sum: jax.vmap sums the lanes in
+# one reduction, a device sums its block of lanes and then the blocks, so the two round at
+# different places. Where the lanes' gradients cancel, the difference is not small against the
+# sum (seed 222: 1e-4 on Adam moments of 8.6e-4, the order alone; `test_fuse.py::
+# test_bfloat16_sum_over_lanes_on_devices_differs_from_vmap_only_by_its_order`). The gap
+# between the references with bfloat16 and with float32 sums measures how much this program's
+# values depend on where its sums round; a bfloat16 program may differ from the reference by
+# twice that gap more than the tolerance.
+_WIDE_SUMS = {"on": False}
+
+
+def _summed_over(collective: Callable, g: Any, axes: Any) -> Any:
+    """``collective(g, axes)`` (psum or pmean); bfloat16 leaves in float32 while ``_WIDE_SUMS``."""
+    if not _WIDE_SUMS["on"]:
+        return collective(g, axes)
+    wide = lambda v: collective(v.astype(jnp.float32), axes).astype(v.dtype)  # noqa: E731
+    return jax.tree_util.tree_map(lambda v: wide(v) if v.dtype == jnp.bfloat16 else collective(v, axes), g)
 
 
 @dataclasses.dataclass
@@ -285,13 +312,13 @@ def draw(seed: int, lanes_per_device: int) -> Program:
     def reduce(g, axes):
         axes = axes if isinstance(axes, tuple) else (axes,)
         if collective == "pmean":
-            return jax.lax.pmean(g, axes)
+            return _summed_over(jax.lax.pmean, g, axes)
         if collective in ("psum", "psum_tuple"):
-            return jax.tree_util.tree_map(lambda v: v / jax.lax.psum(1, axes), jax.lax.psum(g, axes))
+            return jax.tree_util.tree_map(lambda v: v / jax.lax.psum(1, axes), _summed_over(jax.lax.psum, g, axes))
         # all_gather then a sum (over the outer lanes), then the rest
         summed = jax.tree_util.tree_map(lambda v: jnp.sum(jax.lax.all_gather(v, AXIS), 0), g)
         rest = tuple(a for a in axes if a != AXIS)
-        summed = jax.lax.psum(summed, rest) if rest else summed
+        summed = _summed_over(jax.lax.psum, summed, rest) if rest else summed
         return jax.tree_util.tree_map(lambda v: v / jax.lax.psum(1, axes), summed)
 
     outer_axes = (AXIS,) if collective == "psum_tuple" else AXIS
@@ -397,8 +424,9 @@ ADAPTERS: dict[str, Callable[[], tuple[Callable, dict]]] = {
 }
 
 
-def reference(programs: list[Program]) -> list:
-    """The step in plain JAX: jax.vmap over the lanes (and tokens), parameters passed explicitly."""
+def reference(programs: list[Program], wide_sums: bool = False) -> list:
+    """The step in plain JAX: jax.vmap over the lanes (and tokens), parameters passed explicitly
+    (with ``wide_sums``, the gradients' bfloat16 sums accumulated in float32; see _WIDE_SUMS)."""
 
     def inner(fn: Callable) -> Callable:
         return jax.vmap(fn, axis_name=INNER, out_axes=None)
@@ -410,7 +438,11 @@ def reference(programs: list[Program]) -> list:
         flat = [x for d in data for x in d]
         return jax.vmap(lane, axis_name=AXIS, out_axes=[(0, None, None, None)] * len(programs))(*flat)
 
-    return jax.jit(step)([p.params for p in programs], [p.opt for p in programs], [p.data for p in programs])
+    _WIDE_SUMS["on"] = wide_sums
+    try:
+        return jax.jit(step)([p.params for p in programs], [p.opt for p in programs], [p.data for p in programs])
+    finally:
+        _WIDE_SUMS["on"] = False
 
 
 def _split(example: tuple) -> list[tuple]:
@@ -452,20 +484,31 @@ def under_smap(programs: list[Program], fuse: bool, adapter: str | None) -> list
     return [(*out, values(ps), values(opt)) for out, ps, opt in zip(outs, params, opts)]
 
 
-def assert_close(got: Any, want: Any, program: Program, where: str) -> None:
-    """Every leaf equal to the reference's, to the round-off of the program's dtype."""
+def assert_close(got: Any, want: Any, program: Program, where: str, wide: Any = None) -> None:
+    """Every leaf equal to the reference's, to the round-off of the program's dtype (and, given
+    ``wide``, the reference with float32 sums, twice the gap between the two references more)."""
     tolerance = TOLERANCE[program.choices["dtype"]]
     got_leaves, got_tree = jax.tree_util.tree_flatten_with_path(got)
     want_leaves, want_tree = jax.tree_util.tree_flatten(want)
     assert jax.tree_util.tree_structure(got) == want_tree, f"{program} {where}: {got_tree} != {want_tree}"
-    for (path, a), b in zip(got_leaves, want_leaves):
-        a, b = np.asarray(a), np.asarray(b)
+    gaps = jax.tree_util.tree_leaves(want) if wide is None else jax.tree_util.tree_leaves(wide)
+    for (path, a), b, c in zip(got_leaves, want_leaves, gaps):
+        a, b, c = np.asarray(a), np.asarray(b), np.asarray(c)
         what = f"{program}\n{where}, {jax.tree_util.keystr(path)}"
         assert a.shape == b.shape and a.dtype == b.dtype, f"{what}: {a.shape}/{a.dtype} != {b.shape}/{b.dtype}"
-        wide = np.complex128 if np.iscomplexobj(b) else np.float64
-        a, b = a.astype(wide), b.astype(wide)
+        exact = np.complex128 if np.iscomplexobj(b) else np.float64
+        a, b, c = a.astype(exact), b.astype(exact), c.astype(exact)
         finite = np.isfinite(b)
         scale = float(np.max(np.abs(b[finite]))) if finite.any() else 0.0
+        gap = 2 * np.abs(np.where(finite, b - c, 0))
+        if wide is not None:  # a bfloat16 program: it may differ by the gap more
+            d = a - b
+            a = a - (
+                np.clip(d.real, -gap, gap) + 1j * np.clip(d.imag, -gap, gap)
+                if np.iscomplexobj(d)
+                else np.clip(d, -gap, gap)
+            )
+            what += " (less twice the gap to the float32-sum reference)"
         np.testing.assert_allclose(a, b, rtol=tolerance, atol=tolerance * scale + 1e-6, err_msg=what)
 
 
@@ -481,14 +524,27 @@ def group(index: int) -> tuple[list[Program], str]:
 
 
 def check(index: int) -> None:
-    """The programs of group ``index``, fusion on and off, under jax.vmap and on the 8 devices."""
+    """The programs of group ``index``, fusion on and off, under jax.vmap and on the 8 devices.
+
+    Odd groups lower the cost rule's threshold (smap/transform/_lane_groups.py) so that the
+    fused products of lanes with 2 or more tokens are written per group of lanes: the drawn
+    programs are too small to be grouped by the real threshold."""
+    with pytest.MonkeyPatch.context() as patch:
+        if index % 2:
+            patch.setattr(_lane_groups, "MIN_GROUP_CONTRACTION", 2)
+        _check(index)
+
+
+def _check(index: int) -> None:
     programs, adapter = group(index)
     want = reference(programs)
+    bf16 = any(p.choices["dtype"] == "bfloat16" for p in programs)
+    wide = reference(programs, wide_sums=True) if bf16 else [None] * len(programs)
     for on in (None, adapter):
         for fuse in (True, False):
             where = f"{on or 'jax.vmap'} with {programs[0].data[0].shape[0]} lanes, fuse_lane_sums={fuse}"
-            for program, got, expected in zip(programs, under_smap(programs, fuse, on), want):
-                assert_close(got, expected, program, where)
+            for program, got, expected, gaps in zip(programs, under_smap(programs, fuse, on), want, wide):
+                assert_close(got, expected, program, where, gaps if program.choices["dtype"] == "bfloat16" else None)
 
 
 CI_GROUPS = range(4)
