@@ -48,6 +48,7 @@ from jax.extend.core import ClosedJaxpr, Jaxpr, Literal
 from .. import _compat
 from .._compat import jaxprs_in_params
 from ._fuse_layers import layer_sum
+from ._lane_norms import has_squares, squared_norm
 from ._lanes import _equation as _lane_dependent_outputs
 from ._lanes import lane_dependent
 
@@ -148,9 +149,12 @@ def _sums_over_lanes(jaxpr: Jaxpr, axis_name: Hashable) -> bool:
 def fused_lanes(jaxpr: ClosedJaxpr, inputs: Sequence[bool], axis_name: Hashable) -> Callable[..., list] | None:
     """The per-lane program ``jaxpr`` with sums over the lanes of per-lane products fused.
 
-    Returns a function of the program's inputs, to be mapped over ``axis_name``
-    (``jax.vmap`` or any mapping that implements ``all_gather``), or None when
-    the program has no ``psum`` over ``axis_name``.
+    Squared norms of per-lane products (per-example gradient norms) are
+    computed without the products (:mod:`smap.transform._lane_norms`) on the
+    way. Returns a function of the program's inputs, to be mapped over
+    ``axis_name`` (``jax.vmap`` or any mapping that implements ``all_gather``),
+    or None when the program has neither a ``psum`` over ``axis_name`` nor a
+    square.
 
     Arguments:
         jaxpr: the per-lane program.
@@ -169,7 +173,7 @@ def fused_lanes(jaxpr: ClosedJaxpr, inputs: Sequence[bool], axis_name: Hashable)
         >>> bool(jnp.all(summed == x.T @ g))
         True
     """
-    if not _sums_over_lanes(jaxpr.jaxpr, axis_name):
+    if not (_sums_over_lanes(jaxpr.jaxpr, axis_name) or has_squares(jaxpr.jaxpr)):
         return None
 
     def lane(*args: Any) -> list:
@@ -192,6 +196,9 @@ def _evaluate(jaxpr: Jaxpr, consts: Sequence[Any], args: Sequence[_Node], axis_n
             outs = _evaluate(sub, sub_consts, ins, axis_name)
         elif _scan_sums_over_lanes(eqn, axis_name):
             outs = _scan(eqn, ins, axis_name)
+        elif (norm := squared_norm(eqn, ins)) is not None:
+            deps = _lane_dependent_outputs(eqn, [n.dependent for n in ins], axis_name)
+            outs = [_Node(v, d) for v, d in zip(norm, deps)]
         else:
             values = _compat.bind_equation(eqn, [n.value for n in ins])
             deps = _lane_dependent_outputs(eqn, [n.dependent for n in ins], axis_name)
