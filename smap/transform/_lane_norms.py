@@ -223,13 +223,9 @@ def _gram(node: Any) -> Plan | None:
     def plan(dtype: Any) -> Any:
         grams = []
         for x, batch, contract in ((a.value, lhs_b, lhs_c), (b.value, rhs_b, rhs_c)):
-            x = _grouped(x, tuple(batch), tuple(contract))
-            wide = jnp.promote_types(x.dtype, dtype)
-            grams.append(
-                jax.lax.dot_general(
-                    x, x, (((2,), (2,)), ((0,), (0,))), precision=options["precision"], preferred_element_type=wide
-                )
-            )
+            # Widened before the product (exact): the Gram accumulates in no narrower a dtype.
+            x = _grouped(x, tuple(batch), tuple(contract)).astype(jnp.promote_types(x.dtype, dtype))
+            grams.append(jax.lax.dot_general(x, x, (((2,), (2,)), ((0,), (0,))), precision=options["precision"]))
         return jnp.sum(grams[0] * grams[1])
 
     return plan
