@@ -104,7 +104,10 @@ def squared_norm(eqn: Any, ins: list) -> list | None:
         dtype = jnp.result_type(ins[0].value)
         total = functools.reduce(
             jnp.add,
-            [jnp.sum(part.value) if plan is None else plan(dtype) for part, plan in zip(parts, plans)],
+            [
+                _compat.bind_equation(eqn, [part.value])[0] if plan is None else plan(dtype)
+                for part, plan in zip(parts, plans)
+            ],
         )
         return [total.astype(out_dtype)]
     if _is_vdot(eqn):
