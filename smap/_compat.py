@@ -57,6 +57,14 @@ __all__ = [
     "scatter_over_leading_axis",
     "CONV",
     "SCATTER_ADD",
+    "REDUCE_SUM",
+    "RESHAPE",
+    "ADDS",
+    "ENTRY_KEEPING",
+    "squares",
+    "sums_every_axis",
+    "adds_entries",
+    "embedding_scatter",
     "bind_gathering_over",
     "SUM_PRIMITIVES",
     "CONVERT",
@@ -366,6 +374,64 @@ def conv_contracted_dims(eqn: Any) -> tuple[int, int] | None:
         return None
     specs = eqn.params["dimension_numbers"]
     return specs.lhs_spec[1], specs.rhs_spec[1]
+
+
+# Per-lane squared norms of per-lane products (smap.transform._lane_norms).
+REDUCE_SUM, RESHAPE = "reduce_sum", "reshape"
+ADDS = frozenset({"add", "add_any"})
+# Steps that keep a value's entries up to their order and sign: its squared norm is theirs.
+ENTRY_KEEPING = frozenset({"transpose", "reshape", "squeeze", "copy", "neg"})
+
+
+def squares(eqn: Any) -> bool:
+    """Whether ``eqn`` squares its one input elementwise (``x ** 2``, ``jnp.square(x)``, ``x * x``)."""
+    name = eqn.primitive.name
+    if name == "square":
+        return True
+    if name == "integer_pow":
+        return eqn.params["y"] == 2
+    return (
+        name == "mul" and len(eqn.invars) == 2 and eqn.invars[0] is eqn.invars[1] and not hasattr(eqn.invars[0], "val")
+    )
+
+
+def sums_every_axis(eqn: Any) -> bool:
+    """Whether ``eqn`` is a ``reduce_sum`` over all the axes of its operand."""
+    return eqn.primitive.name == "reduce_sum" and len(eqn.params["axes"]) == len(eqn.invars[0].aval.shape)
+
+
+def adds_entries(eqn: Any) -> bool:
+    """Whether ``eqn`` adds entries of no other value: a size-1 axis added by ``broadcast_in_dim``
+    (``expand_dims``), or zeros around a value by ``pad`` (a slice's gradient), no entry dropped."""
+    name = eqn.primitive.name
+    if name == "broadcast_in_dim":
+        return eqn.invars[0].aval.size == eqn.outvars[0].aval.size
+    return (
+        name == "pad"
+        and pads_with_zeros(eqn)
+        and all(lo >= 0 and hi >= 0 for lo, hi, _ in eqn.params["padding_config"])
+    )
+
+
+def embedding_scatter(eqn: Any) -> str | None:
+    """How out-of-range rows are treated (``'clip'`` or ``'drop'``) when a ``scatter-add``
+    adds rows ``updates[..., :]`` at ``indices[..., 0]`` along the operand's first axis
+    (the gradient of ``table[ids]``); None for other scatters."""
+    operand, indices, updates = (v.aval for v in eqn.invars)
+    dims = eqn.params["dimension_numbers"]
+    rows = operand.ndim - 1
+    simple = (
+        indices.shape[-1:] == (1,)
+        and tuple(dims.inserted_window_dims) == (0,)
+        and tuple(dims.scatter_dims_to_operand_dims) == (0,)
+        and not tuple(dims.operand_batching_dims)
+        and tuple(dims.update_window_dims) == tuple(range(updates.ndim - rows, updates.ndim))
+        and updates.shape[updates.ndim - rows :] == operand.shape[1:]
+        and updates.shape[: updates.ndim - rows] == indices.shape[:-1]
+    )
+    if not simple:
+        return None
+    return "clip" if eqn.params["mode"] == jax.lax.GatherScatterMode.CLIP else "drop"
 
 
 def bind_gathering_over(eqn: Any, ins: Sequence[Any], axis_name: Any, axis_size: int) -> list:

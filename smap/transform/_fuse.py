@@ -51,6 +51,7 @@ from jax.extend.core import ClosedJaxpr
 from .. import _compat, _interpret
 from ._fuse_layers import layer_sum
 from ._lane_groups import grouped_contraction, is_lane_product, rebind_lane_product
+from ._lane_norms import has_squares, squared_norm
 from ._lanes import lanes_rule
 
 __all__ = ["fused_lanes", "is_lane_sum", "sum_over_lanes", "LANE_SUM"]
@@ -125,9 +126,12 @@ def _reduces_over(eqn: Any, axis_name: Hashable) -> bool:
 def fused_lanes(jaxpr: ClosedJaxpr, inputs: Sequence[bool], axis_name: Hashable) -> Callable[..., list] | None:
     """The per-lane program ``jaxpr`` with sums over the lanes of per-lane products fused.
 
-    Returns a function of the program's inputs, to be mapped over ``axis_name``
-    (``jax.vmap`` or any mapping that implements ``all_gather``), or None when
-    the program has no ``psum`` over ``axis_name``.
+    Squared norms of per-lane products (per-example gradient norms) are
+    computed without the products (:mod:`smap.transform._lane_norms`) on the
+    way. Returns a function of the program's inputs, to be mapped over
+    ``axis_name`` (``jax.vmap`` or any mapping that implements ``all_gather``),
+    or None when the program has neither a ``psum`` over ``axis_name`` nor a
+    square.
 
     Arguments:
         jaxpr: the per-lane program.
@@ -146,7 +150,7 @@ def fused_lanes(jaxpr: ClosedJaxpr, inputs: Sequence[bool], axis_name: Hashable)
         >>> bool(jnp.all(summed == x.T @ g))
         True
     """
-    if not _interpret.reaches(jaxpr, lambda eqn: _reduces_over(eqn, axis_name)):
+    if not (_interpret.reaches(jaxpr, lambda eqn: _reduces_over(eqn, axis_name)) or has_squares(jaxpr)):
         return None
 
     rule = _fusion_rule(axis_name)
@@ -187,6 +191,9 @@ def _fusion_rule(axis_name: Hashable) -> Callable[[Any, list], list]:
             values = _interpret.nested(eqn, ins, run, lambda n: n.value)
             assert values is not None
             return [_Node(v, d) for v, d in zip(values, outs)]
+        norm = squared_norm(eqn, ins)
+        if norm is not None:
+            return [_Node(v, d) for v, d in zip(norm, _interpret.analyse_equation(eqn, deps, lanes))]
         values = _interpret.bind(eqn, [n.value for n in ins])
         deps = _interpret.analyse_equation(eqn, deps, lanes)
         single = len(values) == 1

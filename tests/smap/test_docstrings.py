@@ -29,6 +29,7 @@ MODULES = [
     "smap.transform._grad",
     "smap.transform._mapping",
     "smap.transform._fuse",
+    "smap.transform._lane_norms",
     "smap.transform._adapters",
     "smap.devices",
     "sharding",

@@ -306,3 +306,60 @@ def test_ref_buffer_is_read_and_replaced():
     assert ref[...].tolist() == [1.0, 1.0]
     assert {"__getitem__", "__setitem__", "addupdate"} <= set(vars(_compat.RefType))
     assert _compat.ref_constants(jax.make_jaxpr(lambda: jax.ref.get(ref, ()))()) == [ref]
+
+
+# -- what lane norms read (smap.transform._lane_norms) ---------------------------------------
+
+
+def _jaxpr_eqns(f, *args):
+    """The equations of ``f``'s jaxpr, those of the programs it calls included."""
+
+    def walk(jaxpr):
+        for e in jaxpr.eqns:
+            yield e
+            for sub in _compat.jaxprs_in_params(e.params):
+                yield from walk(_compat.open_jaxpr(sub))
+
+    return list(walk(jax.make_jaxpr(f)(*args).jaxpr))
+
+
+@pytest.mark.parametrize("square", [lambda g: g**2, jnp.square, lambda g: g * g], ids=["integer_pow", "square", "mul"])
+def test_a_square_and_a_sum_over_every_axis_are_recognised(square):
+    eqns = _jaxpr_eqns(lambda g: jnp.sum(square(g)), jnp.ones((2, 3)))
+    assert [_compat.squares(e) for e in eqns] == [True, False]
+    assert _compat.primitive_name(eqns[1]) == _compat.REDUCE_SUM and _compat.sums_every_axis(eqns[1])
+    assert not _compat.sums_every_axis(_jaxpr_eqns(lambda g: jnp.sum(g, 0), jnp.ones((2, 3)))[0])
+    assert not any(_compat.squares(e) for e in _jaxpr_eqns(lambda g: g**3 * g, jnp.ones(3)))
+
+
+def test_entry_keeping_steps_and_added_zeros_are_recognised():
+    names = {
+        _compat.primitive_name(e) for e in _jaxpr_eqns(lambda g: -g.T.reshape(6)[None].squeeze(0), jnp.ones((2, 3)))
+    }
+    assert names - {"broadcast_in_dim"} <= _compat.ENTRY_KEEPING and _compat.RESHAPE in names
+    (expand,) = [e for e in _jaxpr_eqns(lambda g: g[None], jnp.ones(3))]
+    (pad,) = _jaxpr_eqns(lambda g: jax.lax.pad(g, 0.0, [(1, 2, 0)]), jnp.ones(3))
+    (crop,) = _jaxpr_eqns(lambda g: jax.lax.pad(g, 0.0, [(-1, 0, 0)]), jnp.ones(3))
+    (tile,) = _jaxpr_eqns(lambda g: jnp.broadcast_to(g, (2, 3)), jnp.ones(3))
+    assert _compat.adds_entries(expand) and _compat.adds_entries(pad)
+    assert not _compat.adds_entries(crop) and not _compat.adds_entries(tile)
+    (add,) = _jaxpr_eqns(lambda a, b: a + b, jnp.ones(3), jnp.ones(3))
+    assert _compat.primitive_name(add) in _compat.ADDS
+
+
+@pytest.mark.parametrize("mode", ["index", "clip", "fill"])
+def test_an_embedding_gradient_is_a_row_scatter_add(mode):
+    gather = {
+        "index": lambda t, i: t[i],
+        "clip": lambda t, i: jnp.take(t, i, axis=0, mode="clip"),
+        "fill": lambda t, i: t.at[i].get(mode="fill", fill_value=0.0),
+    }[mode]
+    eqns = _jaxpr_eqns(jax.grad(lambda t, i: jnp.sum(gather(t, i))), jnp.ones((5, 2)), jnp.array([[0, 4], [1, 1]]))
+    (scatter,) = [e for e in eqns if _compat.primitive_name(e) == _compat.SCATTER_ADD]
+    assert _compat.embedding_scatter(scatter) == ("clip" if mode == "clip" else "drop")
+    (columns,) = [
+        e
+        for e in _jaxpr_eqns(jax.grad(lambda t: jnp.sum(t[:, jnp.array([0, 1])])), jnp.ones((5, 2)))
+        if _compat.primitive_name(e) == _compat.SCATTER_ADD
+    ]
+    assert _compat.embedding_scatter(columns) is None

@@ -1,0 +1,262 @@
+"""Per-lane squared norms of per-lane weight gradients, computed without the gradients.
+
+Differentially private training clips each example's gradient to a norm
+bound: each lane computes ``sum(g ** 2)`` of its own weight gradient ``g``.
+Written literally, that materialises one gradient per lane (``f32[lanes, in,
+out]``) only to square and sum it. A dense layer's weight gradient is a
+product summed over the lane's tokens, ``g = sum_t a_t d_t^T`` (``a`` the
+layer's input, ``d`` its output's cotangent), and its squared norm is
+
+    ||g||^2 = sum_{t,s} (a_t . a_s) (d_t . d_s)
+
+(the Gram matrices of the inputs and of the cotangents, multiplied entry by
+entry and summed; for one token, ``|a|^2 |d|^2``). That costs
+``T^2 (p + d)`` per lane instead of ``T p d`` for the product, and memory
+``T^2`` instead of ``p d``: :func:`squared_norm` uses it for a layer where
+``T (p + d) <= p d`` and computes the norm as written elsewhere. An
+embedding's gradient is a scatter-add of the cotangent's rows at the token
+ids: its squared norm is that of the rows summed per distinct id, which a
+sort and a segment sum over the lane's ``T`` rows give without the table's
+``(vocabulary, width)`` shape.
+
+What is recognised (everything else is computed as written, one summand at
+a time):
+
+- the squared norm: a ``reduce_sum`` over every axis of a sum of squares
+  (``x ** 2``, ``jnp.square(x)``, ``x * x``; ``optax.global_norm``,
+  ``jnp.linalg.norm``), or ``jnp.vdot(g, g)``;
+- the squared value: a per-lane ``dot_general`` of real floating operands
+  (dense, einsum, attention projections; batch dimensions allowed) or a
+  scatter-add of rows into zeros (an embedding's gradient), reached through
+  steps that keep the entries up to order and sign (transposes, reshapes,
+  negation, widening float converts, zero padding) and scalings by a scalar
+  (lane-dependent or not), whose square scales the norm.
+
+The norm is accumulated in the squared value's dtype or wider, never
+narrower. A NaN in a lane's operands gives that lane a NaN norm, as the
+materialised gradient does.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from .. import _compat, _interpret
+
+__all__ = ["squared_norm", "has_squares"]
+
+Plan = Callable[[Any], Any]  # the squared norm, accumulated in the dtype given
+
+
+def has_squares(jaxpr: Any) -> bool:
+    """Whether ``jaxpr`` (nested programs included) squares a value or takes a scalar ``dot_general``:
+    a squared norm that :func:`squared_norm` might compute.
+
+    Example:
+        >>> import jax, jax.numpy as jnp
+        >>> from smap.transform._lane_norms import has_squares
+        >>> has_squares(jax.make_jaxpr(lambda g: jnp.sum(g**2))(jnp.ones(3)).jaxpr)
+        True
+        >>> has_squares(jax.make_jaxpr(lambda g: jnp.sum(g * 2))(jnp.ones(3)).jaxpr)
+        False
+    """
+    return _interpret.reaches(jaxpr, lambda eqn: _compat.squares(eqn) or _is_vdot(eqn))
+
+
+def squared_norm(eqn: Any, ins: list) -> list | None:
+    """The outputs of ``eqn`` when it is a squared norm of per-lane products, computed without
+    them; None when it is not recognised (then the equation runs as written).
+
+    Arguments:
+        eqn: an equation of the per-lane program.
+        ins: its inputs as nodes of the re-evaluated program (``value``,
+            ``dependent``, the ``eqn`` that computed it and its ``inputs``).
+
+    Example:
+        >>> import jax, jax.numpy as jnp, smap
+        >>> w = smap.ParamState(jnp.ones((3, 2)))
+        >>> def lane(x):
+        ...     g = smap.grad(lambda: jnp.sum(x @ w.value), grad_states=w)()
+        ...     return jnp.sum(g**2), jax.lax.psum(g, "batch")
+        >>> norms, _ = smap.StatefulMapping(lane, axis_name="batch", out_axes=(0, None))(jnp.ones((4, 3)))
+        >>> norms.tolist()  # |x|^2 |1|^2 = 3 * 2
+        [6.0, 6.0, 6.0, 6.0]
+    """
+    name = _compat.primitive_name(eqn)
+    out_dtype = eqn.outvars[0].aval.dtype
+    if name == _compat.REDUCE_SUM and _compat.sums_every_axis(eqn):
+        parts = _addends(ins[0])
+        plans = [_square_of(part) for part in parts]
+        if all(plan is None for plan in plans):
+            return None
+        dtype = jnp.result_type(ins[0].value)
+        total = functools.reduce(
+            jnp.add,
+            [
+                _compat.bind_equation(eqn, [part.value])[0] if plan is None else plan(dtype)
+                for part, plan in zip(parts, plans)
+            ],
+        )
+        return [total.astype(out_dtype)]
+    if _is_vdot(eqn):
+        x, y = (_reshaped_from(n) for n in ins)
+        plan = _norm(x) if x is y else None
+        return (
+            None if plan is None else [plan(jnp.promote_types(jnp.result_type(x.value), out_dtype)).astype(out_dtype)]
+        )
+    return None
+
+
+def _is_vdot(eqn: Any) -> bool:
+    """A ``dot_general`` of two equal-shaped operands over all their axes, in order (``jnp.vdot``)."""
+    if _compat.primitive_name(eqn) != _compat.DOT_GENERAL:
+        return False
+    (lhs_c, rhs_c), (lhs_b, _) = _compat.dot_layout(eqn)[0]
+    x, y = (v.aval for v in eqn.invars)
+    every = tuple(range(len(x.shape)))
+    return x.shape == y.shape and not lhs_b and tuple(lhs_c) == every and tuple(rhs_c) == every
+
+
+def _reshaped_from(node: Any) -> Any:
+    """The value that ``node`` reshapes (reshapes keep the row-major order: ``ravel`` twice is the same)."""
+    while node.eqn is not None and _compat.primitive_name(node.eqn) == _compat.RESHAPE:
+        node = node.inputs[0]
+    return node
+
+
+def _addends(node: Any) -> list:
+    """The summands of ``node`` (through ``add``s of equal shapes), each summed over every axis alone."""
+    eqn = node.eqn
+    if eqn is not None and _compat.primitive_name(eqn) in _compat.ADDS:
+        if all(jnp.shape(n.value) == jnp.shape(node.value) for n in node.inputs):
+            return [part for n in node.inputs for part in _addends(n)]
+    return [node]
+
+
+def _square_of(node: Any) -> Plan | None:
+    if node.eqn is None or not _compat.squares(node.eqn):
+        return None
+    return _norm(node.inputs[0])
+
+
+def _real_float(x: Any) -> bool:
+    return jnp.issubdtype(jnp.result_type(x), jnp.floating)
+
+
+def _norm(node: Any) -> Plan | None:
+    """How to compute the squared norm of ``node`` without its value, or None."""
+    if not _real_float(node.value):
+        return None
+    scales: list[tuple[Any, bool]] = []  # (scalar, divides)
+    while node.eqn is not None:
+        eqn, name = node.eqn, _compat.primitive_name(node.eqn)
+        if name in _compat.ENTRY_KEEPING or _compat.adds_entries(eqn) or _widens(eqn):
+            node = node.inputs[0]
+            continue
+        if name in (_compat.MUL, _compat.DIV):
+            x, y = node.inputs
+            if jnp.ndim(y.value) == 0 and _real_float(y.value):
+                scales.append((y.value, name == _compat.DIV))
+                node = x
+                continue
+            if name == _compat.MUL and jnp.ndim(x.value) == 0 and _real_float(x.value):
+                scales.append((x.value, False))
+                node = y
+                continue
+        break
+    rule = _RULES.get(_compat.primitive_name(node.eqn)) if node.eqn is not None else None
+    plan = rule(node) if rule is not None and node.dependent and _real_float(node.value) else None
+    if plan is None:
+        return None
+
+    def scaled(dtype: Any) -> Any:
+        value = plan(dtype)
+        for scale, divides in scales:
+            square = jnp.square(jnp.asarray(scale).astype(jnp.result_type(value)))
+            value = value / square if divides else value * square
+        return value
+
+    return scaled
+
+
+def _widens(eqn: Any) -> bool:
+    """A float convert to a dtype at least as wide (a narrowing one rounds the entries)."""
+    if _compat.primitive_name(eqn) != _compat.CONVERT or not _compat.converts_floats(eqn):
+        return False
+    source, target = _compat.convert_source(eqn), _compat.convert_target(eqn)
+    return jnp.promote_types(source, target) == target and not jnp.issubdtype(target, jnp.complexfloating)
+
+
+# -- rules: the squared norm of a per-lane product ------------------------------------------
+
+
+def _grouped(x: Any, batch: tuple, contract: tuple) -> Any:
+    """``x`` as (batch, contracted, free): the product's batch, token and output axes."""
+    free = tuple(d for d in range(jnp.ndim(x)) if d not in batch and d not in contract)
+    x = jnp.transpose(x, (*batch, *contract, *free))
+    size = lambda axes: math.prod(jnp.shape(x)[i] for i in axes)  # noqa: E731  (in the new order)
+    n_b, n_c = len(batch), len(contract)
+    return x.reshape(size(range(n_b)), size(range(n_b, n_b + n_c)), -1)
+
+
+def _gram(node: Any) -> Plan | None:
+    """``dot_general(a, b)`` contracting tokens: sum of the Gram matrices' product, when cheaper."""
+    a, b = node.inputs
+    if not (_real_float(a.value) and _real_float(b.value)):
+        return None
+    ((lhs_c, rhs_c), (lhs_b, rhs_b)), options = _compat.dot_layout(node.eqn)
+    tokens = math.prod(jnp.shape(a.value)[i] for i in lhs_c)
+    rows = math.prod(jnp.shape(a.value)) // max(1, tokens * math.prod(jnp.shape(a.value)[i] for i in lhs_b))
+    cols = math.prod(jnp.shape(b.value)) // max(1, tokens * math.prod(jnp.shape(b.value)[i] for i in rhs_b))
+    if tokens * (rows + cols) > rows * cols:
+        return None  # the product is cheaper: computed as written
+
+    def plan(dtype: Any) -> Any:
+        grams = []
+        for x, batch, contract in ((a.value, lhs_b, lhs_c), (b.value, rhs_b, rhs_c)):
+            # Widened before the product (exact): the Gram accumulates in no narrower a dtype.
+            x = _grouped(x, tuple(batch), tuple(contract)).astype(jnp.promote_types(x.dtype, dtype))
+            grams.append(jax.lax.dot_general(x, x, (((2,), (2,)), ((0,), (0,))), precision=options["precision"]))
+        return jnp.sum(grams[0] * grams[1])
+
+    return plan
+
+
+def _rows_per_id(node: Any) -> Plan | None:
+    """An embedding's gradient ``scatter_add(zeros, ids, rows)``: the rows summed per distinct id."""
+    operand, indices, updates = node.inputs
+    mode = _compat.embedding_scatter(node.eqn)
+    if mode is None or operand.eqn is None or not _compat.is_zeros(operand.eqn):
+        return None
+    vocabulary = jnp.shape(operand.value)[0]
+    n = math.prod(jnp.shape(indices.value))
+    if not 0 < n <= vocabulary:
+        return None  # more rows than the table (or none): computed as written
+
+    def plan(dtype: Any) -> Any:
+        ids = indices.value.reshape(n)
+        rows = updates.value.reshape(n, -1)
+        rows = rows.astype(jnp.promote_types(rows.dtype, dtype))
+        if mode == "clip":
+            ids = jnp.clip(ids, 0, vocabulary - 1)
+        else:  # out-of-range rows are dropped, as the scatter drops them
+            rows = jnp.where(((ids >= 0) & (ids < vocabulary))[:, None], rows, 0)
+        order = jnp.argsort(ids)
+        ids, rows = ids[order], rows[order]
+        first = jnp.concatenate([jnp.ones(1, bool), ids[1:] != ids[:-1]])
+        summed = jax.ops.segment_sum(rows, jnp.cumsum(first) - 1, num_segments=n)
+        return jnp.sum(summed * summed)
+
+    return plan
+
+
+_RULES: dict[str, Callable[[Any], Plan | None]] = {
+    _compat.DOT_GENERAL: _gram,
+    _compat.SCATTER_ADD: _rows_per_id,
+}

@@ -1,0 +1,301 @@
+"""A fuzzer of per-example DP programs, for lane norms (with the lane-sum fusion).
+
+Each seed draws a DP-SGD lane from a small grammar:
+
+- layers: dense, einsum, einsum with a weight per head (a batch dimension),
+  a slice of a weight, a 1-D convolution, layernorm, self-attention, over 1
+  to 4 tokens of widths 2 to 9 (so that both the Gram form and the product
+  are chosen), after an optional embedding (``table[ids]``, ``jnp.take``
+  with ``mode='clip'``, or ``.at[].get(mode='fill')``, ids out of range
+  included); a head that is a dense layer or the embedding table, tied;
+- dtypes: float32, or bfloat16 compute with float32 weights;
+- the norm: ``optax.tree.norm``, sums of ``g ** 2``, ``g * g`` or
+  ``jnp.square(g)``, ``jnp.vdot``, ``jnp.linalg.norm`` of the leaves;
+- the clip factor: ``min(1, C / (norm + eps))`` or ``1 / max(1, norm / C)``,
+  times a 0/1 mask (padded lanes) or not;
+- the sum: ``psum`` or ``pmean`` of the clipped gradients; the lane also
+  returns its norm.
+
+The reference is plain ``jax.vmap`` of the same lane (every per-example
+gradient materialised). The program under test maps it with
+``smap.StatefulMapping`` with ``fuse_lane_sums`` on (lane norms and the fused
+sum) and off, under ``jax.vmap`` and on 8 emulated devices with 1, 2 or 4
+lanes per device (``sharding.shard_map``, ``sharding.pmap``,
+``jax.shard_map`` or ``jax.pmap`` in turn). Every norm and sum must equal the
+reference's to the round-off of the program's dtype.
+
+A fixed set of seeds runs in CI; ``SMAP_FUZZ_PROGRAMS=N`` runs seeds
+``0..N-1`` instead (``SMAP_FUZZ_START`` shifts them), as for
+``test_fusion_fuzz.py``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import sharding
+import smap
+
+AXIS = "batch"
+DEVICES = 8
+LAYERS = ("dense", "einsum", "heads", "slice", "conv", "layernorm", "attention")
+EMBEDDINGS = ("none", "index", "clip", "fill")
+NORMS: dict[str, Callable[[Any], jax.Array]] = {
+    "tree.norm": optax.tree.norm,
+    "pow": lambda g: jnp.sqrt(sum(jnp.sum(v**2) for v in jax.tree_util.tree_leaves(g))),
+    "mul": lambda g: jnp.sqrt(sum(jnp.sum(v * v) for v in jax.tree_util.tree_leaves(g))),
+    "square": lambda g: jnp.sqrt(sum(jnp.sum(jnp.square(v)) for v in jax.tree_util.tree_leaves(g))),
+    "vdot": lambda g: jnp.sqrt(sum(jnp.vdot(v, v) for v in jax.tree_util.tree_leaves(g))),
+    "linalg": lambda g: jnp.linalg.norm(jnp.stack([jnp.linalg.norm(v) for v in jax.tree_util.tree_leaves(g)])),
+}
+TOLERANCE = {"float32": 2e-5, "bfloat16": 3e-2}
+
+
+@dataclasses.dataclass
+class Program:
+    seed: int
+    choices: dict[str, Any]
+    params: dict[str, np.ndarray]
+    data: tuple[np.ndarray, ...]  # x, mask; lanes along axis 0
+    lane: Callable  # (params, x, mask) -> (norm, summed gradients)
+
+    def __str__(self) -> str:
+        return f"seed {self.seed}: " + ", ".join(f"{k}={v}" for k, v in self.choices.items())
+
+
+def draw(seed: int, lanes: int) -> Program:
+    """The program of ``seed`` for ``lanes`` lanes."""
+    rng = np.random.default_rng(seed)
+    pick = lambda options: options[int(rng.integers(len(options)))]  # noqa: E731
+    dtype = pick(("float32", "float32", "bfloat16"))
+    c = jnp.bfloat16 if dtype == "bfloat16" else jnp.float32
+    tokens = int(rng.integers(1, 5))
+    embedding = pick(EMBEDDINGS)
+    layers = [pick(LAYERS) for _ in range(int(rng.integers(1, 4)))]
+    params: dict[str, np.ndarray] = {}
+
+    def param(name: str, *shape: int, scale: float = 1.0) -> str:
+        name = f"{len(params)}_{name}"
+        params[name] = (rng.standard_normal(shape) * scale / np.sqrt(shape[-2] if len(shape) > 1 else 1)).astype(
+            np.float32
+        )
+        return name
+
+    d = d_in = int(rng.integers(2, 10))
+    fns: list[Callable] = []
+    if embedding != "none":
+        vocab = int(rng.integers(3, 12))
+        table = param("table", vocab, d)
+
+        def embed(p, ids):
+            t = p[table].astype(c)
+            if embedding == "clip":
+                return jnp.take(t, ids, axis=0, mode="clip")
+            if embedding == "fill":
+                return t.at[ids].get(mode="fill", fill_value=0.5)
+            return t[ids]
+
+    for kind in layers:
+        e = int(rng.integers(2, 10))
+        if kind == "dense":
+            w, b = param("w", d, e), param("b", e, scale=0.1)
+            fns.append(lambda p, h, w=w, b=b: jnp.tanh(h @ p[w].astype(c) + p[b].astype(c)))
+            d = e
+        elif kind == "einsum":
+            w = param("we", d, 2, e)
+            fns.append(lambda p, h, w=w: jnp.tanh(jnp.einsum("td,dhe->the", h, p[w].astype(c)).reshape(h.shape[0], -1)))
+            d = 2 * e
+        elif kind == "heads":
+            w = param("wh", 2, d, e)
+
+            def heads(p, h, w=w):
+                y = jnp.einsum("htd,hde->hte", jnp.stack([h, jnp.sin(h)]), p[w].astype(c))
+                return jnp.tanh(y.transpose(1, 0, 2).reshape(h.shape[0], -1))
+
+            fns.append(heads)
+            d = 2 * e
+        elif kind == "slice":
+            w = param("ws", d, e + 2)
+            fns.append(lambda p, h, w=w, e=e: jnp.tanh(h @ p[w][:, 1 : e + 1].astype(c)))
+            d = e
+        elif kind == "conv":
+            k = param("k", 3, d, e)
+
+            def conv(p, h, k=k):
+                y = jax.lax.conv_general_dilated(
+                    h[None], p[k].astype(c), (1,), "SAME", dimension_numbers=("NWC", "WIO", "NWC")
+                )
+                return jnp.tanh(y[0])
+
+            fns.append(conv)
+            d = e
+        elif kind == "layernorm":
+            s, b = param("ln_s", d, scale=0.1), param("ln_b", d, scale=0.1)
+
+            def norm(p, h, s=s, b=b):
+                mean = h.mean(-1, keepdims=True)
+                var = ((h - mean) ** 2).mean(-1, keepdims=True)
+                return (h - mean) * jax.lax.rsqrt(var + 1e-3) * (1 + p[s].astype(c)) + p[b].astype(c)
+
+            fns.append(norm)
+        else:
+            q, k, v = param("q", d, d), param("k", d, d), param("v", d, d)
+
+            def attend(p, h, q=q, k=k, v=v, d=d):
+                scores = (h @ p[q].astype(c)) @ (h @ p[k].astype(c)).T / np.float32(np.sqrt(d))
+                return h + jax.nn.softmax(scores.astype(jnp.float32), -1).astype(c) @ (h @ p[v].astype(c))
+
+            fns.append(attend)
+    tied = embedding != "none" and bool(rng.random() < 0.4)
+    head = None if tied else param("head", d, int(rng.integers(2, 8)))
+    spelling = pick(sorted(NORMS))
+    clip_form = pick(("min", "max"))
+    masked = bool(rng.random() < 0.4)
+    collective = pick(("psum", "pmean"))
+    bound = float(rng.uniform(0.05, 2.0))
+    choices = dict(
+        dtype=dtype,
+        tokens=tokens,
+        embedding=embedding,
+        layers="+".join(layers),
+        head="tied" if tied else "dense",
+        norm=spelling,
+        clip=clip_form,
+        masked=masked,
+        collective=collective,
+    )
+
+    def loss(p, x):
+        h = embed(p, x) if embedding != "none" else x.astype(c)
+        for fn in fns:
+            h = fn(p, h)
+        if tied:
+            w = p[table].astype(c)
+            h = h[:, : w.shape[1]] if h.shape[1] >= w.shape[1] else jnp.pad(h, ((0, 0), (0, w.shape[1] - h.shape[1])))
+            out = h @ w.T
+        else:
+            out = h @ p[head].astype(c)
+        return jnp.mean(jnp.sin(out.astype(jnp.float32)) ** 2)
+
+    def lane(p, x, mask):
+        g = jax.grad(loss)(p, x)
+        norm = NORMS[spelling](g)
+        factor = jnp.minimum(1.0, bound / (norm + 1e-6)) if clip_form == "min" else 1.0 / jnp.maximum(1.0, norm / bound)
+        if masked:
+            factor = factor * mask
+        clipped = jax.tree_util.tree_map(lambda v: factor * v, g)
+        return norm, (jax.lax.psum if collective == "psum" else jax.lax.pmean)(clipped, AXIS)
+
+    if embedding != "none":
+        x = rng.integers(-2 if embedding != "index" else 0, vocab + (2 if embedding != "index" else 0), (lanes, tokens))
+        x = x.astype(np.int32)
+    else:
+        x = rng.standard_normal((lanes, tokens, d_in)).astype(np.float32)
+    mask = (rng.random(lanes) < 0.7).astype(np.float32)
+    return Program(seed, choices, params, (x, mask), lane)
+
+
+@functools.cache
+def _mesh() -> Any:
+    return sharding.make_mesh(data=DEVICES, devices=jax.devices()[:DEVICES])
+
+
+ADAPTERS: dict[str, Callable[[], tuple[Callable, dict]]] = {
+    "sharding.shard_map": lambda: (sharding.shard_map(_mesh()), {}),
+    "sharding.pmap": lambda: (sharding.pmap(jax.devices()[:DEVICES]), {}),
+    "jax.shard_map": lambda: (jax.shard_map, {"mesh": _mesh()}),
+    "jax.pmap": lambda: (jax.pmap, {}),
+}
+
+
+def _grouped(programs: list[Program]) -> Callable:
+    """One lane of all the programs at once (they share the lanes)."""
+
+    def lane(params, *data):
+        return [p.lane(ps, *data[2 * i : 2 * i + 2]) for i, (p, ps) in enumerate(zip(programs, params))]
+
+    return lane
+
+
+def reference(programs: list[Program]) -> list:
+    lane = _grouped(programs)
+    n = 2 * len(programs)
+    mapped = jax.vmap(lane, in_axes=(None, *[0] * n), axis_name=AXIS, out_axes=[(0, None)] * len(programs))
+    return jax.jit(mapped)([p.params for p in programs], *[x for p in programs for x in p.data])
+
+
+def under_smap(programs: list[Program], fuse: bool, adapter: str | None) -> list:
+    mapping_fn, mapping_kwargs = ADAPTERS[adapter]() if adapter else (jax.vmap, {})
+    n = 2 * len(programs)
+    mapped = smap.StatefulMapping(
+        _grouped(programs),
+        in_axes=(None, *[0] * n),
+        axis_name=AXIS,
+        out_axes=[(0, None)] * len(programs),
+        fuse_lane_sums=fuse,
+        mapping_fn=mapping_fn,
+        mapping_kwargs=mapping_kwargs,
+    )
+    return mapped([p.params for p in programs], *[x for p in programs for x in p.data])
+
+
+def assert_close(got: Any, want: Any, program: Program, where: str) -> None:
+    tolerance = TOLERANCE[program.choices["dtype"]]
+    got_leaves = jax.tree_util.tree_leaves_with_path(got)
+    want_leaves = jax.tree_util.tree_leaves(want)
+    assert len(got_leaves) == len(want_leaves), f"{program} {where}"
+    for (path, a), b in zip(got_leaves, want_leaves):
+        a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+        finite = np.isfinite(b)
+        scale = float(np.max(np.abs(b[finite]))) if finite.any() else 0.0
+        what = f"{program}\n{where}, {jax.tree_util.keystr(path)}"
+        np.testing.assert_allclose(a, b, rtol=tolerance, atol=tolerance * scale + 1e-7, err_msg=what)
+
+
+GROUP = 4
+
+
+def group(index: int) -> tuple[list[Program], str]:
+    """Group ``index``: seeds ``GROUP * index ...``, 1, 2 or 4 lanes per device, an adapter in turn."""
+    lanes = DEVICES * (1, 2, 4)[index % 3]
+    adapter = list(ADAPTERS)[index % len(ADAPTERS)]
+    return [draw(seed, lanes) for seed in range(GROUP * index, GROUP * (index + 1))], adapter
+
+
+def check(index: int) -> None:
+    programs, adapter = group(index)
+    want = reference(programs)
+    for on in (None, adapter):
+        for fuse in (True, False):
+            where = f"{on or 'jax.vmap'} with {programs[0].data[0].shape[0]} lanes, fuse_lane_sums={fuse}"
+            for program, got, expected in zip(programs, under_smap(programs, fuse, on), want):
+                assert_close(got, expected, program, where)
+
+
+CI_GROUPS = range(2)
+
+
+def _groups() -> range:
+    count = os.environ.get("SMAP_FUZZ_PROGRAMS")
+    start = int(os.environ.get("SMAP_FUZZ_START", "0")) // GROUP
+    return range(start, start + -(-int(count) // GROUP)) if count else CI_GROUPS
+
+
+@pytest.mark.parametrize("index", _groups())
+def test_dp_programs_give_the_plain_jax_values(index):
+    check(index)
+
+
+def test_the_ci_seeds_draw_distinct_programs():
+    programs = [p for index in CI_GROUPS for p in group(index)[0]]
+    assert len({str(p).split(": ", 1)[1] for p in programs}) == len(programs)
