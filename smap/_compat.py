@@ -40,6 +40,7 @@ except ImportError:
 
 __all__ = [
     "constrain",
+    "is_single_device_sharding",
     "primitive_name",
     "lane_sum_axes",
     "is_scan",
@@ -467,6 +468,13 @@ def shard_map(f: Callable, mesh: Mesh, in_specs: Any, out_specs: Any, manual_axe
     # Explicit axes are manual too: onto_mesh replicates the values over those the lanes do not use.
     manual = frozenset(manual_axes) | frozenset(_explicit(mesh))
     return jax.shard_map(f, mesh=mesh, in_specs=in_specs, out_specs=out_specs, axis_names=manual, check_vma=False)
+
+
+def is_single_device_sharding(sharding: Any) -> bool:
+    """Whether ``sharding`` puts its array whole on one device (JAX 0.12.1 deprecates the class's name)."""
+    if hasattr(jax.sharding, "is_single_device_sharding"):
+        return jax.sharding.is_single_device_sharding(sharding)
+    return isinstance(sharding, jax.sharding.SingleDeviceSharding)
 
 
 def ambient_mesh() -> Mesh | None:

@@ -49,6 +49,7 @@ class Program:
     out_tree: PyTreeDef
     n_args: int
     annotated: bool = False  # traced under the global mesh for its sharding annotations (see smap._annotations)
+    unit_axes: bool = False  # traced for mesh axes of size 1: only smap._annotations' layout runs it
 
     @property
     def n_outs(self) -> int:
@@ -143,7 +144,7 @@ def trace_program(
         arg_avals = [abstract(x) for x in leaves]
     specs = [jax.ShapeDtypeStruct(a.shape, a.dtype, weak_type=a.weak_type) for a in arg_avals]
     trace = jax.make_jaxpr(traced, axis_env=list(axis_env) or None)
-    annotated = False
+    annotated = unit_axes = False
     try:
         with _compat.without_ambient_mesh():
             jaxpr = trace(*specs)
@@ -167,6 +168,7 @@ def trace_program(
             trace_holder.clear()
             with _compat.without_ambient_mesh(), _compat.ambient_abstract_mesh(unit_axes=True):
                 jaxpr = trace(*specs)
+            unit_axes = True
             _check_divisible(jaxpr, dict(getattr(_compat.ambient_mesh(), "shape", {})), name)
         annotated = _interpret.reaches(jaxpr, lambda eqn: _compat.annotation_spec(eqn) is not None)
     if _compat.HAS_REFS and _compat.ref_constants(jaxpr):
@@ -182,6 +184,7 @@ def trace_program(
         out_tree=result["out_tree"],
         n_args=len(leaves),
         annotated=annotated,
+        unit_axes=unit_axes,
     )
 
 

@@ -19,9 +19,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding, SingleDeviceSharding
+from jax.sharding import NamedSharding
 
-from .. import nn
+from .. import _compat, nn
 from .._state import State, active_frames
 from ..devices import placement
 from . import _files, _io
@@ -550,7 +550,9 @@ def _leaf_reads(reader: _Reader, entry: dict, sharding: Any, what: str) -> Any:
     if sharding is None:
         wanted = {tuple((0, n) for n in shape)}
     else:
-        if "key_impl" in entry and not isinstance(sharding, (NamedSharding, SingleDeviceSharding)):
+        if "key_impl" in entry and not (
+            isinstance(sharding, NamedSharding) or _compat.is_single_device_sharding(sharding)
+        ):
             raise CheckpointError(
                 f"{what}: a typed key array is restored onto a NamedSharding or one device, not {sharding}."
             )

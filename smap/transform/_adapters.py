@@ -229,6 +229,7 @@ class ShardMap(_Adapter):
         mesh, lane_axes = self.mesh_and_axes()
         if not _compat.explicit_axes(mesh):
             return compute(*leaves)
+        self._check_context(mesh)  # before auto_axes, which would refuse another context mesh itself
         specs = []
         for k, axis in enumerate(out_axes):
             j = like[k]

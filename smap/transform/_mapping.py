@@ -500,7 +500,8 @@ class StatefulMapping(StatefulFunction[P, R]):
         head = program.jaxpr if tail is None else tail.head
         self._remember_lane_reads(program, head)
         fused = None
-        if self.fuse_lane_sums and self.axis_name is not None:
+        # A lane traced for mesh axes of size 1 runs only as its annotations are laid out, unfused.
+        if self.fuse_lane_sums and self.axis_name is not None and not program.unit_axes:
             fused = fused_lanes(head, batched, self.axis_name)
         run = program if program.annotated else None  # its annotations are laid out where the lane runs
         head_plan = (
