@@ -41,6 +41,7 @@ except ImportError:
 __all__ = [
     "constrain",
     "is_single_device_sharding",
+    "PLAIN_ARGUMENTS",
     "primitive_name",
     "lane_sum_axes",
     "is_scan",
@@ -468,6 +469,10 @@ def shard_map(f: Callable, mesh: Mesh, in_specs: Any, out_specs: Any, manual_axe
     # Explicit axes are manual too: onto_mesh replicates the values over those the lanes do not use.
     manual = frozenset(manual_axes) | frozenset(_explicit(mesh))
     return jax.shard_map(f, mesh=mesh, in_specs=in_specs, out_specs=out_specs, axis_names=manual, check_vma=False)
+
+
+PLAIN_ARGUMENTS = frozenset({ArrayImpl, float, int, bool})
+"""Types of call arguments that neither are nor hold a Ref: a call of only these skips the search for Refs."""
 
 
 def is_single_device_sharding(sharding: Any) -> bool:

@@ -30,9 +30,6 @@ from ._state import InvalidatedStateError, State, this_thread, tracing
 from ._tracing import Program, PyTreeDef, TraceContext, trace_program
 from .nn import Module
 
-_PLAIN_ARGUMENTS = frozenset({_compat.ArrayImpl, float, int, bool})
-"""Types of arguments that are never Refs nor hold one: a call of only these skips the search for Refs."""
-
 if _compat.HAS_REFS:
     from ._refs import hide_refs
 else:
@@ -547,7 +544,7 @@ def _compile_call(owner: StatefulFunction, state_list: _StateList) -> Callable:
         "this_thread": this_thread,
         "_MissingStates": _MissingStates,
         "hide_refs": hide_refs,
-        "plain": _PLAIN_ARGUMENTS,
+        "plain": _compat.PLAIN_ARGUMENTS,
     }
     exec(compile(source, f"<smap call of {owner.name} with {n} states>", "exec"), namespace)
     group = state_list.group

@@ -203,13 +203,12 @@ class RefArgument:
         return f"RefArgument({'freed' if ref is None else _leaf_repr(ref)})"
 
 
-_ARRAY_TYPES = frozenset({_compat.ArrayImpl, float, int, bool})
 jax.tree_util.register_pytree_node(RefArgument, lambda node: ((), node), lambda node, _: node)
 
 
 def hide_refs(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
     """``args`` and ``kwargs`` with every concrete Ref leaf a :class:`RefArgument` (the same objects without one)."""
-    if not kwargs and all(type(x) in _ARRAY_TYPES for x in args):  # a call's usual arguments: no tree to walk
+    if not kwargs and _compat.PLAIN_ARGUMENTS.issuperset(map(type, args)):  # a call's usual arguments: no tree to walk
         return args, kwargs
     if _compat.RefType not in set(map(type, jax.tree_util.tree_leaves((args, kwargs)))):
         return args, kwargs

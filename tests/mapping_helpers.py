@@ -1,6 +1,7 @@
-"""Helpers shared by the mapping tests (tests/smap/transform/test_mapping_*.py)."""
+"""Helpers shared by the mapping tests (tests/smap/transform/test_mapping_*.py) and the program fuzzers."""
 
 import functools
+import os
 
 import jax
 import jax.numpy as jnp
@@ -41,3 +42,11 @@ def _lanes_normal(lane_keys, shape):
 def lanes_normal(lane_keys, *shape):
     """`lane_draw_normal` for every lane key, stacked."""
     return _lanes_normal(lane_keys, shape)
+
+
+def fuzz_groups(group_size: int, ci_groups: range) -> range:
+    """The fuzzer's groups to run: ``ci_groups``, or those of seeds ``SMAP_FUZZ_START`` onwards
+    (``SMAP_FUZZ_PROGRAMS`` of them) when that is set."""
+    count = os.environ.get("SMAP_FUZZ_PROGRAMS")
+    start = int(os.environ.get("SMAP_FUZZ_START", "0")) // group_size
+    return range(start, start + -(-int(count) // group_size)) if count else ci_groups

@@ -49,7 +49,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import os
 from collections.abc import Callable
 from typing import Any
 
@@ -57,6 +56,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from mapping_helpers import fuzz_groups
 
 import sharding
 import smap
@@ -550,13 +550,7 @@ def _check(index: int) -> None:
 CI_GROUPS = range(4)
 
 
-def _groups() -> range:
-    count = os.environ.get("SMAP_FUZZ_PROGRAMS")
-    start = int(os.environ.get("SMAP_FUZZ_START", "0")) // GROUP
-    return range(start, start + -(-int(count) // GROUP)) if count else CI_GROUPS
-
-
-@pytest.mark.parametrize("index", _groups())
+@pytest.mark.parametrize("index", fuzz_groups(GROUP, CI_GROUPS))
 def test_programs_give_the_plain_jax_values(index):
     check(index)
 

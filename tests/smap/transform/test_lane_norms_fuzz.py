@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import os
 from collections.abc import Callable
 from typing import Any
 
@@ -42,6 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from mapping_helpers import fuzz_groups
 
 import sharding
 import smap
@@ -285,13 +285,7 @@ def check(index: int) -> None:
 CI_GROUPS = range(2)
 
 
-def _groups() -> range:
-    count = os.environ.get("SMAP_FUZZ_PROGRAMS")
-    start = int(os.environ.get("SMAP_FUZZ_START", "0")) // GROUP
-    return range(start, start + -(-int(count) // GROUP)) if count else CI_GROUPS
-
-
-@pytest.mark.parametrize("index", _groups())
+@pytest.mark.parametrize("index", fuzz_groups(GROUP, CI_GROUPS))
 def test_dp_programs_give_the_plain_jax_values(index):
     check(index)
 
