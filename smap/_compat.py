@@ -27,6 +27,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
+import numpy as np
 from jax._src import mesh as mesh_lib
 from jax._src import source_info_util, xla_bridge
 from jax._src.array import ArrayImpl
@@ -471,7 +472,7 @@ def shard_map(f: Callable, mesh: Mesh, in_specs: Any, out_specs: Any, manual_axe
     return jax.shard_map(f, mesh=mesh, in_specs=in_specs, out_specs=out_specs, axis_names=manual, check_vma=False)
 
 
-PLAIN_ARGUMENTS = frozenset({ArrayImpl, float, int, bool})
+PLAIN_ARGUMENTS = frozenset({ArrayImpl, np.ndarray, float, int, bool})
 """Types of call arguments that neither are nor hold a Ref: a call of only these skips the search for Refs."""
 
 
