@@ -221,3 +221,51 @@ def test_a_call_after_its_states_lock_group_was_merged_takes_the_merged_lock(clo
     assert group_before.current() is a._state_list.group
     close(shared.value, 3.0)
     close(own.value, 1.0 + 2.0)
+
+
+def test_calls_shaped_unlike_the_first_give_what_explicit_state_passing_gives(close):
+    """The call is written out for the first call's positional arguments; every other shape goes the general way."""
+    s = smap.State(jnp.zeros(()))
+
+    def f(x=0.0, y=1.0, *more):
+        s.value = s.value + sum(jnp.sum(leaf) for leaf in jax.tree_util.tree_leaves(x)) * y + sum(more)
+        return s.value
+
+    g = smap.jit(f)
+    one = jnp.asarray(1.0)
+    calls = [  # (args, kwargs, what the call adds, worked out by hand)
+        ((one,), {}, 1.0),
+        ((one, 2.0), {}, 2.0),
+        ((jnp.asarray(2.0),), {"y": 3.0}, 6.0),
+        ((), {"x": 4.0}, 4.0),
+        ((), {}, 0.0),
+        ((one, 1.0, 5.0, 6.0), {}, 12.0),
+        (((jnp.ones(2), np.ones(3)),), {}, 5.0),  # a tuple: not a plain type
+        ((np.full((), 3.0),), {}, 3.0),  # a NumPy array and a Python float are plain
+        ((0.5,), {}, 0.5),
+    ]
+    expected = 0.0
+    for args, kwargs, added in calls:
+        expected += added
+        close(g(*args, **kwargs), expected)
+        close(s.value, expected)
+    assert g.__call__.__name__ == "call"  # written out for one positional argument, and kept
+    stateless = smap.jit(lambda x, y=2.0: x * y)
+    close(stateless(3.0), 6.0)
+    close(stateless(3.0, y=3.0), 9.0)
+    close(stateless(jnp.asarray(3.0), 4.0), 12.0)
+
+
+def test_a_call_with_concrete_arguments_inside_another_transform_writes_through_it(close):
+    inner_state = smap.State(jnp.zeros(()))
+
+    @smap.jit
+    def inner(x):
+        inner_state.value = inner_state.value + x
+        return inner_state.value
+
+    close(inner(1.0), 1.0)  # the call written out for one positional argument
+    outer = smap.jit(lambda x: inner(2.0) + x)  # a Python float: the written-out call sees the trace
+    close(outer(jnp.asarray(10.0)), 13.0)
+    close(outer(jnp.asarray(10.0)), 15.0)
+    close(inner_state.value, 5.0)

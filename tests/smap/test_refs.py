@@ -376,6 +376,25 @@ def test_each_ref_passed_is_its_own_state():
     _close([a[...], b[...]], [jnp.full(2, 2.0), jnp.full(2, 2.0)])
 
 
+def test_a_ref_passed_after_arrays_is_a_state():
+    """The call written out for the first calls' array arguments still finds a Ref among its arguments."""
+
+    @smap.jit
+    def add(target, x):
+        if isinstance(target, jax.Ref):
+            target[...] = target[...] + x
+            return target[...].sum()
+        return (target + x).sum()
+
+    _close(add(jnp.zeros(2), 1.0), 2.0)
+    _close(add(np.zeros(2), 2.0), 4.0)
+    ref = jax.new_ref(jnp.zeros(2))
+    _close(add(ref, 1.0), 2.0)
+    _close(add(ref, 1.0), 4.0)
+    _close(ref[...], jnp.full(2, 2.0))
+    _close(add(jnp.ones(2), 1.0), 4.0)
+
+
 def _step(refs, x):
     """Per-lane code on a dict of Refs: 'h' a hidden state, 'w' a weight, 'n' a count written once."""
     refs["h"][...] = jnp.tanh(refs["h"][...] * refs["w"][...] + x)

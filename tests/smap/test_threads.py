@@ -186,3 +186,21 @@ def test_transforms_that_share_a_state_lose_no_write_to_each_other():
     n = THREADS * CALLS
     assert float(own_a.value) == n // 2 and float(own_b.value) == n // 2
     assert float(shared.value) == (n // 2) * 1.0 + (n // 2) * 10.0
+
+
+def test_a_host_callback_on_the_calling_thread_may_call_a_transform_of_the_same_lock_group():
+    """The states' lock is reentrant: a callback run inside a call, on its thread, calls another
+    transform whose state shares the caller's lock group, and runs inside the call."""
+    total, log = smap.State(jnp.zeros(())), smap.State(jnp.zeros(()))
+    record = smap.jit(lambda v: setattr(log, "value", log.value + v))
+
+    @smap.jit
+    def step(x):
+        total.value = total.value + x + 0.0 * log.value  # reads log: one lock group for both states
+        jax.debug.callback(record, total.value)
+        return total.value
+
+    outs = run_in_threads(lambda: float(step(jnp.ones(()))), threads=1, calls=3)
+    assert step._state_list.group is record._state_list.group.current()
+    assert outs == [1.0, 2.0, 3.0]
+    assert float(total.value) == 3.0 and float(log.value) == 1.0 + 2.0 + 3.0
