@@ -290,8 +290,13 @@ def build(args: argparse.Namespace, vocab: int, mesh=None):
         mesh = sharding.make_mesh(data=args.devices // 2, model=2)
     elif mesh is None:
         mesh = sharding.make_mesh(data=args.devices)
+    # donate_states: the step updates the weights and moments in place (the old arrays are not kept)
     step = smap.StatefulMapping(
-        train_lane, axis_name="batch", mapping_fn=sharding.shard_map(mesh, axis="data"), name="train_step"
+        train_lane,
+        axis_name="batch",
+        mapping_fn=sharding.shard_map(mesh, axis="data"),
+        name="train_step",
+        donate_states=True,
     )
     states = {
         **{f"model.{k}": v for k, v in model.states().items()},

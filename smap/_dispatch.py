@@ -104,28 +104,38 @@ class _StateList:
     :meth:`StatefulFunction._dispatch_trace` with the list bound) takes the
     value of each of ``states``, then the call's arguments, and returns
     ``(out, *slots)``: one slot per state of ``writes`` (the states some
-    program of the list has written), its new value (see :func:`_slot`) or
-    None where this call's program does not write it (with no ``writes``, ``out``
-    alone). So a cached call passes JAX only arrays, and the write-back needs
-    no lookup. A list is fixed: when a
+    program of the list has written, in the order of ``states``), its new
+    value (see :func:`_slot`) or None where this call's program does not
+    write it (with no ``writes``, ``out`` alone). So a cached call passes JAX
+    only arrays, and the write-back needs no lookup. A list is fixed: when a
     trace finds states it lacks, or writes one that has no slot, the
     transform makes a longer list, with a dispatcher of its own.
+
+    With the owner's ``donate_states``, the values of ``writes`` are donated
+    to the dispatcher (a top-level list only: inside a trace nothing runs), and
+    a program that does not write one of them returns its value in its slot,
+    so that no state is left holding a donated buffer. JAX pairs the donated
+    inputs with the outputs of their shape in order, so the slots follow the
+    order of the states: each state's new value reuses its own old buffer
+    (another pairing makes XLA copy inputs).
     """
 
-    __slots__ = ("states", "index", "writes", "group", "dispatch")
+    __slots__ = ("states", "index", "writes", "group", "dispatch", "donated")
 
     def __init__(self, states: Sequence[State], writes: Sequence[State], group: _locks.Group, owner: StatefulFunction):
         self.states = tuple(states)
         self.index = {id(s): i for i, s in enumerate(self.states)}
-        self.writes = tuple(writes)
+        self.writes = tuple(sorted(writes, key=lambda s: self.index[id(s)]))
         # The lock group of the states (a top-level call's list joins them, holding no lock).
         self.group = group
+        self.donated = owner.donate_states and group is not _UNLOCKED
+        donated_states = tuple(self.index[id(s)] for s in self.writes) if self.donated else ()
         n = len(self.states)  # the arguments come after the states' values
         self.dispatch = jax.jit(
             functools.partial(owner._dispatch_trace, self),
             static_argnums=tuple(i + n for i in owner.static_argnums),
             static_argnames=owner.static_argnames,
-            donate_argnums=tuple(i + n for i in owner.donate_argnums),
+            donate_argnums=donated_states + tuple(i + n for i in owner.donate_argnums),
         )
 
     def extended(self, more: _MissingStates, owner: StatefulFunction) -> _StateList:
@@ -193,7 +203,10 @@ class StatefulFunction(Generic[P, R]):
         static_argnums: Sequence[int] = (),
         static_argnames: Sequence[str] = (),
         donate_argnums: Sequence[int] = (),
+        donate_states: bool = False,
     ):
+        if not isinstance(donate_states, bool):
+            raise TypeError(f"{name}: donate_states must be True or False, got {donate_states!r}.")
         self.fun = fun
         owner = fun if isinstance(fun, Module) else getattr(fun, "__self__", None)
         if isinstance(owner, Module):
@@ -209,6 +222,7 @@ class StatefulFunction(Generic[P, R]):
                     f"number of positional arguments."
                 )
         self.donate_argnums = tuple(donate_argnums)
+        self.donate_states = donate_states
         self._state_list = _StateList((), (), _locks.Group(), self)
         self.__call__ = self._first_call  # type: ignore[method-assign]
         self._nested_lists: dict[tuple[tuple[int, ...], tuple[int, ...]], _StateList] = {}
@@ -343,6 +357,8 @@ class StatefulFunction(Generic[P, R]):
         }
         if not state_list.writes:  # a program that writes no state returns its result bare, as jax.jit would
             return out
+        if state_list.donated:  # a donated state this program does not write gets its value back
+            new = {id(s): _slot(values[index[id(s)]]) for s in state_list.writes} | new
         return (out, *(new.get(id(s)) for s in state_list.writes))
 
     def _first_call(self, *args: Any, **kwargs: Any) -> Any:

@@ -27,6 +27,7 @@ class JittedFunction(StatefulFunction[P, R]):
         static_argnums: int | Sequence[int] = (),
         static_argnames: str | Sequence[str] = (),
         donate_argnums: int | Sequence[int] = (),
+        donate_states: bool = False,
     ):
         check_callable(fun, "smap.jit: fun")
         static_argnums, static_argnames = check_static_argnums(fun, static_argnums, static_argnames)
@@ -36,6 +37,7 @@ class JittedFunction(StatefulFunction[P, R]):
             static_argnums=static_argnums,
             static_argnames=static_argnames,
             donate_argnums=resolve_argnums(donate_argnums, positional_count(fun), "donate_argnums"),
+            donate_states=donate_states,
         )
         functools.update_wrapper(self, fun, updated=())
 
@@ -55,6 +57,7 @@ def jit(
     static_argnums: int | Sequence[int] = (),
     static_argnames: str | Sequence[str] = (),
     donate_argnums: int | Sequence[int] = (),
+    donate_states: bool = False,
 ) -> JittedFunction[P, R]: ...
 
 
@@ -65,6 +68,7 @@ def jit(
     static_argnums: int | Sequence[int] = (),
     static_argnames: str | Sequence[str] = (),
     donate_argnums: int | Sequence[int] = (),
+    donate_states: bool = False,
 ) -> Callable[[Callable[P, R]], JittedFunction[P, R]]: ...
 
 
@@ -74,6 +78,7 @@ def jit(
     static_argnums: int | Sequence[int] = (),
     static_argnames: str | Sequence[str] = (),
     donate_argnums: int | Sequence[int] = (),
+    donate_states: bool = False,
 ) -> JittedFunction[P, R] | Callable[[Callable[P, R]], JittedFunction[P, R]]:
     """Compile a function that reads and writes States, like ``jax.jit``.
 
@@ -89,6 +94,16 @@ def jit(
         static_argnums, static_argnames: arguments that are compile-time
             constants, as in ``jax.jit``.
         donate_argnums: positional arguments whose buffers may be reused.
+        donate_states: donate the old values of the states the function
+            writes to the compiled program, as ``donate_argnums`` donates
+            arguments, so that it updates them in place. An array read from
+            such a state before a call is deleted by the call. A call that
+            fails before the program runs (a bad argument, an error while
+            tracing) leaves every state, and every array read from one, as
+            it was; one that fails while the compiled program runs may leave
+            them deleted. A written state's value must not also be an
+            argument of the call or another state's value (JAX refuses to
+            donate a buffer used twice).
 
     Returns:
         A callable with ``fun``'s signature, and ``get_arg_cache_key`` and
@@ -105,9 +120,20 @@ def jit(
         Array(6., dtype=float32)
         >>> total.value
         Array(6., dtype=float32)
+
+        Donating the states it writes, the program updates them in place:
+
+        >>> w = smap.ParamState(jnp.ones(3))
+        >>> @smap.jit(donate_states=True)
+        ... def decay():
+        ...     w.value = 0.5 * w.value
+        >>> old = w.value
+        >>> decay()
+        >>> w.value, old.is_deleted()
+        (Array([0.5, 0.5, 0.5], dtype=float32), True)
     """
 
     def compile_stateful(f: Callable[P, R]) -> JittedFunction[P, R]:
-        return JittedFunction(f, static_argnums, static_argnames, donate_argnums)
+        return JittedFunction(f, static_argnums, static_argnames, donate_argnums, donate_states)
 
     return compile_stateful if fun is None else compile_stateful(fun)

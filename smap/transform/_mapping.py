@@ -292,6 +292,11 @@ class StatefulMapping(StatefulFunction[P, R]):
             over the lanes, without a per-lane array of the product's size
             (see docs/vectorization.md). ``False`` keeps the per-lane
             products, for debugging; results agree to float round-off.
+        donate_states: donate the old values of the states the function
+            writes to the compiled program (as ``smap.jit``'s
+            ``donate_states``): it updates them in place, an array read from
+            such a state before a call is deleted by the call, and a call
+            that fails before the program runs leaves every state as it was.
 
     Example:
         >>> import jax.numpy as jnp, smap
@@ -323,6 +328,7 @@ class StatefulMapping(StatefulFunction[P, R]):
         mapping_fn: MappingFn | Callable[..., Any] = jax.vmap,
         mapping_kwargs: dict | None = None,
         fuse_lane_sums: bool = True,
+        donate_states: bool = False,
     ):
         check_callable(fun, f"{name or 'StatefulMapping'}: fun")
         check_callable(mapping_fn, f"{name or function_name(fun)}: mapping_fn")
@@ -340,6 +346,7 @@ class StatefulMapping(StatefulFunction[P, R]):
             name=name or function_name(fun),
             static_argnums=static_argnums,
             static_argnames=static_argnames,
+            donate_states=donate_states,
         )
         self.origin_fun = fun
         self.in_axes = in_axes
@@ -665,6 +672,7 @@ def vmap2(
     state_out_axes: Any = None,
     unexpected_out_state_mapping: str = "ignore",
     fuse_lane_sums: bool = True,
+    donate_states: bool = False,
 ) -> StatefulMapping[P, R]: ...
 
 
@@ -681,6 +689,7 @@ def vmap2(
     state_out_axes: Any = None,
     unexpected_out_state_mapping: str = "ignore",
     fuse_lane_sums: bool = True,
+    donate_states: bool = False,
 ) -> Callable[[Callable[P, R]], StatefulMapping[P, R]]: ...
 
 
@@ -696,6 +705,7 @@ def vmap2(
     state_out_axes: Any = None,
     unexpected_out_state_mapping: str = "ignore",
     fuse_lane_sums: bool = True,
+    donate_states: bool = False,
 ) -> StatefulMapping[P, R] | Callable[[Callable[P, R]], StatefulMapping[P, R]]:
     """A :class:`StatefulMapping` with ``mapping_fn=jax.vmap``; also a decorator.
 
@@ -703,7 +713,8 @@ def vmap2(
     can be passed wherever a library takes a function "with the same
     signature as ``jax.vmap``" (``optax.microbatching.micro_vmap``'s
     ``vmap_fn``); ``spmd_axis_name`` is handed to ``jax.vmap``. The state
-    arguments are keyword-only.
+    arguments, ``fuse_lane_sums`` and ``donate_states`` (:class:`StatefulMapping`'s)
+    are keyword-only.
 
     Example:
         >>> import jax.numpy as jnp, smap
@@ -730,6 +741,7 @@ def vmap2(
             mapping_fn=jax.vmap,
             mapping_kwargs=None if spmd_axis_name is None else {"spmd_axis_name": spmd_axis_name},
             fuse_lane_sums=fuse_lane_sums,
+            donate_states=donate_states,
         )
 
     if fn is None:
