@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import itertools
 from collections.abc import Callable, Hashable, Sequence
 from typing import Any
 
@@ -60,14 +61,15 @@ class Program:
     def written_states(self) -> tuple[State, ...]:
         return tuple(self.states[i] for i in self.written)
 
+    def per_state(self, leaves: Sequence[Any], states: Sequence[int]) -> list[list[Any]]:
+        """``leaves``, those of the states ``states`` (indices) in turn, cut into one list per state."""
+        it = iter(leaves)
+        return [list(itertools.islice(it, self.state_trees[i].num_leaves)) for i in states]
+
     def unflatten_written(self, leaves: Sequence[Any]) -> list[Any]:
         """The written states' values, from the program's written-state outputs."""
-        values, start = [], 0
-        for i in self.written:
-            tree = self.state_trees[i]
-            values.append(jax.tree_util.tree_unflatten(tree, leaves[start : start + tree.num_leaves]))
-            start += tree.num_leaves
-        return values
+        parts = self.per_state(leaves, self.written)
+        return [jax.tree_util.tree_unflatten(self.state_trees[i], part) for i, part in zip(self.written, parts)]
 
     def __call__(self, *leaves: Any) -> list[Any]:
         """Evaluate the program on argument leaves followed by state leaves."""
