@@ -109,16 +109,7 @@ class _LaneTrace(TraceContext):
             return jax.tree_util.tree_map(abstract, value)
         earlier = state not in self.ref_axes and self.mapping.state_axis(state) is None
         written = ", written per lane by an earlier call" if earlier else ""
-        axes = []
-        for leaf in leaves:
-            if not -leaf.ndim <= axis < leaf.ndim:
-                raise ValueError(
-                    f"{self.mapping.name}: {what} maps {state.describe()} along axis {axis}, "
-                    f"but its value has shape {tuple(leaf.shape)}."
-                )
-            ax = axis % leaf.ndim
-            self._check_size(leaf.shape[ax], f"{state.describe()} (axis {ax}{written})")
-            axes.append(ax)
+        axes = [self.map_along(axis, leaf.shape, what, "its value has", state.describe(), written) for leaf in leaves]
         self.state_axes[state] = tuple(axes)
         return jax.tree_util.tree_unflatten(tree, [_drop_axis(abstract(x), a) for x, a in zip(leaves, axes)])
 
@@ -185,7 +176,14 @@ class _LaneTrace(TraceContext):
             )
         self.ref_axes.setdefault(state, (axis, name))
 
-    def _check_size(self, size: int, source: str) -> None:
+    def map_along(self, axis: int, shape: tuple, what: str, whose: str, label: str, note: str = "") -> int:
+        """``axis`` of ``label``'s ``shape`` (which ``what`` maps) as a non-negative axis; its size is the lanes'."""
+        if not -len(shape) <= axis < len(shape):
+            raise ValueError(
+                f"{self.mapping.name}: {what} maps {label} along axis {axis}, but {whose} shape {tuple(shape)}."
+            )
+        axis %= len(shape)
+        size, source = shape[axis], f"{label} (axis {axis}{note})"
         if self.axis_size is None:
             if self.axis_env and self.axis_env[0][1] != size:
                 # Collectives were traced with a provisional size: stop here and
@@ -197,6 +195,7 @@ class _LaneTrace(TraceContext):
                 f"{self.mapping.name}: mapped sizes differ: {self.size_source} has size "
                 f"{self.axis_size}, {source} has size {size}."
             )
+        return axis
 
 
 def _own_lane_input(state: State, value: Any, name: str) -> Any | None:
@@ -420,31 +419,20 @@ class StatefulMapping(StatefulFunction[P, R]):
             if _compat.is_ref(leaf):
                 context.add_ref_argument(leaf, axis, leaf_name)
                 continue
-            if axis is None:
-                context.arg_axes.append(None)
-                continue
-            ndim = jax.numpy.ndim(leaf)
-            if not -ndim <= axis < ndim:
-                raise ValueError(
-                    f"{self.name}: in_axes maps {leaf_name} along axis {axis}, "
-                    f"but it has shape {jax.numpy.shape(leaf)}."
-                )
-            axis %= ndim
-            context._check_size(jax.numpy.shape(leaf)[axis], f"{leaf_name} (axis {axis})")
+            if axis is not None:
+                axis = context.map_along(axis, jax.numpy.shape(leaf), "in_axes", "it has", leaf_name)
             context.arg_axes.append(axis)
         context.arg_avals = [
             abstract(x) if a is None else _drop_axis(abstract(x), a) for x, a in zip(leaves, context.arg_axes)
         ]
         if self.axis_name is not None:
             # Until a batched state gives the size, trace with a provisional one;
-            # the state's first read then restarts the trace (see _check_size).
+            # the state's first read then restarts the trace (see _LaneTrace.map_along).
             context.axis_env = ((self.axis_name, context.axis_size or 1),)
         return context
 
     def _arg_axes(self, args: tuple, kwargs: dict, n_args: int, static_positions: set[int]) -> list[int | None]:
-        in_axes = self.in_axes
-        if isinstance(in_axes, list):
-            in_axes = tuple(in_axes)
+        in_axes = tuple(self.in_axes) if isinstance(self.in_axes, list) else self.in_axes
         if isinstance(in_axes, tuple):
             if len(in_axes) != n_args:
                 raise ValueError(
@@ -567,7 +555,7 @@ class _SizeFoundInTrace(Exception):
         self.size = size
 
 
-def _mapped_program(program: Program, lanes: Lanes, mapping_fn: MappingFn, tail: Tail | None = None) -> Runner:
+def _mapped_program(program: Program, lanes: Lanes, mapping_fn: MappingFn, tail: Tail | None) -> Runner:
     """The function of (argument leaves, state values) that runs ``program`` as ``lanes.plan`` says.
 
     A device mapping of :mod:`smap.devices` takes ``lanes`` (the lane program
@@ -597,27 +585,22 @@ def _mapped_program(program: Program, lanes: Lanes, mapping_fn: MappingFn, tail:
         return list(results)
 
     def run(arg_leaves: list, state_values: list) -> tuple[Any, list]:
-        state_leaves: list = []
-        starts: list[int] = []
         next_values: dict[int, Any] = {}
+        leaves = list(arg_leaves)
         for i, value in enumerate(state_values):
             if i in lane_plan.own_lanes:
                 value, next_values[i] = cast(tuple, program.states[i].lane_values(value, lane_plan.axis_size))
-            starts.append(len(arg_leaves) + len(state_leaves))
-            state_leaves.extend(jax.tree_util.tree_leaves(value))
-        leaves = [*arg_leaves, *state_leaves]
+            leaves.extend(jax.tree_util.tree_leaves(value))
         if isinstance(mapping_fn, _Adapter):
             # A written state's new value is laid out as its value was (the input leaf it was read from).
-            like: list[int | None] = [None] * program.n_outs
-            like += [starts[i] + k for i in program.written for k in range(program.state_trees[i].num_leaves)]
+            read_at = program.per_state(range(len(arg_leaves), len(leaves)), range(len(program.states)))
+            like = [None] * program.n_outs + [k for i in program.written for k in read_at[i]]
             results = mapping_fn.enclose(compute, leaves, lane_plan.in_axes, out_axes, like)
         else:
             results = compute(*leaves)
-        outs, written = results[: program.n_outs], program.unflatten_written(results[program.n_outs :])
-        for j, i in enumerate(program.written):
-            if i in lane_plan.take_next:
-                written[j] = next_values[i]
-        return jax.tree_util.tree_unflatten(program.out_tree, outs), written
+        written = program.unflatten_written(results[program.n_outs :])
+        written = [next_values[i] if i in lane_plan.take_next else w for i, w in zip(program.written, written)]
+        return jax.tree_util.tree_unflatten(program.out_tree, results[: program.n_outs]), written
 
     return run
 
