@@ -93,7 +93,6 @@ class _LaneTrace(TraceContext):
         self.own_lanes: set[State] = set()
         # Shared states written with a lane's slice: state -> (out axis, the state's sizes along it).
         self.lane_shaped: dict[State, tuple[int, frozenset[int]]] = {}
-        self.axis_env: tuple = ()
 
     def make_input(self, state: State, value: Any) -> Any:
         own = _own_lane_input(state, value, self.mapping.name)
