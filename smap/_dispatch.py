@@ -1,16 +1,12 @@
 """Dispatch: cache a transform's programs, run them, and write the states back.
 
-:class:`StatefulFunction` is the life of a transform call. All calls go
-through one ``jax.jit`` dispatcher (the ``dispatch`` of the list of the
-states touched so far) that takes those states' values, so JAX's own
-dispatch cache recognises a signature (arguments and states) and the
-per-call work in Python is a read of each state and a write of each
-written one, in a function written out for the list (:func:`_compile_call`).
-When the dispatcher is traced for a
-new signature it looks up, or traces (:func:`~smap._tracing.trace_program`),
-the :class:`~smap._tracing.Program` of the Python function and runs the
-transform's function of it. The states' values change only after the call
-has succeeded, so a failed call leaves every state as it was.
+:class:`StatefulFunction` is the life of a transform call. Calls go through
+one ``jax.jit`` dispatcher per list of the states touched so far, which takes
+those states' values, so JAX's C++ cache recognises a signature (arguments and
+states) and a cached call's Python work is a read of each state and a write of
+each written one (:func:`_compile_call`). Tracing the dispatcher for a new
+signature looks up or traces the :class:`~smap._tracing.Program` and runs the
+transform's function of it. States change only after the call has succeeded.
 """
 
 from __future__ import annotations
@@ -34,8 +30,7 @@ if _compat.HAS_REFS:
     from ._refs import hide_refs
 else:
 
-    def hide_refs(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-        """Without jax.Ref, no argument is a Ref."""
+    def hide_refs(args: tuple, kwargs: dict) -> tuple[tuple, dict]:  # without jax.Ref, no argument is a Ref
         return args, kwargs
 
 
@@ -49,8 +44,6 @@ Runner = Callable[[list, list], tuple[Any, list]]
 
 
 def _leaf_signature(x: Any) -> tuple | type:
-    if type(x) is _compat.ArrayImpl:
-        return (x.shape, x.dtype, x.weak_type)
     try:
         return (x.shape, x.dtype, getattr(x, "weak_type", False))
     except AttributeError:
@@ -78,23 +71,11 @@ def _tree_signature(value: Any) -> Hashable:
 
 @dataclasses.dataclass(frozen=True)
 class Entry:
-    """A cached program and the function of it that a call runs.
-
-    ``run(arg_leaves, state_values)`` takes the program's state values in
-    the order of ``program.states`` and returns the call's result and the new
-    values of ``program.written_states``.
-    """
+    """A cached program, its states' signature when traced, and the transform's :data:`Runner` of it."""
 
     program: Program
     state_signature: tuple
-    run: Callable[[list, list], tuple[Any, list]]
-
-    def current_signature(self) -> tuple | None:
-        """The states' signature now; None when one of them can no longer be read."""
-        try:
-            return tuple(_tree_signature(s.value) for s in self.program.states)
-        except InvalidatedStateError:
-            return None
+    run: Runner
 
 
 class _StateList:
@@ -234,12 +215,8 @@ class StatefulFunction(Generic[P, R]):
         return TraceContext()
 
     def _runner(self, program: Program, key: ArgSignature, context: TraceContext) -> Runner:
-        """The function ``run(arg_leaves, state_values) -> (result, written_values)`` of ``program``.
-
-        It runs inside the dispatcher's ``jax.jit`` trace; ``state_values``
-        follow ``program.states`` and ``written_values`` follow
-        ``program.written_states``.
-        """
+        """The :data:`Runner` of ``program``: ``state_values`` follow ``program.states``, ``written_values``
+        ``program.written_states``."""
         raise NotImplementedError
 
     # What a call returns, from the result ``run`` returned (None: that result itself).
@@ -247,14 +224,15 @@ class StatefulFunction(Generic[P, R]):
 
     # -- signature -------------------------------------------------------------
 
-    def _split_static(self, args: tuple, kwargs: dict) -> tuple[tuple, dict, tuple]:
-        if not self.static_argnums and not self.static_argnames:
-            return args, kwargs, ()
+    def signature_key(self, *args: Any, **kwargs: Any) -> tuple[ArgSignature, list, tuple, dict]:
+        """The argument part of the cache key, with the leaves and the dynamic (not static) arguments."""
+        args, kwargs = hide_refs(args, kwargs)
         nums = tuple(i for i in self.static_argnums if i < len(args))
         static = tuple((i, args[i]) for i in nums) + tuple((k, kwargs[k]) for k in self.static_argnames if k in kwargs)
         dyn_args = tuple(a for i, a in enumerate(args) if i not in nums)
         dyn_kwargs = {k: v for k, v in kwargs.items() if k not in self.static_argnames}
-        return dyn_args, dyn_kwargs, static
+        leaves, tree = jax.tree_util.tree_flatten((dyn_args, dyn_kwargs))
+        return ArgSignature(tree, static, len(args), tuple(map(_leaf_signature, leaves))), leaves, dyn_args, dyn_kwargs
 
     def _bind_static(self, static: tuple, n_args: int) -> Callable:
         if not static:
@@ -269,19 +247,16 @@ class StatefulFunction(Generic[P, R]):
 
         return bound
 
-    def signature_key(self, *args: Any, **kwargs: Any) -> tuple[ArgSignature, list, tuple, dict]:
-        """The argument part of the cache key, with the leaves and the dynamic arguments."""
-        dyn_args, dyn_kwargs, static = self._split_static(*hide_refs(args, kwargs))
-        leaves, tree = jax.tree_util.tree_flatten((dyn_args, dyn_kwargs))
-        key = ArgSignature(tree, static, len(args), tuple(map(_leaf_signature, leaves)))
-        return key, leaves, dyn_args, dyn_kwargs
-
     # -- cache -----------------------------------------------------------------
 
     def _lookup(self, key: ArgSignature) -> Entry | None:
+        """The entry for ``key`` whose states have the signature they had when it was traced."""
         for entry in self._entries.get(key, ()):
-            if entry.current_signature() == entry.state_signature:
-                return entry
+            try:
+                if tuple(_tree_signature(s.value) for s in entry.program.states) == entry.state_signature:
+                    return entry
+            except InvalidatedStateError:  # a state that can no longer be read
+                continue
         return None
 
     def _trace(self, key: ArgSignature, leaves: list, dyn_args: tuple, dyn_kwargs: dict) -> Entry:
@@ -296,11 +271,8 @@ class StatefulFunction(Generic[P, R]):
             arg_avals=context.arg_avals,
             axis_env=context.axis_env,
         )
-        entry = Entry(
-            program=program,
-            state_signature=tuple(_tree_signature(s.value) for s in program.states),
-            run=self._runner(program, key, context),
-        )
+        signature = tuple(_tree_signature(s.value) for s in program.states)
+        entry = Entry(program, signature, self._runner(program, key, context))
         self._entries.setdefault(key, []).insert(0, entry)
         return entry
 
@@ -319,9 +291,7 @@ class StatefulFunction(Generic[P, R]):
             { lambda ; a:f32[2]. let b:f32[2] = add a 1.0:f32[] in (b,) }
         """
         key = self.signature_key(*args, **kwargs)[0]
-        entry = self._lookup(key)
-        if entry is None and self._entries.get(key):
-            entry = self._entries[key][0]
+        entry = self._lookup(key) or next(iter(self._entries.get(key, ())), None)
         return (key, entry.state_signature if entry is not None else None)
 
     def get_jaxpr_by_cache(self, cache_key: tuple[ArgSignature, tuple | None]) -> ClosedJaxpr:
@@ -486,11 +456,9 @@ class StatefulFunction(Generic[P, R]):
         key, leaves, dyn_args, dyn_kwargs = self.signature_key(*args, **kwargs)
         program = (self._lookup(key) or self._trace(key, leaves, dyn_args, dyn_kwargs)).program
         lists_key = (tuple(map(id, program.states)), tuple(map(id, program.written_states)))
-        state_list = self._nested_lists.get(lists_key)
-        if state_list is None:
-            state_list = self._nested_lists[lists_key] = _StateList(
-                program.states, program.written_states, _UNLOCKED, self
-            )
+        if lists_key not in self._nested_lists:
+            self._nested_lists[lists_key] = _StateList(program.states, program.written_states, _UNLOCKED, self)
+        state_list = self._nested_lists[lists_key]
         out = state_list.dispatch(*[s.value for s in program.states], *args, **kwargs)
         if state_list.writes:
             out, *slots = out

@@ -13,7 +13,9 @@ collectives may use. Caching and running programs is
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import itertools
 from collections.abc import Callable, Hashable, Sequence
 from typing import Any
 
@@ -59,14 +61,15 @@ class Program:
     def written_states(self) -> tuple[State, ...]:
         return tuple(self.states[i] for i in self.written)
 
+    def per_state(self, leaves: Sequence[Any], states: Sequence[int]) -> list[list[Any]]:
+        """``leaves``, those of the states ``states`` (indices) in turn, cut into one list per state."""
+        it = iter(leaves)
+        return [list(itertools.islice(it, self.state_trees[i].num_leaves)) for i in states]
+
     def unflatten_written(self, leaves: Sequence[Any]) -> list[Any]:
         """The written states' values, from the program's written-state outputs."""
-        values, start = [], 0
-        for i in self.written:
-            tree = self.state_trees[i]
-            values.append(jax.tree_util.tree_unflatten(tree, leaves[start : start + tree.num_leaves]))
-            start += tree.num_leaves
-        return values
+        parts = self.per_state(leaves, self.written)
+        return [jax.tree_util.tree_unflatten(self.state_trees[i], part) for i, part in zip(self.written, parts)]
 
     def __call__(self, *leaves: Any) -> list[Any]:
         """Evaluate the program on argument leaves followed by state leaves."""
@@ -119,93 +122,93 @@ def trace_program(
 
         args, kwargs = hide_refs(args, kwargs)
     leaves, in_tree = jax.tree_util.tree_flatten((args, kwargs))
-    trace_holder: list[Any] = []
+    # Per attempt: its frame, its trace (where states' inputs are made, not a nested transform's), its out_tree.
+    frames: list[TraceFrame] = []
+    traces: list[Any] = []
+    out_tree: list[PyTreeDef] = []
 
     def state_input(state: State, value: Any) -> Any:
-        trace = trace_holder[0]
-        avals = make_input(state, value)
-        return jax.tree_util.tree_map(lambda aval: _compat.new_input(trace, aval), avals)
-
-    frame = TraceFrame(state_input, name, check_write)
-    result: dict[str, Any] = {}
+        return jax.tree_util.tree_map(lambda aval: _compat.new_input(traces[-1], aval), make_input(state, value))
 
     def traced(*arg_leaves: Any) -> tuple[list, list]:
-        trace_holder.append(_compat.current_trace())
+        traces.append(_compat.current_trace())
         call_args, call_kwargs = jax.tree_util.tree_unflatten(in_tree, arg_leaves)
         if _compat.HAS_REFS:
             call_args, call_kwargs = show_refs(call_args, "args"), show_refs(call_kwargs, "kwargs")
-        with frame:
+        with frames[-1]:
             out = fun(*call_args, **call_kwargs)
-        out_leaves, result["out_tree"] = jax.tree_util.tree_flatten(out)
-        written = [frame.value_of(s) for s in frame.written.values()]
-        return out_leaves, jax.tree_util.tree_leaves(written)
+        out_leaves, tree = jax.tree_util.tree_flatten(out)
+        out_tree.append(tree)
+        return out_leaves, jax.tree_util.tree_leaves([frames[-1].value_of(s) for s in frames[-1].written.values()])
 
-    if arg_avals is None:
-        arg_avals = [abstract(x) for x in leaves]
-    specs = [jax.ShapeDtypeStruct(a.shape, a.dtype, weak_type=a.weak_type) for a in arg_avals]
+    specs = [
+        jax.ShapeDtypeStruct(a.shape, a.dtype, weak_type=a.weak_type)
+        for a in (arg_avals if arg_avals is not None else map(abstract, leaves))
+    ]
     trace = jax.make_jaxpr(traced, axis_env=list(axis_env) or None)
+
+    def attempt(mesh: Any) -> ClosedJaxpr:
+        """A trace with a new frame, outside the ambient mesh but inside ``mesh``."""
+        frames.append(TraceFrame(state_input, name, check_write))
+        with _compat.without_ambient_mesh(), mesh:
+            return trace(*specs)
+
     annotated = unit_axes = False
     try:
-        with _compat.without_ambient_mesh():
-            jaxpr = trace(*specs)
+        jaxpr = attempt(contextlib.nullcontext())
     except (ValueError, RuntimeError) as error:
         # Sharding annotations (with_sharding_constraint, out_sharding=, reshard) need the
         # ambient mesh: trace again under it (smap._annotations binds them per lane).
         if _compat.ambient_mesh() is None or "mesh" not in str(error):
             raise
-        frame = TraceFrame(state_input, name, check_write)
-        trace_holder.clear()
         try:
-            with _compat.without_ambient_mesh(), _compat.ambient_abstract_mesh():
-                jaxpr = trace(*specs)
+            jaxpr = attempt(_compat.ambient_abstract_mesh())
         except ValueError as indivisible:
             # A lane's slice of a batch (a dimension of size 1) annotated as the batch is: trace for axes
             # of size 1, and let each annotation be checked where it runs (smap._annotations drops the
             # entries of dimensions of size 1 there; the others must divide as JAX requires).
             if not _compat.indivisible(indivisible):
                 raise
-            frame = TraceFrame(state_input, name, check_write)
-            trace_holder.clear()
-            with _compat.without_ambient_mesh(), _compat.ambient_abstract_mesh(unit_axes=True):
-                jaxpr = trace(*specs)
+            jaxpr = attempt(_compat.ambient_abstract_mesh(unit_axes=True))
             unit_axes = True
-            _check_divisible(jaxpr, dict(getattr(_compat.ambient_mesh(), "shape", {})), name)
+            sizes = dict(getattr(_compat.ambient_mesh(), "shape", {}))
+            _interpret.reaches(jaxpr, lambda eqn: _check_divisible(eqn, sizes, name))
         annotated = _interpret.reaches(jaxpr, lambda eqn: _compat.annotation_spec(eqn) is not None)
     if _compat.HAS_REFS and _compat.ref_constants(jaxpr):
         from ._refs import unrouted_message
 
         raise TypeError(unrouted_message(name, _compat.ref_constants(jaxpr)))
+    frame = frames[-1]
     index = {id(s): i for i, s in enumerate(frame.states)}
     return Program(
         jaxpr=jaxpr,
         states=tuple(frame.states),
         state_trees=tuple(jax.tree_util.tree_structure(frame.value_of(s)) for s in frame.states),
         written=tuple(index[k] for k in frame.written),
-        out_tree=result["out_tree"],
+        out_tree=out_tree[-1],
         n_args=len(leaves),
         annotated=annotated,
         unit_axes=unit_axes,
     )
 
 
-def _check_divisible(jaxpr: Any, sizes: Any, name: str) -> None:
-    """Every annotation of ``jaxpr`` on a dimension larger than 1 names mesh axes (of ``sizes``) that divide it."""
-    for eqn in _compat.open_jaxpr(jaxpr).eqns:
-        found = _compat.annotation_spec(eqn)
-        spec = found[0] if found is not None else jax.sharding.PartitionSpec()
-        shape: tuple[int, ...] = getattr(eqn.outvars[0].aval, "shape", ()) if found is not None else ()
-        for dim, (size, entry) in enumerate(zip(shape, spec)):
-            names = () if entry is None or entry is jax.sharding.PartitionSpec.UNCONSTRAINED else entry
-            names = (names,) if isinstance(names, str) else tuple(names)
-            parts = int(np.prod([sizes[n] for n in names]))
-            if size != 1 and size % parts:
-                raise ValueError(
-                    f"{name}: a sharding annotation lays out a value of shape {tuple(shape)} as {spec}, but "
-                    f"the mesh axes {names} ({parts} parts) do not evenly divide dimension {dim} (size {size}). "
-                    f"Only a dimension of size 1 (a lane's slice of a batch) may name axes that do not divide it."
-                )
-        for sub in _compat.jaxprs_in_params(eqn.params):
-            _check_divisible(sub, sizes, name)
+def _check_divisible(eqn: Any, sizes: dict, name: str) -> bool:
+    """Refuse an annotation on a dimension above 1 that its mesh axes do not divide; else False (walk on)."""
+    found = _compat.annotation_spec(eqn)
+    if found is None:
+        return False
+    spec, shape = found[0], getattr(eqn.outvars[0].aval, "shape", ())
+    for dim, (size, entry) in enumerate(zip(shape, spec)):
+        names = () if entry is None or entry is jax.sharding.PartitionSpec.UNCONSTRAINED else entry
+        names = (names,) if isinstance(names, str) else tuple(names)
+        parts = int(np.prod([sizes[n] for n in names]))
+        if size != 1 and size % parts:
+            raise ValueError(
+                f"{name}: a sharding annotation lays out a value of shape {tuple(shape)} as {spec}, but "
+                f"the mesh axes {names} ({parts} parts) do not evenly divide dimension {dim} (size {size}). "
+                f"Only a dimension of size 1 (a lane's slice of a batch) may name axes that do not divide it."
+            )
+    return False
 
 
 class TraceContext:

@@ -1,39 +1,29 @@
 """Sums over the lanes of per-lane products, computed as one product over the lanes.
 
 A lane's weight gradient is a product of two per-lane values (for ``x @ w``,
-the outer product of the lane's input and its output's cotangent). Summed
-over the lanes with ``psum`` (or ``pmean``) and vectorized by ``jax.vmap``,
-the program holds one product per lane (``f32[lanes, in, out]``) and then
-sums them. The same sum is one ``dot_general`` that also contracts over the
-lanes: ``psum_L(dot(a, b)) == dot(all_gather_L(a), all_gather_L(b))`` with
-the gathered axis contracted, and under ``jax.vmap`` the ``all_gather`` of a
-batched value over the mapped axis is the batched array itself. Where a
-lane's product contracts dimensions of its own (tokens), that product may be
-one per group of lanes, then summed over the groups (a cost rule per product,
-:mod:`smap.transform._lane_groups`): never one per lane.
+the outer product of the lane's input and its output's cotangent); a ``psum``
+of it over the lanes, vectorized, holds one product per lane and then sums
+them. The same sum is one ``dot_general`` that also contracts over the
+lanes: ``psum_L(dot(a, b)) == dot(all_gather_L(a), all_gather_L(b))``, and
+under ``jax.vmap`` the ``all_gather`` of a batched value is the batched
+array itself. Where a lane's product contracts dimensions of its own
+(tokens), the product may be one per group of lanes, summed over the groups
+(:mod:`smap.transform._lane_groups`): never one per lane.
 
 :func:`fused_lanes` re-evaluates a per-lane program with every ``psum`` over
 the mapping's axis whose operand is linear in such products (through
-transposes, reshapes, float converts, negations, sums, and scalings by
-lane-independent values or by per-lane scalars, which move into one factor)
-computed that way; anything it does not recognise is evaluated as it is.
-The value of each such psum is computed in a call named after :data:`LANE_SUM`
-and the lane axis it sums over, so an ``axis_name``-rewriting layer
-(``sharding``, where a device holds a block of lanes) can sum over the
-device's own lanes and then over devices instead of gathering over devices
-(:func:`sum_over_lanes`), at the place of the psum (the linear steps after
-the product stay before the sum over devices). Such a layer rewrites only the
-lane sums over its own axis (:func:`is_lane_sum` with the axis): a lane sum of
-a nested mapping, over that mapping's axis, stays as it is. A psum over
-several axes has only the mapping's axis folded; it is then summed over the
-others.
+transposes, reshapes, float converts, negations, sums, scalings by
+lane-independent values or by per-lane scalars) computed that way. Each
+fused psum is a call named after :data:`LANE_SUM` and its lane axis, so a
+layer where a device holds a block of lanes rewrites the lane sums over its
+own axis (:func:`is_lane_sum`) to sum over the device's lanes, then over
+devices (:func:`sum_over_lanes`).
 
 The fused sum never works in a narrower or a real dtype where the program
-did not: the product over the lanes accumulates in the wider of the
-product's dtype and the psum's, a per-lane factor is applied in the wider of
-its dtype and the operand's (a complex factor keeps the product complex),
-and a float convert between the product and the psum converts to no
-narrower than the psum's dtype.
+did not: the product accumulates in the wider of its dtype and the psum's, a
+per-lane factor is applied in the wider of its dtype and the operand's, and
+a float convert between the product and the psum converts to no narrower
+than the psum's dtype.
 """
 
 from __future__ import annotations
@@ -63,20 +53,15 @@ _LANE_AXES: dict[Hashable, int] = {}
 _LANE_AXES_LOCK = threading.Lock()
 
 
-def _lane_sum_name(axis_name: Hashable) -> str:
-    """The name of a lane sum's call over ``axis_name``: it records the axis."""
+def _lane_sum(compute: Callable[[], Any], axis_name: Hashable) -> Any:
+    """``compute()`` as a lane sum's call: a psum over the lanes of ``axis_name``, which its name records."""
     with _LANE_AXES_LOCK:
         number = _LANE_AXES.setdefault(axis_name, len(_LANE_AXES))
-    return f"{LANE_SUM}_{number}"
-
-
-def _lane_sum(compute: Callable[[], Any], axis_name: Hashable) -> Any:
-    """``compute()`` as a lane sum's call: the value of a psum over the lanes of ``axis_name``."""
 
     def call() -> Any:
         return compute()
 
-    call.__name__ = call.__qualname__ = _lane_sum_name(axis_name)
+    call.__name__ = call.__qualname__ = f"{LANE_SUM}_{number}"
     return jax.jit(call)()
 
 
@@ -128,15 +113,10 @@ def fused_lanes(jaxpr: ClosedJaxpr, inputs: Sequence[bool], axis_name: Hashable)
 
     Squared norms of per-lane products (per-example gradient norms) are
     computed without the products (:mod:`smap.transform._lane_norms`) on the
-    way. Returns a function of the program's inputs, to be mapped over
-    ``axis_name`` (``jax.vmap`` or any mapping that implements ``all_gather``),
-    or None when the program has neither a ``psum`` over ``axis_name`` nor a
-    square.
-
-    Arguments:
-        jaxpr: the per-lane program.
-        inputs: for each input, whether it differs between lanes.
-        axis_name: the mapped axis.
+    way. ``inputs`` says which inputs differ between lanes. Returns a function
+    of the program's inputs, to be mapped over ``axis_name`` (``jax.vmap`` or
+    any mapping that implements ``all_gather``), or None when the program has
+    neither a ``psum`` over ``axis_name`` nor a square.
 
     Example:
         >>> import jax, jax.numpy as jnp
@@ -152,26 +132,10 @@ def fused_lanes(jaxpr: ClosedJaxpr, inputs: Sequence[bool], axis_name: Hashable)
     """
     if not (_interpret.reaches(jaxpr, lambda eqn: _reduces_over(eqn, axis_name)) or has_squares(jaxpr)):
         return None
-
-    rule = _fusion_rule(axis_name)
-
-    def lane(*args: Any) -> list:
-        nodes = [_Node(a, bool(d)) for a, d in zip(args, inputs)]
-        return [n.value for n in _interpret.evaluate(jaxpr, nodes, rule, _leaf)]
-
-    return lane
-
-
-def _leaf(value: Any) -> _Node:
-    """A literal's or a constant's node: the same in every lane."""
-    return _Node(value, False)
-
-
-def _fusion_rule(axis_name: Hashable) -> Callable[[Any, list], list]:
-    """The interpreter's rule of the fused program, on nodes: psums over the lanes fused,
-    plain calls and scans that hold one followed, anything else bound as it is."""
     lanes = lanes_rule(axis_name)
 
+    # The interpreter's rule, on nodes: psums over the lanes fused, plain calls and scans that hold one
+    # followed, anything else bound as it is.
     def rule(eqn: Any, ins: list[_Node]) -> list[_Node]:
         if _reduces_over(eqn, axis_name):
             return _psum(eqn, ins, axis_name)
@@ -192,14 +156,20 @@ def _fusion_rule(axis_name: Hashable) -> Callable[[Any, list], list]:
             assert values is not None
             return [_Node(v, d) for v, d in zip(values, outs)]
         norm = squared_norm(eqn, ins)
-        if norm is not None:
-            return [_Node(v, d) for v, d in zip(norm, _interpret.analyse_equation(eqn, deps, lanes))]
-        values = _interpret.bind(eqn, [n.value for n in ins])
-        deps = _interpret.analyse_equation(eqn, deps, lanes)
-        single = len(values) == 1
-        return [_Node(v, d, eqn if single else None, tuple(ins)) for v, d in zip(values, deps)]
+        values = norm if norm is not None else _interpret.bind(eqn, [n.value for n in ins])
+        made_by = eqn if norm is None and len(values) == 1 else None  # what the fusion may look through
+        return [_Node(v, d, made_by, tuple(ins)) for v, d in zip(values, _interpret.analyse_equation(eqn, deps, lanes))]
 
-    return rule
+    def lane(*args: Any) -> list:
+        nodes = [_Node(a, bool(d)) for a, d in zip(args, inputs)]
+        return [n.value for n in _interpret.evaluate(jaxpr, nodes, rule, _leaf)]
+
+    return lane
+
+
+def _leaf(value: Any) -> _Node:
+    """A literal's or a constant's node: the same in every lane."""
+    return _Node(value, False)
 
 
 def _psum(eqn: Any, ins: list[_Node], axis_name: Hashable) -> list[_Node]:
@@ -218,16 +188,12 @@ def _psum(eqn: Any, ins: list[_Node], axis_name: Hashable) -> list[_Node]:
     return outs
 
 
-def _inexact(dtype: Any) -> bool:
-    return jnp.issubdtype(dtype, jnp.inexact)
-
-
 def _summed(node: _Node, scale: Any, axis_name: Hashable, dtype: Any) -> Callable[[], Any] | None:
     """How to compute ``psum`` over the lanes of ``scale * node`` (``scale`` a per-lane
     scalar or None) without per-lane products, or None when ``node`` is not recognised
     as linear in them. ``dtype`` is the psum's: the sum accumulates in no narrower one."""
     eqn = node.eqn
-    if eqn is None or not node.dependent or not _inexact(jnp.result_type(node.value)):
+    if eqn is None or not node.dependent or not jnp.issubdtype(jnp.result_type(node.value), jnp.inexact):
         return None
     name, ins = _compat.primitive_name(eqn), node.inputs
     if name == _compat.DOT_GENERAL:
@@ -239,20 +205,15 @@ def _summed(node: _Node, scale: Any, axis_name: Hashable, dtype: Any) -> Callabl
     linear = name in _compat.LINEAR_PRIMITIVES and (name != _compat.CONVERT or _compat.converts_floats(eqn))
     if linear and name == _compat.CONVERT and scale is not None and _complex_to_real(eqn):
         return None  # taking the real part does not commute with a (complex) per-lane factor
-    if linear and len(ins) == 1:
-        inner = _summed(ins[0], scale, axis_name, dtype)
-        return None if inner is None else functools.partial(_rebind_of, eqn, [inner], dtype)
-    if name in _compat.SUM_PRIMITIVES:
-        parts = [_summed(n, scale, axis_name, dtype) for n in ins]
-        return None if any(p is None for p in parts) else functools.partial(_rebind_of, eqn, parts, dtype)
+    summed = lambda n: _summed(n, scale, axis_name, dtype)  # noqa: E731
+    if (linear and len(ins) == 1) or name in _compat.SUM_PRIMITIVES:
+        return _rebound(eqn, [summed(n) for n in ins], dtype)
     if name in (_compat.MUL, _compat.DIV):
         x, y = ins
         if not y.dependent:
-            inner = _summed(x, scale, axis_name, dtype)
-            return None if inner is None else functools.partial(_rebind_of, eqn, [inner, y.value], dtype)
+            return _rebound(eqn, [summed(x), y.value], dtype)
         if name == _compat.MUL and not x.dependent:
-            inner = _summed(y, scale, axis_name, dtype)
-            return None if inner is None else functools.partial(_rebind_of, eqn, [x.value, inner], dtype)
+            return _rebound(eqn, [x.value, summed(y)], dtype)
         if name == _compat.MUL:
             for factor, other in ((y, x), (x, y)):
                 if jnp.ndim(factor.value) == 0:
@@ -262,6 +223,11 @@ def _summed(node: _Node, scale: Any, axis_name: Hashable, dtype: Any) -> Callabl
     if jnp.promote_types(jnp.result_type(node.value), dtype) != jnp.result_type(node.value):
         return None  # the layer rules sum in the gradient's own dtype: only where the psum's is no wider
     return layer_sum(node, scale, axis_name, lambda n, s: _summed(n, s, axis_name, dtype))
+
+
+def _rebound(eqn: Any, ins: list, dtype: Any) -> Callable[[], Any] | None:
+    """The plan that applies ``eqn`` to ``ins`` (values, or plans of them); None when a plan is missing."""
+    return None if any(x is None for x in ins) else functools.partial(_rebind_of, eqn, ins, dtype)
 
 
 def _product(a: Any, b: Any, scale: Any, dims: tuple, options: dict, axis_name: Hashable, dtype: Any) -> Any:

@@ -1,18 +1,13 @@
 """Which values of a per-lane program differ between lanes.
 
-A mapping transform writes a state back with the mapped axis only when the
-value written depends on the lane. The answer must not depend on how the
-lanes are executed, so it is read off the traced program itself: a value is
-lane-dependent when it is computed from a lane-dependent input, from the
-lane's index, or from a collective that hands each lane its own part;
-reductions over the mapped axis (``psum``, ``pmax``, ``pmin``,
-``all_gather``) give every lane the same value.
-
-The analysis is the interpreter's (``smap._interpret.analyse``, which
-follows JAX's own batching rules for control flow and calls) with one rule,
-for the collectives (the table of primitives is ``smap._compat.PRIMITIVES``);
-it is conservative elsewhere: it may call a value lane-dependent that JAX
-would not, which only costs a broadcast, never a wrong result.
+A mapping writes a state back with the mapped axis only when the value
+written depends on the lane, and the answer must not depend on how the lanes
+run: it is read off the program. A value depends on the lane when it is
+computed from a lane-dependent input, the lane's index, or a collective that
+hands each lane its own part; a reduction over the mapped axis (``psum``,
+``all_gather``, ...) gives every lane the same value. The analysis is the
+interpreter's, with one rule for the collectives; elsewhere it may call a
+value lane-dependent that JAX would not, which only costs a broadcast.
 """
 
 from __future__ import annotations
@@ -31,13 +26,8 @@ _SAME_ON_EVERY_LANE = (Kind.REDUCTION, Kind.GATHER)
 
 
 def lane_dependent(jaxpr: Jaxpr, inputs: Sequence[bool], axis_name: Hashable | None) -> list[bool]:
-    """For each output of ``jaxpr``, whether it depends on the lane.
-
-    Arguments:
-        jaxpr: the per-lane program (constvars count as lane-independent).
-        inputs: for each input, whether it differs between lanes.
-        axis_name: the mapped axis name that collectives may use, or None.
-    """
+    """For each output of ``jaxpr``, whether it depends on the lane, from which ``inputs`` do
+    (constvars do not) and the mapped axis that collectives may name (or None)."""
     return _interpret.analyse(jaxpr, inputs, lanes_rule(axis_name))
 
 

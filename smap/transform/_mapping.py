@@ -1,16 +1,10 @@
 """The mapped program: ``StatefulMapping`` and ``vmap2`` map a stateful function over a batch.
 
-A call reads as a short story. The function is traced once per signature
-into a per-lane program whose inputs are its arguments and the states it
-touches (:class:`_LaneTrace` decides how each enters the lanes: a state
-selected by ``state_in_axes`` enters with its mapped axis removed, a state
-whose type gives each lane its own value, such as a random key, enters as
-one lane's value). :func:`~smap.transform._plan.plan` turns the program and
-those findings into a :class:`~smap.transform._plan.LanePlan`, and
-:func:`_mapped_program` runs the plan: ``mapping_fn`` (a :class:`MappingFn`,
-or a device mapping of :mod:`smap.devices`, which takes the program and plan
-as one :class:`~smap.transform._plan.Lanes` value) maps the program over the
-lanes, and the results are written back once the call has succeeded.
+A call traces one lane (:class:`_LaneTrace` decides how each state enters it),
+plans it (:func:`~smap.transform._plan.plan`), and runs the plan with
+``mapping_fn`` (:func:`_mapped_program`): a :class:`MappingFn`, or a device
+mapping of :mod:`smap.devices`, which takes the lane program and its plan as
+one :class:`~smap.transform._plan.Lanes` value.
 """
 
 from __future__ import annotations
@@ -88,11 +82,9 @@ class MappingFn(Protocol):
 class _LaneTrace(TraceContext):
     """One trace of a mapping: decides how each touched state enters the lanes."""
 
-    def __init__(
-        self, mapping: StatefulMapping, arg_axes: list[int | None], axis_size: int | None, size_source: str | None
-    ):
+    def __init__(self, mapping: StatefulMapping, axis_size: int | None, size_source: str | None):
         self.mapping = mapping
-        self.arg_axes = arg_axes
+        self.arg_axes: list[int | None] = []
         self.axis_size = axis_size
         self.size_source = size_source
         self.state_axes: dict[State, tuple[int, ...]] = {}
@@ -101,7 +93,6 @@ class _LaneTrace(TraceContext):
         self.own_lanes: set[State] = set()
         # Shared states written with a lane's slice: state -> (out axis, the state's sizes along it).
         self.lane_shaped: dict[State, tuple[int, frozenset[int]]] = {}
-        self.axis_env: tuple = ()
 
     def make_input(self, state: State, value: Any) -> Any:
         own = _own_lane_input(state, value, self.mapping.name)
@@ -117,16 +108,7 @@ class _LaneTrace(TraceContext):
             return jax.tree_util.tree_map(abstract, value)
         earlier = state not in self.ref_axes and self.mapping.state_axis(state) is None
         written = ", written per lane by an earlier call" if earlier else ""
-        axes = []
-        for leaf in leaves:
-            if leaf.ndim == 0 or not -leaf.ndim <= axis < leaf.ndim:
-                raise ValueError(
-                    f"{self.mapping.name}: {what} maps {state.describe()} along axis {axis}, "
-                    f"but its value has shape {tuple(leaf.shape)}."
-                )
-            ax = axis % leaf.ndim
-            self._check_size(leaf.shape[ax], f"{state.describe()} (axis {ax}{written})")
-            axes.append(ax)
+        axes = [self.map_along(axis, leaf.shape, what, "its value has", state.describe(), written) for leaf in leaves]
         self.state_axes[state] = tuple(axes)
         return jax.tree_util.tree_unflatten(tree, [_drop_axis(abstract(x), a) for x, a in zip(leaves, axes)])
 
@@ -193,7 +175,14 @@ class _LaneTrace(TraceContext):
             )
         self.ref_axes.setdefault(state, (axis, name))
 
-    def _check_size(self, size: int, source: str) -> None:
+    def map_along(self, axis: int, shape: tuple, what: str, whose: str, label: str, note: str = "") -> int:
+        """``axis`` of ``label``'s ``shape`` (which ``what`` maps) as a non-negative axis; its size is the lanes'."""
+        if not -len(shape) <= axis < len(shape):
+            raise ValueError(
+                f"{self.mapping.name}: {what} maps {label} along axis {axis}, but {whose} shape {tuple(shape)}."
+            )
+        axis %= len(shape)
+        size, source = shape[axis], f"{label} (axis {axis}{note})"
         if self.axis_size is None:
             if self.axis_env and self.axis_env[0][1] != size:
                 # Collectives were traced with a provisional size: stop here and
@@ -205,6 +194,7 @@ class _LaneTrace(TraceContext):
                 f"{self.mapping.name}: mapped sizes differ: {self.size_source} has size "
                 f"{self.axis_size}, {source} has size {size}."
             )
+        return axis
 
 
 def _own_lane_input(state: State, value: Any, name: str) -> Any | None:
@@ -216,9 +206,8 @@ def _own_lane_input(state: State, value: Any, name: str) -> Any | None:
         return None
     lanes, after = found
     like = jax.eval_shape(lambda v: v, value)
-    if not all(x.shape[:1] == (1,) for x in jax.tree_util.tree_leaves(lanes)) or not (
-        _same_shapes(jax.tree_util.tree_map(_drop_lane_axis, lanes), like) and _same_shapes(after, like)
-    ):
+    lane_axis = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct((1, *x.shape), x.dtype), like)
+    if _shapes(lanes) != _shapes(lane_axis) or _shapes(after) != _shapes(like):
         raise TypeError(
             f"{name}: {type(state).__name__}.lane_values must return (the lanes' values stacked along a new "
             f"axis 0, the next value), each value with the structure, shapes and dtypes of the state's value "
@@ -227,17 +216,10 @@ def _own_lane_input(state: State, value: Any, name: str) -> Any | None:
     return jax.tree_util.tree_map(lambda x: jax.core.ShapedArray(x.shape, x.dtype, x.weak_type), like)
 
 
-def _drop_lane_axis(x: jax.ShapeDtypeStruct) -> jax.ShapeDtypeStruct:
-    return jax.ShapeDtypeStruct(x.shape[1:], x.dtype)
-
-
-def _same_shapes(tree: Any, like: Any) -> bool:
-    """Whether two pytrees of ShapeDtypeStructs agree in structure, shapes and dtypes."""
-    structure: Any = jax.tree_util.tree_structure(tree)
-    if structure != jax.tree_util.tree_structure(like):
-        return False
-    pairs = zip(jax.tree_util.tree_leaves(tree), jax.tree_util.tree_leaves(like))
-    return all(a.shape == b.shape and a.dtype == b.dtype for a, b in pairs)
+def _shapes(tree: Any) -> tuple:
+    """A pytree's structure, and its leaves' shapes and dtypes."""
+    leaves, structure = jax.tree_util.tree_flatten(tree)
+    return structure, [(x.shape, x.dtype) for x in leaves]
 
 
 def _drop_axis(aval: jax.core.ShapedArray, axis: int) -> jax.core.ShapedArray:
@@ -436,38 +418,27 @@ class StatefulMapping(StatefulFunction[P, R]):
         names = leaf_names(args, "args") + leaf_names(kwargs, "kwargs")
         found = self._sizes_found_in_trace.get(key)
         if self.axis_size is not None:
-            context = _LaneTrace(self, [], self.axis_size, "axis_size")
+            context = _LaneTrace(self, self.axis_size, "axis_size")
         else:
-            context = _LaneTrace(self, [], found, "a batched state" if found else None)
+            context = _LaneTrace(self, found, "a batched state" if found else None)
         for leaf, axis, leaf_name in zip(jax.tree_util.tree_leaves((args, kwargs)), arg_axes, names):
             if _compat.is_ref(leaf):
                 context.add_ref_argument(leaf, axis, leaf_name)
                 continue
-            if axis is None:
-                context.arg_axes.append(None)
-                continue
-            ndim = jax.numpy.ndim(leaf)
-            if not -ndim <= axis < ndim:
-                raise ValueError(
-                    f"{self.name}: in_axes maps {leaf_name} along axis {axis}, "
-                    f"but it has shape {jax.numpy.shape(leaf)}."
-                )
-            axis %= ndim
-            context._check_size(jax.numpy.shape(leaf)[axis], f"{leaf_name} (axis {axis})")
+            if axis is not None:
+                axis = context.map_along(axis, jax.numpy.shape(leaf), "in_axes", "it has", leaf_name)
             context.arg_axes.append(axis)
         context.arg_avals = [
             abstract(x) if a is None else _drop_axis(abstract(x), a) for x, a in zip(leaves, context.arg_axes)
         ]
         if self.axis_name is not None:
             # Until a batched state gives the size, trace with a provisional one;
-            # the state's first read then restarts the trace (see _check_size).
+            # the state's first read then restarts the trace (see _LaneTrace.map_along).
             context.axis_env = ((self.axis_name, context.axis_size or 1),)
         return context
 
     def _arg_axes(self, args: tuple, kwargs: dict, n_args: int, static_positions: set[int]) -> list[int | None]:
-        in_axes = self.in_axes
-        if isinstance(in_axes, list):
-            in_axes = tuple(in_axes)
+        in_axes = tuple(self.in_axes) if isinstance(self.in_axes, list) else self.in_axes
         if isinstance(in_axes, tuple):
             if len(in_axes) != n_args:
                 raise ValueError(
@@ -516,29 +487,24 @@ class StatefulMapping(StatefulFunction[P, R]):
             if tail is None
             else dataclasses.replace(lane_plan, out_axes=tail.head_out_axes(lane_plan.out_axes))
         )
-        lanes = Lanes(head, head_plan, run, fused)
-        return _mapped_program(program, lanes, _calling_convention(self.mapping_fn, self.mapping_kwargs), tail)
+        adapted, kwargs = adapt(self.mapping_fn, self.mapping_kwargs)  # the one rule of which functions need adapting
+        mapping_fn = functools.partial(adapted, **kwargs) if kwargs else adapted
+        return _mapped_program(program, Lanes(head, head_plan, run, fused), mapping_fn, tail)
 
     def _remember_lane_reads(self, program: Program, head: Any) -> None:
         """Record which states the lanes (``head``, the per-lane part of ``program``) read."""
         read = [v for eqn in head.jaxpr.eqns for v in eqn.invars] + list(head.jaxpr.outvars)
         used = {v for v in read if not isinstance(v, Literal)}
-        state_vars = head.jaxpr.invars[program.n_args :]
-        start = 0
-        for state, tree in zip(program.states, program.state_trees):
-            n = tree.num_leaves
-            self._read_in_lanes[state] = any(v in used for v in state_vars[start : start + n])
-            start += n
+        states = range(len(program.states))
+        for state, invars in zip(program.states, program.per_state(head.jaxpr.invars[program.n_args :], states)):
+            self._read_in_lanes[state] = any(v in used for v in invars)
 
     def _remember_per_lane_writes(self, program: Program, lane_plan: LanePlan) -> None:
         """Record the shapes that unexpected per-lane writes give their states (see :meth:`_state_in_axis`)."""
-        avals, start = program.jaxpr.out_avals[program.n_outs :], 0
-        for i in program.written:
-            n = program.state_trees[i].num_leaves
+        written = program.per_state(program.jaxpr.out_avals[program.n_outs :], program.written)
+        for i, avals in zip(program.written, written):
             if i in lane_plan.unexpected_writes:
-                shapes = tuple((lane_plan.axis_size, *a.shape) for a in avals[start : start + n])
-                self._written_per_lane[program.states[i]] = shapes
-            start += n
+                self._written_per_lane[program.states[i]] = tuple((lane_plan.axis_size, *a.shape) for a in avals)
 
     def _unexpected_write(self, state: State) -> None:
         if select_axis(self.state_in_axes, state.path, state) == (True, None):
@@ -595,16 +561,7 @@ class _SizeFoundInTrace(Exception):
         self.size = size
 
 
-def _calling_convention(mapping_fn: Callable, mapping_kwargs: dict) -> MappingFn:
-    """``mapping_fn`` with its ``mapping_kwargs`` bound, as a :class:`MappingFn`.
-
-    Which functions need adapting, and how, is one rule: :func:`~smap.devices.adapt`.
-    """
-    adapted, kwargs = adapt(mapping_fn, mapping_kwargs)
-    return functools.partial(adapted, **kwargs) if kwargs else adapted
-
-
-def _mapped_program(program: Program, lanes: Lanes, mapping_fn: MappingFn, tail: Tail | None = None) -> Runner:
+def _mapped_program(program: Program, lanes: Lanes, mapping_fn: MappingFn, tail: Tail | None) -> Runner:
     """The function of (argument leaves, state values) that runs ``program`` as ``lanes.plan`` says.
 
     A device mapping of :mod:`smap.devices` takes ``lanes`` (the lane program
@@ -634,27 +591,22 @@ def _mapped_program(program: Program, lanes: Lanes, mapping_fn: MappingFn, tail:
         return list(results)
 
     def run(arg_leaves: list, state_values: list) -> tuple[Any, list]:
-        state_leaves: list = []
-        starts: list[int] = []
         next_values: dict[int, Any] = {}
+        leaves = list(arg_leaves)
         for i, value in enumerate(state_values):
             if i in lane_plan.own_lanes:
                 value, next_values[i] = cast(tuple, program.states[i].lane_values(value, lane_plan.axis_size))
-            starts.append(len(arg_leaves) + len(state_leaves))
-            state_leaves.extend(jax.tree_util.tree_leaves(value))
-        leaves = [*arg_leaves, *state_leaves]
+            leaves.extend(jax.tree_util.tree_leaves(value))
         if isinstance(mapping_fn, _Adapter):
             # A written state's new value is laid out as its value was (the input leaf it was read from).
-            like: list[int | None] = [None] * program.n_outs
-            like += [starts[i] + k for i in program.written for k in range(program.state_trees[i].num_leaves)]
+            read_at = program.per_state(range(len(arg_leaves), len(leaves)), range(len(program.states)))
+            like = [None] * program.n_outs + [k for i in program.written for k in read_at[i]]
             results = mapping_fn.enclose(compute, leaves, lane_plan.in_axes, out_axes, like)
         else:
             results = compute(*leaves)
-        outs, written = results[: program.n_outs], program.unflatten_written(results[program.n_outs :])
-        for j, i in enumerate(program.written):
-            if i in lane_plan.take_next:
-                written[j] = next_values[i]
-        return jax.tree_util.tree_unflatten(program.out_tree, outs), written
+        written = program.unflatten_written(results[program.n_outs :])
+        written = [next_values[i] if i in lane_plan.take_next else w for i, w in zip(program.written, written)]
+        return jax.tree_util.tree_unflatten(program.out_tree, results[: program.n_outs]), written
 
     return run
 

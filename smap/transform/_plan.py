@@ -1,15 +1,9 @@
 """The lane plan: how a per-lane program runs over the lanes, as one value.
 
-A mapping traces its function into a per-lane :class:`~smap._tracing.Program`
-and records, during that trace, how each input enters the lanes
-(:class:`LaneInputs`: the mapped axis of each argument, the axes of the
-states that ``state_in_axes`` batches, the states whose type gives each lane
-its own value). :func:`plan` turns the program and those findings into a
-:class:`LanePlan`: for every input of the program its mapped axis, for every
-output where its mapped axis goes, and which written states take the value
-their type computes after the call. The mapping runs the plan (see
-``smap.transform._mapping``); nothing else decides how a value crosses the
-lanes.
+A mapping's trace records how each input enters the lanes (:class:`LaneInputs`);
+:func:`plan`, a pure function of the program and those findings, gives each
+input its mapped axis and each output where its mapped axis goes
+(:class:`LanePlan`). Nothing else decides how a value crosses the lanes.
 """
 
 from __future__ import annotations
@@ -63,11 +57,7 @@ class LaneInputs:
 
 @dataclasses.dataclass(frozen=True)
 class LanePlan:
-    """How a per-lane program runs over the lanes.
-
-    Inputs of the program are its argument leaves, then the leaves of
-    ``program.states``; outputs are its output leaves, then the leaves of the
-    written states (see :class:`~smap._tracing.Program`).
+    """How a per-lane program (its inputs and outputs as :class:`~smap._tracing.Program` orders them) runs.
 
     Attributes:
         in_axes: for each input leaf, its mapped axis, or None when shared.
@@ -103,10 +93,8 @@ class Lanes:
         program: one lane's traced program; its inputs and outputs are the
             ones ``plan`` maps.
         plan: how the program runs over the lanes.
-        run: how one lane runs when it is not by evaluating ``program`` as
-            traced: the program with its sharding annotations laid out where
-            the lane runs (see ``smap._annotations``); None to evaluate it as
-            traced.
+        run: the program with its sharding annotations laid out where the
+            lane runs (see ``smap._annotations``); None to evaluate it as traced.
         fused: the lane's fused form (sums over the lanes of per-lane
             products written as one product, see ``smap.transform._fuse``),
             which a lane runs when there is one; None when nothing was fused.
@@ -154,18 +142,11 @@ def plan(
 ) -> LanePlan:
     """The plan that runs ``program`` over the lanes, from what its trace found.
 
-    An output takes the axis ``out_axes`` gives it; a written state keeps
-    the axis it was batched along, takes the axis ``state_out_axes`` gives it
-    when the lanes write it with per-lane values, and is written back as it
-    is when they write a value that does not depend on the lane.
-
-    Arguments:
-        program: the traced per-lane program.
-        inputs: what its trace found about the inputs (:class:`LaneInputs`).
-        out_axes: as in ``jax.vmap``, for the program's outputs.
-        state_out_axes: ``{axis: Filter}`` for shared states written per lane.
-        axis_name: the name collectives use, or None.
-        name: how errors name the mapping.
+    An output takes the axis ``out_axes`` (as in ``jax.vmap``) gives it; a
+    written state keeps the axis it was batched along, takes the axis
+    ``state_out_axes`` (``{axis: Filter}``) gives it when the lanes write it
+    with per-lane values, and is written back as it is when they write a
+    value that does not depend on the lane. ``name`` names the mapping in errors.
 
     Example:
         >>> import jax.numpy as jnp, smap
@@ -183,73 +164,53 @@ take_next=(), unexpected_writes=())
     if inputs.axis_size is None:
         raise ValueError(f"{name}: axis_size is required when no argument is mapped and no state is batched.")
     in_axes = list(inputs.arg_axes)
-    own_lanes = []
-    for i, (state, tree) in enumerate(zip(program.states, program.state_trees)):
-        if state in inputs.own_lanes:
-            own_lanes.append(i)
-            in_axes.extend([0] * tree.num_leaves)
-        else:
-            in_axes.extend(inputs.state_axes.get(state, (None,) * tree.num_leaves))
+    for state, tree in zip(program.states, program.state_trees):
+        n = tree.num_leaves
+        in_axes.extend([0] * n if state in inputs.own_lanes else inputs.state_axes.get(state, (None,) * n))
     dependent = lane_dependent(program.jaxpr.jaxpr, [a is not None for a in in_axes], axis_name)
     outputs = _output_axes(program, dependent[: program.n_outs], out_axes, name)
-    written = _written_axes(program, inputs, dependent[program.n_outs :], state_out_axes or {}, name)
+    written, take_next, unexpected = _written_axes(program, inputs, dependent[program.n_outs :], state_out_axes, name)
     return LanePlan(
         in_axes=tuple(in_axes),
-        out_axes=tuple(outputs + written.axes),
+        out_axes=tuple(outputs + written),
         axis_name=axis_name,
         axis_size=inputs.axis_size,
-        own_lanes=tuple(own_lanes),
-        take_next=written.take_next,
-        unexpected_writes=written.unexpected,
+        own_lanes=tuple(i for i, state in enumerate(program.states) if state in inputs.own_lanes),
+        take_next=take_next,
+        unexpected_writes=unexpected,
     )
 
 
 def _output_axes(program: Program, dependent: list[bool], out_axes: AxisSpec, name: str) -> list[int | None]:
     avals = program.jaxpr.out_avals[: program.n_outs]
     outs = jax.tree_util.tree_unflatten(program.out_tree, avals)
-    axes = leaf_axes(out_axes, outs, f"{name}: out_axes")
-    names = leaf_names(outs, "output")
     resolved: list[int | None] = []
-    for axis, aval, dep, leaf_name in zip(axes, avals, dependent, names):
-        if axis is None:
-            if dep:
-                raise ValueError(
-                    f"{name}: out_axes is None for {leaf_name}, but it differs between lanes; give it an axis."
-                )
-            resolved.append(None)
-        else:
-            resolved.append(resolve_axis(axis, aval.ndim + 1, f"{name}: out_axes for {leaf_name}"))
+    for axis, aval, dep, leaf in zip(
+        leaf_axes(out_axes, outs, f"{name}: out_axes"), avals, dependent, leaf_names(outs, "output")
+    ):
+        if axis is None and dep:
+            raise ValueError(f"{name}: out_axes is None for {leaf}, but it differs between lanes; give it an axis.")
+        resolved.append(None if axis is None else resolve_axis(axis, aval.ndim + 1, f"{name}: out_axes for {leaf}"))
     return resolved
 
 
-@dataclasses.dataclass(frozen=True)
-class _WrittenAxes:
-    axes: list[int | None]
-    take_next: tuple[int, ...]
-    unexpected: tuple[int, ...]
-
-
 def _written_axes(
-    program: Program, inputs: LaneInputs, dependent: list[bool], state_out_axes: StateAxes, name: str
-) -> _WrittenAxes:
-    out_avals = program.jaxpr.out_avals[program.n_outs :]
+    program: Program, inputs: LaneInputs, dependent: list[bool], state_out_axes: StateAxes | None, name: str
+) -> tuple[list[int | None], tuple[int, ...], tuple[int, ...]]:
+    """The written states' out axes, the states that take their next value, the unexpected per-lane writes."""
     axes: list[int | None] = []
     take_next: list[int] = []
     unexpected: list[int] = []
-    start = 0
-    for i in program.written:
-        state, n = program.states[i], program.state_trees[i].num_leaves
-        avals, deps = out_avals[start : start + n], dependent[start : start + n]
-        start += n
-        per_lane = any(deps)
+    avals_per_state = program.per_state(program.jaxpr.out_avals[program.n_outs :], program.written)
+    for i, avals, deps in zip(program.written, avals_per_state, program.per_state(dependent, program.written)):
+        state, per_lane = program.states[i], any(deps)
         in_axes = inputs.state_axes.get(state)
-        selected, out_axis = select_axis(state_out_axes, state.path, state, "state_out_axes")
+        selected, out_axis = select_axis(state_out_axes or {}, state.path, state, "state_out_axes")
         if state in inputs.own_lanes:
             if per_lane:
                 take_next.append(i)
-            axes.extend([0 if per_lane else None] * n)
-            continue
-        if in_axes is not None:
+            axes.extend([0 if per_lane else None] * len(avals))
+        elif in_axes is not None:
             if (
                 selected
                 and out_axis is not None
@@ -263,32 +224,27 @@ def _written_axes(
                     f"but along axis {out_axis} by state_out_axes; a state keeps one mapped axis."
                 )
             axes.extend(in_axes)
-            continue
-        if state in inputs.lane_shaped:
-            _check_lane_shaped(state, inputs, per_lane, name)
-        if not per_lane:
-            axes.extend([None] * n)
-            continue
-        if state.fixed_shape and state not in inputs.lane_shaped:
-            raise BatchAxisError(
-                f"{name}: {state.describe()} is shared by the lanes but written with a per-lane value, and a "
-                f"jax.Ref cannot gain the mapped axis; select it in state_in_axes or, passed as an argument, "
-                f"give it an axis in in_axes (one slice per lane), or write a value that is the same in every "
-                f"lane (a pmean over axis_name)."
-            )
-        if not (selected and out_axis is not None):
-            unexpected.append(i)
-            out_axis = 0
-        axes.extend(resolve_axis(out_axis, a.ndim + 1, f"{name}: state_out_axes for {state.describe()}") for a in avals)
-    return _WrittenAxes(axes, tuple(take_next), tuple(unexpected))
-
-
-def _check_lane_shaped(state: State, inputs: LaneInputs, per_lane: bool, name: str) -> None:
-    """A state written with a lane's slice must get back its own shape once the lanes are stacked."""
-    axis, sizes = inputs.lane_shaped[state]
-    if not per_lane or sizes != {inputs.axis_size}:
-        got = "the same value in every lane" if not per_lane else f"{inputs.axis_size} lanes"
-        raise ValueError(
-            f"{name}: {state.describe()} is written with a slice of its value along axis {axis} "
-            f"(state_out_axes), so it needs one slice per lane and {sorted(sizes)[0]} lanes, got {got}."
-        )
+        elif state in inputs.lane_shaped or per_lane:
+            if state in inputs.lane_shaped:  # written with a lane's slice: it needs one slice per lane
+                axis, sizes = inputs.lane_shaped[state]
+                if not per_lane or sizes != {inputs.axis_size}:
+                    got = "the same value in every lane" if not per_lane else f"{inputs.axis_size} lanes"
+                    raise ValueError(
+                        f"{name}: {state.describe()} is written with a slice of its value along axis {axis} "
+                        f"(state_out_axes), so it needs one slice per lane and {sorted(sizes)[0]} lanes, got {got}."
+                    )
+            elif state.fixed_shape:
+                raise BatchAxisError(
+                    f"{name}: {state.describe()} is shared by the lanes but written with a per-lane value, and a "
+                    f"jax.Ref cannot gain the mapped axis; select it in state_in_axes or, passed as an argument, "
+                    f"give it an axis in in_axes (one slice per lane), or write a value that is the same in every "
+                    f"lane (a pmean over axis_name)."
+                )
+            if not (selected and out_axis is not None):
+                unexpected.append(i)
+                out_axis = 0
+            where = f"{name}: state_out_axes for {state.describe()}"
+            axes.extend(resolve_axis(out_axis, a.ndim + 1, where) for a in avals)
+        else:
+            axes.extend([None] * len(avals))
+    return axes, tuple(take_next), tuple(unexpected)

@@ -28,6 +28,7 @@ MODULES = [
     "smap.transform._jit",
     "smap.transform._grad",
     "smap.transform._mapping",
+    "smap.transform._plan",
     "smap.transform._fuse",
     "smap.transform._lane_norms",
     "smap.transform._adapters",
