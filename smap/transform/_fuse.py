@@ -171,10 +171,11 @@ def _fusion_rule(axis_name: Hashable) -> Callable[[Any, list], list]:
     """The interpreter's rule of the fused program, on nodes: psums over the lanes fused,
     plain calls and scans that hold one followed, anything else bound as it is."""
     lanes = lanes_rule(axis_name)
+    materialised: set[_Node] = set()  # per-lane products made as written for their norms
 
     def rule(eqn: Any, ins: list[_Node]) -> list[_Node]:
         if _reduces_over(eqn, axis_name):
-            return _psum(eqn, ins, axis_name)
+            return _psum(eqn, ins, axis_name, materialised)
         if _compat.is_plain_call(eqn) and not is_lane_sum(eqn):
             return _interpret.evaluate(_compat.call_body(eqn), ins, rule, _leaf)
         deps = [n.dependent for n in ins]
@@ -191,7 +192,7 @@ def _fusion_rule(axis_name: Hashable) -> Callable[[Any, list], list]:
             values = _interpret.nested(eqn, ins, run, lambda n: n.value)
             assert values is not None
             return [_Node(v, d) for v, d in zip(values, outs)]
-        norm = squared_norm(eqn, ins)
+        norm = squared_norm(eqn, ins, materialised)
         if norm is not None:
             return [_Node(v, d) for v, d in zip(norm, _interpret.analyse_equation(eqn, deps, lanes))]
         values = _interpret.bind(eqn, [n.value for n in ins])
@@ -202,12 +203,12 @@ def _fusion_rule(axis_name: Hashable) -> Callable[[Any, list], list]:
     return rule
 
 
-def _psum(eqn: Any, ins: list[_Node], axis_name: Hashable) -> list[_Node]:
+def _psum(eqn: Any, ins: list[_Node], axis_name: Hashable, materialised: set[_Node]) -> list[_Node]:
     others = tuple(a for a in _compat.lane_sum_axes(eqn) or () if a != axis_name)
     outs = []
     for node in ins:
         dtype = jnp.result_type(node.value)
-        plan = _summed(node, None, axis_name, dtype) if node.dependent else None
+        plan = _summed(node, None, axis_name, dtype, materialised) if node.dependent else None
         if plan is None:
             value = _compat.bind_equation(eqn, [node.value])[0]
         else:
@@ -222,13 +223,19 @@ def _inexact(dtype: Any) -> bool:
     return jnp.issubdtype(dtype, jnp.inexact)
 
 
-def _summed(node: _Node, scale: Any, axis_name: Hashable, dtype: Any) -> Callable[[], Any] | None:
+def _summed(
+    node: _Node, scale: Any, axis_name: Hashable, dtype: Any, materialised: set[_Node]
+) -> Callable[[], Any] | None:
     """How to compute ``psum`` over the lanes of ``scale * node`` (``scale`` a per-lane
     scalar or None) without per-lane products, or None when ``node`` is not recognised
-    as linear in them. ``dtype`` is the psum's: the sum accumulates in no narrower one."""
+    as linear in them. ``dtype`` is the psum's: the sum accumulates in no narrower one.
+    A product in ``materialised`` exists per lane already: it is summed as it is."""
     eqn = node.eqn
     if eqn is None or not node.dependent or not _inexact(jnp.result_type(node.value)):
         return None
+    if node in materialised:
+        return functools.partial(_weighted_sum, node.value, scale, axis_name, dtype)
+    summed = functools.partial(_summed, axis_name=axis_name, dtype=dtype, materialised=materialised)
     name, ins = _compat.primitive_name(eqn), node.inputs
     if name == _compat.DOT_GENERAL:
         a, b = ins
@@ -240,28 +247,38 @@ def _summed(node: _Node, scale: Any, axis_name: Hashable, dtype: Any) -> Callabl
     if linear and name == _compat.CONVERT and scale is not None and _complex_to_real(eqn):
         return None  # taking the real part does not commute with a (complex) per-lane factor
     if linear and len(ins) == 1:
-        inner = _summed(ins[0], scale, axis_name, dtype)
+        inner = summed(ins[0], scale)
         return None if inner is None else functools.partial(_rebind_of, eqn, [inner], dtype)
     if name in _compat.SUM_PRIMITIVES:
-        parts = [_summed(n, scale, axis_name, dtype) for n in ins]
+        parts = [summed(n, scale) for n in ins]
         return None if any(p is None for p in parts) else functools.partial(_rebind_of, eqn, parts, dtype)
     if name in (_compat.MUL, _compat.DIV):
         x, y = ins
         if not y.dependent:
-            inner = _summed(x, scale, axis_name, dtype)
+            inner = summed(x, scale)
             return None if inner is None else functools.partial(_rebind_of, eqn, [inner, y.value], dtype)
         if name == _compat.MUL and not x.dependent:
-            inner = _summed(y, scale, axis_name, dtype)
+            inner = summed(y, scale)
             return None if inner is None else functools.partial(_rebind_of, eqn, [x.value, inner], dtype)
         if name == _compat.MUL:
             for factor, other in ((y, x), (x, y)):
                 if jnp.ndim(factor.value) == 0:
-                    plan = _summed(other, factor.value if scale is None else scale * factor.value, axis_name, dtype)
+                    plan = summed(other, factor.value if scale is None else scale * factor.value)
                     if plan is not None:
                         return plan
     if jnp.promote_types(jnp.result_type(node.value), dtype) != jnp.result_type(node.value):
         return None  # the layer rules sum in the gradient's own dtype: only where the psum's is no wider
-    return layer_sum(node, scale, axis_name, lambda n, s: _summed(n, s, axis_name, dtype))
+    return layer_sum(node, scale, axis_name, summed)
+
+
+def _weighted_sum(value: Any, scale: Any, axis_name: Hashable, dtype: Any) -> Any:
+    """The sum over the lanes of ``scale * value``, a per-lane value that exists already:
+    in no narrower a dtype than the value's, the factor's and the psum's ``dtype``."""
+    if scale is not None:
+        wide = jnp.promote_types(jnp.result_type(value), jnp.result_type(scale))
+        value = value.astype(wide) * scale.astype(wide)
+    every = jax.lax.all_gather(value, axis_name)
+    return jnp.sum(every, axis=0, dtype=jnp.promote_types(every.dtype, dtype))
 
 
 def _product(a: Any, b: Any, scale: Any, dims: tuple, options: dict, axis_name: Hashable, dtype: Any) -> Any:
