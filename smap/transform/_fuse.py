@@ -229,12 +229,11 @@ def _summed(
     """How to compute ``psum`` over the lanes of ``scale * node`` (``scale`` a per-lane
     scalar or None) without per-lane products, or None when ``node`` is not recognised
     as linear in them. ``dtype`` is the psum's: the sum accumulates in no narrower one.
-    A product in ``materialised`` exists per lane already: it is summed as it is."""
+    A product in ``materialised`` exists per lane already: the psum is computed as written
+    (a weighted sum of the products over the lanes, where they are)."""
     eqn = node.eqn
-    if eqn is None or not node.dependent or not _inexact(jnp.result_type(node.value)):
+    if eqn is None or not node.dependent or not _inexact(jnp.result_type(node.value)) or node in materialised:
         return None
-    if node in materialised:
-        return functools.partial(_weighted_sum, node.value, scale, axis_name, dtype)
     summed = functools.partial(_summed, axis_name=axis_name, dtype=dtype, materialised=materialised)
     name, ins = _compat.primitive_name(eqn), node.inputs
     if name == _compat.DOT_GENERAL:
@@ -269,16 +268,6 @@ def _summed(
     if jnp.promote_types(jnp.result_type(node.value), dtype) != jnp.result_type(node.value):
         return None  # the layer rules sum in the gradient's own dtype: only where the psum's is no wider
     return layer_sum(node, scale, axis_name, summed)
-
-
-def _weighted_sum(value: Any, scale: Any, axis_name: Hashable, dtype: Any) -> Any:
-    """The sum over the lanes of ``scale * value``, a per-lane value that exists already:
-    in no narrower a dtype than the value's, the factor's and the psum's ``dtype``."""
-    if scale is not None:
-        wide = jnp.promote_types(jnp.result_type(value), jnp.result_type(scale))
-        value = value.astype(wide) * scale.astype(wide)
-    every = jax.lax.all_gather(value, axis_name)
-    return jnp.sum(every, axis=0, dtype=jnp.promote_types(every.dtype, dtype))
 
 
 def _product(a: Any, b: Any, scale: Any, dims: tuple, options: dict, axis_name: Hashable, dtype: Any) -> Any:
