@@ -44,7 +44,8 @@ Reported per workload and device count:
   two or more dims, leaving out shapes the batch step's HLO holds too
   (activations that happen to have such a shape) and the LM's position table
   (its per-example gradient has the shape of a sequence's activations,
-  (tokens, width), which every step holds). Must be none.
+  (tokens, width), which every step holds). None but the layers whose
+  per-example gradient the cost rule keeps (docs/privacy.md).
 
 Time: ``--rounds`` rounds; in each, every program makes ``--calls`` calls,
 the programs in turn (order rotating each call), each call blocked until its
