@@ -54,6 +54,7 @@ __all__ = [
     "dot_layout",
     "converts_floats",
     "conv_contracted_dims",
+    "conv_geometry",
     "is_zeros",
     "pads_with_zeros",
     "PAD",
@@ -377,6 +378,27 @@ def conv_contracted_dims(eqn: Any) -> tuple[int, int] | None:
         return None
     specs = eqn.params["dimension_numbers"]
     return specs.lhs_spec[1], specs.rhs_spec[1]
+
+
+def conv_geometry(eqn: Any) -> dict | None:
+    """A convolution's layout and window: ``lhs_spec`` and ``rhs_spec`` (the operands' dims as
+    (batch, feature, spatial...) and (out feature, in feature, spatial...)), ``out_spec``,
+    ``strides``, ``padding``, ``lhs_dilation``, ``rhs_dilation`` and ``precision``; None where
+    features or batches are grouped."""
+    params = eqn.params
+    if params["feature_group_count"] != 1 or params["batch_group_count"] != 1:
+        return None
+    specs = params["dimension_numbers"]
+    return {
+        "lhs_spec": tuple(specs.lhs_spec),
+        "rhs_spec": tuple(specs.rhs_spec),
+        "out_spec": tuple(specs.out_spec),
+        "strides": tuple(params["window_strides"]),
+        "padding": tuple(tuple(p) for p in params["padding"]),
+        "lhs_dilation": tuple(params["lhs_dilation"]),
+        "rhs_dilation": tuple(params["rhs_dilation"]),
+        "precision": params["precision"],
+    }
 
 
 # Per-lane squared norms of per-lane products (smap.transform._lane_norms).

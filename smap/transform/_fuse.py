@@ -133,12 +133,13 @@ def fused_lanes(jaxpr: ClosedJaxpr, inputs: Sequence[bool], axis_name: Hashable)
     if not (_interpret.reaches(jaxpr, lambda eqn: _reduces_over(eqn, axis_name)) or has_squares(jaxpr)):
         return None
     lanes = lanes_rule(axis_name)
+    materialised: set[_Node] = set()  # per-lane products made as written for their norms
 
     # The interpreter's rule, on nodes: psums over the lanes fused, plain calls and scans that hold one
     # followed, anything else bound as it is.
     def rule(eqn: Any, ins: list[_Node]) -> list[_Node]:
         if _reduces_over(eqn, axis_name):
-            return _psum(eqn, ins, axis_name)
+            return _psum(eqn, ins, axis_name, materialised)
         if _compat.is_plain_call(eqn) and not is_lane_sum(eqn):
             return _interpret.evaluate(_compat.call_body(eqn), ins, rule, _leaf)
         deps = [n.dependent for n in ins]
@@ -155,7 +156,7 @@ def fused_lanes(jaxpr: ClosedJaxpr, inputs: Sequence[bool], axis_name: Hashable)
             values = _interpret.nested(eqn, ins, run, lambda n: n.value)
             assert values is not None
             return [_Node(v, d) for v, d in zip(values, outs)]
-        norm = squared_norm(eqn, ins)
+        norm = squared_norm(eqn, ins, materialised)
         values = norm if norm is not None else _interpret.bind(eqn, [n.value for n in ins])
         made_by = eqn if norm is None and len(values) == 1 else None  # what the fusion may look through
         return [_Node(v, d, made_by, tuple(ins)) for v, d in zip(values, _interpret.analyse_equation(eqn, deps, lanes))]
@@ -172,12 +173,12 @@ def _leaf(value: Any) -> _Node:
     return _Node(value, False)
 
 
-def _psum(eqn: Any, ins: list[_Node], axis_name: Hashable) -> list[_Node]:
+def _psum(eqn: Any, ins: list[_Node], axis_name: Hashable, materialised: set[_Node]) -> list[_Node]:
     others = tuple(a for a in _compat.lane_sum_axes(eqn) or () if a != axis_name)
     outs = []
     for node in ins:
         dtype = jnp.result_type(node.value)
-        plan = _summed(node, None, axis_name, dtype) if node.dependent else None
+        plan = _summed(node, None, axis_name, dtype, materialised) if node.dependent else None
         if plan is None:
             value = _compat.bind_equation(eqn, [node.value])[0]
         else:
@@ -188,13 +189,20 @@ def _psum(eqn: Any, ins: list[_Node], axis_name: Hashable) -> list[_Node]:
     return outs
 
 
-def _summed(node: _Node, scale: Any, axis_name: Hashable, dtype: Any) -> Callable[[], Any] | None:
+def _summed(
+    node: _Node, scale: Any, axis_name: Hashable, dtype: Any, materialised: set[_Node]
+) -> Callable[[], Any] | None:
     """How to compute ``psum`` over the lanes of ``scale * node`` (``scale`` a per-lane
     scalar or None) without per-lane products, or None when ``node`` is not recognised
-    as linear in them. ``dtype`` is the psum's: the sum accumulates in no narrower one."""
+    as linear in them. ``dtype`` is the psum's: the sum accumulates in no narrower one.
+    A product in ``materialised`` exists per lane already: the psum is computed as written
+    (a weighted sum of the products over the lanes, where they are)."""
     eqn = node.eqn
-    if eqn is None or not node.dependent or not jnp.issubdtype(jnp.result_type(node.value), jnp.inexact):
+    if eqn is None or not node.dependent or node in materialised:
+        return None  # no equation to look through, the same in every lane, or a product made per lane
+    if not jnp.issubdtype(jnp.result_type(node.value), jnp.inexact):
         return None
+    summed = functools.partial(_summed, axis_name=axis_name, dtype=dtype, materialised=materialised)
     name, ins = _compat.primitive_name(eqn), node.inputs
     if name == _compat.DOT_GENERAL:
         a, b = ins
@@ -205,24 +213,23 @@ def _summed(node: _Node, scale: Any, axis_name: Hashable, dtype: Any) -> Callabl
     linear = name in _compat.LINEAR_PRIMITIVES and (name != _compat.CONVERT or _compat.converts_floats(eqn))
     if linear and name == _compat.CONVERT and scale is not None and _complex_to_real(eqn):
         return None  # taking the real part does not commute with a (complex) per-lane factor
-    summed = lambda n: _summed(n, scale, axis_name, dtype)  # noqa: E731
     if (linear and len(ins) == 1) or name in _compat.SUM_PRIMITIVES:
-        return _rebound(eqn, [summed(n) for n in ins], dtype)
+        return _rebound(eqn, [summed(n, scale) for n in ins], dtype)
     if name in (_compat.MUL, _compat.DIV):
         x, y = ins
         if not y.dependent:
-            return _rebound(eqn, [summed(x), y.value], dtype)
+            return _rebound(eqn, [summed(x, scale), y.value], dtype)
         if name == _compat.MUL and not x.dependent:
-            return _rebound(eqn, [x.value, summed(y)], dtype)
+            return _rebound(eqn, [x.value, summed(y, scale)], dtype)
         if name == _compat.MUL:
             for factor, other in ((y, x), (x, y)):
                 if jnp.ndim(factor.value) == 0:
-                    plan = _summed(other, factor.value if scale is None else scale * factor.value, axis_name, dtype)
+                    plan = summed(other, factor.value if scale is None else scale * factor.value)
                     if plan is not None:
                         return plan
     if jnp.promote_types(jnp.result_type(node.value), dtype) != jnp.result_type(node.value):
         return None  # the layer rules sum in the gradient's own dtype: only where the psum's is no wider
-    return layer_sum(node, scale, axis_name, lambda n, s: _summed(n, s, axis_name, dtype))
+    return layer_sum(node, scale, axis_name, summed)
 
 
 def _rebound(eqn: Any, ins: list, dtype: Any) -> Callable[[], Any] | None:

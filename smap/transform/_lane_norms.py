@@ -13,8 +13,23 @@ layer's input, ``d`` its output's cotangent), and its squared norm is
 entry and summed; for one token, ``|a|^2 |d|^2``). That costs
 ``T^2 (p + d)`` per lane instead of ``T p d`` for the product, and memory
 ``T^2`` instead of ``p d``: :func:`squared_norm` uses it for a layer where
-``T (p + d) <= p d`` and computes the norm as written elsewhere. An
-embedding's gradient is a scatter-add of the cotangent's rows at the token
+``T (p + d) <= p d``. Elsewhere the product is made as written, one per lane,
+and is *materialised*: :func:`squared_norm` names it, so that the fusion sums
+it over the lanes as it is (a weighted sum, ``p d`` per lane) instead of
+making the product again over the lanes (``T p d`` per lane); holding it
+costs ``p d`` per lane, less than its operands' ``T (p + d)``.
+
+A convolution ``conv(x, k)`` is the same kind of product, summed over tokens
+that are pairs of an input feature of ``x`` and a window position of ``k``:
+``a_t`` is the strided slice of the padded ``x`` at that window position,
+``d_t`` the entries of ``k`` there. For a layer's kernel gradient, which JAX
+writes as the convolution of the layer's input with its output's cotangent,
+the tokens are the layer's (example, output position) pairs, ``p`` its
+kernel offsets times its input features and ``d`` its output features. The
+slices are taken per window position or per output position, whichever are
+fewer (at most :data:`MAX_CONV_SLICES`).
+
+An embedding's gradient is a scatter-add of the cotangent's rows at the token
 ids: its squared norm is that of the rows summed per distinct id, which a
 sort and a segment sum over the lane's ``T`` rows give without the table's
 ``(vocabulary, width)`` shape.
@@ -26,8 +41,10 @@ a time):
   (``x ** 2``, ``jnp.square(x)``, ``x * x``; ``optax.global_norm``,
   ``jnp.linalg.norm``), or ``jnp.vdot(g, g)``;
 - the squared value: a per-lane ``dot_general`` of real floating operands
-  (dense, einsum, attention projections; batch dimensions allowed) or a
-  scatter-add of rows into zeros (an embedding's gradient), reached through
+  (dense, einsum, attention projections; batch dimensions allowed), a
+  ``conv_general_dilated`` without grouped features or batches (a
+  convolution's kernel gradient; a grouped or depthwise one is computed as
+  written) or a scatter-add of rows into zeros (an embedding's gradient), reached through
   steps that keep the entries up to order and sign (transposes, reshapes,
   negation, widening float converts, zero padding) and scalings by a scalar
   (lane-dependent or not), whose square scales the norm.
@@ -39,7 +56,9 @@ materialised gradient does.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import itertools
 import math
 from collections.abc import Callable
 from typing import Any
@@ -52,6 +71,16 @@ from .. import _compat, _interpret
 __all__ = ["squared_norm", "has_squares"]
 
 Plan = Callable[[Any], Any]  # the squared norm, accumulated in the dtype given
+
+# Slices of a convolution's input per output or window position: more are not unrolled.
+MAX_CONV_SLICES = 64
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class _Materialised:
+    """A recognised per-lane product that is cheaper made as written: its node."""
+
+    product: Any
 
 
 def has_squares(jaxpr: Any) -> bool:
@@ -69,7 +98,7 @@ def has_squares(jaxpr: Any) -> bool:
     return _interpret.reaches(jaxpr, lambda eqn: _compat.squares(eqn) or _is_vdot(eqn))
 
 
-def squared_norm(eqn: Any, ins: list) -> list | None:
+def squared_norm(eqn: Any, ins: list, materialised: set | None = None) -> list | None:
     """The outputs of ``eqn`` when it is a squared norm of per-lane products, computed without
     them; None when it is not recognised (then the equation runs as written).
 
@@ -77,6 +106,9 @@ def squared_norm(eqn: Any, ins: list) -> list | None:
         eqn: an equation of the per-lane program.
         ins: its inputs as nodes of the re-evaluated program (``value``,
             ``dependent``, the ``eqn`` that computed it and its ``inputs``).
+        materialised: where to add the nodes of the per-lane products whose
+            norm is computed from the products as written (the cost rule chose
+            them): their per-lane values exist in the program.
 
     Example:
         >>> import jax, jax.numpy as jnp, smap
@@ -90,9 +122,11 @@ def squared_norm(eqn: Any, ins: list) -> list | None:
     """
     name = _compat.primitive_name(eqn)
     out_dtype = eqn.outvars[0].aval.dtype
+    found: list = []
     if name == _compat.REDUCE_SUM and _compat.sums_every_axis(eqn):
         parts = _addends(ins[0])
-        plans = [_square_of(part) for part in parts]
+        plans = [_planned(_square_of(part), found) for part in parts]
+        _record(found, materialised)
         if all(plan is None for plan in plans):
             return None
         dtype = jnp.result_type(ins[0].value)
@@ -106,11 +140,25 @@ def squared_norm(eqn: Any, ins: list) -> list | None:
         return [total.astype(out_dtype)]
     if _is_vdot(eqn):
         x, y = (_reshaped_from(n) for n in ins)
-        plan = _norm(x) if x is y else None
+        plan = _planned(_norm(x), found) if x is y else None
+        _record(found, materialised)
         return (
             None if plan is None else [plan(jnp.promote_types(jnp.result_type(x.value), out_dtype)).astype(out_dtype)]
         )
     return None
+
+
+def _planned(plan: Plan | _Materialised | None, found: list) -> Plan | None:
+    """``plan``, or None where it is a materialised product (noted in ``found``)."""
+    if isinstance(plan, _Materialised):
+        found.append(plan.product)
+        return None
+    return plan
+
+
+def _record(found: list, materialised: set | None) -> None:
+    if materialised is not None:
+        materialised.update(found)
 
 
 def _is_vdot(eqn: Any) -> bool:
@@ -139,7 +187,7 @@ def _addends(node: Any) -> list:
     return [node]
 
 
-def _square_of(node: Any) -> Plan | None:
+def _square_of(node: Any) -> Plan | _Materialised | None:
     if node.eqn is None or not _compat.squares(node.eqn):
         return None
     return _norm(node.inputs[0])
@@ -149,8 +197,9 @@ def _real_float(x: Any) -> bool:
     return jnp.issubdtype(jnp.result_type(x), jnp.floating)
 
 
-def _norm(node: Any) -> Plan | None:
-    """How to compute the squared norm of ``node`` without its value, or None."""
+def _norm(node: Any) -> Plan | _Materialised | None:
+    """How to compute the squared norm of ``node`` without its value, the product to make as
+    written where that is cheaper, or None."""
     if not _real_float(node.value):
         return None
     scales: list[tuple[Any, bool]] = []  # (scalar, divides)
@@ -172,8 +221,8 @@ def _norm(node: Any) -> Plan | None:
         break
     rule = _RULES.get(_compat.primitive_name(node.eqn)) if node.eqn is not None else None
     plan = rule(node) if rule is not None and node.dependent and _real_float(node.value) else None
-    if plan is None:
-        return None
+    if plan is None or isinstance(plan, _Materialised):
+        return plan
 
     def scaled(dtype: Any) -> Any:
         value = plan(dtype)
@@ -205,7 +254,7 @@ def _grouped(x: Any, batch: tuple, contract: tuple) -> Any:
     return x.reshape(size(range(n_b)), size(range(n_b, n_b + n_c)), -1)
 
 
-def _gram(node: Any) -> Plan | None:
+def _gram(node: Any) -> Plan | _Materialised | None:
     """``dot_general(a, b)`` contracting tokens: sum of the Gram matrices' product, when cheaper."""
     a, b = node.inputs
     if not (_real_float(a.value) and _real_float(b.value)):
@@ -215,7 +264,7 @@ def _gram(node: Any) -> Plan | None:
     rows = math.prod(jnp.shape(a.value)) // max(1, tokens * math.prod(jnp.shape(a.value)[i] for i in lhs_b))
     cols = math.prod(jnp.shape(b.value)) // max(1, tokens * math.prod(jnp.shape(b.value)[i] for i in rhs_b))
     if tokens * (rows + cols) > rows * cols:
-        return None  # the product is cheaper: computed as written
+        return _Materialised(node)  # the product is cheaper
 
     def plan(dtype: Any) -> Any:
         grams = []
@@ -228,7 +277,69 @@ def _gram(node: Any) -> Plan | None:
     return plan
 
 
-def _rows_per_id(node: Any) -> Plan | None:
+def _conv_gram(node: Any) -> Plan | _Materialised | None:
+    """``conv_general_dilated(x, k)``: the Gram matrices of its tokens (an input feature and a
+    window position: the strided slice of the padded input there, and ``k``'s entries there)."""
+    x, k = node.inputs
+    geometry = _compat.conv_geometry(node.eqn)
+    if geometry is None or not (_real_float(x.value) and _real_float(k.value)):
+        return None
+    lhs_spec, rhs_spec, out_spec = geometry["lhs_spec"], geometry["rhs_spec"], geometry["out_spec"]
+    window = tuple(jnp.shape(k.value)[d] for d in rhs_spec[2:])
+    outputs = tuple(jnp.shape(node.value)[d] for d in out_spec[2:])
+    features, batch, out_features = (
+        jnp.shape(x.value)[lhs_spec[1]],
+        jnp.shape(x.value)[lhs_spec[0]],
+        jnp.shape(k.value)[rhs_spec[0]],
+    )
+    tokens, rows = features * math.prod(window), batch * math.prod(outputs)
+    if tokens * (rows + out_features) > rows * out_features:
+        return _Materialised(node)  # the product is cheaper
+    if min(math.prod(window), math.prod(outputs)) > MAX_CONV_SLICES:
+        return None
+
+    def plan(dtype: Any) -> Any:
+        lhs = jnp.transpose(x.value, lhs_spec)  # (batch, feature, spatial...)
+        lhs = lhs.astype(jnp.promote_types(lhs.dtype, dtype))
+        dilated = [(0, 0, 0), (0, 0, 0)]
+        dilated += [(lo, hi, d - 1) for (lo, hi), d in zip(geometry["padding"], geometry["lhs_dilation"])]
+        lhs = jax.lax.pad(lhs, jnp.zeros((), lhs.dtype), dilated)
+        strides, dilation = geometry["strides"], geometry["rhs_dilation"]
+        n = len(window)
+        if math.prod(window) <= math.prod(outputs):  # a slice per window position: (batch, feature, outputs...)
+            slices = [
+                jax.lax.slice(
+                    lhs,
+                    (0, 0, *(w * d for w, d in zip(at, dilation))),
+                    (*lhs.shape[:2], *(w * d + (o - 1) * s + 1 for w, d, o, s in zip(at, dilation, outputs, strides))),
+                    (1, 1, *strides),
+                )
+                for at in itertools.product(*map(range, window))
+            ]
+            a = jnp.stack(slices)  # (window, batch, feature, outputs...)
+            a = jnp.transpose(a, (2, 0, 1, *range(3, 3 + n)))
+        else:  # a slice per output position: (batch, feature, window...)
+            slices = [
+                jax.lax.slice(
+                    lhs,
+                    (0, 0, *(o * s for o, s in zip(at, strides))),
+                    (*lhs.shape[:2], *(o * s + (w - 1) * d + 1 for o, s, w, d in zip(at, strides, window, dilation))),
+                    (1, 1, *dilation),
+                )
+                for at in itertools.product(*map(range, outputs))
+            ]
+            a = jnp.stack(slices)  # (outputs, batch, feature, window...)
+            a = jnp.transpose(a, (2, *range(3, 3 + n), 1, 0))
+        a = a.reshape(tokens, rows)  # tokens (feature, window position), row-major as k's
+        b = jnp.transpose(k.value, (rhs_spec[1], *rhs_spec[2:], rhs_spec[0])).reshape(tokens, out_features)
+        b = b.astype(jnp.promote_types(b.dtype, dtype))
+        grams = [jax.lax.dot_general(v, v, (((1,), (1,)), ((), ())), precision=geometry["precision"]) for v in (a, b)]
+        return jnp.sum(grams[0] * grams[1])
+
+    return plan
+
+
+def _rows_per_id(node: Any) -> Plan | _Materialised | None:
     """An embedding's gradient ``scatter_add(zeros, ids, rows)``: the rows summed per distinct id."""
     operand, indices, updates = node.inputs
     mode = _compat.embedding_scatter(node.eqn)
@@ -236,8 +347,10 @@ def _rows_per_id(node: Any) -> Plan | None:
         return None
     vocabulary = jnp.shape(operand.value)[0]
     n = math.prod(jnp.shape(indices.value))
-    if not 0 < n <= vocabulary:
-        return None  # more rows than the table (or none): computed as written
+    if n == 0:
+        return None
+    if n > vocabulary:
+        return _Materialised(node)  # more rows than the table: the table's shape is cheaper
 
     def plan(dtype: Any) -> Any:
         ids = indices.value.reshape(n)
@@ -256,7 +369,8 @@ def _rows_per_id(node: Any) -> Plan | None:
     return plan
 
 
-_RULES: dict[str, Callable[[Any], Plan | None]] = {
+_RULES: dict[str, Callable[[Any], Plan | _Materialised | None]] = {
     _compat.DOT_GENERAL: _gram,
+    _compat.CONV: _conv_gram,
     _compat.SCATTER_ADD: _rows_per_id,
 }

@@ -19,7 +19,8 @@ def test_the_quick_run_reports_every_workload_and_smap_matches_the_materialised_
         r"^(\w+) +(\d) dev  ms: batch [\d.]+  \+noise [\d.]+  materialised [\d.]+  smap [\d.]+\n"
         r"  smap DP/\(batch\+noise\) [\d.]+ \([\d.]+\.\.[\d.]+\)  materialised/\(batch\+noise\) [\d.]+ .*\n"
         r"  parity with materialised: clipped sums (\S+), params (\S+)\n"
-        r"  memory KiB/device temp: batch \d+ materialised \d+ smap \d+ .*; peak: batch (\d+) materialised (\d+) .*\n"
+        r"  memory KiB/device temp: batch \d+ materialised \d+ smap \d+ .*; "
+        r"peak: batch (\d+) batch\+noise \d+ materialised (\d+) .*\n"
         r"  per-example gradient arrays in the HLO: smap (\d+) .* materialised (\d+)$",
         out,
         re.MULTILINE,

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from jax.sharding import PartitionSpec as P
 
 import sharding
 import smap
@@ -75,7 +76,8 @@ def batched_einsum(rng):
 
 
 def conv(rng):
-    """A 1-D convolution's kernel: computed as written (per lane), the values all the same."""
+    """A 1-D convolution's kernel over 9 positions: the product is cheaper (9 * (12 + 5) > 12 * 5),
+    made per lane and summed over the lanes as it is."""
     p = {"k": _normal(rng, 3, 4, 5)}
 
     def loss(p, ex):
@@ -83,6 +85,62 @@ def conv(rng):
         return jnp.sum(jnp.tanh(y))
 
     return Kind(p, loss, _inputs(9, 4), [])
+
+
+def _conv_kind(rng, kernel, inputs, **conv):
+    """A 2-D convolution (NHWC, HWIO) then a bias and tanh; ``conv`` its window options."""
+    p = {"k": _normal(rng, *kernel), "c": _normal(rng, kernel[-1])}
+
+    def loss(p, ex):
+        y = jax.lax.conv_general_dilated(ex[0][None], p["k"], dimension_numbers=("NHWC", "HWIO", "NHWC"), **conv)
+        return jnp.sum(jnp.tanh(y + p["c"]))
+
+    return Kind(p, loss, _inputs(*inputs), ["k"])
+
+
+def conv_strided(rng):
+    """Stride 2, no padding: 3 x 3 outputs of a 3 x 3 x 5 x 12 kernel, Gram matrices of 9 tokens."""
+    return _conv_kind(rng, (3, 3, 5, 12), (7, 7, 5), window_strides=(2, 2), padding="VALID")
+
+
+def conv_dilated(rng):
+    """A kernel dilated by 2 and asymmetric padding: 2 x 3 outputs."""
+    return _conv_kind(
+        rng, (3, 3, 4, 10), (6, 6, 4), window_strides=(1, 1), padding=((0, 0), (0, 1)), rhs_dilation=(2, 2)
+    )
+
+
+def conv_transposed(rng):
+    """An input dilated by 2 (a transposed convolution's form) with padding: 3 x 2 outputs."""
+    return _conv_kind(
+        rng, (2, 3, 6, 9), (2, 2, 6), window_strides=(1, 1), padding=((0, 0), (1, 0)), lhs_dilation=(2, 2)
+    )
+
+
+def conv_nchw(rng):
+    """Channels first (NCHW, OIHW): the same Gram matrices under another layout."""
+    p = {"k": _normal(rng, 12, 5, 3, 3)}
+
+    def loss(p, ex):
+        y = jax.lax.conv_general_dilated(
+            ex[0][None], p["k"], (1, 1), "VALID", dimension_numbers=("NCHW", "OIHW", "NCHW")
+        )
+        return jnp.sum(jnp.tanh(y))
+
+    return Kind(p, loss, _inputs(5, 4, 4), ["k"])
+
+
+def conv_grouped(rng):
+    """Two feature groups: the kernel gradient groups the batch, computed as written."""
+    p = {"k": _normal(rng, 3, 3, 2, 8)}
+
+    def loss(p, ex):
+        y = jax.lax.conv_general_dilated(
+            ex[0][None], p["k"], (1, 1), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=2
+        )
+        return jnp.sum(jnp.tanh(y))
+
+    return Kind(p, loss, _inputs(4, 4, 4), [])
 
 
 def _ids(low: int, high: int, n: int) -> Callable:
@@ -164,6 +222,11 @@ KINDS = {
         einsum,
         batched_einsum,
         conv,
+        conv_strided,
+        conv_dilated,
+        conv_transposed,
+        conv_nchw,
+        conv_grouped,
         embedding,
         embedding_clip,
         embedding_fill,
@@ -459,3 +522,73 @@ def test_dp_step_has_no_per_example_gradient_and_the_materialised_values(model, 
     assert per_lane_arrays(hlo, per_device, shapes) == []
     plain, _, _ = compiled(fuse_lane_sums=False)
     assert len(per_lane_arrays(plain, per_device, shapes)) >= len(set(shapes))
+
+
+# -- hybrid placement: weights split over a model axis -----------------------------------------
+
+# Megatron's layout: the first projection of a pair split over its output axis, the second
+# over its input axis; the rest replicated.
+SPLIT = {
+    "mlp": {"w0": P(None, "model"), "b0": P("model"), "w1": P("model", None)},
+    "lm": {
+        **{k: P(None, "model") for k in ("q", "k", "v", "up")},
+        "up_b": P("model"),
+        "o": P("model", None),
+        "down": P("model", None),
+    },
+}
+
+
+def _trimmed(spec: P) -> tuple:
+    """``spec``'s entries without trailing Nones."""
+    entries = list(spec)
+    while entries and entries[-1] is None:
+        entries.pop()
+    return tuple(entries)
+
+
+@pytest.mark.parametrize("model", sorted(MODELS))
+def test_dp_step_with_weights_split_over_a_model_axis(model):
+    """On a 4 x 2 data x model mesh, with weights split over 'model' during the call (each
+    layer's norm is then a sum over the model group, which XLA partitions): the norms and
+    the new weights equal the materialised step's, the weights keep their placement, and
+    the optimised HLO holds no per-example gradient, whole or split, while the program
+    with ``fuse_lane_sums=False`` does."""
+    build, weights = MODELS[model]
+    rng = np.random.default_rng(12)
+    p0, loss, make_data = build(rng)
+    lanes, per_device = 16, 4
+    data = make_data(rng, lanes)
+    key = jax.random.key(5)
+    want_norms, want = jax.jit(materialised_step, static_argnums=1)(p0, loss, key, data)
+    mesh = sharding.make_mesh(data=4, model=2)
+
+    def run(**options: Any) -> tuple[str, Any, dict]:
+        params = {k: smap.ParamState(v, tag=k) for k, v in p0.items()}
+        step = smap.StatefulMapping(
+            dp_step(params, loss, lanes),
+            in_axes=(None, *[0] * len(data)),
+            axis_name=AXIS,
+            mapping_fn=sharding.shard_map(mesh, axis="data"),
+            **options,
+        )
+        sharding.place(list(params.values()), step, rules=dict(SPLIT[model]))
+        norms = step(key, *data)
+        for k, spec in SPLIT[model].items():
+            assert _trimmed(params[k].value.sharding.spec) == _trimmed(spec), k
+        return step.lower(key, *data).compile().as_text(), norms, {k: s.value for k, s in params.items()}
+
+    hlo, norms, values = run()
+    np.testing.assert_allclose(norms, want_norms, rtol=1e-5)
+    for k in p0:
+        np.testing.assert_allclose(values[k], want[k], rtol=1e-5, atol=1e-6)
+    shapes = [p0[k].shape for k in weights]
+    split = [
+        tuple(n // 2 if a == "model" else n for n, a in zip(p0[k].shape, SPLIT[model][k]))
+        for k in weights
+        if k in SPLIT[model]
+    ]
+    assert per_lane_arrays(hlo, per_device, shapes + split) == []
+    plain, plain_norms, _ = run(fuse_lane_sums=False)
+    np.testing.assert_allclose(plain_norms, want_norms, rtol=1e-5)
+    assert per_lane_arrays(plain, per_device, shapes + split)

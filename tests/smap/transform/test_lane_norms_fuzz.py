@@ -3,7 +3,8 @@
 Each seed draws a DP-SGD lane from a small grammar:
 
 - layers: dense, einsum, einsum with a weight per head (a batch dimension),
-  a slice of a weight, a 1-D convolution, layernorm, self-attention, over 1
+  a slice of a weight, a 1-D convolution (stride 1 or 2, kernel dilation 1
+  or 2), layernorm, self-attention, over 1
   to 4 tokens of widths 2 to 9 (so that both the Gram form and the product
   are chosen), after an optional embedding (``table[ids]``, ``jnp.take``
   with ``mode='clip'``, or ``.at[].get(mode='fill')``, ids out of range
@@ -93,6 +94,7 @@ def draw(seed: int, lanes: int) -> Program:
 
     d = d_in = int(rng.integers(2, 10))
     fns: list[Callable] = []
+    windows: list[str] = []  # each convolution's stride and kernel dilation
     if embedding != "none":
         vocab = int(rng.integers(3, 12))
         table = param("table", vocab, d)
@@ -130,10 +132,17 @@ def draw(seed: int, lanes: int) -> Program:
             d = e
         elif kind == "conv":
             k = param("k", 3, d, e)
+            stride, dilation = int(rng.integers(1, 3)), int(rng.integers(1, 3))
+            windows.append(f"stride {stride} dilation {dilation}")
 
-            def conv(p, h, k=k):
+            def conv(p, h, k=k, stride=stride, dilation=dilation):
                 y = jax.lax.conv_general_dilated(
-                    h[None], p[k].astype(c), (1,), "SAME", dimension_numbers=("NWC", "WIO", "NWC")
+                    h[None],
+                    p[k].astype(c),
+                    (stride,),
+                    "SAME",
+                    rhs_dilation=(dilation,),
+                    dimension_numbers=("NWC", "WIO", "NWC"),
                 )
                 return jnp.tanh(y[0])
 
@@ -168,6 +177,7 @@ def draw(seed: int, lanes: int) -> Program:
         tokens=tokens,
         embedding=embedding,
         layers="+".join(layers),
+        convolutions=", ".join(windows) or "none",
         head="tied" if tied else "dense",
         norm=spelling,
         clip=clip_form,
