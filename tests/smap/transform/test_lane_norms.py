@@ -117,6 +117,12 @@ def conv_transposed(rng):
     )
 
 
+def conv_small_outputs(rng):
+    """A 2 x 2 kernel over 3 x 3 outputs, 8 -> 16 features: more output positions than window
+    positions, so the patches are sliced per output position; Gram matrices of 9 tokens."""
+    return _conv_kind(rng, (2, 2, 8, 16), (4, 4, 8), window_strides=(1, 1), padding="VALID")
+
+
 def conv_nchw(rng):
     """Channels first (NCHW, OIHW): the same Gram matrices under another layout."""
     p = {"k": _normal(rng, 12, 5, 3, 3)}
@@ -225,6 +231,7 @@ KINDS = {
         conv_strided,
         conv_dilated,
         conv_transposed,
+        conv_small_outputs,
         conv_nchw,
         conv_grouped,
         embedding,
