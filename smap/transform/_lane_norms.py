@@ -60,7 +60,7 @@ import dataclasses
 import functools
 import itertools
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -307,28 +307,10 @@ def _conv_gram(node: Any) -> Plan | _Materialised | None:
         strides, dilation = geometry["strides"], geometry["rhs_dilation"]
         n = len(window)
         if math.prod(window) <= math.prod(outputs):  # a slice per window position: (batch, feature, outputs...)
-            slices = [
-                jax.lax.slice(
-                    lhs,
-                    (0, 0, *(w * d for w, d in zip(at, dilation))),
-                    (*lhs.shape[:2], *(w * d + (o - 1) * s + 1 for w, d, o, s in zip(at, dilation, outputs, strides))),
-                    (1, 1, *strides),
-                )
-                for at in itertools.product(*map(range, window))
-            ]
-            a = jnp.stack(slices)  # (window, batch, feature, outputs...)
+            a = _strided_slices(lhs, window, dilation, outputs, strides)  # (window, batch, feature, outputs...)
             a = jnp.transpose(a, (2, 0, 1, *range(3, 3 + n)))
         else:  # a slice per output position: (batch, feature, window...)
-            slices = [
-                jax.lax.slice(
-                    lhs,
-                    (0, 0, *(o * s for o, s in zip(at, strides))),
-                    (*lhs.shape[:2], *(o * s + (w - 1) * d + 1 for o, s, w, d in zip(at, strides, window, dilation))),
-                    (1, 1, *dilation),
-                )
-                for at in itertools.product(*map(range, outputs))
-            ]
-            a = jnp.stack(slices)  # (outputs, batch, feature, window...)
+            a = _strided_slices(lhs, outputs, strides, window, dilation)  # (outputs, batch, feature, window...)
             a = jnp.transpose(a, (2, *range(3, 3 + n), 1, 0))
         a = a.reshape(tokens, rows)  # tokens (feature, window position), row-major as k's
         b = jnp.transpose(k.value, (rhs_spec[1], *rhs_spec[2:], rhs_spec[0])).reshape(tokens, out_features)
@@ -367,6 +349,25 @@ def _rows_per_id(node: Any) -> Plan | _Materialised | None:
         return jnp.sum(summed * summed)
 
     return plan
+
+
+def _strided_slices(
+    lhs: Any, grid: Sequence[int], unit: Sequence[int], count: Sequence[int], step: Sequence[int]
+) -> Any:
+    """For each position ``at`` of ``grid`` (row-major), the slice of ``lhs``'s spatial dimensions
+    (after batch and feature) from ``at * unit`` of ``count`` elements ``step`` apart, stacked first."""
+    starts = [tuple(i * u for i, u in zip(at, unit)) for at in itertools.product(*map(range, grid))]
+    return jnp.stack(
+        [
+            jax.lax.slice(
+                lhs,
+                (0, 0, *start),
+                (*lhs.shape[:2], *(b + (c - 1) * s + 1 for b, c, s in zip(start, count, step))),
+                (1, 1, *step),
+            )
+            for start in starts
+        ]
+    )
 
 
 _RULES: dict[str, Callable[[Any], Plan | _Materialised | None]] = {
