@@ -23,7 +23,8 @@ The fused sum never works in a narrower or a real dtype where the program
 did not: the product accumulates in the wider of its dtype and the psum's, a
 per-lane factor is applied in the wider of its dtype and the operand's, and
 a float convert between the product and the psum converts to no narrower
-than the psum's dtype.
+than the psum's dtype. A per-lane value in float16 is not looked through: a
+lane's product may overflow to inf as written, and the fused sum would not.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ from jax.extend.core import ClosedJaxpr
 from .. import _compat, _interpret
 from ._fuse_layers import layer_sum
 from ._lane_groups import grouped_contraction, is_lane_product, rebind_lane_product
-from ._lane_norms import has_squares, squared_norm
+from ._lane_norms import has_squares, overflows_sooner, squared_norm
 from ._lanes import lanes_rule
 
 __all__ = ["fused_lanes", "is_lane_sum", "sum_over_lanes", "LANE_SUM"]
@@ -200,8 +201,8 @@ def _summed(
     eqn = node.eqn
     if eqn is None or not node.dependent or node in materialised:
         return None  # no equation to look through, the same in every lane, or a product made per lane
-    if not jnp.issubdtype(jnp.result_type(node.value), jnp.inexact):
-        return None
+    if not jnp.issubdtype(jnp.result_type(node.value), jnp.inexact) or overflows_sooner(node.value):
+        return None  # an integer sum, or a float16 lane's product that may be inf as written
     summed = functools.partial(_summed, axis_name=axis_name, dtype=dtype, materialised=materialised)
     name, ins = _compat.primitive_name(eqn), node.inputs
     if name == _compat.DOT_GENERAL:

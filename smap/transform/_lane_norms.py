@@ -51,7 +51,8 @@ a time):
 
 The norm is accumulated in the squared value's dtype or wider, never
 narrower. A NaN in a lane's operands gives that lane a NaN norm, as the
-materialised gradient does.
+materialised gradient does; a float16 product, which may overflow to inf as
+written, is made as written.
 """
 
 from __future__ import annotations
@@ -68,7 +69,7 @@ import jax.numpy as jnp
 
 from .. import _compat, _interpret
 
-__all__ = ["squared_norm", "has_squares"]
+__all__ = ["squared_norm", "has_squares", "overflows_sooner"]
 
 Plan = Callable[[Any], Any]  # the squared norm, accumulated in the dtype given
 
@@ -197,6 +198,17 @@ def _real_float(x: Any) -> bool:
     return jnp.issubdtype(jnp.result_type(x), jnp.floating)
 
 
+def overflows_sooner(x: Any) -> bool:
+    """Whether ``x``'s dtype overflows at a smaller magnitude than float32 (float16, the float8s).
+
+    A per-lane product rounded to such a dtype is ±inf in a lane where it is
+    too large (what dynamic loss scaling watches for), while a sum or a norm
+    computed without the product stays finite: neither rewrite looks through one.
+    """
+    dtype = jnp.result_type(x)
+    return jnp.issubdtype(dtype, jnp.inexact) and jnp.finfo(dtype).maxexp < jnp.finfo(jnp.float32).maxexp
+
+
 def _norm(node: Any) -> Plan | _Materialised | None:
     """How to compute the squared norm of ``node`` without its value, the product to make as
     written where that is cheaper, or None."""
@@ -204,6 +216,8 @@ def _norm(node: Any) -> Plan | _Materialised | None:
         return None
     scales: list[tuple[Any, bool]] = []  # (scalar, divides)
     while node.eqn is not None:
+        if overflows_sooner(node.value):
+            return None
         eqn, name = node.eqn, _compat.primitive_name(node.eqn)
         if name in _compat.ENTRY_KEEPING or _compat.adds_entries(eqn) or _widens(eqn):
             node = node.inputs[0]

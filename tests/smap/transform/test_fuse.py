@@ -486,6 +486,37 @@ def test_float16_sum_over_lanes_accumulates_in_float32(where):
 
 
 @pytest.mark.parametrize("where", PLACES)
+def test_a_float16_lane_that_overflows_gives_inf_as_written(where):
+    """Found by the fuzzer (seed 3149): float32 master weights, float16 compute, loss scale
+    8192. One lane's float16 gradient overflows to ±inf in the program as written (what
+    dynamic loss scaling watches for), so the pmean is inf or NaN there; the fused sum
+    never formed that lane's product and was finite. Such products are not fused."""
+    mapping, lanes = place(where)
+    rng = np.random.default_rng(7)
+    x = rng.uniform(0.5, 1.0, (lanes, 3)).astype(np.float32)
+    x[1, 0], x[2, 0] = 10.0, -10.0  # lane 1's row 0 overflows; lane 2's too, the other sign
+    w0 = np.full((3, 2), 0.3, np.float32)
+    w = smap.ParamState(w0)
+    scale = 8192.0
+
+    def loss(v, xe):
+        y = xe.astype(jnp.float16) @ v.astype(jnp.float16)
+        return jnp.sum(y.astype(jnp.float32) ** 2) * scale
+
+    def step(xe):
+        g = smap.grad(lambda: loss(w.value, xe), grad_states=w)()
+        mean = jax.lax.pmean(g, AXIS)
+        w.value = w.value - LR * mean / scale
+        return mean
+
+    got = smap.StatefulMapping(step, axis_name=AXIS, out_axes=None, **mapping)(x)
+    want = _per_example_grads(loss, w0, x).mean(0)
+    assert not np.isfinite(want[0]).any() and np.isfinite(want[1:]).all()
+    np.testing.assert_allclose(got, want, rtol=1e-3)  # inf and NaN where the program as written has them
+    np.testing.assert_allclose(w.value, w0 - LR * want / scale, rtol=1e-3)
+
+
+@pytest.mark.parametrize("where", PLACES)
 def test_float32_factors_on_float16_parameters_are_applied_in_float32(where):
     """psum(s * g) with float32 per-example weights s (around 1e-7) and float16 gradients g:
     the program multiplies in float32. The fused sum cast s to float16 first, where such

@@ -376,6 +376,28 @@ def test_nan_in_one_example_propagates_as_in_the_materialised_step(where):
     assert np.isnan(got[1]["w"]).all() and np.isnan(want[1]["w"]).all()
 
 
+def test_a_float16_gradient_that_overflows_has_an_infinite_norm_as_written():
+    """A lane's float16 gradient that overflows is inf in the program as written, and so is
+    its norm (its clip factor 0); the Gram identity, without the gradient, would be finite."""
+    rng = np.random.default_rng(6)
+    x = rng.uniform(0.5, 1.0, (8, 3)).astype(np.float32)
+    x[2, 0] = 1000.0  # its gradient 2 y x reaches 6e5 in row 0
+    w = np.full((3, 2), 0.3, np.float32)
+
+    def loss(v, xe):
+        y = xe.astype(jnp.float16) @ v.astype(jnp.float16)
+        return jnp.sum(y.astype(jnp.float32) ** 2)
+
+    def lane(xe):
+        g = jax.grad(lambda v: loss(v.astype(jnp.float16), xe))(w.astype(jnp.float16)).astype(jnp.float32)
+        return jnp.sum(g**2)
+
+    got = smap.StatefulMapping(lane, axis_name=AXIS)(x)
+    want = jax.vmap(lane)(x)
+    assert np.isinf(want[2]) and np.isfinite(np.delete(want, 2)).all()
+    np.testing.assert_allclose(got, want, rtol=1e-3)
+
+
 def test_masked_lane_contributes_nothing():
     """A 0/1 mask as a per-lane factor: a masked lane's norm is still computed, its clipped
     gradient contributes nothing to the sum."""
