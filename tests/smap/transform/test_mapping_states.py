@@ -451,14 +451,14 @@ def test_state_out_axes_agreeing_with_state_in_axes_for_a_rank_1_state(close):
 SELECTED_TWICE = {
     "the same state at two keys": lambda h: {1: h, 0: h},
     "overlapping type filters": lambda h: {0: smap.ShortTermState, 1: smap.HiddenState},
-    "a type and a tag": lambda h: {1: smap.filter.WithTag("h"), 0: OfType(smap.HiddenState)},
+    "a type and a tag": lambda h: {1: smap.filter.WithTag("selected-twice"), 0: OfType(smap.HiddenState)},
 }
 
 
 @pytest.mark.parametrize("name", list(SELECTED_TWICE))
 @pytest.mark.parametrize("which", ["state_in_axes", "state_out_axes"])
 def test_a_state_selected_at_two_axes_is_an_error_naming_it_and_both_axes(name, which):
-    h = smap.HiddenState(jnp.zeros((4, 4)), tag="h")
+    h = smap.HiddenState(jnp.zeros((4, 4)), tag="selected-twice")
 
     def step(x):
         h.value = h.value + x
