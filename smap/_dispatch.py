@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import textwrap
 from collections.abc import Callable, Hashable, Sequence
 from typing import TYPE_CHECKING, Any, Generic, NamedTuple, ParamSpec, TypeVar
 
@@ -336,6 +337,30 @@ class StatefulFunction(Generic[P, R]):
         self._use(self._state_list, args, kwargs)
         return self(*args, **kwargs)
 
+    def _waited(self, group: _locks.Group, held: Callable, args: tuple, kwargs: dict) -> Any:
+        """The call when it found its group's token taken: wait for it, or go on inside the call that holds it.
+
+        ``held(*args, **kwargs)`` is the call's dispatch and write-back, with
+        the token held. The call holding the token is on this thread when a
+        host callback inside it called this transform: then this call runs
+        inside that one, as a reentrant lock would let it.
+        """
+        taken = group.take()
+        if group.merged_into is not None:
+            if taken:
+                group.give()
+            return self._relock(args, kwargs)
+        try:
+            out = held(*args, **kwargs)
+        except _MissingStates as error:
+            missing = error
+        else:
+            return out if self._call_result is None else self._call_result(out)
+        finally:
+            if taken:
+                group.give()
+        return self._extend(missing, args, kwargs)
+
     def _relock(self, args: tuple, kwargs: dict) -> Any:
         """The call again, after the states' lock group was merged into a larger one."""
         state_list = self._state_list
@@ -440,14 +465,12 @@ class StatefulFunction(Generic[P, R]):
         args, kwargs = hide_refs(args, kwargs)
         while True:
             state_list = self._state_list
-            held = state_list.group.acquire()
-            try:
-                values = [s._value for s in state_list.states]
-                return getattr(state_list.dispatch, stage)(*values, *args, **kwargs)
-            except _MissingStates as error:
-                missing = error
-            finally:
-                held.lock.release()
+            with _locks.Holding(state_list.group):
+                try:
+                    values = [s._value for s in state_list.states]
+                    return getattr(state_list.dispatch, stage)(*values, *args, **kwargs)
+                except _MissingStates as error:
+                    missing = error
             self._use(self._state_list.extended(missing, self), args, kwargs)
 
     def _call_in_trace(self, args: tuple, kwargs: dict) -> Any:
@@ -469,7 +492,11 @@ class StatefulFunction(Generic[P, R]):
 
 
 _CALL = """
-def make(owner, dispatch, acquire, release, group, finish, ArrayImpl, {states}):
+def make(owner, dispatch, take, give, group, finish, ArrayImpl, {states}):
+    def held(*args, **kwargs):  # the dispatch and the write-back, by a call that holds the token
+        {outputs} = dispatch({values}*args, **kwargs)
+{held_write_back}
+        return out
     def general(*args, **kwargs):
         if tracing.threads and this_thread.frames:
             return owner._call_in_trace(args, kwargs)
@@ -486,9 +513,14 @@ def make(owner, dispatch, acquire, release, group, finish, ArrayImpl, {states}):
 """
 
 _BODY = """\
-        acquire()
-        if group.merged_into is not None:  # merged while this thread waited: the larger group's lock
-            release()
+        try:
+            take()
+        except IndexError:  # another call holds the token (on this thread: a host callback inside it)
+            return owner._waited(group, held, {args}, {kwargs})
+        holding = group  # this call holds the group's token (see smap._locks.Group)
+        if group.merged_into is not None:  # merged while this list was in use: the larger group's token
+            holding = None
+            group.give()
             return owner._relock({args}, {kwargs})
         try:
             {outputs} = dispatch({values}{passed})
@@ -497,16 +529,19 @@ _BODY = """\
             missing = error
         else:
             return {result}
-        finally:
-            release()
+        finally:  # group.give(), written out
+            holding = None
+            give(TOKEN)
+            if group.waiting:
+                group.wake()
         return owner._extend(missing, {args}, {kwargs})
 """
 
 _WRITE_BACK = """\
-            if type(w{j}) is ArrayImpl:
-                s{i}._value = w{j}
-            elif w{j} is not None:
-                s{i}._value = owner._written(s{i}, w{j})
+if type(w{j}) is ArrayImpl:
+    s{i}._value = w{j}
+elif w{j} is not None:
+    s{i}._value = owner._written(s{i}, w{j})
 """
 
 _UNGIVEN = object()  # the default of a positional parameter of a call written out for more arguments than given
@@ -533,10 +568,12 @@ def _unslot(slot: Any) -> Any:
 def _compile_call(owner: StatefulFunction, state_list: _StateList, arity: int | None) -> Callable:
     """The function a call of ``owner`` runs while ``state_list`` is its list, written out for that list.
 
-    It checks for an enclosing smap trace, takes the states' lock, passes
-    each state's value to the dispatcher, writes back each slot the program
-    filled and returns the result; a merged lock group, new states and a call
-    inside a trace leave through ``owner``'s slower methods. It is Python
+    It checks for an enclosing smap trace, takes the token of the states'
+    lock group (:class:`~smap._locks.Group`: a ``list.pop``, and an
+    ``append`` to give it back), passes each state's value to the
+    dispatcher, writes back each slot the program filled and returns the
+    result; a token held by another call, a merged lock group, new states
+    and a call inside a trace leave through ``owner``'s slower methods. It is Python
     source made for the list (each state a local name, each slot a line), so
     the cached path has no loop, lookup or container of its own around JAX's
     dispatch.
@@ -545,17 +582,18 @@ def _compile_call(owner: StatefulFunction, state_list: _StateList, arity: int | 
     keyword argument), the function returned takes that many positional
     parameters and passes them on as they are: no tuple or dict is built
     for the call into ``jax.jit`` (0.3 µs of a 6 µs call), and an argument
-    of a plain type (``_compat.PLAIN_ARGUMENTS``) cannot be a Ref. A call of
+    of a plain type (``_compat.PLAIN_ARGUMENTS``; a JAX array, the common
+    case, is asked first with ``is``) cannot be a Ref. A call of
     another shape, or with another argument, goes on to the general
     function (``*args, **kwargs``), which looks for Refs.
     """
     n = len(state_list.states)
     index = state_list.index
+    write_back = "".join(_WRITE_BACK.format(i=index[id(s)], j=j) for j, s in enumerate(state_list.writes))
     parts = {
         "outputs": "out" + "".join(f", w{j}" for j in range(len(state_list.writes))),
         "values": "".join(f"s{i}._value, " for i in range(n)),
-        "write_back": "".join(_WRITE_BACK.format(i=index[id(s)], j=j) for j, s in enumerate(state_list.writes))
-        or "            pass\n",
+        "write_back": textwrap.indent(write_back or "pass\n", " " * 12).rstrip("\n"),
         "result": "out" if owner._call_result is None else "finish(out)",
     }
     names = [f"a{i}" for i in range(arity or 0)]
@@ -563,12 +601,15 @@ def _compile_call(owner: StatefulFunction, state_list: _StateList, arity: int | 
         states=", ".join(f"s{i}" for i in range(n)) or "*_",
         body=_BODY.format(args="args", kwargs="kwargs", passed="*args, **kwargs", **parts),
         parameters="".join(f"{a}=ungiven, " for a in names) + ("/, " if names else ""),
-        odd="".join(f" or type({a}) not in plain" for a in names),
+        odd="".join(f" or (type({a}) is not ArrayImpl and type({a}) not in plain)" for a in names),
         arguments="".join(f"{a}, " for a in names),
         fast_body=_BODY.format(
             args="(" + "".join(f"{a}, " for a in names) + ")", kwargs="{}", passed=", ".join(names), **parts
         ),
         call="general" if arity is None else "call",
+        held_write_back=textwrap.indent(write_back, " " * 8),
+        outputs=parts["outputs"],
+        values=parts["values"],
     )
     namespace: dict[str, Any] = {
         "tracing": tracing,
@@ -578,14 +619,15 @@ def _compile_call(owner: StatefulFunction, state_list: _StateList, arity: int | 
         "plain": _compat.PLAIN_ARGUMENTS,
         "ungiven": _UNGIVEN,
         "given": _given,
+        "TOKEN": _locks.TOKEN,
     }
-    exec(compile(source, f"<smap call of {owner.name} with {n} states>", "exec"), namespace)
+    exec(compile(source, f"{_locks.CALL_FILE} of {owner.name} with {n} states>", "exec"), namespace)
     group = state_list.group
     return namespace["make"](
         owner,
         state_list.dispatch,
-        group.lock.acquire,
-        group.lock.release,
+        group.tokens.pop,
+        group.tokens.append,
         group,
         owner._call_result,
         _compat.ArrayImpl,

@@ -2,6 +2,7 @@
 result of some sequential order; calls on disjoint states do not wait on each other."""
 
 import threading
+import time
 
 import jax
 import jax.numpy as jnp
@@ -204,3 +205,119 @@ def test_a_host_callback_on_the_calling_thread_may_call_a_transform_of_the_same_
     assert step._state_list.group is record._state_list.group.current()
     assert outs == [1.0, 2.0, 3.0]
     assert float(total.value) == 3.0 and float(log.value) == 1.0 + 2.0 + 3.0
+
+
+def _start(call, *args):
+    """``call(*args)`` in a new thread; the thread and the list its error goes to."""
+    errors = []
+
+    def run():
+        try:
+            call(*args)
+        except BaseException as error:  # noqa: BLE001 - reported by the test
+            errors.append(error)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread, errors
+
+
+def _wait_until(condition, what):
+    for _ in range(6000):
+        if condition():
+            return
+        time.sleep(0.01)
+    raise TimeoutError(what)
+
+
+def test_a_call_that_waited_for_the_token_may_be_re_entered_by_its_host_callback():
+    """A second thread's call finds the token taken (the first call traces a new signature), waits,
+    then runs; its callback calls a transform of the same lock group, which runs inside it."""
+    total, log = smap.State(jnp.zeros(())), smap.State(jnp.zeros(()))
+    record = smap.jit(lambda v: setattr(log, "value", log.value + v))
+    entered, release = threading.Event(), threading.Event()
+
+    @smap.jit
+    def step(x):
+        if x.shape == (3,):  # the trace of a new signature, inside a call that holds the token
+            entered.set()
+            if not release.wait(timeout=60):
+                raise TimeoutError("not released")
+        total.value = total.value + x.sum() + 0.0 * log.value
+        jax.debug.callback(record, total.value)
+        return total.value
+
+    assert float(step(jnp.ones(2))) == 2.0
+    first, first_errors = _start(step, jnp.ones(3))
+    assert entered.wait(timeout=60)
+    second, second_errors = _start(step, jnp.ones(2))
+    group = step._state_list.group
+    _wait_until(lambda: group.waiting == 1, "the second call did not wait for the token")
+    release.set()
+    for thread in (first, second):
+        thread.join(timeout=60)
+        assert not thread.is_alive()
+    assert not first_errors and not second_errors, first_errors + second_errors
+    # In order: 2 (before), then 2 + 3 = 5 (the first thread's call), then 5 + 2 = 7 (the second's);
+    # the callbacks add each call's total to log.
+    assert float(total.value) == 7.0
+    assert float(log.value) == 2.0 + 5.0 + 7.0
+
+
+def test_calls_waiting_for_a_group_that_a_first_call_merges_lose_nothing():
+    """While a call holds the token of a's group, a call on a waits for it and a new transform's first
+    call, joining a with b, waits to merge a's group away; both go on once the token is given back."""
+    a, b = smap.State(jnp.zeros(())), smap.State(jnp.zeros(()))
+    entered, release = threading.Event(), threading.Event()
+
+    @smap.jit
+    def add_a(x):
+        if x.shape == (3,):
+            entered.set()
+            if not release.wait(timeout=60):
+                raise TimeoutError("not released")
+        a.value = a.value + x.sum()
+
+    @smap.jit
+    def add_both(x):  # touches b first: the join keeps b's group and merges a's into it
+        b.value = b.value + x.sum()
+        a.value = a.value + 10 * x.sum()
+
+    add_a(jnp.ones(2))
+    group = add_a._state_list.group
+    holder, holder_errors = _start(add_a, jnp.ones(3))
+    assert entered.wait(timeout=60)
+    waiter, waiter_errors = _start(add_a, jnp.ones(2))
+    merger, merger_errors = _start(add_both, jnp.ones(2))
+    _wait_until(lambda: group.waiting == 2, "the call and the merge did not both wait for the token")
+    release.set()
+    for thread in (holder, waiter, merger):
+        thread.join(timeout=60)
+        assert not thread.is_alive()
+    assert not holder_errors + waiter_errors + merger_errors, holder_errors + waiter_errors + merger_errors
+    assert group.merged_into is not None
+    assert add_a._state_list.group.current() is add_both._state_list.group.current()
+    assert float(a.value) == 2.0 + 3.0 + 2.0 + 20.0
+    assert float(b.value) == 2.0
+    add_a(jnp.ones(2))  # after the merge, on the larger group
+    assert float(a.value) == 29.0
+
+
+def test_calls_racing_on_one_group_with_a_re_entering_callback_lose_nothing():
+    """Many threads call two transforms of one lock group; one of them calls the other from a host
+    callback. Every call's writes survive: the counts are those of the calls made."""
+    calls, inner = smap.State(jnp.zeros(())), smap.State(jnp.zeros(()))
+    bump = smap.jit(lambda: setattr(inner, "value", inner.value + 1.0))
+
+    @smap.jit
+    def outer(x):
+        calls.value = calls.value + x + 0.0 * inner.value
+        jax.debug.callback(bump)
+
+    def call():
+        outer(jnp.ones(()))
+        bump()
+
+    run_in_threads(call, threads=4, calls=20)
+    assert float(calls.value) == 80.0
+    assert float(inner.value) == 160.0
