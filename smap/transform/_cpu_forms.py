@@ -9,8 +9,9 @@ programs take, so the re-evaluation writes the equal form instead:
   (``dot_general(g, x)`` then ``.T``: JAX's transpose rule writes a weight
   gradient so) becomes ``dot_general(x, g)``. XLA:CPU runs the pair as a
   product of two transposed operands outside its fused kernels. Only where a
-  device runs its lane without ``jax.vmap``: under the local ``jax.vmap`` the
-  product is batched and another form is the slow one.
+  device runs its lane without ``jax.vmap`` (under the local ``jax.vmap`` the
+  product is batched and another form is the slow one), and for float32 and
+  float64 products (a bfloat16 product may round otherwise in another kernel).
 - **A sum that keeps an axis of size 1** (a lane's ``(1, length)`` block of
   one sequence) sums over that axis too and puts it back: the same elements,
   summed without an axis of size 1, which XLA:CPU's reductions run several
@@ -28,6 +29,7 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 from jax.extend.core import Jaxpr, Literal
 
 from .. import _compat, _interpret
@@ -60,6 +62,9 @@ class CpuForms:
         return None
 
 
+_WIDE = (jnp.dtype(jnp.float32), jnp.dtype(jnp.float64))
+
+
 @dataclasses.dataclass(frozen=True)
 class _Operands:
     """A ``dot_general`` not made yet: the transpose that alone reads it makes the product swapped."""
@@ -73,6 +78,8 @@ def _swap_order(eqn: Any) -> tuple[int, ...] | None:
     axes, then ``b``'s free ones, then ``a``'s); None for another equation or where it is the identity."""
     if eqn.primitive.name != _compat.DOT_GENERAL or eqn.params.get("out_sharding") is not None:
         return None
+    if not all(v.aval.dtype in _WIDE for v in (*eqn.invars, *eqn.outvars)):
+        return None  # a narrower product may round its result otherwise in another kernel
     (lhs_contract, _), (lhs_batch, _) = eqn.params["dimension_numbers"]
     n_batch = len(lhs_batch)
     n_lhs = len(eqn.invars[0].aval.shape) - n_batch - len(lhs_contract)
