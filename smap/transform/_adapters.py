@@ -140,7 +140,15 @@ class _Adapter:
             # A device's sum over its one lane is that lane's product: fusing it only rewrites the
             # contraction, in a form XLA:CPU leaves to a slower kernel (docs/performance.md).
             lanes = lanes.unfused()
-        lane = spanning_lane(lanes.jaxpr, span) if lanes.plan.axis_name is not None else lanes
+        lane = (
+            spanning_lane(lanes.jaxpr, span, [a is not None for a in axes])
+            if lanes.plan.axis_name is not None
+            else lanes
+        )
+        if span.local_size == 1:
+            # The device's lane runs as it was traced: under a ``jax.vmap`` of one lane, every value
+            # would carry an axis of size 1, and XLA:CPU's reductions run several times slower on those.
+            return functools.partial(_one_lane, lane, axes, out_axes)
         return jax.vmap(
             lambda *a: tuple(lane(*a)),
             in_axes=tuple(axes),
@@ -151,6 +159,14 @@ class _Adapter:
 
     def _map(self, lanes: Lanes, *leaves: Any) -> list:
         raise NotImplementedError
+
+
+def _one_lane(
+    lane: Callable[..., Any], axes: Sequence[int | None], out_axes: Sequence[int | None], *args: Any
+) -> tuple:
+    """``lane`` on a device's block of one lane: the mapped axes dropped from ``args``, put back on the outputs."""
+    lane_args = [x if a is None else jax.lax.squeeze(x, (a,)) for x, a in zip(args, axes)]
+    return tuple(y if a is None else jnp.expand_dims(y, a) for y, a in zip(lane(*lane_args), out_axes))
 
 
 def _axes(lanes: Lanes, leaves: Sequence[Any]) -> tuple[list[int | None], list[int | None]]:

@@ -17,16 +17,18 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import math
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-from jax.extend.core import ClosedJaxpr
+from jax.extend.core import ClosedJaxpr, Literal
 
 from .. import _compat, _interpret
 from .._compat import Kind
+from ._cpu_forms import CpuForms
 from ._fuse import is_lane_sum, sum_over_lanes
+from ._lanes import lanes_rule
 
 __all__ = ["Span", "spanning_lane"]
 
@@ -55,12 +57,30 @@ class Span:
             index = index * size + jax.lax.axis_index(name)
         return index
 
+    @property
+    def local_axes(self) -> tuple[str, ...]:
+        """The local lane axis, or none where a device holds one lane (it then runs without ``jax.vmap``)."""
+        return (self.local_name,) if self.local_size > 1 else ()
+
     def lane_index(self) -> jax.Array:
+        if self.local_size == 1:
+            return self.device_index()
         return self.device_index() * self.local_size + jax.lax.axis_index(self.local_name)
 
 
-def spanning_lane(closed: ClosedJaxpr, span: Span) -> Callable[..., list]:
-    """The per-lane program ``closed`` with collectives on ``span.axis_name`` spanning devices and lanes."""
+def spanning_lane(closed: ClosedJaxpr, span: Span, mapped: Sequence[bool]) -> Callable[..., list]:
+    """The per-lane program ``closed`` with collectives on ``span.axis_name`` spanning devices and lanes.
+
+    ``mapped[i]`` says whether input ``i`` differs between lanes. Where a device
+    holds one lane, the program runs without ``jax.vmap``, and a ``cond`` whose
+    branch depends on the lane and whose branches communicate runs every
+    branch and selects, as ``jax.vmap`` runs it: each device then takes part in
+    every branch's collectives.
+    """
+    varies: dict[Any, bool] = {}
+    if span.local_size == 1:
+        _interpret.analyse(_compat.open_jaxpr(closed), mapped, lanes_rule(span.axis_name), varies)
+    forms = CpuForms(_compat.open_jaxpr(closed), swap_products=span.local_size == 1)
 
     def rule(eqn: Any, ins: list) -> list:
         if _compat.names_axis(eqn, span.axis_name):
@@ -69,8 +89,14 @@ def spanning_lane(closed: ClosedJaxpr, span: Span) -> Callable[..., list]:
             # A sum over every lane written as products: over the device's own lanes, then over devices.
             outs = sum_over_lanes(eqn, ins, span.axis_name, span.local_name, span.local_size)
             return [jax.lax.psum(y, span.device_axes) for y in outs]
+        rewritten = forms.rewrite(eqn, ins, rule)
+        if rewritten is not None:
+            return rewritten
         if not _interpret.uses_axis(eqn, span.axis_name):
             return _interpret.bind(eqn, ins)
+        if _compat.kind(eqn) is Kind.COND and not isinstance(eqn.invars[0], Literal) and varies.get(eqn.invars[0]):
+            outs = [_interpret.evaluate(branch, ins[1:], rule) for branch in _compat.cond_branches(eqn)]
+            return [jax.lax.select_n(ins[0], *values) for values in zip(*outs)]
         nested = _interpret.nested(eqn, ins, lambda program, args: _interpret.evaluate(program, args, rule))
         if nested is None:
             raise NotImplementedError(
@@ -88,7 +114,7 @@ def _collective(eqn: Any, ins: list, span: Span) -> list:
     assert found is not None, f"{eqn.primitive.name} communicates over no axes"
     others = tuple(a for a in found[1] if a != span.axis_name)
     if kind is Kind.REDUCTION:
-        return _compat.rebind_on_axes(eqn, ins, others + (span.local_name, *span.device_axes))
+        return _compat.rebind_on_axes(eqn, ins, others + span.local_axes + span.device_axes)
     if kind is Kind.INDEX:
         return [span.lane_index()]
     if kind is Kind.GATHER and not others:
@@ -107,7 +133,7 @@ def _collective(eqn: Any, ins: list, span: Span) -> list:
 
 
 def _all_gather(x: jax.Array, eqn: Any, span: Span) -> jax.Array:
-    gathered = jax.lax.all_gather(x, span.local_name)
+    gathered = jax.lax.all_gather(x, span.local_name) if span.local_size > 1 else x[None]
     gathered = jax.lax.all_gather(gathered, span.device_axes if len(span.device_axes) > 1 else span.device_axes[0])
     lanes = gathered.reshape((-1, *x.shape))
     dim, tiled = _compat.gather_layout(eqn)
@@ -123,9 +149,9 @@ def _reduce_scatter(x: jax.Array, eqn: Any, span: Span) -> jax.Array:
     over devices (a device gets its lanes' blocks), then split between the device's lanes."""
     dim, tiled = _compat.scatter_layout(eqn)
     block = x.shape[dim] // (span.local_size * math.prod(span.device_sizes))  # 1 when not tiled
-    summed = jax.lax.psum(x, span.local_name)
+    summed = jax.lax.psum(x, span.local_axes)
     devices = span.device_axes if len(span.device_axes) > 1 else span.device_axes[0]
     mine = jax.lax.psum_scatter(summed, devices, scatter_dimension=dim, tiled=True)
-    start = jax.lax.axis_index(span.local_name) * block
+    start = jax.lax.axis_index(span.local_name) * block if span.local_size > 1 else 0
     lane = jax.lax.dynamic_slice_in_dim(mine, start, block, axis=dim)
     return lane if tiled else jnp.squeeze(lane, dim)
