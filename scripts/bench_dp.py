@@ -456,8 +456,8 @@ def main() -> None:
                 f"  memory KiB/device temp: batch {t_batch / 1024:.0f} materialised {t_mat / 1024:.0f} "
                 f"smap {t_smap / 1024:.0f} (smap/batch {t_smap / max(t_batch, 1):.2f}); "
                 f"peak: batch {p_batch / 1024:.0f} batch+noise {p_floor / 1024:.0f} materialised {p_mat / 1024:.0f} "
-                f"smap {p_smap / 1024:.0f} (smap/(batch+noise) {p_smap / max(p_floor, 1):.2f}, "
-                f"smap/batch {p_smap / max(p_batch, 1):.2f})\n"
+                f"smap {p_smap / 1024:.0f} (smap/(batch+noise) {p_smap / max(p_floor, 1):.2f}, the target's "
+                f"reference, <= {MEMORY_TARGET}; smap/batch {p_smap / max(p_batch, 1):.2f})\n"
                 f"  per-example gradient arrays in the HLO: smap {len(r['per-example'])} {shapes or ''}  "
                 f"materialised {len(r['per-example materialised'])}",
                 flush=True,

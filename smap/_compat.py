@@ -383,7 +383,8 @@ def conv_contracted_dims(eqn: Any) -> tuple[int, int] | None:
 def conv_geometry(eqn: Any) -> dict | None:
     """A convolution's layout and window: ``lhs_spec`` and ``rhs_spec`` (the operands' dims as
     (batch, feature, spatial...) and (out feature, in feature, spatial...)), ``out_spec``,
-    ``strides``, ``padding``, ``lhs_dilation``, ``rhs_dilation`` and ``precision``; None where
+    ``strides``, ``padding``, ``lhs_dilation``, ``rhs_dilation``, ``precision`` and
+    ``preferred_element_type``; None where
     features or batches are grouped."""
     params = eqn.params
     if params["feature_group_count"] != 1 or params["batch_group_count"] != 1:
@@ -398,6 +399,7 @@ def conv_geometry(eqn: Any) -> dict | None:
         "lhs_dilation": tuple(params["lhs_dilation"]),
         "rhs_dilation": tuple(params["rhs_dilation"]),
         "precision": params["precision"],
+        "preferred_element_type": params.get("preferred_element_type"),
     }
 
 

@@ -42,7 +42,7 @@ from jax.extend.core import ClosedJaxpr
 from .. import _compat, _interpret
 from ._fuse_layers import layer_sum
 from ._lane_groups import grouped_contraction, is_lane_product, rebind_lane_product
-from ._lane_norms import has_squares, overflows_sooner, squared_norm
+from ._lane_norms import conv_in_its_order, has_squares, overflows_sooner, squared_norm
 from ._lanes import lanes_rule
 
 __all__ = ["fused_lanes", "is_lane_sum", "sum_over_lanes", "LANE_SUM"]
@@ -101,6 +101,7 @@ class _Node:
     dependent: bool
     eqn: Any = None
     inputs: tuple[_Node, ...] = ()
+    made: tuple[Any, tuple[int, ...]] | None = None  # (value in the order it is made, the order to ``value``)
 
 
 def _reduces_over(eqn: Any, axis_name: Hashable) -> bool:
@@ -131,7 +132,8 @@ def fused_lanes(jaxpr: ClosedJaxpr, inputs: Sequence[bool], axis_name: Hashable)
         >>> bool(jnp.all(summed == x.T @ g))
         True
     """
-    if not (_interpret.reaches(jaxpr, lambda eqn: _reduces_over(eqn, axis_name)) or has_squares(jaxpr)):
+    squares = has_squares(jaxpr)
+    if not (squares or _interpret.reaches(jaxpr, lambda eqn: _reduces_over(eqn, axis_name))):
         return None
     lanes = lanes_rule(axis_name)
     materialised: set[_Node] = set()  # per-lane products made as written for their norms
@@ -158,6 +160,10 @@ def fused_lanes(jaxpr: ClosedJaxpr, inputs: Sequence[bool], axis_name: Hashable)
             assert values is not None
             return [_Node(v, d) for v, d in zip(values, outs)]
         norm = squared_norm(eqn, ins, materialised)
+        made = conv_in_its_order(eqn, ins) if squares and norm is None else None
+        if made is not None:  # a kernel gradient whose product the norms keep, made in its own order
+            (dependent,) = _interpret.analyse_equation(eqn, deps, lanes)
+            return [_Node(made[0], dependent, eqn, tuple(ins), made[1])]
         values = norm if norm is not None else _interpret.bind(eqn, [n.value for n in ins])
         made_by = eqn if norm is None and len(values) == 1 else None  # what the fusion may look through
         return [_Node(v, d, made_by, tuple(ins)) for v, d in zip(values, _interpret.analyse_equation(eqn, deps, lanes))]
@@ -199,6 +205,8 @@ def _summed(
     A product in ``materialised`` exists per lane already: the psum is computed as written
     (a weighted sum of the products over the lanes, where they are)."""
     eqn = node.eqn
+    if node in materialised and node.made is not None:  # a product made per lane, in its own order: summed there
+        return functools.partial(_made_sum, node.made, scale, axis_name, dtype)
     if eqn is None or not node.dependent or node in materialised:
         return None  # no equation to look through, the same in every lane, or a product made per lane
     if not jnp.issubdtype(jnp.result_type(node.value), jnp.inexact) or overflows_sooner(node.value):
@@ -248,6 +256,24 @@ def _product(a: Any, b: Any, scale: Any, dims: tuple, options: dict, axis_name: 
         a, b = a.astype(operands) * scale.astype(operands), b.astype(operands)
         out = jnp.promote_types(out, operands)
     return grouped_contraction(a, b, dims, {**options, "preferred_element_type": out}, axis_name)
+
+
+def _made_sum(made: tuple[Any, tuple[int, ...]], scale: Any, axis_name: Hashable, dtype: Any) -> Any:
+    """The sum over the lanes of ``scale * transpose(value, order)`` for ``made = (value, order)``
+    (``scale`` a per-lane scalar or None): summed in ``value``'s order with the lanes gathered before
+    its last dim, where a mapped convolution holds them (no copy into another order), then reordered.
+    Accumulated in no narrower a dtype than the value's and the psum's ``dtype``, the factor applied
+    in the wider of its dtype and the value's."""
+    value, order = made
+    out = jnp.promote_types(jnp.result_type(value), dtype)
+    lane = jnp.ndim(value) - 1
+    values = jax.lax.all_gather(value, axis_name, axis=lane)
+    if scale is not None:
+        out = jnp.promote_types(out, jnp.result_type(scale))
+        # The factors as (1, ..., lanes, 1): a product broadcast over the size-1 dims, whatever the lanes.
+        weights = jax.lax.all_gather(jnp.reshape(scale, (1,) * jnp.ndim(value)).astype(out), axis_name, axis=lane)
+        values = jax.lax.mul(values.astype(out), weights)
+    return jnp.transpose(jnp.sum(values, lane, dtype=out), order)
 
 
 def _complex_to_real(eqn: Any) -> bool:

@@ -69,7 +69,7 @@ import jax.numpy as jnp
 
 from .. import _compat, _interpret
 
-__all__ = ["squared_norm", "has_squares", "overflows_sooner"]
+__all__ = ["squared_norm", "has_squares", "overflows_sooner", "conv_in_its_order"]
 
 Plan = Callable[[Any], Any]  # the squared norm, accumulated in the dtype given
 
@@ -79,9 +79,11 @@ MAX_CONV_SLICES = 64
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class _Materialised:
-    """A recognised per-lane product that is cheaper made as written: its node."""
+    """A recognised per-lane product that is cheaper made as written: its node, and the plan
+    that squares it where that is not the value as written."""
 
     product: Any
+    plan: Plan | None = None
 
 
 def has_squares(jaxpr: Any) -> bool:
@@ -150,10 +152,11 @@ def squared_norm(eqn: Any, ins: list, materialised: set | None = None) -> list |
 
 
 def _planned(plan: Plan | _Materialised | None, found: list) -> Plan | None:
-    """``plan``, or None where it is a materialised product (noted in ``found``)."""
+    """``plan``; for a materialised product (noted in ``found``), the plan that squares it where
+    it is not squared as written, or None."""
     if isinstance(plan, _Materialised):
         found.append(plan.product)
-        return None
+        return plan.plan
     return plan
 
 
@@ -234,9 +237,17 @@ def _norm(node: Any) -> Plan | _Materialised | None:
                 continue
         break
     rule = _RULES.get(_compat.primitive_name(node.eqn)) if node.eqn is not None else None
-    plan = rule(node) if rule is not None and node.dependent and _real_float(node.value) else None
-    if plan is None or isinstance(plan, _Materialised):
-        return plan
+    found = rule(node) if rule is not None and node.dependent and _real_float(node.value) else None
+    if found is None:
+        return None
+    if isinstance(found, _Materialised):
+        made = getattr(node, "made", None)
+        if made is None:
+            return found  # squared as written
+        # A convolution made in its own order (conv_in_its_order): squared there, not after a copy.
+        plan: Plan = functools.partial(_square_sum, made[0])
+    else:
+        plan = found
 
     def scaled(dtype: Any) -> Any:
         value = plan(dtype)
@@ -245,7 +256,12 @@ def _norm(node: Any) -> Plan | _Materialised | None:
             value = value / square if divides else value * square
         return value
 
-    return scaled
+    return _Materialised(node, scaled) if isinstance(found, _Materialised) else scaled
+
+
+def _square_sum(value: Any, dtype: Any) -> Any:
+    """The sum of the squares of ``value``'s entries, in ``dtype`` or its own, whichever is wider."""
+    return jnp.sum(jnp.square(value.astype(jnp.promote_types(value.dtype, dtype))))
 
 
 def _widens(eqn: Any) -> bool:
@@ -307,7 +323,7 @@ def _conv_gram(node: Any) -> Plan | _Materialised | None:
         jnp.shape(k.value)[rhs_spec[0]],
     )
     tokens, rows = features * math.prod(window), batch * math.prod(outputs)
-    if tokens * (rows + out_features) > rows * out_features:
+    if _conv_product_is_cheaper(jnp.shape(x.value), jnp.shape(k.value), jnp.shape(node.value), geometry):
         return _Materialised(node)  # the product is cheaper
     if min(math.prod(window), math.prod(outputs)) > MAX_CONV_SLICES:
         return None
@@ -333,6 +349,64 @@ def _conv_gram(node: Any) -> Plan | _Materialised | None:
         return jnp.sum(grams[0] * grams[1])
 
     return plan
+
+
+def _conv_product_is_cheaper(lhs: Sequence[int], rhs: Sequence[int], out: Sequence[int], geometry: dict) -> bool:
+    """The cost rule for a convolution: its product costs less than the Gram form (``T (p + d) > p d``,
+    the tokens ``T`` its input features times its window positions)."""
+    window = math.prod(rhs[d] for d in geometry["rhs_spec"][2:])
+    tokens = lhs[geometry["lhs_spec"][1]] * window
+    rows = lhs[geometry["lhs_spec"][0]] * math.prod(out[d] for d in geometry["out_spec"][2:])
+    out_features = rhs[geometry["rhs_spec"][0]]
+    return tokens * (rows + out_features) > rows * out_features
+
+
+def conv_in_its_order(eqn: Any, ins: list) -> tuple[Any, tuple[Any, tuple[int, ...]]] | None:
+    """A per-lane convolution of two per-lane operands (a kernel gradient) whose product the cost
+    rule keeps for its norm: its output, and the same values as the convolution makes them,
+    ``(made, order)`` with ``output == jnp.transpose(made, order)``; None for any other equation.
+
+    ``made`` has the dims (batch, spatial..., feature). Mapped over the lanes, a convolution of
+    two per-lane operands holds the lanes next to its output features, and XLA writes its output
+    (batch, spatial..., lanes, features): the norms and the weighted sum over the lanes read it
+    there, where the equation's own order (a kernel's, HWIO) would have it copied first.
+
+    Example:
+        >>> import jax, jax.numpy as jnp
+        >>> from smap.transform._lane_norms import conv_in_its_order
+        >>> from smap.transform._fuse import _Node
+        >>> conv = lambda x, k: jax.lax.conv_general_dilated(x, k, (1,), "SAME")
+        >>> x, k = jnp.ones((1, 2, 9)), jnp.ones((4, 2, 9))
+        >>> (eqn,) = jax.make_jaxpr(conv)(x, k).eqns
+        >>> value, (made, order) = conv_in_its_order(eqn, [_Node(x, True), _Node(k, True)])
+        >>> made.shape, order, bool(jnp.all(value == conv(x, k)))
+        ((1, 9, 4), (0, 2, 1), True)
+    """
+    if _compat.primitive_name(eqn) != _compat.CONV:
+        return None
+    x, k = ins
+    geometry = _compat.conv_geometry(eqn)
+    if geometry is None or not (x.dependent and k.dependent and _real_float(x.value) and _real_float(k.value)):
+        return None
+    out_shape = eqn.outvars[0].aval.shape
+    if not _conv_product_is_cheaper(jnp.shape(x.value), jnp.shape(k.value), out_shape, geometry):
+        return None
+    n, out_spec = len(out_shape) - 2, geometry["out_spec"]
+    made = jax.lax.conv_general_dilated(
+        x.value,
+        k.value,
+        geometry["strides"],
+        [tuple(p) for p in geometry["padding"]],
+        geometry["lhs_dilation"],
+        geometry["rhs_dilation"],
+        jax.lax.ConvDimensionNumbers(geometry["lhs_spec"], geometry["rhs_spec"], (0, n + 1, *range(1, n + 1))),
+        precision=geometry["precision"],
+        preferred_element_type=geometry["preferred_element_type"],
+    )
+    order = [0] * (n + 2)
+    for made_dim, dim in zip((0, n + 1, *range(1, n + 1)), out_spec):
+        order[dim] = made_dim
+    return jnp.transpose(made, order).astype(eqn.outvars[0].aval.dtype), (made, tuple(order))
 
 
 def _rows_per_id(node: Any) -> Plan | _Materialised | None:

@@ -12,6 +12,7 @@ program with ``fuse_lane_sums=False`` does.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from collections.abc import Callable
 from typing import Any
@@ -123,6 +124,13 @@ def conv_small_outputs(rng):
     return _conv_kind(rng, (2, 2, 8, 16), (4, 4, 8), window_strides=(1, 1), padding="VALID")
 
 
+def conv_kept(rng):
+    """The CNN benchmark's second layer, 3 x 3 x 16 x 32 over 8 x 8 positions: the product is cheaper
+    (64 * (144 + 32) > 144 * 32), made per lane in the convolution's own order."""
+    kind = _conv_kind(rng, (3, 3, 16, 32), (8, 8, 16), window_strides=(1, 1), padding="SAME")
+    return dataclasses.replace(kind, rewritten=[])
+
+
 def conv_nchw(rng):
     """Channels first (NCHW, OIHW): the same Gram matrices under another layout."""
     p = {"k": _normal(rng, 12, 5, 3, 3)}
@@ -232,6 +240,7 @@ KINDS = {
         conv_dilated,
         conv_transposed,
         conv_small_outputs,
+        conv_kept,
         conv_nchw,
         conv_grouped,
         embedding,
@@ -340,6 +349,31 @@ def test_no_per_lane_gradient_where_the_rewrite_applies(name, where):
     plain = plain.lower(kind.params, *data).compile().as_text()
     assert per_lane_arrays(plain, per_device, shapes), "the program as written holds per-lane gradients"
     assert per_lane_arrays(fused, per_device, shapes) == []
+
+
+@pytest.mark.parametrize("where", ["jax.vmap", "shard_map-2"])
+@pytest.mark.parametrize("name", ["conv", "conv_kept"])
+def test_a_kept_convolution_product_is_read_where_it_is_made(name, where):
+    """Per-lane kernel gradients that the cost rule keeps are one convolution's output, which the
+    norms and the clipped sum read as it is: no second (lanes x kernel) array (a copy into the
+    kernel's order, which XLA:CPU made for the CNN benchmark's layer before)."""
+    mapping, lanes = place(where)
+    per_device = lanes if where == "jax.vmap" else lanes // 8
+    kind = KINDS[name](np.random.default_rng(0))
+    data = kind.data(np.random.default_rng(1), lanes)
+    size = per_device * kind.params["k"].size
+
+    def arrays(hlo: str) -> list[str]:
+        """Instructions of the entry computation (the last), other than bitcasts, whose f32 result
+        has the per-lane kernels' size."""
+        hlo = hlo[hlo.index("\nENTRY") :]
+        found = re.findall(r"^\s*(?:ROOT )?%\S+ = f32\[([\d,]+)\]\{[\d,]*\} (?!bitcast\()(?!parameter\()", hlo, re.M)
+        return [d for d in found if math.prod(map(int, d.split(","))) == size]
+
+    fused = mapped(kind, "optax.tree.norm", data, **mapping).lower(kind.params, *data).compile().as_text()
+    plain = mapped(kind, "optax.tree.norm", data, fuse_lane_sums=False, **mapping)
+    assert arrays(plain.lower(kind.params, *data).compile().as_text()), "the program as written makes them too"
+    assert len(arrays(fused)) == 1
 
 
 def test_a_norm_of_something_else_is_computed_as_written():
