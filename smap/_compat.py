@@ -52,6 +52,10 @@ __all__ = [
     "convert_source",
     "scatter_layout",
     "dot_layout",
+    "lays_out_result",
+    "transpose_permutation",
+    "summed_axes",
+    "nested_programs",
     "converts_floats",
     "conv_contracted_dims",
     "conv_geometry",
@@ -326,6 +330,26 @@ def convert_source(eqn: Any) -> Any:
 def dot_layout(eqn: Any) -> tuple[tuple, dict]:
     """A ``dot_general``'s dimension numbers and the options it passes on (precision, result type)."""
     return eqn.params["dimension_numbers"], {k: eqn.params.get(k) for k in ("precision", "preferred_element_type")}
+
+
+def lays_out_result(eqn: Any) -> bool:
+    """Whether ``eqn`` names its result's sharding (``out_sharding``, on Explicit meshes)."""
+    return eqn.params.get("out_sharding") is not None
+
+
+def transpose_permutation(eqn: Any) -> tuple[int, ...] | None:
+    """The permutation of a ``transpose``; None for other equations."""
+    return tuple(eqn.params["permutation"]) if eqn.primitive.name == "transpose" else None
+
+
+def summed_axes(eqn: Any) -> tuple[int, ...] | None:
+    """The axes a ``reduce_sum`` sums over; None for other equations."""
+    return tuple(eqn.params["axes"]) if eqn.primitive.name == "reduce_sum" else None
+
+
+def nested_programs(eqn: Any) -> list:
+    """The programs ``eqn`` holds (a call's body, a scan's, a cond's branches, ...), opened."""
+    return [open_jaxpr(program) for program in jaxprs_in_params(eqn.params)]
 
 
 def converts_floats(eqn: Any) -> bool:

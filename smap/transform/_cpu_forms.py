@@ -76,11 +76,11 @@ class _Operands:
 def _swap_order(eqn: Any) -> tuple[int, ...] | None:
     """The permutation that turns ``dot_general(a, b)``'s result into ``dot_general(b, a)``'s (batch
     axes, then ``b``'s free ones, then ``a``'s); None for another equation or where it is the identity."""
-    if eqn.primitive.name != _compat.DOT_GENERAL or eqn.params.get("out_sharding") is not None:
+    if _compat.primitive_name(eqn) != _compat.DOT_GENERAL or _compat.lays_out_result(eqn):
         return None
     if not all(v.aval.dtype in _WIDE for v in (*eqn.invars, *eqn.outvars)):
         return None  # a narrower product may round its result otherwise in another kernel
-    (lhs_contract, _), (lhs_batch, _) = eqn.params["dimension_numbers"]
+    (lhs_contract, _), (lhs_batch, _) = _compat.dot_layout(eqn)[0]
     n_batch = len(lhs_batch)
     n_lhs = len(eqn.invars[0].aval.shape) - n_batch - len(lhs_contract)
     n_rhs = len(eqn.outvars[0].aval.shape) - n_batch - n_lhs
@@ -103,12 +103,13 @@ def _swapped_products(jaxpr: Jaxpr) -> set[Any]:
             uses[v] = uses.get(v, 0) + 2  # an output is read outside
     found = set()
     for eqn in jaxpr.eqns:
-        source = eqn.invars[0] if eqn.primitive.name == "transpose" else None
+        permutation = _compat.transpose_permutation(eqn)
+        source = eqn.invars[0] if permutation is not None else None
         product = None if source is None or isinstance(source, Literal) else producer.get(source)
-        if product is not None and uses[source] == 1 and _swap_order(product) == tuple(eqn.params["permutation"]):
+        if product is not None and uses[source] == 1 and _swap_order(product) == permutation:
             found.add(source)
-        for program in _compat.jaxprs_in_params(eqn.params):
-            found |= _swapped_products(_compat.open_jaxpr(program))
+        for program in _compat.nested_programs(eqn):
+            found |= _swapped_products(program)
     return found
 
 
@@ -129,19 +130,19 @@ def _swapped_product(operands: _Operands) -> jax.Array:
 
 
 def _unit_axes(eqn: Any) -> tuple[int, ...]:
-    axes = eqn.params["axes"]
+    axes = _compat.summed_axes(eqn) or ()
     return tuple(i for i, n in enumerate(eqn.invars[0].aval.shape) if n == 1 and i not in axes)
 
 
 def _keeps_unit_axes(eqn: Any) -> bool:
     """Whether ``eqn`` is a sum over some axes of an operand with an axis of size 1 that it keeps."""
-    if eqn.primitive.name != "reduce_sum" or eqn.params.get("out_sharding") is not None:
+    if _compat.lays_out_result(eqn):
         return False
-    return bool(eqn.params["axes"]) and bool(_unit_axes(eqn))
+    return bool(_compat.summed_axes(eqn)) and bool(_unit_axes(eqn))
 
 
 def _sum_without_unit_axes(eqn: Any, x: jax.Array) -> jax.Array:
     """The sum ``eqn`` makes, taken over its axes and the operand's kept axes of size 1, which are put back."""
-    axes, units = eqn.params["axes"], _unit_axes(eqn)
+    axes, units = _compat.summed_axes(eqn) or (), _unit_axes(eqn)
     (total,) = _compat.bind_equation(eqn, [x], axes=tuple(sorted((*axes, *units))))
     return jax.lax.expand_dims(total, [u - sum(a < u for a in axes) for u in units])
