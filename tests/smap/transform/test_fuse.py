@@ -457,6 +457,17 @@ def test_complex_per_lane_factor_keeps_the_product_complex(where):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
 
 
+def _float16_master(scale: float) -> tuple[np.ndarray, smap.ParamState, Callable]:
+    """Float32 master weights (3, 2), their initial value, and a float16 loss scaled by ``scale``."""
+    w0 = np.full((3, 2), 0.3, np.float32)
+
+    def loss(v, xe):
+        y = xe.astype(jnp.float16) @ v.astype(jnp.float16)
+        return jnp.sum(y.astype(jnp.float32) ** 2) * scale
+
+    return w0, smap.ParamState(w0), loss
+
+
 @pytest.mark.parametrize("where", PLACES)
 def test_float16_sum_over_lanes_accumulates_in_float32(where):
     """Float32 master weights, float16 compute, a scaled loss: each lane's gradient and their
@@ -465,13 +476,8 @@ def test_float16_sum_over_lanes_accumulates_in_float32(where):
     mapping, lanes = place(where)
     rng = np.random.default_rng(2)
     x = (4 + 0.1 * rng.standard_normal((lanes, 3))).astype(np.float32)
-    w0 = np.full((3, 2), 0.3, np.float32)
-    w = smap.ParamState(w0)
     scale = 512.0
-
-    def loss(v, xe):
-        y = xe.astype(jnp.float16) @ v.astype(jnp.float16)
-        return jnp.sum(y.astype(jnp.float32) ** 2) * scale
+    w0, w, loss = _float16_master(scale)
 
     def step(xe):
         g = smap.grad(lambda: loss(w.value, xe), grad_states=w)()
@@ -495,13 +501,8 @@ def test_a_float16_lane_that_overflows_gives_inf_as_written(where):
     rng = np.random.default_rng(7)
     x = rng.uniform(0.5, 1.0, (lanes, 3)).astype(np.float32)
     x[1, 0], x[2, 0] = 10.0, -10.0  # lane 1's row 0 overflows; lane 2's too, the other sign
-    w0 = np.full((3, 2), 0.3, np.float32)
-    w = smap.ParamState(w0)
     scale = 8192.0
-
-    def loss(v, xe):
-        y = xe.astype(jnp.float16) @ v.astype(jnp.float16)
-        return jnp.sum(y.astype(jnp.float32) ** 2) * scale
+    w0, w, loss = _float16_master(scale)
 
     def step(xe):
         g = smap.grad(lambda: loss(w.value, xe), grad_states=w)()
