@@ -293,8 +293,8 @@ def _gram(node: Any) -> Plan | _Materialised | None:
     tokens = math.prod(jnp.shape(a.value)[i] for i in lhs_c)
     rows = math.prod(jnp.shape(a.value)) // max(1, tokens * math.prod(jnp.shape(a.value)[i] for i in lhs_b))
     cols = math.prod(jnp.shape(b.value)) // max(1, tokens * math.prod(jnp.shape(b.value)[i] for i in rhs_b))
-    if tokens * (rows + cols) > rows * cols:
-        return _Materialised(node)  # the product is cheaper
+    if _product_is_cheaper(tokens, rows, cols):
+        return _Materialised(node)
 
     def plan(dtype: Any) -> Any:
         grams = []
@@ -314,17 +314,12 @@ def _conv_gram(node: Any) -> Plan | _Materialised | None:
     geometry = _compat.conv_geometry(node.eqn)
     if geometry is None or not (_real_float(x.value) and _real_float(k.value)):
         return None
-    lhs_spec, rhs_spec, out_spec = geometry["lhs_spec"], geometry["rhs_spec"], geometry["out_spec"]
+    lhs_spec, rhs_spec = geometry["lhs_spec"], geometry["rhs_spec"]
     window = tuple(jnp.shape(k.value)[d] for d in rhs_spec[2:])
-    outputs = tuple(jnp.shape(node.value)[d] for d in out_spec[2:])
-    features, batch, out_features = (
-        jnp.shape(x.value)[lhs_spec[1]],
-        jnp.shape(x.value)[lhs_spec[0]],
-        jnp.shape(k.value)[rhs_spec[0]],
-    )
-    tokens, rows = features * math.prod(window), batch * math.prod(outputs)
-    if _conv_product_is_cheaper(jnp.shape(x.value), jnp.shape(k.value), jnp.shape(node.value), geometry):
-        return _Materialised(node)  # the product is cheaper
+    outputs = tuple(jnp.shape(node.value)[d] for d in geometry["out_spec"][2:])
+    tokens, rows, out_features = _conv_sizes(jnp.shape(x.value), jnp.shape(k.value), jnp.shape(node.value), geometry)
+    if _product_is_cheaper(tokens, rows, out_features):
+        return _Materialised(node)
     if min(math.prod(window), math.prod(outputs)) > MAX_CONV_SLICES:
         return None
 
@@ -351,14 +346,18 @@ def _conv_gram(node: Any) -> Plan | _Materialised | None:
     return plan
 
 
-def _conv_product_is_cheaper(lhs: Sequence[int], rhs: Sequence[int], out: Sequence[int], geometry: dict) -> bool:
-    """The cost rule for a convolution: its product costs less than the Gram form (``T (p + d) > p d``,
-    the tokens ``T`` its input features times its window positions)."""
-    window = math.prod(rhs[d] for d in geometry["rhs_spec"][2:])
-    tokens = lhs[geometry["lhs_spec"][1]] * window
+def _product_is_cheaper(tokens: int, rows: int, cols: int) -> bool:
+    """The cost rule: a (rows, cols) product of ``tokens`` contracted costs less than its two Gram
+    matrices (``T (p + d) > p d``)."""
+    return tokens * (rows + cols) > rows * cols
+
+
+def _conv_sizes(lhs: Sequence[int], rhs: Sequence[int], out: Sequence[int], geometry: dict) -> tuple[int, int, int]:
+    """A convolution's kernel gradient as a product: its tokens (input features times window
+    positions), rows (batch times output positions) and columns (output features)."""
+    tokens = lhs[geometry["lhs_spec"][1]] * math.prod(rhs[d] for d in geometry["rhs_spec"][2:])
     rows = lhs[geometry["lhs_spec"][0]] * math.prod(out[d] for d in geometry["out_spec"][2:])
-    out_features = rhs[geometry["rhs_spec"][0]]
-    return tokens * (rows + out_features) > rows * out_features
+    return tokens, rows, rhs[geometry["rhs_spec"][0]]
 
 
 def conv_in_its_order(eqn: Any, ins: list) -> tuple[Any, tuple[Any, tuple[int, ...]]] | None:
@@ -389,7 +388,7 @@ def conv_in_its_order(eqn: Any, ins: list) -> tuple[Any, tuple[Any, tuple[int, .
     if geometry is None or not (x.dependent and k.dependent and _real_float(x.value) and _real_float(k.value)):
         return None
     out_shape = eqn.outvars[0].aval.shape
-    if not _conv_product_is_cheaper(jnp.shape(x.value), jnp.shape(k.value), out_shape, geometry):
+    if not _product_is_cheaper(*_conv_sizes(jnp.shape(x.value), jnp.shape(k.value), out_shape, geometry)):
         return None
     n, out_spec = len(out_shape) - 2, geometry["out_spec"]
     made = jax.lax.conv_general_dilated(
