@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import textwrap
 from collections.abc import Callable, Hashable, Sequence
 from typing import TYPE_CHECKING, Any, Generic, NamedTuple, ParamSpec, TypeVar
 
@@ -119,14 +118,6 @@ class _StateList:
             static_argnames=owner.static_argnames,
             donate_argnums=donated_states + tuple(i + n for i in owner.donate_argnums),
         )
-
-    def extended(self, more: _MissingStates, owner: StatefulFunction) -> _StateList:
-        """A list with the states a trace found, without those whose storage is gone (the States of freed Refs)."""
-        states, writes = (
-            tuple({id(s): s for s in (*mine, *found) if not s._gone()}.values())
-            for mine, found in ((self.states, more.states), (self.writes, more.writes))
-        )
-        return _StateList(states, writes, _locks.joined(states), owner)
 
 
 _UNLOCKED = _locks.Group()  # the group of a nested call's list: it runs inside its caller's call
@@ -370,10 +361,16 @@ class StatefulFunction(Generic[P, R]):
     def _extend(self, missing: _MissingStates, args: tuple, kwargs: dict, again: Callable | None = None) -> Any:
         """The call again (or ``again``), with a list that has the states a trace found and a slot for each it writes.
 
-        Outside the lock: joining the new states' lock groups may wait for other calls.
+        The list drops the states whose storage is gone (the States of freed
+        Refs). Outside the lock: joining the new states' lock groups may wait
+        for other calls.
         """
         current = self._state_list  # (another thread may have made a longer one meanwhile)
-        self._use(current.extended(missing, self), args, kwargs)
+        states, writes = (
+            tuple({id(s): s for s in (*listed, *found) if not s._gone()}.values())
+            for listed, found in ((current.states, missing.states), (current.writes, missing.writes))
+        )
+        self._use(_StateList(states, writes, _locks.joined(states), self), args, kwargs)
         self._forget_gone_states()
         return (again or self)(*args, **kwargs)
 
@@ -532,11 +529,10 @@ _BODY = """\
 """
 
 _WRITE_BACK = """\
-if type(w{j}) is ArrayImpl:
-    s{i}._value = w{j}
-elif w{j} is not None:
-    s{i}._value = owner._written(s{i}, w{j})
-"""
+            if type(w{j}) is ArrayImpl:
+                s{i}._value = w{j}
+            elif w{j} is not None:
+                s{i}._value = owner._written(s{i}, w{j})"""
 
 _UNGIVEN = object()  # the default of a positional parameter of a call written out for more arguments than given
 
@@ -578,12 +574,12 @@ def _compile_call(owner: StatefulFunction, state_list: _StateList, arity: int | 
     function (``*args, **kwargs``), which looks for Refs.
     """
     n = len(state_list.states)
-    index = state_list.index
-    write_back = "".join(_WRITE_BACK.format(i=index[id(s)], j=j) for j, s in enumerate(state_list.writes))
     parts = {
         "outputs": "out" + "".join(f", w{j}" for j in range(len(state_list.writes))),
         "values": "".join(f"s{i}._value, " for i in range(n)),
-        "write_back": textwrap.indent(write_back or "pass\n", " " * 12).rstrip("\n"),
+        "write_back": "\n".join(
+            _WRITE_BACK.format(i=state_list.index[id(s)], j=j) for j, s in enumerate(state_list.writes)
+        ),
         "result": "out" if owner._call_result is None else "finish(out)",
     }
     names = [f"a{i}" for i in range(arity or 0)]
