@@ -495,10 +495,8 @@ def make(owner, state_list, ArrayImpl, {states}):
             args, kwargs = hide_refs(args, kwargs)
 {body}
     def call({parameters}*rest, **kwargs):
-        if rest or kwargs{odd}:
+        if rest or kwargs{odd} or (tracing.threads and this_thread.frames):
             return general(*given(({arguments})), *rest, **kwargs)
-        if tracing.threads and this_thread.frames:
-            return owner._call_in_trace(({arguments}), {{}})
 {fast_body}
     return {call}
 """
@@ -570,8 +568,8 @@ def _compile_call(owner: StatefulFunction, state_list: _StateList, arity: int | 
     for the call into ``jax.jit`` (0.3 µs of a 6 µs call), and an argument
     of a plain type (``_compat.PLAIN_ARGUMENTS``; a JAX array, the common
     case, is asked first with ``is``) cannot be a Ref. A call of
-    another shape, or with another argument, goes on to the general
-    function (``*args, **kwargs``), which looks for Refs.
+    another shape, with another argument, or inside a trace goes on to the
+    general function (``*args, **kwargs``), which looks for Refs.
     """
     n = len(state_list.states)
     parts = {
