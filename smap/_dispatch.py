@@ -348,7 +348,10 @@ class StatefulFunction(Generic[P, R]):
         return self._extend(missing, args, kwargs)
 
     def _run(self, state_list: _StateList, args: tuple, kwargs: dict) -> Any:
-        """The dispatch and the write-back of the written-out call, in a loop: for the calls off its path."""
+        """The dispatch and the write-back of the written-out call, in a loop: for the calls off its path.
+
+        A state's value is what ``State.value`` reads: inside a trace (a nested call's list), its caller's.
+        """
         out = state_list.dispatch(*[s.value for s in state_list.states], *args, **kwargs)
         if state_list.writes:
             out, *slots = out
