@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import textwrap
 from collections.abc import Callable, Hashable, Sequence
 from typing import TYPE_CHECKING, Any, Generic, NamedTuple, ParamSpec, TypeVar
 
@@ -120,14 +119,6 @@ class _StateList:
             donate_argnums=donated_states + tuple(i + n for i in owner.donate_argnums),
         )
 
-    def extended(self, more: _MissingStates, owner: StatefulFunction) -> _StateList:
-        """A list with the states a trace found, without those whose storage is gone (the States of freed Refs)."""
-        kept, kept_writes = (tuple(s for s in group if not s._gone()) for group in (self.states, self.writes))
-        listed, written = set(map(id, kept)), set(map(id, kept_writes))
-        states = kept + tuple(s for s in more.states if id(s) not in listed)
-        writes = kept_writes + tuple(s for s in more.writes if id(s) not in written)
-        return _StateList(states, writes, _locks.joined(states), owner)
-
 
 _UNLOCKED = _locks.Group()  # the group of a nested call's list: it runs inside its caller's call
 
@@ -206,7 +197,7 @@ class StatefulFunction(Generic[P, R]):
         self.donate_argnums = tuple(donate_argnums)
         self.donate_states = donate_states
         self._state_list = _StateList((), (), _locks.Group(), self)
-        self.__call__ = self._first_call  # type: ignore[method-assign]
+        self.__call__ = lambda *args, **kwargs: self._write_out(args, kwargs)  # type: ignore[method-assign]
         self._nested_lists: dict[tuple[tuple[int, ...], tuple[int, ...]], _StateList] = {}
 
     # -- hooks: the contract with a transform ------------------------------------
@@ -332,51 +323,59 @@ class StatefulFunction(Generic[P, R]):
             new = {id(s): _slot(values[index[id(s)]]) for s in state_list.writes} | new
         return (out, *(new.get(id(s)) for s in state_list.writes))
 
-    def _first_call(self, *args: Any, **kwargs: Any) -> Any:
-        """A transform's first call: write out the call for this shape of call, then make it."""
-        self._use(self._state_list, args, kwargs)
-        return self(*args, **kwargs)
+    def _write_out(self, args: tuple, kwargs: dict) -> Any:
+        """The call, once written out for calls shaped as this one and the lock group its states are in now.
 
-    def _waited(self, group: _locks.Group, held: Callable, args: tuple, kwargs: dict) -> Any:
-        """The call when it found its group's token taken: wait for it, or go on inside the call that holds it.
-
-        ``held(*args, **kwargs)`` is the call's dispatch and write-back, with
-        the token held. The call holding the token is on this thread when a
-        host callback inside it called this transform: then this call runs
-        inside that one, as a reentrant lock would let it.
+        A transform's first call, and a call that found its group merged into a larger one, come here.
         """
-        taken = group.take()
-        if group.merged_into is not None:
-            if taken:
-                group.give()
-            return self._relock(args, kwargs)
-        try:
-            out = held(*args, **kwargs)
-        except _MissingStates as error:
-            missing = error
-        else:
-            return out if self._call_result is None else self._call_result(out)
-        finally:
-            if taken:
-                group.give()
-        return self._extend(missing, args, kwargs)
-
-    def _relock(self, args: tuple, kwargs: dict) -> Any:
-        """The call again, after the states' lock group was merged into a larger one."""
         state_list = self._state_list
         state_list.group = state_list.group.current()
         self._use(state_list, args, kwargs)
         return self(*args, **kwargs)
 
-    def _extend(self, missing: _MissingStates, args: tuple, kwargs: dict) -> Any:
-        """The call again, with a list that has the states a trace found and a slot for each it writes.
+    def _waited(self, group: _locks.Group, state_list: _StateList, args: tuple, kwargs: dict) -> Any:
+        """The call when it found its group's token taken: wait for it, or go on inside the call that holds it.
 
-        Outside the lock: joining the new states' lock groups may wait for other calls.
+        The call holding the token is on this thread when a host callback
+        inside it called this transform: then this call runs inside that
+        one, as a reentrant lock would let it (see :meth:`_locks.Group.take`).
+        """
+        with _locks.Holding(group):
+            try:
+                return self._run(state_list, args, kwargs)
+            except _MissingStates as error:
+                missing = error
+        return self._extend(missing, args, kwargs)
+
+    def _run(self, state_list: _StateList, args: tuple, kwargs: dict) -> Any:
+        """The dispatch and the write-back of the written-out call, in a loop: for the calls off its path.
+
+        A state's value is what ``State.value`` reads: inside a trace (a nested call's list), its caller's.
+        """
+        out = state_list.dispatch(*[s.value for s in state_list.states], *args, **kwargs)
+        if state_list.writes:
+            out, *slots = out
+            nested = state_list.group is _UNLOCKED  # (its written values are its caller's tracers)
+            for state, slot in zip(state_list.writes, slots):
+                if slot is not None:
+                    state.write_back(_unslot(slot) if nested else self._written(state, slot))
+        return out if self._call_result is None else self._call_result(out)
+
+    def _extend(self, missing: _MissingStates, args: tuple, kwargs: dict, again: Callable | None = None) -> Any:
+        """The call again (or ``again``), with a list that has the states a trace found and a slot for each it writes.
+
+        The list drops the states whose storage is gone (the States of freed
+        Refs). Outside the lock: joining the new states' lock groups may wait
+        for other calls.
         """
         current = self._state_list  # (another thread may have made a longer one meanwhile)
-        self._use(current.extended(missing, self), args, kwargs)
+        states, writes = (
+            tuple({id(s): s for s in (*listed, *found) if not s._gone()}.values())
+            for listed, found in ((current.states, missing.states), (current.writes, missing.writes))
+        )
+        self._use(_StateList(states, writes, _locks.joined(states), self), args, kwargs)
         self._forget_gone_states()
-        return self(*args, **kwargs)
+        return (again or self)(*args, **kwargs)
 
     def _use(self, state_list: _StateList, args: tuple, kwargs: dict) -> None:
         """Make ``state_list`` the list of the next calls, and its call, written out for calls shaped as this one."""
@@ -386,10 +385,16 @@ class StatefulFunction(Generic[P, R]):
     def _written(self, state: State, slot: Any) -> Any:
         """The value in a slot that is not a concrete array, refused if it is traced.
 
-        Tracers come out of every written value or of none, so the first one decides.
+        Tracers come out of every written value or of none, so the first leaf decides.
         """
         value = _unslot(slot)
-        _check_not_traced(self.name, state, value)
+        leaves = jax.tree_util.tree_leaves(value)
+        if leaves and isinstance(leaves[0], jax.core.Tracer):
+            raise TypeError(
+                f"{self.name} writes {state.describe()} from inside a JAX transformation that smap does not see "
+                f"(jax.jit, jax.grad, ...). Use smap.jit and smap.grad around smap transforms so states are "
+                f"carried through."
+            )
         return value
 
     def _forget_gone_states(self) -> None:
@@ -463,15 +468,13 @@ class StatefulFunction(Generic[P, R]):
                 f"lower the outer transform to see the whole program."
             )
         args, kwargs = hide_refs(args, kwargs)
-        while True:
-            state_list = self._state_list
-            with _locks.Holding(state_list.group):
-                try:
-                    values = [s._value for s in state_list.states]
-                    return getattr(state_list.dispatch, stage)(*values, *args, **kwargs)
-                except _MissingStates as error:
-                    missing = error
-            self._use(self._state_list.extended(missing, self), args, kwargs)
+        state_list = self._state_list
+        with _locks.Holding(state_list.group):
+            try:
+                return getattr(state_list.dispatch, stage)(*[s._value for s in state_list.states], *args, **kwargs)
+            except _MissingStates as error:
+                missing = error
+        return self._extend(missing, args, kwargs, lambda *a, **k: self._ahead_of_time(stage, a, k))
 
     def _call_in_trace(self, args: tuple, kwargs: dict) -> Any:
         """A call while another smap transform traces: only this program's states take part."""
@@ -481,22 +484,13 @@ class StatefulFunction(Generic[P, R]):
         lists_key = (tuple(map(id, program.states)), tuple(map(id, program.written_states)))
         if lists_key not in self._nested_lists:
             self._nested_lists[lists_key] = _StateList(program.states, program.written_states, _UNLOCKED, self)
-        state_list = self._nested_lists[lists_key]
-        out = state_list.dispatch(*[s.value for s in program.states], *args, **kwargs)
-        if state_list.writes:
-            out, *slots = out
-            for state, slot in zip(state_list.writes, slots):
-                if slot is not None:
-                    state.write_back(_unslot(slot))
-        return out if self._call_result is None else self._call_result(out)
+        return self._run(self._nested_lists[lists_key], args, kwargs)
 
 
 _CALL = """
-def make(owner, dispatch, take, give, group, finish, ArrayImpl, {states}):
-    def held(*args, **kwargs):  # the dispatch and the write-back, by a call that holds the token
-        {outputs} = dispatch({values}*args, **kwargs)
-{held_write_back}
-        return out
+def make(owner, state_list, ArrayImpl, {states}):
+    group, dispatch, finish = state_list.group, state_list.dispatch, owner._call_result
+    take, give = group.tokens.pop, group.tokens.append
     def general(*args, **kwargs):
         if tracing.threads and this_thread.frames:
             return owner._call_in_trace(args, kwargs)
@@ -504,10 +498,8 @@ def make(owner, dispatch, take, give, group, finish, ArrayImpl, {states}):
             args, kwargs = hide_refs(args, kwargs)
 {body}
     def call({parameters}*rest, **kwargs):
-        if rest or kwargs{odd}:
+        if rest or kwargs{odd} or (tracing.threads and this_thread.frames):
             return general(*given(({arguments})), *rest, **kwargs)
-        if tracing.threads and this_thread.frames:
-            return owner._call_in_trace(({arguments}), {{}})
 {fast_body}
     return {call}
 """
@@ -516,12 +508,12 @@ _BODY = """\
         try:
             take()
         except IndexError:  # another call holds the token (on this thread: a host callback inside it)
-            return owner._waited(group, held, {args}, {kwargs})
+            return owner._waited(group, state_list, {args}, {kwargs})
         holding = group  # this call holds the group's token (see smap._locks.Group)
         if group.merged_into is not None:  # merged while this list was in use: the larger group's token
             holding = None
             group.give()
-            return owner._relock({args}, {kwargs})
+            return owner._write_out({args}, {kwargs})
         try:
             {outputs} = dispatch({values}{passed})
 {write_back}
@@ -538,11 +530,10 @@ _BODY = """\
 """
 
 _WRITE_BACK = """\
-if type(w{j}) is ArrayImpl:
-    s{i}._value = w{j}
-elif w{j} is not None:
-    s{i}._value = owner._written(s{i}, w{j})
-"""
+            if type(w{j}) is ArrayImpl:
+                s{i}._value = w{j}
+            elif w{j} is not None:
+                s{i}._value = owner._written(s{i}, w{j})"""
 
 _UNGIVEN = object()  # the default of a positional parameter of a call written out for more arguments than given
 
@@ -568,15 +559,11 @@ def _unslot(slot: Any) -> Any:
 def _compile_call(owner: StatefulFunction, state_list: _StateList, arity: int | None) -> Callable:
     """The function a call of ``owner`` runs while ``state_list`` is its list, written out for that list.
 
-    It checks for an enclosing smap trace, takes the token of the states'
-    lock group (:class:`~smap._locks.Group`: a ``list.pop``, and an
-    ``append`` to give it back), passes each state's value to the
-    dispatcher, writes back each slot the program filled and returns the
-    result; a token held by another call, a merged lock group, new states
-    and a call inside a trace leave through ``owner``'s slower methods. It is Python
-    source made for the list (each state a local name, each slot a line), so
-    the cached path has no loop, lookup or container of its own around JAX's
-    dispatch.
+    It is Python source made for the list (each state a local name, each
+    slot a line), so the cached path has no loop, lookup or container of its
+    own around JAX's dispatch; a token held by another call, a merged lock
+    group, new states and a call inside a trace leave through ``owner``'s
+    slower methods.
 
     With ``arity`` (the number of positional arguments of a call with no
     keyword argument), the function returned takes that many positional
@@ -584,16 +571,16 @@ def _compile_call(owner: StatefulFunction, state_list: _StateList, arity: int | 
     for the call into ``jax.jit`` (0.3 µs of a 6 µs call), and an argument
     of a plain type (``_compat.PLAIN_ARGUMENTS``; a JAX array, the common
     case, is asked first with ``is``) cannot be a Ref. A call of
-    another shape, or with another argument, goes on to the general
-    function (``*args, **kwargs``), which looks for Refs.
+    another shape, with another argument, or inside a trace goes on to the
+    general function (``*args, **kwargs``), which looks for Refs.
     """
     n = len(state_list.states)
-    index = state_list.index
-    write_back = "".join(_WRITE_BACK.format(i=index[id(s)], j=j) for j, s in enumerate(state_list.writes))
     parts = {
         "outputs": "out" + "".join(f", w{j}" for j in range(len(state_list.writes))),
         "values": "".join(f"s{i}._value, " for i in range(n)),
-        "write_back": textwrap.indent(write_back or "pass\n", " " * 12).rstrip("\n"),
+        "write_back": "\n".join(
+            _WRITE_BACK.format(i=state_list.index[id(s)], j=j) for j, s in enumerate(state_list.writes)
+        ),
         "result": "out" if owner._call_result is None else "finish(out)",
     }
     names = [f"a{i}" for i in range(arity or 0)]
@@ -607,9 +594,6 @@ def _compile_call(owner: StatefulFunction, state_list: _StateList, arity: int | 
             args="(" + "".join(f"{a}, " for a in names) + ")", kwargs="{}", passed=", ".join(names), **parts
         ),
         call="general" if arity is None else "call",
-        held_write_back=textwrap.indent(write_back, " " * 8),
-        outputs=parts["outputs"],
-        values=parts["values"],
     )
     namespace: dict[str, Any] = {
         "tracing": tracing,
@@ -622,17 +606,7 @@ def _compile_call(owner: StatefulFunction, state_list: _StateList, arity: int | 
         "TOKEN": _locks.TOKEN,
     }
     exec(compile(source, f"{_locks.CALL_FILE} of {owner.name} with {n} states>", "exec"), namespace)
-    group = state_list.group
-    return namespace["make"](
-        owner,
-        state_list.dispatch,
-        group.tokens.pop,
-        group.tokens.append,
-        group,
-        owner._call_result,
-        _compat.ArrayImpl,
-        *state_list.states,
-    )
+    return namespace["make"](owner, state_list, _compat.ArrayImpl, *state_list.states)
 
 
 def _keep_placement(new: Any, old: Any) -> Any:
@@ -658,13 +632,3 @@ def _keep_placement(new: Any, old: Any) -> Any:
         return jax.tree_util.tree_map(keep, new, old)
     except ValueError:  # the structure changed: nothing to keep
         return new
-
-
-def _check_not_traced(name: str, state: State, value: Any) -> None:
-    leaf = jax.tree_util.tree_leaves(value)
-    if leaf and isinstance(leaf[0], jax.core.Tracer):
-        raise TypeError(
-            f"{name} writes {state.describe()} from inside a JAX transformation that smap does not see "
-            f"(jax.jit, jax.grad, ...). Use smap.jit and smap.grad around smap transforms so states are "
-            f"carried through."
-        )

@@ -126,20 +126,6 @@ class Group:
         with _given_back:
             _given_back.notify_all()
 
-    def hold(self) -> tuple[Group, bool]:
-        """Take the token of the group this one is part of: that group, and whether this call took it.
-
-        A merge may make the group taken part of another while this thread
-        waits for it; then the token is given back and the larger one's taken.
-        """
-        while True:
-            group = self.current()
-            taken = group.take()
-            if group.merged_into is None:
-                return group, taken
-            if taken:
-                group.give()
-
 
 _merging = threading.Lock()  # one merge at a time
 
@@ -160,31 +146,35 @@ def joined(states: Iterable[Any]) -> Group:
         groups = list({id(g): g for g in map(group_of, states)}.values())
         if not groups:
             return Group()
-        target, others = groups[0], groups[1:]
-        taken = [group.take() for group in others]
-        for group in others:
-            group.merged_into = target
-        for group, took in zip(others, taken):
-            if took:
+        for group in groups[1:]:
+            taken = group.take()
+            group.merged_into = groups[0]
+            if taken:
                 group.give()
-        return target
+        return groups[0]
 
 
 class Holding:
-    """Hold the lock of ``group`` (as it is when the block starts) for a ``with`` block."""
+    """Hold, for a ``with`` block, the lock of the group that ``group`` is part of (:meth:`Group.current`).
+
+    A merge may make the group taken part of another while this thread
+    waits for it; then the token is given back and the larger one's taken.
+    """
 
     __slots__ = ("group", "held", "taken")
 
     def __init__(self, group: Group):
         self.group = group
-        self.held: Group | None = None
-        self.taken = False
 
     def __enter__(self) -> None:
-        self.held, self.taken = self.group.hold()
+        while True:
+            self.held = self.group.current()
+            self.taken = self.held.take()
+            if self.held.merged_into is None:
+                return
+            if self.taken:
+                self.held.give()
 
     def __exit__(self, *exc: Any) -> None:
-        assert self.held is not None
         if self.taken:
             self.held.give()
-        self.held = None

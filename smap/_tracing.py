@@ -1,14 +1,11 @@
 """Tracing: a Python function that reads and writes States, as one pure program.
 
 :func:`trace_program` runs a Python function once, under ``jax.make_jaxpr``,
-inside a :class:`~smap._state.TraceFrame`. The result is a :class:`Program`:
-a closed jaxpr whose inputs are the function's array arguments followed by
-the leaves of every state it touched, and whose outputs are the function's
-outputs followed by the leaves of every state it wrote. A
-:class:`TraceContext` says how each state's value enters the trace (a
-mapping removes a batched state's mapped axis) and which axis names
-collectives may use. Caching and running programs is
-:mod:`smap._dispatch`'s business.
+inside a :class:`~smap._state.TraceFrame`, into a :class:`Program`: a closed
+jaxpr and the states it touches. A :class:`TraceContext` says how each
+state's value enters the trace (a mapping removes a batched state's mapped
+axis) and which axis names collectives may use. Caching and running programs
+is :mod:`smap._dispatch`'s business.
 """
 
 from __future__ import annotations

@@ -207,6 +207,31 @@ def test_written_values_that_are_not_one_array_come_back_whole():
         np.testing.assert_array_equal(empty.value, np.ones(2))
 
 
+def test_a_call_that_finds_its_token_taken_writes_back_values_that_are_not_one_array_whole(close):
+    """A host callback calls a transform of its caller's lock group: that call finds the token taken and
+    runs inside the caller (StatefulFunction._waited), writing back a state that holds a dict whole."""
+    total = smap.State(jnp.zeros(()))
+    log = smap.State({"sum": jnp.zeros(()), "n": jnp.zeros((), jnp.int32)})
+    record = smap.jit(lambda v: setattr(log, "value", {"sum": log.value["sum"] + v, "n": log.value["n"] + 1}))
+    record(jnp.zeros(()))  # written out before the callbacks, so only their path is left
+    log.value = {"sum": jnp.zeros(()), "n": jnp.zeros((), jnp.int32)}
+    waited = []
+    record._waited = lambda *arguments: waited.append(1) or StatefulFunction._waited(record, *arguments)
+
+    @smap.jit
+    def step(x):
+        total.value = total.value + x + 0.0 * log.value["sum"]  # reads log: one lock group for both states
+        jax.debug.callback(record, total.value)
+        return total.value
+
+    for _ in range(3):
+        jax.block_until_ready(step(jnp.ones(())))
+    assert len(waited) >= 1
+    close(total.value, 3.0)
+    close(log.value["sum"], 1.0 + 2.0 + 3.0)
+    assert int(log.value["n"]) == 3
+
+
 def test_a_call_after_its_states_lock_group_was_merged_takes_the_merged_lock(close):
     shared, own = smap.State(jnp.zeros(())), smap.State(jnp.zeros(()))
     a = smap.jit(lambda x: setattr(shared, "value", shared.value + x))
