@@ -82,11 +82,12 @@ class MappingFn(Protocol):
 class _LaneTrace(TraceContext):
     """One trace of a mapping: decides how each touched state enters the lanes."""
 
-    def __init__(self, mapping: StatefulMapping, axis_size: int | None, size_source: str | None):
+    def __init__(self, mapping: StatefulMapping, found: int | None):
+        """``found``: the size a batched state gave an earlier trace of this signature (see ``_SizeFoundInTrace``)."""
         self.mapping = mapping
         self.arg_axes: list[int | None] = []
-        self.axis_size = axis_size
-        self.size_source = size_source
+        given = mapping.axis_size is not None
+        self.axis_size, self.size_source = (mapping.axis_size, "axis_size") if given else (found, "a batched state")
         self.state_axes: dict[State, tuple[int, ...]] = {}
         # The states of the jax.Refs passed as arguments: state -> (its in_axes entry, the argument's name).
         self.ref_axes: dict[State, tuple[int | None, str]] = {}
@@ -135,11 +136,7 @@ class _LaneTrace(TraceContext):
     def findings(self) -> LaneInputs:
         """What this trace found, for :func:`~smap.transform._plan.plan`."""
         return LaneInputs(
-            tuple(self.arg_axes),
-            dict(self.state_axes),
-            frozenset(self.own_lanes),
-            self.axis_size,
-            dict(self.lane_shaped),
+            tuple(self.arg_axes), self.state_axes, frozenset(self.own_lanes), self.axis_size, self.lane_shaped
         )
 
     def check_write(self, state: State, current: Any, new: Any) -> None:
@@ -413,14 +410,9 @@ class StatefulMapping(StatefulFunction[P, R]):
             from .._refs import show_refs
 
             args, kwargs = show_refs(args), show_refs(kwargs)
-        static_positions = {k for k, _ in key.static if isinstance(k, int)}
-        arg_axes = self._arg_axes(args, kwargs, key.n_args, static_positions)
         names = leaf_names(args, "args") + leaf_names(kwargs, "kwargs")
-        found = self._sizes_found_in_trace.get(key)
-        if self.axis_size is not None:
-            context = _LaneTrace(self, self.axis_size, "axis_size")
-        else:
-            context = _LaneTrace(self, found, "a batched state" if found else None)
+        context = _LaneTrace(self, self._sizes_found_in_trace.get(key))
+        arg_axes = self._arg_axes(key, args, kwargs)
         for leaf, axis, leaf_name in zip(jax.tree_util.tree_leaves((args, kwargs)), arg_axes, names):
             if _compat.is_ref(leaf):
                 context.add_ref_argument(leaf, axis, leaf_name)
@@ -437,15 +429,17 @@ class StatefulMapping(StatefulFunction[P, R]):
             context.axis_env = ((self.axis_name, context.axis_size or 1),)
         return context
 
-    def _arg_axes(self, args: tuple, kwargs: dict, n_args: int, static_positions: set[int]) -> list[int | None]:
+    def _arg_axes(self, key: ArgSignature, args: tuple, kwargs: dict) -> list[int | None]:
+        """The in_axes entry of each leaf of the (dynamic) arguments; keyword arguments' are 0."""
         in_axes = tuple(self.in_axes) if isinstance(self.in_axes, list) else self.in_axes
         if isinstance(in_axes, tuple):
-            if len(in_axes) != n_args:
+            if len(in_axes) != key.n_args:
                 raise ValueError(
                     f"{self.name}: in_axes has {len(in_axes)} entries but the function was called with "
-                    f"{n_args} positional arguments."
+                    f"{key.n_args} positional arguments."
                 )
-            positions = [i for i in range(n_args) if i not in static_positions]
+            static = {k for k, _ in key.static}
+            positions = [i for i in range(key.n_args) if i not in static]
             # One argument at a time, so that an error names the argument whose structure differs.
             axes = [
                 axis
@@ -473,23 +467,19 @@ class StatefulMapping(StatefulFunction[P, R]):
             self._unexpected_write(program.states[i])
         self._remember_per_lane_writes(program, lane_plan)
         batched = [a is not None for a in lane_plan.in_axes]
-        # A program whose sharding annotations are laid out where its lanes run is run whole.
+        # A program whose sharding annotations are laid out where its lanes run is run whole, as laid out.
         tail = None if program.annotated else split_tail(program.jaxpr, batched, lane_plan.out_axes, self.axis_name)
-        head = program.jaxpr if tail is None else tail.head
-        self._remember_lane_reads(program, head)
-        fused = None
+        if tail is None:
+            lanes = Lanes(program.jaxpr, lane_plan, run=program if program.annotated else None)
+        else:
+            lanes = Lanes(tail.head, dataclasses.replace(lane_plan, out_axes=tail.head_out_axes(lane_plan.out_axes)))
+        self._remember_lane_reads(program, lanes.program)
         # A lane traced for mesh axes of size 1 runs only as its annotations are laid out, unfused.
         if self.fuse_lane_sums and self.axis_name is not None and not program.unit_axes:
-            fused = fused_lanes(head, batched, self.axis_name)
-        run = program if program.annotated else None  # its annotations are laid out where the lane runs
-        head_plan = (
-            lane_plan
-            if tail is None
-            else dataclasses.replace(lane_plan, out_axes=tail.head_out_axes(lane_plan.out_axes))
-        )
+            lanes = dataclasses.replace(lanes, fused=fused_lanes(lanes.program, batched, self.axis_name))
         adapted, kwargs = adapt(self.mapping_fn, self.mapping_kwargs)  # the one rule of which functions need adapting
         mapping_fn = functools.partial(adapted, **kwargs) if kwargs else adapted
-        return _mapped_program(program, Lanes(head, head_plan, run, fused), mapping_fn, tail)
+        return _mapped_program(program, lanes, mapping_fn, tail)
 
     def _remember_lane_reads(self, program: Program, head: Any) -> None:
         """Record which states the lanes (``head``, the per-lane part of ``program``) read."""
@@ -562,14 +552,8 @@ class _SizeFoundInTrace(Exception):
 
 
 def _mapped_program(program: Program, lanes: Lanes, mapping_fn: MappingFn, tail: Tail | None) -> Runner:
-    """The function of (argument leaves, state values) that runs ``program`` as ``lanes.plan`` says.
-
-    A device mapping of :mod:`smap.devices` takes ``lanes`` (the lane program
-    and its plan) as one value; any other ``mapping_fn`` gets one lane's
-    function with ``jax.vmap``'s calling convention. With a ``tail``, the
-    lanes run the program's head, and the tail runs after the lanes (see
-    ``smap.transform._hoist``).
-    """
+    """The :data:`~smap._dispatch.Runner` of ``program``: ``mapping_fn`` runs ``lanes`` (see the module's
+    docstring), and ``tail``, the program's lane-invariant part (``smap.transform._hoist``), runs after them."""
     lane_plan = lanes.plan
     if isinstance(mapping_fn, _Adapter):
         mapped = mapping_fn.map_lanes(lanes)
