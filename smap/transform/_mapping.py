@@ -86,6 +86,7 @@ class _LaneTrace(TraceContext):
         """``found``: the size a batched state gave an earlier trace of this signature (see ``_SizeFoundInTrace``)."""
         self.mapping = mapping
         self.arg_axes: list[int | None] = []
+        self.arg_avals: list[jax.core.ShapedArray] = []
         given = mapping.axis_size is not None
         self.axis_size, self.size_source = (mapping.axis_size, "axis_size") if given else (found, "a batched state")
         self.state_axes: dict[State, tuple[int, ...]] = {}
@@ -417,12 +418,12 @@ class StatefulMapping(StatefulFunction[P, R]):
             if _compat.is_ref(leaf):
                 context.add_ref_argument(leaf, axis, leaf_name)
                 continue
+            aval = abstract(leaf)
             if axis is not None:
-                axis = context.map_along(axis, jax.numpy.shape(leaf), "in_axes", "it has", leaf_name)
+                axis = context.map_along(axis, aval.shape, "in_axes", "it has", leaf_name)
+                aval = _drop_axis(aval, axis)
             context.arg_axes.append(axis)
-        context.arg_avals = [
-            abstract(x) if a is None else _drop_axis(abstract(x), a) for x, a in zip(leaves, context.arg_axes)
-        ]
+            context.arg_avals.append(aval)
         if self.axis_name is not None:
             # Until a batched state gives the size, trace with a provisional one;
             # the state's first read then restarts the trace (see _LaneTrace.map_along).
@@ -463,9 +464,7 @@ class StatefulMapping(StatefulFunction[P, R]):
             axis_name=self.axis_name,
             name=self.name,
         )
-        for i in lane_plan.unexpected_writes:
-            self._unexpected_write(program.states[i])
-        self._remember_per_lane_writes(program, lane_plan)
+        self._unexpected_writes(program, lane_plan)
         batched = [a is not None for a in lane_plan.in_axes]
         # A program whose sharding annotations are laid out where its lanes run is run whole, as laid out.
         tail = None if program.annotated else split_tail(program.jaxpr, batched, lane_plan.out_axes, self.axis_name)
@@ -489,33 +488,34 @@ class StatefulMapping(StatefulFunction[P, R]):
         for state, invars in zip(program.states, program.per_state(head.jaxpr.invars[program.n_args :], states)):
             self._read_in_lanes[state] = any(v in used for v in invars)
 
-    def _remember_per_lane_writes(self, program: Program, lane_plan: LanePlan) -> None:
-        """Record the shapes that unexpected per-lane writes give their states (see :meth:`_state_in_axis`)."""
+    def _unexpected_writes(self, program: Program, lane_plan: LanePlan) -> None:
+        """Apply ``unexpected_out_state_mapping`` to the unexpected per-lane writes; then record the shapes
+        they give their states (see :meth:`_state_in_axis`)."""
+        for i in lane_plan.unexpected_writes:
+            state = program.states[i]
+            if select_axis(self.state_in_axes, state.path, state) == (True, None):
+                raise BatchAxisError(
+                    f"{self.name}: {state.describe()} is marked shared ({{None: ...}} in state_in_axes) but "
+                    f"written with a per-lane value; a shared state keeps its shape on every call, so it cannot "
+                    f"take one value per lane. Write it a lane-independent value (after a pmean, say), or select it "
+                    f"in state_in_axes or state_out_axes instead."
+                )
+            message = (
+                f"{self.name}: {state.describe()} is shared by the lanes but written with a per-lane value, "
+                f"and state_out_axes does not select it"
+            )
+            if self.unexpected_out_state_mapping == "raise":
+                raise BatchAxisError(message + "; select it in state_in_axes or state_out_axes.")
+            if self.unexpected_out_state_mapping == "warn":
+                warnings.warn(
+                    message + "; it is written back with the mapped axis at 0, and later calls map it along that axis.",
+                    UserWarning,
+                    stacklevel=4,
+                )
         written = program.per_state(program.jaxpr.out_avals[program.n_outs :], program.written)
         for i, avals in zip(program.written, written):
             if i in lane_plan.unexpected_writes:
                 self._written_per_lane[program.states[i]] = tuple((lane_plan.axis_size, *a.shape) for a in avals)
-
-    def _unexpected_write(self, state: State) -> None:
-        if select_axis(self.state_in_axes, state.path, state) == (True, None):
-            raise BatchAxisError(
-                f"{self.name}: {state.describe()} is marked shared ({{None: ...}} in state_in_axes) but written "
-                f"with a per-lane value; a shared state keeps its shape on every call, so it cannot take one value "
-                f"per lane. Write it a lane-independent value (after a pmean, say), or select it in state_in_axes "
-                f"or state_out_axes instead."
-            )
-        message = (
-            f"{self.name}: {state.describe()} is shared by the lanes but written with a per-lane value, "
-            f"and state_out_axes does not select it"
-        )
-        if self.unexpected_out_state_mapping == "raise":
-            raise BatchAxisError(message + "; select it in state_in_axes or state_out_axes.")
-        if self.unexpected_out_state_mapping == "warn":
-            warnings.warn(
-                message + "; it is written back with the mapped axis at 0, and later calls map it along that axis.",
-                UserWarning,
-                stacklevel=4,
-            )
 
     def _trace(self, key: ArgSignature, leaves: list, dyn_args: tuple, dyn_kwargs: dict) -> Entry:
         try:
