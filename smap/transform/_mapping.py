@@ -182,9 +182,7 @@ class _LaneTrace(TraceContext):
         axis %= len(shape)
         size, source = shape[axis], f"{label} (axis {axis}{note})"
         if self.axis_size is None:
-            if self.axis_env and self.axis_env[0][1] != size:
-                # Collectives were traced with a provisional size: stop here and
-                # trace again with the size this batched state gives.
+            if self.axis_env and self.axis_env[0][1] != size:  # traced with a provisional size: trace again
                 raise _SizeFoundInTrace(size)
             self.axis_size, self.size_source = size, source
         elif size != self.axis_size:
@@ -424,9 +422,7 @@ class StatefulMapping(StatefulFunction[P, R]):
                 aval = _drop_axis(aval, axis)
             context.arg_axes.append(axis)
             context.arg_avals.append(aval)
-        if self.axis_name is not None:
-            # Until a batched state gives the size, trace with a provisional one;
-            # the state's first read then restarts the trace (see _LaneTrace.map_along).
+        if self.axis_name is not None:  # with a provisional size until a batched state gives it (_SizeFoundInTrace)
             context.axis_env = ((self.axis_name, context.axis_size or 1),)
         return context
 
