@@ -82,11 +82,13 @@ class MappingFn(Protocol):
 class _LaneTrace(TraceContext):
     """One trace of a mapping: decides how each touched state enters the lanes."""
 
-    def __init__(self, mapping: StatefulMapping, axis_size: int | None, size_source: str | None):
+    def __init__(self, mapping: StatefulMapping, found: int | None):
+        """``found``: the size a batched state gave an earlier trace of this signature (see ``_SizeFoundInTrace``)."""
         self.mapping = mapping
         self.arg_axes: list[int | None] = []
-        self.axis_size = axis_size
-        self.size_source = size_source
+        self.arg_avals: list[jax.core.ShapedArray] = []
+        given = mapping.axis_size is not None
+        self.axis_size, self.size_source = (mapping.axis_size, "axis_size") if given else (found, "a batched state")
         self.state_axes: dict[State, tuple[int, ...]] = {}
         # The states of the jax.Refs passed as arguments: state -> (its in_axes entry, the argument's name).
         self.ref_axes: dict[State, tuple[int | None, str]] = {}
@@ -135,11 +137,7 @@ class _LaneTrace(TraceContext):
     def findings(self) -> LaneInputs:
         """What this trace found, for :func:`~smap.transform._plan.plan`."""
         return LaneInputs(
-            tuple(self.arg_axes),
-            dict(self.state_axes),
-            frozenset(self.own_lanes),
-            self.axis_size,
-            dict(self.lane_shaped),
+            tuple(self.arg_axes), self.state_axes, frozenset(self.own_lanes), self.axis_size, self.lane_shaped
         )
 
     def check_write(self, state: State, current: Any, new: Any) -> None:
@@ -184,9 +182,7 @@ class _LaneTrace(TraceContext):
         axis %= len(shape)
         size, source = shape[axis], f"{label} (axis {axis}{note})"
         if self.axis_size is None:
-            if self.axis_env and self.axis_env[0][1] != size:
-                # Collectives were traced with a provisional size: stop here and
-                # trace again with the size this batched state gives.
+            if self.axis_env and self.axis_env[0][1] != size:  # traced with a provisional size: trace again
                 raise _SizeFoundInTrace(size)
             self.axis_size, self.size_source = size, source
         elif size != self.axis_size:
@@ -413,39 +409,34 @@ class StatefulMapping(StatefulFunction[P, R]):
             from .._refs import show_refs
 
             args, kwargs = show_refs(args), show_refs(kwargs)
-        static_positions = {k for k, _ in key.static if isinstance(k, int)}
-        arg_axes = self._arg_axes(args, kwargs, key.n_args, static_positions)
         names = leaf_names(args, "args") + leaf_names(kwargs, "kwargs")
-        found = self._sizes_found_in_trace.get(key)
-        if self.axis_size is not None:
-            context = _LaneTrace(self, self.axis_size, "axis_size")
-        else:
-            context = _LaneTrace(self, found, "a batched state" if found else None)
+        context = _LaneTrace(self, self._sizes_found_in_trace.get(key))
+        arg_axes = self._arg_axes(key, args, kwargs)
         for leaf, axis, leaf_name in zip(jax.tree_util.tree_leaves((args, kwargs)), arg_axes, names):
             if _compat.is_ref(leaf):
                 context.add_ref_argument(leaf, axis, leaf_name)
                 continue
+            aval = abstract(leaf)
             if axis is not None:
-                axis = context.map_along(axis, jax.numpy.shape(leaf), "in_axes", "it has", leaf_name)
+                axis = context.map_along(axis, aval.shape, "in_axes", "it has", leaf_name)
+                aval = _drop_axis(aval, axis)
             context.arg_axes.append(axis)
-        context.arg_avals = [
-            abstract(x) if a is None else _drop_axis(abstract(x), a) for x, a in zip(leaves, context.arg_axes)
-        ]
-        if self.axis_name is not None:
-            # Until a batched state gives the size, trace with a provisional one;
-            # the state's first read then restarts the trace (see _LaneTrace.map_along).
+            context.arg_avals.append(aval)
+        if self.axis_name is not None:  # with a provisional size until a batched state gives it (_SizeFoundInTrace)
             context.axis_env = ((self.axis_name, context.axis_size or 1),)
         return context
 
-    def _arg_axes(self, args: tuple, kwargs: dict, n_args: int, static_positions: set[int]) -> list[int | None]:
+    def _arg_axes(self, key: ArgSignature, args: tuple, kwargs: dict) -> list[int | None]:
+        """The in_axes entry of each leaf of the (dynamic) arguments; keyword arguments' are 0."""
         in_axes = tuple(self.in_axes) if isinstance(self.in_axes, list) else self.in_axes
         if isinstance(in_axes, tuple):
-            if len(in_axes) != n_args:
+            if len(in_axes) != key.n_args:
                 raise ValueError(
                     f"{self.name}: in_axes has {len(in_axes)} entries but the function was called with "
-                    f"{n_args} positional arguments."
+                    f"{key.n_args} positional arguments."
                 )
-            positions = [i for i in range(n_args) if i not in static_positions]
+            static = {k for k, _ in key.static}
+            positions = [i for i in range(key.n_args) if i not in static]
             # One argument at a time, so that an error names the argument whose structure differs.
             axes = [
                 axis
@@ -469,27 +460,21 @@ class StatefulMapping(StatefulFunction[P, R]):
             axis_name=self.axis_name,
             name=self.name,
         )
-        for i in lane_plan.unexpected_writes:
-            self._unexpected_write(program.states[i])
-        self._remember_per_lane_writes(program, lane_plan)
+        self._unexpected_writes(program, lane_plan)
         batched = [a is not None for a in lane_plan.in_axes]
-        # A program whose sharding annotations are laid out where its lanes run is run whole.
+        # A program whose sharding annotations are laid out where its lanes run is run whole, as laid out.
         tail = None if program.annotated else split_tail(program.jaxpr, batched, lane_plan.out_axes, self.axis_name)
-        head = program.jaxpr if tail is None else tail.head
-        self._remember_lane_reads(program, head)
-        fused = None
+        if tail is None:
+            lanes = Lanes(program.jaxpr, lane_plan, run=program if program.annotated else None)
+        else:
+            lanes = Lanes(tail.head, dataclasses.replace(lane_plan, out_axes=tail.head_out_axes(lane_plan.out_axes)))
+        self._remember_lane_reads(program, lanes.program)
         # A lane traced for mesh axes of size 1 runs only as its annotations are laid out, unfused.
         if self.fuse_lane_sums and self.axis_name is not None and not program.unit_axes:
-            fused = fused_lanes(head, batched, self.axis_name)
-        run = program if program.annotated else None  # its annotations are laid out where the lane runs
-        head_plan = (
-            lane_plan
-            if tail is None
-            else dataclasses.replace(lane_plan, out_axes=tail.head_out_axes(lane_plan.out_axes))
-        )
+            lanes = dataclasses.replace(lanes, fused=fused_lanes(lanes.program, batched, self.axis_name))
         adapted, kwargs = adapt(self.mapping_fn, self.mapping_kwargs)  # the one rule of which functions need adapting
         mapping_fn = functools.partial(adapted, **kwargs) if kwargs else adapted
-        return _mapped_program(program, Lanes(head, head_plan, run, fused), mapping_fn, tail)
+        return _mapped_program(program, lanes, mapping_fn, tail)
 
     def _remember_lane_reads(self, program: Program, head: Any) -> None:
         """Record which states the lanes (``head``, the per-lane part of ``program``) read."""
@@ -499,33 +484,34 @@ class StatefulMapping(StatefulFunction[P, R]):
         for state, invars in zip(program.states, program.per_state(head.jaxpr.invars[program.n_args :], states)):
             self._read_in_lanes[state] = any(v in used for v in invars)
 
-    def _remember_per_lane_writes(self, program: Program, lane_plan: LanePlan) -> None:
-        """Record the shapes that unexpected per-lane writes give their states (see :meth:`_state_in_axis`)."""
+    def _unexpected_writes(self, program: Program, lane_plan: LanePlan) -> None:
+        """Apply ``unexpected_out_state_mapping`` to the unexpected per-lane writes; then record the shapes
+        they give their states (see :meth:`_state_in_axis`)."""
+        for i in lane_plan.unexpected_writes:
+            state = program.states[i]
+            if select_axis(self.state_in_axes, state.path, state) == (True, None):
+                raise BatchAxisError(
+                    f"{self.name}: {state.describe()} is marked shared ({{None: ...}} in state_in_axes) but "
+                    f"written with a per-lane value; a shared state keeps its shape on every call, so it cannot "
+                    f"take one value per lane. Write it a lane-independent value (after a pmean, say), or select it "
+                    f"in state_in_axes or state_out_axes instead."
+                )
+            message = (
+                f"{self.name}: {state.describe()} is shared by the lanes but written with a per-lane value, "
+                f"and state_out_axes does not select it"
+            )
+            if self.unexpected_out_state_mapping == "raise":
+                raise BatchAxisError(message + "; select it in state_in_axes or state_out_axes.")
+            if self.unexpected_out_state_mapping == "warn":
+                warnings.warn(
+                    message + "; it is written back with the mapped axis at 0, and later calls map it along that axis.",
+                    UserWarning,
+                    stacklevel=4,
+                )
         written = program.per_state(program.jaxpr.out_avals[program.n_outs :], program.written)
         for i, avals in zip(program.written, written):
             if i in lane_plan.unexpected_writes:
                 self._written_per_lane[program.states[i]] = tuple((lane_plan.axis_size, *a.shape) for a in avals)
-
-    def _unexpected_write(self, state: State) -> None:
-        if select_axis(self.state_in_axes, state.path, state) == (True, None):
-            raise BatchAxisError(
-                f"{self.name}: {state.describe()} is marked shared ({{None: ...}} in state_in_axes) but written "
-                f"with a per-lane value; a shared state keeps its shape on every call, so it cannot take one value "
-                f"per lane. Write it a lane-independent value (after a pmean, say), or select it in state_in_axes "
-                f"or state_out_axes instead."
-            )
-        message = (
-            f"{self.name}: {state.describe()} is shared by the lanes but written with a per-lane value, "
-            f"and state_out_axes does not select it"
-        )
-        if self.unexpected_out_state_mapping == "raise":
-            raise BatchAxisError(message + "; select it in state_in_axes or state_out_axes.")
-        if self.unexpected_out_state_mapping == "warn":
-            warnings.warn(
-                message + "; it is written back with the mapped axis at 0, and later calls map it along that axis.",
-                UserWarning,
-                stacklevel=4,
-            )
 
     def _trace(self, key: ArgSignature, leaves: list, dyn_args: tuple, dyn_kwargs: dict) -> Entry:
         try:
@@ -562,14 +548,8 @@ class _SizeFoundInTrace(Exception):
 
 
 def _mapped_program(program: Program, lanes: Lanes, mapping_fn: MappingFn, tail: Tail | None) -> Runner:
-    """The function of (argument leaves, state values) that runs ``program`` as ``lanes.plan`` says.
-
-    A device mapping of :mod:`smap.devices` takes ``lanes`` (the lane program
-    and its plan) as one value; any other ``mapping_fn`` gets one lane's
-    function with ``jax.vmap``'s calling convention. With a ``tail``, the
-    lanes run the program's head, and the tail runs after the lanes (see
-    ``smap.transform._hoist``).
-    """
+    """The :data:`~smap._dispatch.Runner` of ``program``: ``mapping_fn`` runs ``lanes`` (see the module's
+    docstring), and ``tail``, the program's lane-invariant part (``smap.transform._hoist``), runs after them."""
     lane_plan = lanes.plan
     if isinstance(mapping_fn, _Adapter):
         mapped = mapping_fn.map_lanes(lanes)
