@@ -61,13 +61,6 @@ class Tail:
         boundary = sum(1 for kind, _ in self.sources if kind == "head")
         return tuple(out_axes[k] for k in self.kept) + (None,) * boundary
 
-    def program_out_axes(self, head_out_axes: Sequence[int | None]) -> tuple[int | None, ...]:
-        """The mapped axes of the program's outputs, from the head's: None for the tail's (lane-invariant) ones."""
-        axes: list[int | None] = [None] * (len(self.kept) + len(self.hoisted))
-        for k, axis in zip(self.kept, head_out_axes):
-            axes[k] = axis
-        return tuple(axes)
-
     def finish(self, head_results: Sequence[Any], inputs: Sequence[Any], consts: Sequence[Any]) -> list[Any]:
         """The program's outputs, from the head's results and the tail evaluated after the lanes."""
         n_kept = len(self.kept)

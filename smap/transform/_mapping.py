@@ -474,7 +474,7 @@ class StatefulMapping(StatefulFunction[P, R]):
             lanes = dataclasses.replace(lanes, fused=fused_lanes(lanes.program, batched, self.axis_name))
         adapted, kwargs = adapt(self.mapping_fn, self.mapping_kwargs)  # the one rule of which functions need adapting
         mapping_fn = functools.partial(adapted, **kwargs) if kwargs else adapted
-        return _mapped_program(program, lanes, mapping_fn, tail)
+        return _mapped_program(program, lanes, mapping_fn, tail, lane_plan.out_axes)
 
     def _remember_lane_reads(self, program: Program, head: Any) -> None:
         """Record which states the lanes (``head``, the per-lane part of ``program``) read."""
@@ -547,9 +547,13 @@ class _SizeFoundInTrace(Exception):
         self.size = size
 
 
-def _mapped_program(program: Program, lanes: Lanes, mapping_fn: MappingFn, tail: Tail | None) -> Runner:
+def _mapped_program(
+    program: Program, lanes: Lanes, mapping_fn: MappingFn, tail: Tail | None, out_axes: Sequence[int | None]
+) -> Runner:
     """The :data:`~smap._dispatch.Runner` of ``program``: ``mapping_fn`` runs ``lanes`` (see the module's
-    docstring), and ``tail``, the program's lane-invariant part (``smap.transform._hoist``), runs after them."""
+    docstring), and ``tail``, the program's lane-invariant part (``smap.transform._hoist``), runs after them.
+
+    ``out_axes`` are the program's (its plan's; the tail's outputs leave the lanes once, with None)."""
     lane_plan = lanes.plan
     if isinstance(mapping_fn, _Adapter):
         mapped = mapping_fn.map_lanes(lanes)
@@ -561,8 +565,6 @@ def _mapped_program(program: Program, lanes: Lanes, mapping_fn: MappingFn, tail:
             axis_name=lane_plan.axis_name,
             axis_size=lane_plan.axis_size,
         )
-
-    out_axes = lane_plan.out_axes if tail is None else tail.program_out_axes(lane_plan.out_axes)
 
     def compute(*leaves: Any) -> list:
         results = mapped(*leaves)
