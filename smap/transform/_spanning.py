@@ -62,10 +62,12 @@ class Span:
         """The local lane axis, or none where a device holds one lane (it then runs without ``jax.vmap``)."""
         return (self.local_name,) if self.local_size > 1 else ()
 
+    def local_index(self) -> jax.Array | int:
+        """The lane's place among its device's lanes (0 where a device holds one lane)."""
+        return jax.lax.axis_index(self.local_name) if self.local_size > 1 else 0
+
     def lane_index(self) -> jax.Array:
-        if self.local_size == 1:
-            return self.device_index()
-        return self.device_index() * self.local_size + jax.lax.axis_index(self.local_name)
+        return self.device_index() * self.local_size + self.local_index()
 
 
 def spanning_lane(closed: ClosedJaxpr, span: Span, mapped: Sequence[bool]) -> Callable[..., list]:
@@ -77,10 +79,11 @@ def spanning_lane(closed: ClosedJaxpr, span: Span, mapped: Sequence[bool]) -> Ca
     branch and selects, as ``jax.vmap`` runs it: each device then takes part in
     every branch's collectives.
     """
+    jaxpr = _compat.open_jaxpr(closed)
     varies: dict[Any, bool] = {}
     if span.local_size == 1:
-        _interpret.analyse(_compat.open_jaxpr(closed), mapped, lanes_rule(span.axis_name), varies)
-    forms = CpuForms(_compat.open_jaxpr(closed), swap_products=span.local_size == 1)
+        _interpret.analyse(jaxpr, mapped, lanes_rule(span.axis_name), varies)
+    forms = CpuForms(jaxpr, swap_products=span.local_size == 1)
 
     def rule(eqn: Any, ins: list) -> list:
         if _compat.names_axis(eqn, span.axis_name):
@@ -152,6 +155,6 @@ def _reduce_scatter(x: jax.Array, eqn: Any, span: Span) -> jax.Array:
     summed = jax.lax.psum(x, span.local_axes)
     devices = span.device_axes if len(span.device_axes) > 1 else span.device_axes[0]
     mine = jax.lax.psum_scatter(summed, devices, scatter_dimension=dim, tiled=True)
-    start = jax.lax.axis_index(span.local_name) * block if span.local_size > 1 else 0
+    start = span.local_index() * block
     lane = jax.lax.dynamic_slice_in_dim(mine, start, block, axis=dim)
     return lane if tiled else jnp.squeeze(lane, dim)
