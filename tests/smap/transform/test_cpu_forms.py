@@ -86,12 +86,13 @@ def test_weight_gradients_take_the_partitioned_programs_form():
 
     mesh = jax.make_mesh((8,), ("data",))
 
-    def plain(w, x):
+    def plain(w, x):  # the same step: the update, then each lane's loss with the new weights
         grads = jax.grad(lambda w: jax.vmap(loss, in_axes=(None, 0))(w, x).mean())(w)
-        return {k: w[k] - 0.1 * grads[k] for k in w}
+        new = {k: w[k] - 0.1 * grads[k] for k in w}
+        return new, jax.vmap(loss, in_axes=(None, 0))(new, x)
 
     replicated, split = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
-    gspmd = jax.jit(plain, in_shardings=(replicated, split), out_shardings=replicated)
+    gspmd = jax.jit(plain, in_shardings=(replicated, split), out_shardings=(replicated, split))
     plain_hlo = gspmd.lower(weights(), x).compile().as_text()
     assert _unfused_dots(hlo) <= _unfused_dots(plain_hlo)
 
