@@ -50,3 +50,15 @@ def fuzz_groups(group_size: int, ci_groups: range) -> range:
     count = os.environ.get("SMAP_FUZZ_PROGRAMS")
     start = int(os.environ.get("SMAP_FUZZ_START", "0")) // group_size
     return range(start, start + -(-int(count) // group_size)) if count else ci_groups
+
+
+def less_twice_the_gap(got, want, other):
+    """``got`` moved towards ``want`` by up to twice the gap between ``want`` and ``other``
+    (0 where ``want`` is inf or NaN): a fuzzer's allowance for a bfloat16 program's values,
+    which move with where they round, measured against a reference that rounds elsewhere."""
+    finite = np.isfinite(want)
+    gap = 2 * np.abs(np.where(finite, want, 0) - np.where(finite, other, 0))
+    d = got - want
+    if np.iscomplexobj(d):
+        return got - (np.clip(d.real, -gap, gap) + 1j * np.clip(d.imag, -gap, gap))
+    return got - np.clip(d, -gap, gap)

@@ -56,7 +56,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from mapping_helpers import fuzz_groups
+from mapping_helpers import fuzz_groups, less_twice_the_gap
 
 import sharding
 import smap
@@ -500,14 +500,8 @@ def assert_close(got: Any, want: Any, program: Program, where: str, wide: Any = 
         a, b, c = a.astype(exact), b.astype(exact), c.astype(exact)
         finite = np.isfinite(b)
         scale = float(np.max(np.abs(b[finite]))) if finite.any() else 0.0
-        gap = 2 * np.abs(np.where(finite, b, 0) - np.where(finite, c, 0))  # 0 where the reference is inf or NaN
         if wide is not None:  # a bfloat16 program: it may differ by the gap more
-            d = a - b
-            a = a - (
-                np.clip(d.real, -gap, gap) + 1j * np.clip(d.imag, -gap, gap)
-                if np.iscomplexobj(d)
-                else np.clip(d, -gap, gap)
-            )
+            a = less_twice_the_gap(a, b, c)
             what += " (less twice the gap to the float32-sum reference)"
         np.testing.assert_allclose(a, b, rtol=tolerance, atol=tolerance * scale + 1e-6, err_msg=what)
 

@@ -42,7 +42,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from mapping_helpers import fuzz_groups
+from jax.sharding import PartitionSpec as P
+from mapping_helpers import fuzz_groups, less_twice_the_gap
 
 import sharding
 import smap
@@ -280,8 +281,7 @@ def assert_close(got: Any, want: Any, program: Program, where: str, twin: Any = 
         scale = float(np.max(np.abs(b[finite]))) if finite.any() else 0.0
         what = f"{program}\n{where}, {jax.tree_util.keystr(path)}"
         if twin is not None:
-            gap = 2 * np.abs(np.where(finite, b - c, 0))  # 0 where the reference is inf or NaN
-            a = a - np.clip(a - b, -gap, gap)
+            a = less_twice_the_gap(a, b, c)
             what += " (less twice the gap to the float32 twin)"
         np.testing.assert_allclose(a, b, rtol=tolerance, atol=tolerance * scale + 1e-7, err_msg=what)
 
@@ -342,7 +342,6 @@ def test_a_bfloat16_lane_one_per_device_gives_the_plain_shard_map_values():
         norm, total = program.lane(params, x[0], mask[0])
         return norm[None], total
 
-    P = jax.sharding.PartitionSpec
     # check_vma=False: a lane's gradient is its own (with it, JAX sums the gradient of the
     # replicated weights over the devices).
     specs = dict(in_specs=(P(), P(AXIS), P(AXIS)), out_specs=(P(AXIS), P()), check_vma=False)
