@@ -1,13 +1,16 @@
 """Helpers shared by the mapping tests (tests/smap/transform/test_mapping_*.py) and the program fuzzers."""
 
+import contextlib
 import functools
 import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 import smap
+from smap.transform import _cpu_forms, _mapping
 
 
 def snapshot(*states):
@@ -50,6 +53,29 @@ def fuzz_groups(group_size: int, ci_groups: range) -> range:
     count = os.environ.get("SMAP_FUZZ_PROGRAMS")
     start = int(os.environ.get("SMAP_FUZZ_START", "0")) // group_size
     return range(start, start + -(-int(count) // group_size)) if count else ci_groups
+
+
+# How a fuzzer runs smap on a drawn program: with every rewrite, with the fusion off (what
+# ``fuse_lane_sums=False`` gives a user), and with no rewrite at all (see ``rewrites``).
+REWRITES = ("every rewrite", "no fusion", "no rewrite")
+
+
+@contextlib.contextmanager
+def rewrites(setting: str):
+    """Run smap's mappings with the rewrites of ``setting`` (one of ``REWRITES``); yields the
+    ``fuse_lane_sums`` value to map with.
+
+    ``"no rewrite"`` also turns off the two rewrites that have no switch of their own: the
+    lane-invariant tail run after the lanes (smap/transform/_hoist.py) and the equal forms of
+    products and sums on CPU (smap/transform/_cpu_forms.py). The lanes then run the program
+    as it was traced, so a fuzzer compares each rewrite on and off against plain JAX.
+    """
+    assert setting in REWRITES, setting
+    with pytest.MonkeyPatch.context() as patch:
+        if setting == "no rewrite":
+            patch.setattr(_mapping, "split_tail", lambda *args, **kwargs: None)
+            patch.setattr(_cpu_forms.CpuForms, "rewrite", lambda self, eqn, ins, rule: None)
+        yield setting == "every rewrite"
 
 
 def less_twice_the_gap(got, want, other):

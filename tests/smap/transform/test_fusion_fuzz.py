@@ -26,7 +26,8 @@ example). The reference maps it with ``jax.vmap`` (``axis_name='batch'``,
 and an inner ``jax.vmap`` over tokens) and passes the state explicitly; the
 program under test keeps parameters and optimiser state in smap States and
 maps the same function with ``smap.StatefulMapping`` (an inner
-``StatefulMapping`` over tokens), with ``fuse_lane_sums`` on and off, under
+``StatefulMapping`` over tokens), with every rewrite, with ``fuse_lane_sums``
+off, and with no rewrite at all (``mapping_helpers.rewrites``), under
 ``jax.vmap`` and on 8 emulated devices with 1, 2 or 4 lanes per device (the
 adapter drawn from ``sharding.shard_map``, ``sharding.pmap``,
 ``jax.shard_map`` and ``jax.pmap``). Every output and State must equal the
@@ -56,7 +57,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from mapping_helpers import fuzz_groups, less_twice_the_gap
+from mapping_helpers import REWRITES, fuzz_groups, less_twice_the_gap, rewrites
 
 import sharding
 import smap
@@ -518,7 +519,7 @@ def group(index: int) -> tuple[list[Program], str]:
 
 
 def check(index: int) -> None:
-    """The programs of group ``index``, fusion on and off, under jax.vmap and on the 8 devices.
+    """The programs of group ``index``, with each setting of ``REWRITES``, under jax.vmap and on the 8 devices.
 
     Odd groups lower the cost rule's threshold (smap/transform/_lane_groups.py) so that the
     fused products of lanes with 2 or more tokens are written per group of lanes: the drawn
@@ -535,9 +536,11 @@ def _check(index: int) -> None:
     bf16 = any(p.choices["dtype"] == "bfloat16" for p in programs)
     wide = reference(programs, wide_sums=True) if bf16 else [None] * len(programs)
     for on in (None, adapter):
-        for fuse in (True, False):
-            where = f"{on or 'jax.vmap'} with {programs[0].data[0].shape[0]} lanes, fuse_lane_sums={fuse}"
-            for program, got, expected, gaps in zip(programs, under_smap(programs, fuse, on), want, wide):
+        for setting in REWRITES:
+            with rewrites(setting) as fuse:
+                outs = under_smap(programs, fuse, on)
+            where = f"{on or 'jax.vmap'} with {programs[0].data[0].shape[0]} lanes, {setting}"
+            for program, got, expected, gaps in zip(programs, outs, want, wide):
                 assert_close(got, expected, program, where, gaps if program.choices["dtype"] == "bfloat16" else None)
 
 
@@ -560,6 +563,41 @@ FOUND_GROUPS = (55, 558, 597, 787)
 @pytest.mark.parametrize("index", FOUND_GROUPS)
 def test_groups_the_fuzzer_once_failed(index):
     check(index)
+
+
+def test_each_setting_runs_other_rewrites_with_the_same_values():
+    """The settings the fuzzers compare are really different programs, with the same values.
+
+    A step whose weight gradient is a sum over the lanes of per-lane products (fused), whose
+    update is a lane-invariant tail (hoisted) and whose gradient JAX writes as a transposed
+    product (rewritten where a device runs one lane): under ``jax.vmap`` the fusion changes the
+    lowered program; on 8 devices with one lane each, the tail and the CPU forms do. Every run
+    gives the values of plain ``jax.vmap``.
+    """
+    w0 = jnp.arange(12.0).reshape(4, 3) / 10
+    x = jnp.linspace(-1.0, 1.0, DEVICES * 4).reshape(DEVICES, 4)
+
+    def lane(w, x):
+        g = jax.grad(lambda w: jnp.sum(jnp.tanh(x @ w) ** 2))(w)
+        return w - 0.1 * jax.lax.pmean(g, AXIS)
+
+    want = jax.vmap(lane, in_axes=(None, 0), out_axes=None, axis_name=AXIS)(w0, x)
+    texts: dict[tuple[str, str], str] = {}
+    for on in ("jax.vmap", "sharding.shard_map"):
+        for setting in REWRITES:
+            weight = smap.ParamState(w0)
+
+            def step(x, weight=weight):
+                weight.value = lane(weight.value, x)
+
+            with rewrites(setting) as fuse:
+                mapping_fn = jax.vmap if on == "jax.vmap" else ADAPTERS[on]()[0]
+                mapped = smap.StatefulMapping(step, axis_name=AXIS, fuse_lane_sums=fuse, mapping_fn=mapping_fn)
+                texts[on, setting] = mapped.lower(x).as_text()
+                mapped(x)
+            np.testing.assert_allclose(weight.value, want, rtol=1e-6, err_msg=f"{on}, {setting}")
+    assert texts["jax.vmap", "every rewrite"] != texts["jax.vmap", "no fusion"]  # the fused product
+    assert texts["sharding.shard_map", "no fusion"] != texts["sharding.shard_map", "no rewrite"]
 
 
 def test_the_ci_seeds_draw_distinct_programs():

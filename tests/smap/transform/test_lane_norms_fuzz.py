@@ -19,8 +19,9 @@ Each seed draws a DP-SGD lane from a small grammar:
 
 The reference is plain ``jax.vmap`` of the same lane (every per-example
 gradient materialised). The program under test maps it with
-``smap.StatefulMapping`` with ``fuse_lane_sums`` on (lane norms and the fused
-sum) and off, under ``jax.vmap`` and on 8 emulated devices with 1, 2 or 4
+``smap.StatefulMapping`` with every rewrite (lane norms and the fused sum),
+with ``fuse_lane_sums`` off, and with no rewrite (``mapping_helpers.rewrites``),
+under ``jax.vmap`` and on 8 emulated devices with 1, 2 or 4
 lanes per device (``sharding.shard_map``, ``sharding.pmap``,
 ``jax.shard_map`` or ``jax.pmap`` in turn). Every norm and sum must equal the
 reference's to the round-off of the program's dtype.
@@ -43,7 +44,7 @@ import numpy as np
 import optax
 import pytest
 from jax.sharding import PartitionSpec as P
-from mapping_helpers import fuzz_groups, less_twice_the_gap
+from mapping_helpers import REWRITES, fuzz_groups, less_twice_the_gap, rewrites
 
 import sharding
 import smap
@@ -303,9 +304,11 @@ def check(index: int) -> None:
     bf16 = [p.choices["dtype"] == "bfloat16" for p in programs]
     twins = reference([draw(p.seed, lanes, in_float32=True) for p in programs]) if any(bf16) else want
     for on in (None, adapter):
-        for fuse in (True, False):
-            where = f"{on or 'jax.vmap'} with {lanes} lanes, fuse_lane_sums={fuse}"
-            for program, got, expected, twin, low in zip(programs, under_smap(programs, fuse, on), want, twins, bf16):
+        for setting in REWRITES:
+            with rewrites(setting) as fuse:
+                outs = under_smap(programs, fuse, on)
+            where = f"{on or 'jax.vmap'} with {lanes} lanes, {setting}"
+            for program, got, expected, twin, low in zip(programs, outs, want, twins, bf16):
                 assert_close(got, expected, program, where, twin if low else None)
 
 
