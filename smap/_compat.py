@@ -43,6 +43,7 @@ __all__ = [
     "constrain",
     "is_single_device_sharding",
     "PLAIN_ARGUMENTS",
+    "refuses_devices",
     "primitive_name",
     "lane_sum_axes",
     "is_scan",
@@ -521,6 +522,14 @@ def shard_map(f: Callable, mesh: Mesh, in_specs: Any, out_specs: Any, manual_axe
 
 
 PLAIN_ARGUMENTS = frozenset({ArrayImpl, np.ndarray, float, int, bool})
+
+
+def refuses_devices(error: ValueError) -> bool:
+    """Whether ``error`` is ``jax.jit``'s refusal of an input committed to other devices than the
+    program's (jax._src.pjit: "Received incompatible devices for jitted computation", JAX 0.9 to 0.12)."""
+    return "incompatible devices" in str(error)
+
+
 """Types of call arguments that neither are nor hold a Ref: a call of only these skips the search for Refs."""
 
 

@@ -345,6 +345,8 @@ class StatefulFunction(Generic[P, R]):
                 return self._run(state_list, args, kwargs)
             except _MissingStates as error:
                 missing = error
+            except ValueError as error:
+                missing = self._moved(error, state_list, args, kwargs)
         return self._extend(missing, args, kwargs)
 
     def _run(self, state_list: _StateList, args: tuple, kwargs: dict) -> Any:
@@ -360,6 +362,47 @@ class StatefulFunction(Generic[P, R]):
                 if slot is not None:
                     state.write_back(_unslot(slot) if nested else self._written(state, slot))
         return out if self._call_result is None else self._call_result(out)
+
+    def _moved(self, error: ValueError, state_list: _StateList, args: tuple, kwargs: dict) -> _MissingStates:
+        """After JAX refused the call's inputs for lying on other devices than the call runs on: the states
+        whose values another call left committed elsewhere moved onto this call's devices, to make it again.
+
+        A state follows the calls that use it: a shared state, or the default random key, that a mapping
+        on one mesh wrote lives on that mesh, and a mapping on other devices would otherwise be refused
+        it. Each leaf committed to other devices than the call's is put where the compiled call takes
+        it; the other leaves stay. Any other error, or the same error with nothing to move (an argument
+        committed elsewhere is the caller's to move), is raised as it is.
+        """
+        if not _compat.refuses_devices(error):
+            raise error
+        values = [s._value for s in state_list.states]
+        abstract = jax.tree_util.tree_map(
+            lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype) if isinstance(v, jax.Array) else v, values
+        )
+        # Lowered with the states holding their abstract values too, so that no written state keeps
+        # the placement it had elsewhere (_keep_placement): the shardings the call takes them with.
+        for state, value in zip(state_list.states, abstract):
+            state._value = value
+        try:
+            wanted = state_list.dispatch.lower(*abstract, *args, **kwargs).compile().input_shardings[0]
+        finally:
+            for state, value in zip(state_list.states, values):
+                state._value = value
+        moved = False
+
+        def move(value: Any, sharding: Any) -> Any:
+            nonlocal moved
+            if isinstance(value, jax.Array) and value.committed and value.sharding.device_set != sharding.device_set:
+                moved = True
+                return jax.device_put(value, sharding)
+            return value
+
+        new = [jax.tree_util.tree_map(move, v, w) for v, w in zip(values, wanted)]
+        if not moved:
+            raise error
+        for state, value in zip(state_list.states, new):
+            state._value = value
+        return _MissingStates(state_list.states, state_list.writes)
 
     def _extend(self, missing: _MissingStates, args: tuple, kwargs: dict, again: Callable | None = None) -> Any:
         """The call again (or ``again``), with a list that has the states a trace found and a slot for each it writes.
@@ -519,6 +562,8 @@ _BODY = """\
 {write_back}
         except _MissingStates as error:
             missing = error
+        except ValueError as error:  # perhaps a state left on other devices than this call's: moved, and again
+            missing = owner._moved(error, state_list, {args}, {kwargs})
         else:
             return {result}
         finally:  # group.give(), written out

@@ -409,6 +409,70 @@ def test_second_call_with_random_state_moves_nothing():
     assert [c for c in moving_collectives(hlo) if c[0] != "u32"] == []
 
 
+# -- a state left on another mapping's devices -------------------------------------------
+
+
+def _lane_keys_normal(key, lanes, d):
+    """What ``x + smap.random.normal(size=d)`` adds in each of ``lanes`` lanes, and the key after."""
+    draws = jax.vmap(lambda k: jax.random.normal(jax.random.split(k)[1], (d,)))(jax.random.split(key, lanes))
+    return draws, jax.random.split(key, lanes + 1)[lanes]
+
+
+@pytest.mark.parametrize("first", [1, 2, 4])
+def test_the_default_key_follows_mappings_on_other_devices(first):
+    """A mapping on some devices leaves the default key there; a mapping on others moves it (found by
+    tests/sharding/test_state_fuzz.py: JAX refused the key to every later mapping on other devices)."""
+    mappings = {
+        "first": sharding.pmap(jax.devices()[:first]),
+        "eight": sharding.shard_map(mesh_1d(8)),
+        "two": sharding.shard_map(mesh_1d(2)),
+        "vmap": jax.vmap,
+    }
+    x = rand(B, 3)
+    key = smap.random.DEFAULT.value
+    for name in ("first", "eight", "two", "first", "vmap", "eight"):
+        m = smap.StatefulMapping(lambda x: x + smap.random.normal(size=3), axis_name="i", mapping_fn=mappings[name])
+        draws, key = _lane_keys_normal(key, B, 3)
+        np.testing.assert_allclose(m(x), x + draws, rtol=1e-6, err_msg=name)
+        np.testing.assert_array_equal(smap.random.DEFAULT.value, key, err_msg=name)
+
+
+def test_a_shared_state_follows_mappings_on_other_meshes():
+    """A weight written by a mapping on 4 devices, then read and written by one on 8 and by jax.vmap:
+    the values of plain jax.vmap with the weight passed along."""
+    w = smap.ParamState(rand(3, seed=1))
+
+    def step(x):
+        w.value = w.value - 0.1 * jax.lax.pmean(x * w.value, "i")
+        return x * w.value
+
+    def plain(w, x):
+        new = w - 0.1 * jnp.mean(x * w, axis=0)
+        return new, x * new
+
+    want = rand(3, seed=1)
+    for mapping_fn in (sharding.shard_map(mesh_1d(4)), sharding.shard_map(mesh_1d(8)), jax.vmap, sharding.pmap()):
+        x = rand(B, 3, seed=2)
+        got = smap.StatefulMapping(step, axis_name="i", mapping_fn=mapping_fn)(x)
+        want, out = plain(want, x)
+        np.testing.assert_allclose(got, out, rtol=1e-6)
+        np.testing.assert_allclose(w.value, want, rtol=1e-6)
+
+
+def test_an_argument_on_other_devices_is_refused_as_jax_refuses_it():
+    """Arguments are the caller's: one committed to other devices than the mapping's is not moved."""
+    w = smap.ParamState(jnp.ones(3))
+
+    def step(x):
+        w.value = w.value + jax.lax.pmean(x, "i")
+
+    m = smap.StatefulMapping(step, axis_name="i", mapping_fn=sharding.shard_map(mesh_1d(2)))
+    x = jax.device_put(rand(B, 3), NamedSharding(mesh_1d(4), P("data")))
+    with pytest.raises(ValueError, match="incompatible devices"):
+        m(x)
+    np.testing.assert_array_equal(w.value, jnp.ones(3))
+
+
 # -- describe ----------------------------------------------------------------------------
 
 
