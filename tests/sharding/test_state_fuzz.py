@@ -1,0 +1,299 @@
+"""A fuzzer of stateful programs: every mapping function and device count gives plain JAX's values.
+
+``test_differential.py`` runs programs we wrote on every mapping function and
+layout; this file draws programs we did not write. Each seed draws a lane over
+8 lanes from a small grammar:
+
+- the argument: mapped along axis 0 or 1;
+- states: a batched ``HiddenState`` (lanes along axis 0 or 1, or none), a
+  shared ``ParamState`` read by every lane and, or not, written with a
+  lane-invariant update (after a ``pmean``), a shared step counter, and draws
+  from ``smap.random`` (or none);
+- 2 to 5 steps: ``tanh``, ``pmean``, ``psum``, ``pmax``, ``all_gather``,
+  ``axis_index``, a draw, a ``cond`` on a lane-dependent predicate (with or
+  without a collective in its branches), a ``scan`` (with or without one), a
+  ``fori_loop``;
+- outputs: the lane's value (mapped along axis 0 or 1) and a lane-invariant
+  ``psum`` (``out_axes=None``).
+
+The reference is the same lane in plain JAX: ``jax.vmap`` with the states passed
+explicitly, each lane drawing from its key as ``smap.random`` splits it (lane
+``i`` holds ``split(key, 8)[i]``, and a draw splits the lane's key). The
+program under test keeps its values in smap States and is mapped by
+``smap.StatefulMapping``, under ``jax.vmap`` and under a strategy that rotates
+with the seed (the sharding adapters on 1, 2, 4 and 8 devices and on a 4 x 2
+mesh, ``jax.pmap``, ``jax.shard_map``, ``jax.smap``, meshes of Auto and
+Explicit axes). Two consecutive calls: every output, State and the default key
+must equal the reference's to float32 round-off.
+
+A fixed set of seeds runs in CI; ``SMAP_FUZZ_PROGRAMS=N`` runs seeds ``0..N-1``
+instead (``SMAP_FUZZ_START`` shifts them), as for the other fuzzers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from mapping_helpers import fuzz_groups
+
+import sharding
+import smap
+from smap.filter import OfType
+
+AXIS = "batch"
+B = 8  # lanes: 1, 2, 4 and 8 devices divide them
+STEPS = (
+    "tanh",
+    "pmean",
+    "psum",
+    "pmax",
+    "all_gather",
+    "axis_index",
+    "draw",
+    "cond",
+    "cond_collective",
+    "scan",
+    "scan_collective",
+    "fori",
+)
+
+
+def _mesh(shape: tuple[int, ...], explicit: bool = False) -> Any:
+    names = ("data", "model")[: len(shape)]
+    kind = jax.sharding.AxisType.Explicit if explicit else jax.sharding.AxisType.Auto
+    return jax.make_mesh(shape, names, axis_types=(kind,) * len(shape), devices=jax.devices()[: int(np.prod(shape))])
+
+
+def _smap(mesh: Any) -> tuple[Callable, dict]:
+    if getattr(jax, "smap", None) is None:
+        pytest.skip(f"JAX {jax.__version__} has no jax.smap")
+    return jax.smap, {"mesh": mesh, "axis_name": "data"}
+
+
+# strategy -> () -> (mapping_fn, mapping_kwargs)
+STRATEGIES: dict[str, Callable[[], tuple[Callable, dict]]] = {
+    **{
+        f"sharding.shard_map-{n}dev": lambda n=n: (sharding.shard_map(_mesh((n,)), axis="data"), {})
+        for n in (1, 2, 4, 8)
+    },
+    **{f"sharding.pmap-{n}dev": lambda n=n: (sharding.pmap(jax.devices()[:n]), {}) for n in (1, 2, 4, 8)},
+    "sharding.shard_map-4x2-data": lambda: (sharding.shard_map(_mesh((4, 2)), axis="data"), {}),
+    "sharding.shard_map-4x2-data+model": lambda: (sharding.shard_map(_mesh((4, 2)), axis=("data", "model")), {}),
+    "jax.pmap": lambda: (jax.pmap, {}),
+    "jax.pmap-2dev": lambda: (functools.partial(jax.pmap, devices=jax.devices()[:2]), {}),
+    "jax.shard_map-4dev": lambda: (jax.shard_map, {"mesh": _mesh((4,))}),
+    "jax.shard_map-explicit-8dev": lambda: (jax.shard_map, {"mesh": _mesh((8,), explicit=True)}),
+    "sharding.shard_map-explicit-2dev": lambda: (sharding.shard_map(_mesh((2,), explicit=True), axis="data"), {}),
+    "jax.smap-explicit-4dev": lambda: _smap(_mesh((4,), explicit=True)),
+}
+
+
+@dataclasses.dataclass
+class Program:
+    """A drawn program: its choices, initial values, the two calls' arguments, and its lane."""
+
+    seed: int
+    choices: dict[str, Any]
+    w: np.ndarray  # the shared weight, (d,)
+    h: np.ndarray | None  # the batched state, lanes along choices["h_axis"]
+    xs: tuple[np.ndarray, np.ndarray]  # the two calls' arguments, lanes along choices["x_axis"]
+    lane: Callable  # (w, count, h_row, x_row, normal) -> (out, total, w, count, h_row)
+
+    def __str__(self) -> str:
+        return f"seed {self.seed}: " + ", ".join(f"{k}={v}" for k, v in self.choices.items())
+
+
+def _step(kind: str, v: jax.Array, w: jax.Array, x: jax.Array, normal: Callable) -> jax.Array:
+    """One step of a lane: ``v`` (the lane's value, shape (d,)) after ``kind``."""
+    if kind == "tanh":
+        return jnp.tanh(v * w + 0.1)
+    if kind == "pmean":
+        return v - jax.lax.pmean(v, AXIS)
+    if kind == "psum":
+        return v + 0.1 * jax.lax.psum(v, AXIS)
+    if kind == "pmax":
+        return v - jax.lax.pmax(v, AXIS)
+    if kind == "all_gather":
+        gathered = jax.lax.all_gather(v, AXIS)  # (lanes, d)
+        return v + 0.1 * jnp.sum(gathered * jnp.arange(1.0, B + 1)[:, None], axis=0)
+    if kind == "axis_index":
+        return v + 0.01 * jax.lax.axis_index(AXIS)
+    if kind == "draw":
+        return v + 0.1 * normal(v.shape)
+    if kind in ("cond", "cond_collective"):
+        inner = (lambda u: u - jax.lax.pmean(u, AXIS)) if kind == "cond_collective" else (lambda u: u)
+        return jax.lax.cond(jnp.sum(x) > 0, lambda u: inner(u * 2.0), lambda u: inner(1.0 - u), v)
+    if kind in ("scan", "scan_collective"):
+
+        def body(c: jax.Array, t: jax.Array) -> tuple[jax.Array, jax.Array]:
+            c = jnp.tanh(c * w) + 0.1 * t
+            return (c - jax.lax.pmean(c, AXIS) if kind == "scan_collective" else c), jnp.sum(c)
+
+        v, _ = jax.lax.scan(body, v, jnp.arange(3.0))
+        return v
+    if kind == "fori":
+        return jax.lax.fori_loop(0, 2, lambda i, u: 0.5 * u + x * i, v)
+    raise ValueError(kind)
+
+
+def draw(seed: int) -> Program:
+    rng = np.random.default_rng(seed)
+    d = int(rng.integers(2, 5))
+    choices = {
+        "d": d,
+        "x_axis": int(rng.integers(0, 2)),
+        "h_axis": [None, 0, 1][int(rng.integers(0, 3))],
+        "write_w": bool(rng.integers(0, 2)),
+        "counter": bool(rng.integers(0, 2)),
+        "out_axis": int(rng.integers(0, 2)),
+        "steps": [STEPS[i] for i in rng.integers(0, len(STEPS), int(rng.integers(2, 6)))],
+    }
+    steps = choices["steps"]
+
+    def lane(w, count, h, x, normal):
+        v = x * w if h is None else x * w + h
+        for kind in steps:
+            v = _step(kind, v, w, x, normal)
+        total = jax.lax.psum(jnp.sum(v * v), AXIS)
+        if choices["write_w"]:
+            w = w - 0.1 * jax.lax.pmean(v, AXIS)
+        if choices["counter"]:
+            count = count + 1
+        return v, total, w, count, (None if h is None else 0.5 * h + v)
+
+    def per_lane(axis: int) -> np.ndarray:
+        shape = (B, d) if axis == 0 else (d, B)
+        return rng.normal(size=shape).astype(np.float32)
+
+    w = rng.normal(size=(d,)).astype(np.float32)
+    h = None if choices["h_axis"] is None else per_lane(choices["h_axis"])
+    xs = (per_lane(choices["x_axis"]), per_lane(choices["x_axis"]))
+    return Program(seed, choices, w, h, xs, lane)
+
+
+def _key_chain(key: jax.Array) -> Callable:
+    """``normal(shape)`` drawing as a ``smap.random.RandomState`` holding ``key`` draws."""
+    held = [key]
+
+    def normal(shape: tuple[int, ...]) -> jax.Array:
+        held[0], sub = jax.random.split(held[0])
+        return jax.random.normal(sub, shape)
+
+    return normal
+
+
+def reference(program: Program, key: jax.Array) -> list[dict]:
+    """The two calls in plain JAX: jax.vmap of the lane, the states passed explicitly."""
+    c = program.choices
+    h_axis = c["h_axis"]
+
+    def one(h, x, lane_key, w, count):
+        return program.lane(w, count, h, x, _key_chain(lane_key))
+
+    mapped = jax.jit(
+        jax.vmap(
+            one,
+            in_axes=(h_axis, c["x_axis"], 0, None, None),
+            out_axes=(c["out_axis"], None, None, None, h_axis),
+            axis_name=AXIS,
+        )
+    )
+    w, count, h, records = jnp.asarray(program.w), jnp.zeros((), jnp.int32), program.h, []
+    draws = "draw" in c["steps"]
+    for x in program.xs:
+        out, total, w, count, h = mapped(h, x, jax.random.split(key, B), w, count)
+        key = jax.random.split(key, B + 1)[B] if draws else key
+        records.append({"out": (out, total), "w": w, "count": count, "h": h, "key": key})
+    return records
+
+
+def under_smap(program: Program, mapping_fn: Callable, mapping_kwargs: dict) -> list[dict]:
+    """The two calls with the values in smap States, mapped by ``mapping_fn``."""
+    c = program.choices
+    w = smap.ParamState(jnp.asarray(program.w))
+    count = smap.LongTermState(jnp.zeros((), jnp.int32))
+    h = None if program.h is None else smap.HiddenState(jnp.asarray(program.h))
+
+    def step(x):
+        normal = lambda shape: smap.random.normal(size=shape)  # noqa: E731
+        out, total, new_w, new_count, new_h = program.lane(
+            w.value, count.value, None if h is None else h.value, x, normal
+        )
+        w.value, count.value = new_w, new_count
+        if h is not None:
+            h.value = new_h
+        return out, total
+
+    state_in_axes = None if h is None else {c["h_axis"]: OfType(smap.HiddenState)}
+    mapped = smap.StatefulMapping(
+        step,
+        in_axes=c["x_axis"],
+        out_axes=(c["out_axis"], None),
+        state_in_axes=state_in_axes,
+        axis_name=AXIS,
+        mapping_fn=mapping_fn,
+        mapping_kwargs=mapping_kwargs,
+    )
+    records = []
+    for x in program.xs:
+        out = mapped(jnp.asarray(x))
+        records.append(
+            {
+                "out": out,
+                "w": w.value,
+                "count": count.value,
+                "h": None if h is None else h.value,
+                "key": smap.random.DEFAULT.value,
+            }
+        )
+    return records
+
+
+def assert_same(got: list[dict], want: list[dict], program: Program, where: str) -> None:
+    for call, (a, b) in enumerate(zip(got, want)):
+        a_leaves, a_tree = jax.tree_util.tree_flatten(a)
+        b_leaves, b_tree = jax.tree_util.tree_flatten(b)
+        assert a_tree == b_tree, f"{program}\n{where}, call {call}: {a_tree} != {b_tree}"
+        for (path, _), x, y in zip(jax.tree_util.tree_flatten_with_path(b)[0], a_leaves, b_leaves):
+            what = f"{program}\n{where}, call {call}, {jax.tree_util.keystr(path)}"
+            x, y = np.asarray(x), np.asarray(y)
+            assert x.shape == y.shape and x.dtype == y.dtype, f"{what}: {x.shape}/{x.dtype} != {y.shape}/{y.dtype}"
+            np.testing.assert_allclose(x, y, rtol=2e-5, atol=2e-5, err_msg=what)
+
+
+GROUP = 2  # programs per test
+
+
+def check(index: int) -> None:
+    """Seeds ``GROUP * index ...``, each under jax.vmap and under the strategy its seed picks."""
+    names = list(STRATEGIES)
+    for seed in range(GROUP * index, GROUP * (index + 1)):
+        program = draw(seed)
+        key = smap.random.DEFAULT.value
+        want = reference(program, key)
+        strategy = names[seed % len(names)]
+        for where, (mapping_fn, mapping_kwargs) in (("jax.vmap", (jax.vmap, {})), (strategy, STRATEGIES[strategy]())):
+            smap.random.DEFAULT.value = key
+            assert_same(under_smap(program, mapping_fn, mapping_kwargs), want, program, where)
+
+
+CI_GROUPS = range(8)
+
+
+@pytest.mark.parametrize("index", fuzz_groups(GROUP, CI_GROUPS))
+def test_programs_give_the_plain_jax_values(index):
+    check(index)
+
+
+def test_the_ci_seeds_draw_every_step_and_strategy():
+    seeds = range(GROUP * CI_GROUPS.start, GROUP * CI_GROUPS.stop)
+    drawn = {kind for seed in seeds for kind in draw(seed).choices["steps"]}
+    assert drawn == set(STEPS)
+    assert {list(STRATEGIES)[seed % len(STRATEGIES)] for seed in seeds} == set(STRATEGIES)
