@@ -525,9 +525,12 @@ PLAIN_ARGUMENTS = frozenset({ArrayImpl, np.ndarray, float, int, bool})
 
 
 def refuses_devices(error: ValueError) -> bool:
-    """Whether ``error`` is ``jax.jit``'s refusal of an input committed to other devices than the
-    program's (jax._src.pjit: "Received incompatible devices for jitted computation", JAX 0.9 to 0.12)."""
-    return "incompatible devices" in str(error)
+    """Whether ``error`` is JAX's refusal of an input committed to other devices than the program's:
+    ``jax.jit``'s (jax._src.pjit: "Received incompatible devices for jitted computation"), or, for
+    an input on a mesh of Explicit axes, an operation's whose inputs' meshes differ
+    (jax._src.lax.utils: "Mesh for all inputs should be equal"); JAX 0.9 to 0.12."""
+    message = str(error)
+    return "incompatible devices" in message or "Mesh for all inputs should be equal" in message
 
 
 """Types of call arguments that neither are nor hold a Ref: a call of only these skips the search for Refs."""

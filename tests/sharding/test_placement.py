@@ -438,8 +438,8 @@ def test_the_default_key_follows_mappings_on_other_devices(first):
 
 
 def test_a_shared_state_follows_mappings_on_other_meshes():
-    """A weight written by a mapping on 4 devices, then read and written by one on 8 and by jax.vmap:
-    the values of plain jax.vmap with the weight passed along."""
+    """A weight written by a mapping on 4 devices, then read and written by mappings on other devices
+    and meshes and by jax.vmap: the values of plain jax.vmap with the weight passed along."""
     w = smap.ParamState(rand(3, seed=1))
 
     def step(x):
@@ -450,13 +450,46 @@ def test_a_shared_state_follows_mappings_on_other_meshes():
         new = w - 0.1 * jnp.mean(x * w, axis=0)
         return new, x * new
 
+    explicit = jax.make_mesh((4,), ("data",), axis_types=(jax.sharding.AxisType.Explicit,), devices=jax.devices()[:4])
+    mapping_fns = [
+        sharding.shard_map(mesh_1d(4)),
+        sharding.shard_map(mesh_1d(8)),
+        jax.vmap,
+        sharding.pmap(),
+        sharding.shard_map(explicit),  # on a mesh of Explicit axes, JAX refuses it in the trace
+        sharding.shard_map(mesh_1d(2)),
+    ]
     want = rand(3, seed=1)
-    for mapping_fn in (sharding.shard_map(mesh_1d(4)), sharding.shard_map(mesh_1d(8)), jax.vmap, sharding.pmap()):
+    for mapping_fn in mapping_fns:
         x = rand(B, 3, seed=2)
         got = smap.StatefulMapping(step, axis_name="i", mapping_fn=mapping_fn)(x)
         want, out = plain(want, x)
         np.testing.assert_allclose(got, out, rtol=1e-6)
         np.testing.assert_allclose(w.value, want, rtol=1e-6)
+
+
+def test_batched_and_shared_states_follow_mappings_off_a_mesh_of_explicit_axes():
+    """States a mapping left on a mesh of Explicit axes (whose values' types carry the mesh) move to a
+    mapping on one device, and back: the values of plain jax.vmap with the states passed along."""
+    explicit = jax.make_mesh((4,), ("data",), axis_types=(jax.sharding.AxisType.Explicit,), devices=jax.devices()[:4])
+    h, w = smap.HiddenState(rand(B, 3, seed=3)), smap.ParamState(rand(3, seed=4))
+
+    def step(x):
+        h.value = jnp.tanh(h.value * w.value + x)
+        w.value = w.value - 0.1 * jax.lax.pmean(h.value, "i")
+        return h.value.sum()
+
+    def plain(h, w, x):
+        h = jnp.tanh(h * w + x)
+        return h, w - 0.1 * jnp.mean(h, axis=0)
+
+    want_h, want_w = rand(B, 3, seed=3), rand(3, seed=4)
+    for seed, mapping_fn in enumerate([sharding.shard_map(explicit), sharding.shard_map(mesh_1d(1))] * 2):
+        x = rand(B, 3, seed=10 + seed)
+        smap.StatefulMapping(step, axis_name="i", state_in_axes=smap.HiddenState, mapping_fn=mapping_fn)(x)
+        want_h, want_w = plain(want_h, want_w, x)
+        np.testing.assert_allclose(h.value, want_h, rtol=1e-6)
+        np.testing.assert_allclose(w.value, want_w, rtol=1e-6)
 
 
 def test_an_argument_on_other_devices_is_refused_as_jax_refuses_it():

@@ -23,8 +23,10 @@ program under test keeps its values in smap States and is mapped by
 ``smap.StatefulMapping``, under ``jax.vmap`` and under a strategy that rotates
 with the seed (the sharding adapters on 1, 2, 4 and 8 devices and on a 4 x 2
 mesh, ``jax.pmap``, ``jax.shard_map``, ``jax.smap``, meshes of Auto and
-Explicit axes). Two consecutive calls: every output, State and the default key
-must equal the reference's to float32 round-off.
+Explicit axes), and with its first call under that strategy and its second
+under the next one (the States move between the two's devices). Two
+consecutive calls: every output, State and the default key must equal the
+reference's to float32 round-off.
 
 A fixed set of seeds runs in CI; ``SMAP_FUZZ_PROGRAMS=N`` runs seeds ``0..N-1``
 instead (``SMAP_FUZZ_START`` shifts them), as for the other fuzzers.
@@ -71,12 +73,6 @@ def _mesh(shape: tuple[int, ...], explicit: bool = False) -> Any:
     return jax.make_mesh(shape, names, axis_types=(kind,) * len(shape), devices=jax.devices()[: int(np.prod(shape))])
 
 
-def _smap(mesh: Any) -> tuple[Callable, dict]:
-    if getattr(jax, "smap", None) is None:
-        pytest.skip(f"JAX {jax.__version__} has no jax.smap")
-    return jax.smap, {"mesh": mesh, "axis_name": "data"}
-
-
 # strategy -> () -> (mapping_fn, mapping_kwargs)
 STRATEGIES: dict[str, Callable[[], tuple[Callable, dict]]] = {
     **{
@@ -91,7 +87,7 @@ STRATEGIES: dict[str, Callable[[], tuple[Callable, dict]]] = {
     "jax.shard_map-4dev": lambda: (jax.shard_map, {"mesh": _mesh((4,))}),
     "jax.shard_map-explicit-8dev": lambda: (jax.shard_map, {"mesh": _mesh((8,), explicit=True)}),
     "sharding.shard_map-explicit-2dev": lambda: (sharding.shard_map(_mesh((2,), explicit=True), axis="data"), {}),
-    "jax.smap-explicit-4dev": lambda: _smap(_mesh((4,), explicit=True)),
+    "jax.smap-explicit-4dev": lambda: (jax.smap, {"mesh": _mesh((4,), explicit=True), "axis_name": "data"}),
 }
 
 
@@ -214,8 +210,9 @@ def reference(program: Program, key: jax.Array) -> list[dict]:
     return records
 
 
-def under_smap(program: Program, mapping_fn: Callable, mapping_kwargs: dict) -> list[dict]:
-    """The two calls with the values in smap States, mapped by ``mapping_fn``."""
+def under_smap(program: Program, mappings: list[tuple[Callable, dict]]) -> list[dict]:
+    """The two calls with the values in smap States, the first mapped by ``mappings[0]``
+    (``(mapping_fn, mapping_kwargs)``), the second by ``mappings[-1]``."""
     c = program.choices
     w = smap.ParamState(jnp.asarray(program.w))
     count = smap.LongTermState(jnp.zeros((), jnp.int32))
@@ -232,17 +229,17 @@ def under_smap(program: Program, mapping_fn: Callable, mapping_kwargs: dict) -> 
         return out, total
 
     state_in_axes = None if h is None else {c["h_axis"]: OfType(smap.HiddenState)}
-    mapped = smap.StatefulMapping(
-        step,
-        in_axes=c["x_axis"],
-        out_axes=(c["out_axis"], None),
-        state_in_axes=state_in_axes,
-        axis_name=AXIS,
-        mapping_fn=mapping_fn,
-        mapping_kwargs=mapping_kwargs,
-    )
     records = []
-    for x in program.xs:
+    for x, (mapping_fn, mapping_kwargs) in zip(program.xs, (mappings[0], mappings[-1])):
+        mapped = smap.StatefulMapping(
+            step,
+            in_axes=c["x_axis"],
+            out_axes=(c["out_axis"], None),
+            state_in_axes=state_in_axes,
+            axis_name=AXIS,
+            mapping_fn=mapping_fn,
+            mapping_kwargs=mapping_kwargs,
+        )
         out = mapped(jnp.asarray(x))
         records.append(
             {
@@ -272,16 +269,22 @@ GROUP = 2  # programs per test
 
 
 def check(index: int) -> None:
-    """Seeds ``GROUP * index ...``, each under jax.vmap and under the strategy its seed picks."""
+    """Seeds ``GROUP * index ...``, each under jax.vmap, under the strategy its seed picks, and with
+    its first call under that strategy and its second under the next one (the States, and the
+    default key, move from the one's devices to the other's)."""
     names = list(STRATEGIES)
     for seed in range(GROUP * index, GROUP * (index + 1)):
         program = draw(seed)
         key = smap.random.DEFAULT.value
         want = reference(program, key)
-        strategy = names[seed % len(names)]
-        for where, (mapping_fn, mapping_kwargs) in (("jax.vmap", (jax.vmap, {})), (strategy, STRATEGIES[strategy]())):
+        strategy, then = names[seed % len(names)], names[(seed + 1) % len(names)]
+        for where, mappings in (
+            ("jax.vmap", [(jax.vmap, {})]),
+            (strategy, [STRATEGIES[strategy]()]),
+            (f"{strategy}, then {then}", [STRATEGIES[strategy](), STRATEGIES[then]()]),
+        ):
             smap.random.DEFAULT.value = key
-            assert_same(under_smap(program, mapping_fn, mapping_kwargs), want, program, where)
+            assert_same(under_smap(program, mappings), want, program, where)
 
 
 CI_GROUPS = range(8)
