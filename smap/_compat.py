@@ -31,6 +31,7 @@ import numpy as np
 from jax._src import mesh as mesh_lib
 from jax._src import source_info_util, xla_bridge
 from jax._src.array import ArrayImpl
+from jax._src.sharding import IndivisibleError
 from jax.extend.core import ClosedJaxpr, Jaxpr, take_current_trace
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
@@ -43,7 +44,7 @@ __all__ = [
     "constrain",
     "is_single_device_sharding",
     "PLAIN_ARGUMENTS",
-    "refuses_devices",
+    "refuses_placement",
     "primitive_name",
     "lane_sum_axes",
     "is_scan",
@@ -524,13 +525,26 @@ def shard_map(f: Callable, mesh: Mesh, in_specs: Any, out_specs: Any, manual_axe
 PLAIN_ARGUMENTS = frozenset({ArrayImpl, np.ndarray, float, int, bool})
 
 
-def refuses_devices(error: ValueError) -> bool:
-    """Whether ``error`` is JAX's refusal of an input committed to other devices than the program's:
-    ``jax.jit``'s (jax._src.pjit: "Received incompatible devices for jitted computation"), or, for
-    an input on a mesh of Explicit axes, an operation's whose inputs' meshes differ
-    (jax._src.lax.utils: "Mesh for all inputs should be equal"); JAX 0.9 to 0.12."""
+def refuses_placement(error: ValueError) -> bool:
+    """Whether ``error`` is JAX refusing an input for where it lies, against where the program runs.
+
+    - ``jax.jit`` refuses an input committed to other devices than the program's
+      (jax._src.pjit: "Received incompatible devices for jitted computation");
+    - an operation in the trace, inputs on two meshes of Explicit axes, whose types carry
+      their mesh (jax._src.lax.utils: "Mesh for all inputs should be equal");
+    - compiling, JAX writes the program's input shardings on the input's own mesh, which
+      fails where that mesh has the program's devices in another shape (a state left on
+      a 1-D mesh of 8 devices, a program on a 4 x 2 mesh of the same devices: an
+      ``IndivisibleError``).
+
+    JAX 0.9 to 0.12.
+    """
     message = str(error)
-    return "incompatible devices" in message or "Mesh for all inputs should be equal" in message
+    return (
+        isinstance(error, IndivisibleError)
+        or "incompatible devices" in message
+        or "Mesh for all inputs should be equal" in message
+    )
 
 
 """Types of call arguments that neither are nor hold a Ref: a call of only these skips the search for Refs."""

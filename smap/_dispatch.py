@@ -364,16 +364,16 @@ class StatefulFunction(Generic[P, R]):
         return out if self._call_result is None else self._call_result(out)
 
     def _moved(self, error: ValueError, state_list: _StateList, args: tuple, kwargs: dict) -> _MissingStates:
-        """After JAX refused the call's inputs for lying on other devices than the call runs on: the states
+        """After JAX refused the call's inputs for where they lie (``_compat.refuses_placement``): the states
         whose values another call left committed elsewhere moved onto this call's devices, to make it again.
 
         A state follows the calls that use it: a shared state, or the default random key, that a mapping
-        on one mesh wrote lives on that mesh, and a mapping on other devices would otherwise be refused
-        it. Each leaf committed to other devices than the call's is put where the compiled call takes
-        it; the other leaves stay. Any other error, or the same error with nothing to move (an argument
-        committed elsewhere is the caller's to move), is raised as it is.
+        on one mesh wrote lives on that mesh, and a mapping on other devices, or on another mesh of the
+        same devices, would otherwise be refused it. Each committed leaf not placed as the compiled call
+        takes it is put there; the other leaves stay. Any other error, or the same error with nothing to
+        move (an argument committed elsewhere is the caller's to move), is raised as it is.
         """
-        if not _compat.refuses_devices(error):
+        if not _compat.refuses_placement(error):
             raise error
         values = [s._value for s in state_list.states]
         abstract = jax.tree_util.tree_map(
@@ -392,7 +392,7 @@ class StatefulFunction(Generic[P, R]):
 
         def move(value: Any, sharding: Any) -> Any:
             nonlocal moved
-            if isinstance(value, jax.Array) and value.committed and value.sharding.device_set != sharding.device_set:
+            if isinstance(value, jax.Array) and value.committed and value.sharding != sharding:
                 moved = True
                 return jax.device_put(value, sharding)
             return value

@@ -420,17 +420,20 @@ def _lane_keys_normal(key, lanes, d):
 
 @pytest.mark.parametrize("first", [1, 2, 4])
 def test_the_default_key_follows_mappings_on_other_devices(first):
-    """A mapping on some devices leaves the default key there; a mapping on others moves it (found by
-    tests/sharding/test_state_fuzz.py: JAX refused the key to every later mapping on other devices)."""
+    """A mapping on some devices leaves the default key there; a mapping on others, or on another mesh
+    of the same devices, moves it (found by tests/sharding/test_state_fuzz.py: JAX refused the key to
+    every later mapping on other devices, and on a 4 x 2 mesh after a 1-D one)."""
     mappings = {
         "first": sharding.pmap(jax.devices()[:first]),
         "eight": sharding.shard_map(mesh_1d(8)),
         "two": sharding.shard_map(mesh_1d(2)),
+        "grid": sharding.shard_map(mesh_2d(), axis="data"),  # the same 8 devices as a 4 x 2 mesh
+        "pmap": sharding.pmap(),
         "vmap": jax.vmap,
     }
     x = rand(B, 3)
     key = smap.random.DEFAULT.value
-    for name in ("first", "eight", "two", "first", "vmap", "eight"):
+    for name in ("first", "eight", "grid", "two", "pmap", "grid", "first", "vmap", "eight"):
         m = smap.StatefulMapping(lambda x: x + smap.random.normal(size=3), axis_name="i", mapping_fn=mappings[name])
         draws, key = _lane_keys_normal(key, B, 3)
         np.testing.assert_allclose(m(x), x + draws, rtol=1e-6, err_msg=name)

@@ -31,6 +31,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[2]
 PRIVATE = {
     "jax._src.source_info_util.current": "the source location given to a new jaxpr input",
     "jax._src.array.ArrayImpl": "the concrete type of jax.Array",
+    "jax._src.sharding.IndivisibleError": "JAX refusing an input on a mesh of another shape than the program's",
     "jax._src.mesh.get_concrete_mesh": "the mesh jax.set_mesh set, readable inside a trace",
     "jax._src.xla_bridge.backends_are_initialized": "whether the device count is already fixed",
     "jax.extend.core.take_current_trace": "the trace building the current jaxpr",
