@@ -433,7 +433,8 @@ def test_the_default_key_follows_mappings_on_other_devices(first):
     }
     x = rand(B, 3)
     key = smap.random.DEFAULT.value
-    for name in ("first", "eight", "grid", "two", "pmap", "grid", "first", "vmap", "eight"):
+    # Never "eight" then "grid": there JAX 0.9's compiler aborts the process (docs/sharding.md).
+    for name in ("first", "eight", "two", "grid", "pmap", "grid", "first", "vmap", "eight"):
         m = smap.StatefulMapping(lambda x: x + smap.random.normal(size=3), axis_name="i", mapping_fn=mappings[name])
         draws, key = _lane_keys_normal(key, B, 3)
         np.testing.assert_allclose(m(x), x + draws, rtol=1e-6, err_msg=name)
