@@ -44,6 +44,7 @@ __all__ = [
     "constrain",
     "is_single_device_sharding",
     "PLAIN_ARGUMENTS",
+    "put",
     "refuses_placement",
     "primitive_name",
     "lane_sum_axes",
@@ -523,6 +524,17 @@ def shard_map(f: Callable, mesh: Mesh, in_specs: Any, out_specs: Any, manual_axe
 
 
 PLAIN_ARGUMENTS = frozenset({ArrayImpl, np.ndarray, float, int, bool})
+"""Types of call arguments that neither are nor hold a Ref: a call of only these skips the search for Refs."""
+
+
+def put(x: Any, sharding: Any) -> jax.Array:
+    """``x`` (the same value on every process) placed with ``sharding``."""
+    if jax.process_count() == 1 or (isinstance(x, jax.Array) and not x.is_fully_addressable):
+        return jax.device_put(x, sharding)
+    # Across processes, each builds its own shards from its copy of the value
+    # (jax.device_put of a single-device array fails there with one device per process).
+    host = np.asarray(x)
+    return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
 
 
 def refuses_placement(error: ValueError) -> bool:
@@ -545,9 +557,6 @@ def refuses_placement(error: ValueError) -> bool:
         or "incompatible devices" in message
         or "Mesh for all inputs should be equal" in message
     )
-
-
-"""Types of call arguments that neither are nor hold a Ref: a call of only these skips the search for Refs."""
 
 
 def is_single_device_sharding(sharding: Any) -> bool:

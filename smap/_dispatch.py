@@ -394,7 +394,7 @@ class StatefulFunction(Generic[P, R]):
             nonlocal moved
             if isinstance(value, jax.Array) and value.committed and value.sharding != sharding:
                 moved = True
-                return jax.device_put(value, sharding)
+                return _compat.put(value, sharding)
             return value
 
         new = [jax.tree_util.tree_map(move, v, w) for v, w in zip(values, wanted)]
@@ -408,16 +408,18 @@ class StatefulFunction(Generic[P, R]):
         """The call again (or ``again``), with a list that has the states a trace found and a slot for each it writes.
 
         The list drops the states whose storage is gone (the States of freed
-        Refs). Outside the lock: joining the new states' lock groups may wait
-        for other calls.
+        Refs). A list that would gain nothing is kept, with its dispatcher (a
+        call whose states :meth:`_moved` placed is made again so). Outside the
+        lock: joining the new states' lock groups may wait for other calls.
         """
         current = self._state_list  # (another thread may have made a longer one meanwhile)
         states, writes = (
             tuple({id(s): s for s in (*listed, *found) if not s._gone()}.values())
             for listed, found in ((current.states, missing.states), (current.writes, missing.writes))
         )
-        self._use(_StateList(states, writes, _locks.joined(states), self), args, kwargs)
-        self._forget_gone_states()
+        if list(map(id, (*states, *writes))) != list(map(id, (*current.states, *current.writes))):
+            self._use(_StateList(states, writes, _locks.joined(states), self), args, kwargs)
+            self._forget_gone_states()
         return (again or self)(*args, **kwargs)
 
     def _use(self, state_list: _StateList, args: tuple, kwargs: dict) -> None:

@@ -227,16 +227,6 @@ def placement(state: State, mesh: Any, mapping: StatefulMapping | None = None, r
     return jax.tree_util.tree_map(lambda spec: NamedSharding(mesh, spec), specs, is_leaf=_is_spec)
 
 
-def _put(x: Any, sharding: NamedSharding) -> jax.Array:
-    """``x`` (the same value on every process) placed with ``sharding``."""
-    if jax.process_count() == 1 or (isinstance(x, jax.Array) and not x.is_fully_addressable):
-        return jax.device_put(x, sharding)
-    # Across processes, each builds its own shards from its copy of the value
-    # (jax.device_put of a single-device array fails there with one device per process).
-    host = np.asarray(x)
-    return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
-
-
 def move(states: Sequence[State], shardings: Sequence[Any]) -> None:
     """Put each state's value on the devices with its sharding: every state, or (after an error) none.
 
@@ -258,9 +248,9 @@ def move(states: Sequence[State], shardings: Sequence[Any]) -> None:
     """
     states = list(states)
     placed = [
-        jax.tree_util.tree_map(functools.partial(_put, sharding=s), state.peek())
+        jax.tree_util.tree_map(functools.partial(_compat.put, sharding=s), state.peek())
         if isinstance(s, NamedSharding)
-        else jax.tree_util.tree_map(_put, state.peek(), s)
+        else jax.tree_util.tree_map(_compat.put, state.peek(), s)
         for state, s in zip(states, shardings)
     ]
     with _locks.Holding(_locks.joined(states)):
