@@ -409,15 +409,20 @@ class StatefulFunction(Generic[P, R]):
 
         The list drops the states whose storage is gone (the States of freed
         Refs). A list that would gain nothing is kept, with its dispatcher (a
-        call whose states :meth:`_moved` placed is made again so). Outside the
-        lock: joining the new states' lock groups may wait for other calls.
+        call whose states :meth:`_moved` placed is made again so), and its call
+        is written out again: another thread may have made it the list
+        without its call yet, or replaced the call with an older list's, and a
+        retry with that call would fail again, for ever. Outside the lock:
+        joining the new states' lock groups may wait for other calls.
         """
         current = self._state_list  # (another thread may have made a longer one meanwhile)
         states, writes = (
             tuple({id(s): s for s in (*listed, *found) if not s._gone()}.values())
             for listed, found in ((current.states, missing.states), (current.writes, missing.writes))
         )
-        if list(map(id, (*states, *writes))) != list(map(id, (*current.states, *current.writes))):
+        if list(map(id, (*states, *writes))) == list(map(id, (*current.states, *current.writes))):
+            self._use(current, args, kwargs)
+        else:
             self._use(_StateList(states, writes, _locks.joined(states), self), args, kwargs)
             self._forget_gone_states()
         return (again or self)(*args, **kwargs)

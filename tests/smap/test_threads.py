@@ -321,3 +321,22 @@ def test_calls_racing_on_one_group_with_a_re_entering_callback_lose_nothing():
     run_in_threads(call, threads=4, calls=20)
     assert float(calls.value) == 80.0
     assert float(inner.value) == 160.0
+
+
+def test_a_call_left_behind_by_another_threads_list_is_written_out_again():
+    """The interleaving that looped: a thread made a list with a new state the current one, and
+    another thread's older call stayed the transform's call. A call that finds its state missing
+    from that older list, while the current list has it, must write the call out again, not retry
+    the older call for ever."""
+    a, b = smap.ParamState(jnp.ones(())), smap.ParamState(2 * jnp.ones(()))
+
+    def f(x):
+        return x * a.value + (b.value if x.ndim else 0.0)
+
+    call = smap.jit(f)
+    call(jnp.ones(()))  # a list with a
+    older = call.__call__
+    call(jnp.ones(2))  # a list with a and b: the current one
+    call.__call__ = older  # as a thread that wrote out the older list's call last would leave it
+    np.testing.assert_allclose(call(jnp.ones(2)), [3.0, 3.0])
+    np.testing.assert_allclose(call(jnp.ones(2)), [3.0, 3.0])
