@@ -340,3 +340,30 @@ def test_a_call_left_behind_by_another_threads_list_is_written_out_again():
     call.__call__ = older  # as a thread that wrote out the older list's call last would leave it
     np.testing.assert_allclose(call(jnp.ones(2)), [3.0, 3.0])
     np.testing.assert_allclose(call(jnp.ones(2)), [3.0, 3.0])
+
+
+@pytest.mark.parametrize("transform", ["jit", "vmap"])
+@pytest.mark.parametrize("attempt", range(2))  # a fresh transform each time: the lists grow again
+def test_threads_that_find_new_states_at_once_lose_no_write(transform, attempt):
+    """Each argument size reads and writes its own prefix of the counters, and each thread calls
+    with the sizes in another order: the transform's state list grows while other threads call
+    it. No call loops or fails, and every count is the number of calls that wrote it."""
+    sizes = 6
+    counters = [smap.State(jnp.zeros(())) for _ in range(sizes)]
+
+    def bump(x):
+        for c in counters[: x.shape[-1]]:
+            c.value = c.value + 1.0
+        return x.sum()
+
+    call = smap.jit(bump) if transform == "jit" else smap.vmap(bump)  # (the counters are shared)
+    orders = iter([[*range(t + 1, sizes + 1), *range(1, t + 1)] for t in range(THREADS)])
+    lock = threading.Lock()
+
+    def work():
+        with lock:
+            order = next(orders)
+        return [call(jnp.ones((2, n) if transform == "vmap" else (n,))) for n in order * 2]
+
+    run_in_threads(work, calls=1)
+    assert [float(c.value) for c in counters] == [THREADS * 2 * (sizes - i) for i in range(sizes)]
