@@ -101,7 +101,7 @@ class _StateList:
     (another pairing makes XLA copy inputs).
     """
 
-    __slots__ = ("states", "index", "writes", "group", "dispatch", "donated")
+    __slots__ = ("states", "index", "writes", "group", "dispatch", "donated", "placed")
 
     def __init__(self, states: Sequence[State], writes: Sequence[State], group: _locks.Group, owner: StatefulFunction):
         self.states = tuple(states)
@@ -110,6 +110,7 @@ class _StateList:
         # The lock group of the states (a top-level call's list joins them, holding no lock).
         self.group = group
         self.donated = owner.donate_states and group is not _UNLOCKED
+        self.placed = False  # made for a call made again after a refusal: a refusal of it is raised
         donated_states = tuple(self.index[id(s)] for s in self.writes) if self.donated else ()
         n = len(self.states)  # the arguments come after the states' values
         self.dispatch = jax.jit(
@@ -134,9 +135,10 @@ class _MissingStates(Exception):
     back on the cached path, which ``jax.jit``'s C++ cache now does.
     """
 
-    def __init__(self, states: Sequence[State], writes: Sequence[State]):
+    def __init__(self, states: Sequence[State], writes: Sequence[State], placed: _StateList | None = None):
         self.states = states  # the program's states, the list lacks some
         self.writes = writes  # the states the program writes
+        self.placed = placed  # or, after a refusal, the list to make the call again with (StatefulFunction._moved)
 
 
 class StatefulFunction(Generic[P, R]):
@@ -364,57 +366,103 @@ class StatefulFunction(Generic[P, R]):
         return out if self._call_result is None else self._call_result(out)
 
     def _moved(self, error: ValueError, state_list: _StateList, args: tuple, kwargs: dict) -> _MissingStates:
-        """After JAX refused the call's inputs for where they lie (``_compat.refuses_placement``): the states
-        whose values another call left committed elsewhere moved onto this call's devices, to make it again.
+        """After JAX refused the call's inputs for where they lie (``_compat.refuses_placement``): the call
+        made again with a new list, the states whose values another call left elsewhere moved first.
 
         A state follows the calls that use it: a shared state, or the default random key, that a mapping
         on one mesh wrote lives on that mesh, and a mapping on other devices, or on another mesh of the
-        same devices, would otherwise be refused it. Each committed leaf not placed as the compiled call
-        takes it is put there; the other leaves stay. Any other error, or the same error with nothing to
-        move (an argument committed elsewhere is the caller's to move), is raised as it is.
+        same devices, would otherwise be refused it.
+
+        The refused list cannot say where its states go: its dispatcher's trace constrains each written
+        state to where it lay then (:func:`_keep_placement`), and JAX reuses a trace for arrays placed
+        elsewhere. New lists are asked: one compiled with the states where they lie (the user may have
+        moved them, onto devices this call takes), else one compiled with their abstract values, whose
+        input shardings say where each committed leaf not placed so goes. The call is made again with a
+        third list, traced with the states where they then lie, and a refusal of it is raised. So is
+        any other error, and a refusal with nothing to move (an argument committed elsewhere is the
+        caller's to move).
         """
-        if not _compat.refuses_placement(error):
+        if not _compat.refuses_placement(error) or state_list.placed:
             raise error
+        states, writes = state_list.states, state_list.writes
+        values = [s._value for s in states]
+        try:
+            _StateList(states, writes, state_list.group, self).dispatch.lower(*values, *args, **kwargs).compile()
+        except ValueError as refusal:
+            if not _compat.refuses_placement(refusal):
+                raise
+            wanted = self._input_shardings(state_list, args, kwargs)
+            moved = False
+
+            def move(value: Any, sharding: Any) -> Any:
+                nonlocal moved
+                if (
+                    isinstance(value, jax.Array)
+                    and value.committed
+                    and sharding is not None  # (an input the program does not read)
+                    and not value.sharding.is_equivalent_to(sharding, value.ndim)
+                ):
+                    moved = True
+                    return _compat.put(value, sharding)
+                return value
+
+            new = [jax.tree_util.tree_map(move, v, w) for v, w in zip(values, wanted)]
+            if not moved:
+                raise error from None
+            for state, value in zip(states, new):
+                state._value = value
+        placed = _StateList(states, writes, state_list.group, self)
+        placed.placed = True
+        return _MissingStates(states, writes, placed)
+
+    def _input_shardings(self, state_list: _StateList, args: tuple, kwargs: dict) -> list:
+        """Where a new dispatcher of ``state_list``, compiled with the states' abstract values, takes each state.
+
+        The states hold their abstract values meanwhile, so that no written state is constrained to
+        where it lay. A state the program writes without reading it is taken where it is written.
+        """
         values = [s._value for s in state_list.states]
         abstract = jax.tree_util.tree_map(
             lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype) if isinstance(v, jax.Array) else v, values
         )
-        # Lowered with the states holding their abstract values too, so that no written state keeps
-        # the placement it had elsewhere (_keep_placement): the shardings the call takes them with.
         for state, value in zip(state_list.states, abstract):
             state._value = value
         try:
-            wanted = state_list.dispatch.lower(*abstract, *args, **kwargs).compile().input_shardings[0]
+            dispatch = _StateList(state_list.states, state_list.writes, state_list.group, self).dispatch
+            compiled = dispatch.lower(*abstract, *args, **kwargs).compile()
         finally:
             for state, value in zip(state_list.states, values):
                 state._value = value
-        moved = False
-
-        def move(value: Any, sharding: Any) -> Any:
-            nonlocal moved
-            if isinstance(value, jax.Array) and value.committed and value.sharding != sharding:
-                moved = True
-                return _compat.put(value, sharding)
-            return value
-
-        new = [jax.tree_util.tree_map(move, v, w) for v, w in zip(values, wanted)]
-        if not moved:
-            raise error
-        for state, value in zip(state_list.states, new):
-            state._value = value
-        return _MissingStates(state_list.states, state_list.writes)
+        wanted = list(compiled.input_shardings[0][: len(values)])
+        if state_list.writes:
+            for state, slot in zip(state_list.writes, compiled.output_shardings[1:]):
+                i = state_list.index[id(state)]
+                wanted[i] = jax.tree_util.tree_map(
+                    lambda taken, written: written if taken is None else taken,
+                    wanted[i],
+                    _unslot(slot),
+                    is_leaf=lambda x: x is None,
+                )
+        return wanted
 
     def _extend(self, missing: _MissingStates, args: tuple, kwargs: dict, again: Callable | None = None) -> Any:
         """The call again (or ``again``), with a list that has the states a trace found and a slot for each it writes.
 
         The list drops the states whose storage is gone (the States of freed
-        Refs). A list that would gain nothing is kept, with its dispatcher (a
-        call whose states :meth:`_moved` placed is made again so), and its call
-        is written out again: another thread may have made it the list
-        without its call yet, or replaced the call with an older list's, and a
-        retry with that call would fail again, for ever. Outside the lock:
-        joining the new states' lock groups may wait for other calls.
+        Refs). A list that would gain nothing is kept, with its dispatcher, and
+        its call is written out again: another thread may have made it the
+        list without its call yet, or replaced the call with an older list's,
+        and a retry with that call would fail again, for ever. A call whose
+        states :meth:`_moved` placed is made again with the list it made.
+        Outside the lock: joining the new states' lock groups may wait for
+        other calls.
         """
+        if missing.placed is not None:
+            self._use(missing.placed, args, kwargs)
+            try:
+                return (again or self)(*args, **kwargs)
+            finally:
+                missing.placed.placed = False  # a later refusal (the states moved again) is retried
         current = self._state_list  # (another thread may have made a longer one meanwhile)
         states, writes = (
             tuple({id(s): s for s in (*listed, *found) if not s._gone()}.values())

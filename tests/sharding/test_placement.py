@@ -496,6 +496,43 @@ def test_batched_and_shared_states_follow_mappings_off_a_mesh_of_explicit_axes()
         np.testing.assert_allclose(w.value, want_w, rtol=1e-6)
 
 
+def test_a_state_the_user_moves_between_calls_stays_where_it_was_put():
+    """The dispatcher's trace constrains each written state to where it lay when traced; after the user
+    moves the state to another mesh, the next call neither refuses it nor puts it back: it stays where
+    the user put it, with plain JAX's values."""
+    w = smap.State(jax.device_put(rand(B, 3), NamedSharding(mesh_1d(8), P("data"))))
+    step = smap.jit(lambda x: setattr(w, "value", w.value * 2.0 + x))
+    want = rand(B, 3) * 2.0 + 1.0
+    step(1.0)
+    for devices in (4, 2, 8):
+        placed = NamedSharding(mesh_1d(devices), P("data"))
+        w.value = jax.device_put(w.value, placed)
+        step(1.0)
+        want = want * 2.0 + 1.0
+        np.testing.assert_allclose(w.value, want, rtol=1e-6)
+        assert w.value.sharding.is_equivalent_to(placed, 2), (devices, w.value.sharding)
+
+
+def test_a_batched_state_written_on_a_mesh_follows_a_mapping_on_one_device():
+    """A state that a mapping on 8 devices wrote per lane (``state_out_axes``) and a mapping on one
+    device writes again without reading it (found by tests/sharding/test_state_fuzz.py: the retry
+    moved the other states but asked the refused dispatcher where, and looped)."""
+    rows = smap.State(jnp.zeros(3), tag="rows")
+
+    def step(x):
+        rows.value = 2.0 * x
+        return x + smap.random.normal(size=3)
+
+    for mapping_fn in (sharding.shard_map(mesh_1d(8)), sharding.pmap(jax.devices()[:1]), jax.vmap):
+        x = rand(B, 3, seed=5)
+        m = smap.StatefulMapping(step, axis_name="i", state_out_axes={0: WithTag("rows")}, mapping_fn=mapping_fn)
+        key = smap.random.DEFAULT.value
+        draws, key = _lane_keys_normal(key, B, 3)
+        np.testing.assert_allclose(m(x), x + draws, rtol=1e-6)
+        np.testing.assert_allclose(rows.value, 2.0 * x, rtol=1e-6)
+        np.testing.assert_array_equal(smap.random.DEFAULT.value, key)
+
+
 def test_an_argument_on_other_devices_is_refused_as_jax_refuses_it():
     """Arguments are the caller's: one committed to other devices than the mapping's is not moved."""
     w = smap.ParamState(jnp.ones(3))

@@ -14,7 +14,12 @@ layout; this file draws programs we did not write. Each seed draws a lane over
   without a collective in its branches), a ``scan`` (with or without one), a
   ``fori_loop``;
 - outputs: the lane's value (mapped along axis 0 or 1) and a lane-invariant
-  ``psum`` (``out_axes=None``).
+  ``psum`` (``out_axes=None``);
+- a buffer State, or none, that each lane writes with its value and never
+  reads: selected by ``state_out_axes`` at axis 0 or 1, or left to the
+  unexpected-write policy ``'ignore'`` or ``'warn'`` (axis 0; ``'warn'`` warns
+  at a mapping's first call);
+- the mapping called as it is or inside ``smap.jit``.
 
 The reference is the same lane in plain JAX: ``jax.vmap`` with the states passed
 explicitly, each lane drawing from its key as ``smap.random`` splits it (lane
@@ -36,6 +41,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -47,7 +53,7 @@ from mapping_helpers import fuzz_groups
 
 import sharding
 import smap
-from smap.filter import OfType
+from smap.filter import OfType, WithTag
 
 AXIS = "batch"
 B = 8  # lanes: 1, 2, 4 and 8 devices divide them
@@ -65,6 +71,13 @@ STEPS = (
     "scan_collective",
     "fori",
 )
+# The buffer State: none, written back by the unexpected-write policy, or selected by state_out_axes at an axis.
+BUFFERS = (None, "ignore", "warn", 0, 1)
+
+
+def _buffer_axis(buffer: str | int | None) -> int:
+    """The axis the lanes' buffer rows are written back along."""
+    return buffer if isinstance(buffer, int) else 0
 
 
 def _mesh(shape: tuple[int, ...], explicit: bool = False) -> Any:
@@ -100,7 +113,7 @@ class Program:
     w: np.ndarray  # the shared weight, (d,)
     h: np.ndarray | None  # the batched state, lanes along choices["h_axis"]
     xs: tuple[np.ndarray, np.ndarray]  # the two calls' arguments, lanes along choices["x_axis"]
-    lane: Callable  # (w, count, h_row, x_row, normal) -> (out, total, w, count, h_row)
+    lane: Callable  # (w, count, h_row, x_row, normal) -> (out, total, w, count, h_row, buffer_row)
 
     def __str__(self) -> str:
         return f"seed {self.seed}: " + ", ".join(f"{k}={v}" for k, v in self.choices.items())
@@ -150,6 +163,8 @@ def draw(seed: int) -> Program:
         "counter": bool(rng.integers(0, 2)),
         "out_axis": int(rng.integers(0, 2)),
         "steps": [STEPS[i] for i in rng.integers(0, len(STEPS), int(rng.integers(2, 6)))],
+        "buffer": BUFFERS[int(rng.integers(0, len(BUFFERS)))],
+        "in_jit": bool(rng.integers(0, 2)),
     }
     steps = choices["steps"]
 
@@ -162,7 +177,7 @@ def draw(seed: int) -> Program:
             w = w - 0.1 * jax.lax.pmean(v, AXIS)
         if choices["counter"]:
             count = count + 1
-        return v, total, w, count, (None if h is None else 0.5 * h + v)
+        return v, total, w, count, (None if h is None else 0.5 * h + v), 2.0 * v
 
     def per_lane(axis: int) -> np.ndarray:
         shape = (B, d) if axis == 0 else (d, B)
@@ -197,16 +212,17 @@ def reference(program: Program, key: jax.Array) -> list[dict]:
         jax.vmap(
             one,
             in_axes=(h_axis, c["x_axis"], 0, None, None),
-            out_axes=(c["out_axis"], None, None, None, h_axis),
+            out_axes=(c["out_axis"], None, None, None, h_axis, _buffer_axis(c["buffer"])),
             axis_name=AXIS,
         )
     )
     w, count, h, records = jnp.asarray(program.w), jnp.zeros((), jnp.int32), program.h, []
     draws = "draw" in c["steps"]
     for x in program.xs:
-        out, total, w, count, h = mapped(h, x, jax.random.split(key, B), w, count)
+        out, total, w, count, h, buffer = mapped(h, x, jax.random.split(key, B), w, count)
         key = jax.random.split(key, B + 1)[B] if draws else key
-        records.append({"out": (out, total), "w": w, "count": count, "h": h, "key": key})
+        buffer = None if c["buffer"] is None else buffer
+        records.append({"out": (out, total), "w": w, "count": count, "h": h, "buffer": buffer, "key": key})
     return records
 
 
@@ -217,36 +233,60 @@ def under_smap(program: Program, mappings: list[tuple[Callable, dict]]) -> list[
     w = smap.ParamState(jnp.asarray(program.w))
     count = smap.LongTermState(jnp.zeros((), jnp.int32))
     h = None if program.h is None else smap.HiddenState(jnp.asarray(program.h))
+    buffer = None if c["buffer"] is None else smap.State(jnp.zeros(program.w.shape), tag="buffer")
 
     def step(x):
         normal = lambda shape: smap.random.normal(size=shape)  # noqa: E731
-        out, total, new_w, new_count, new_h = program.lane(
+        out, total, new_w, new_count, new_h, new_buffer = program.lane(
             w.value, count.value, None if h is None else h.value, x, normal
         )
         w.value, count.value = new_w, new_count
         if h is not None:
             h.value = new_h
+        if buffer is not None:
+            buffer.value = new_buffer
         return out, total
 
     state_in_axes = None if h is None else {c["h_axis"]: OfType(smap.HiddenState)}
-    records = []
-    for x, (mapping_fn, mapping_kwargs) in zip(program.xs, (mappings[0], mappings[-1])):
+    policy = c["buffer"] if c["buffer"] in ("ignore", "warn") else "raise"
+    state_out_axes = {c["buffer"]: WithTag("buffer")} if isinstance(c["buffer"], int) else None
+
+    def make(mapping_fn: Callable, mapping_kwargs: dict) -> Callable:
         mapped = smap.StatefulMapping(
             step,
             in_axes=c["x_axis"],
             out_axes=(c["out_axis"], None),
             state_in_axes=state_in_axes,
+            state_out_axes=state_out_axes,
+            unexpected_out_state_mapping=policy,
             axis_name=AXIS,
             mapping_fn=mapping_fn,
             mapping_kwargs=mapping_kwargs,
         )
-        out = mapped(jnp.asarray(x))
+        return smap.jit(mapped) if c["in_jit"] else mapped
+
+    calls = [make(*mappings[0])]
+    calls.append(calls[0] if len(mappings) == 1 else make(*mappings[-1]))
+    records = []
+    for i, (x, call) in enumerate(zip(program.xs, calls)):
+        first = i == 0 or call is not calls[0]
+        if first and i and policy != "raise" and buffer is not None:
+            # Only the mapping that wrote a state per lane by its policy maps it along the lanes' axis after;
+            # to another mapping it is shared, with the lanes' axis in its shape. Given its lane shape back:
+            buffer.reset(jnp.zeros(program.w.shape))
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            out = call(jnp.asarray(x))
+        warned = [w for w in caught if "shared by the lanes but written with a per-lane" in str(w.message)]
+        # 'warn' warns when a mapping first writes the state per lane; its later calls map it along axis 0
+        assert bool(warned) == (policy == "warn" and first), f"{program}: {[str(w.message) for w in caught]}"
         records.append(
             {
                 "out": out,
                 "w": w.value,
                 "count": count.value,
                 "h": None if h is None else h.value,
+                "buffer": None if buffer is None else buffer.value,
                 "key": smap.random.DEFAULT.value,
             }
         )
@@ -299,4 +339,6 @@ def test_the_ci_seeds_draw_every_step_and_strategy():
     seeds = range(GROUP * CI_GROUPS.start, GROUP * CI_GROUPS.stop)
     drawn = {kind for seed in seeds for kind in draw(seed).choices["steps"]}
     assert drawn == set(STEPS)
+    assert {draw(seed).choices["buffer"] for seed in seeds} == set(BUFFERS)
+    assert {draw(seed).choices["in_jit"] for seed in seeds} == {False, True}
     assert {list(STRATEGIES)[seed % len(STRATEGIES)] for seed in seeds} == set(STRATEGIES)
