@@ -436,6 +436,8 @@ class StatefulFunction(Generic[P, R]):
         wanted = list(compiled.input_shardings[0][: len(values)])
         if state_list.writes:
             for state, slot in zip(state_list.writes, compiled.output_shardings[1:]):
+                if slot is None:  # (this program does not write it)
+                    continue
                 i = state_list.index[id(state)]
                 wanted[i] = jax.tree_util.tree_map(
                     lambda taken, written: written if taken is None else taken,

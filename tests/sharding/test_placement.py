@@ -533,6 +533,30 @@ def test_a_batched_state_written_on_a_mesh_follows_a_mapping_on_one_device():
         np.testing.assert_array_equal(smap.random.DEFAULT.value, key)
 
 
+def test_a_call_that_does_not_write_a_listed_pytree_state_moves_the_others():
+    """The mapping's list has a slot for a pytree state that one signature writes; a call of another
+    signature, which leaves it alone, after the default key moved to another device: the key moves
+    back, the pytree state is untouched."""
+    stats = smap.State({"sum": jnp.zeros(3), "max": jnp.zeros(3)})
+
+    def step(x):
+        if x.shape[-1] == 3:
+            stats.value = {"sum": jax.lax.psum(x, "i"), "max": jax.lax.pmax(x, "i")}
+        return x + smap.random.normal(size=x.shape[-1])
+
+    m = smap.StatefulMapping(step, axis_name="i", mapping_fn=sharding.shard_map(mesh_1d(8)))
+    elsewhere = smap.StatefulMapping(step, axis_name="i", mapping_fn=sharding.pmap(jax.devices()[:1]))
+    key = smap.random.DEFAULT.value
+    for mapping, d in ((m, 3), (elsewhere, 2), (m, 4)):
+        x = rand(B, d, seed=d)
+        draws, key = _lane_keys_normal(key, B, d)
+        np.testing.assert_allclose(mapping(x), x + draws, rtol=1e-6)
+        np.testing.assert_array_equal(smap.random.DEFAULT.value, key)
+    x = rand(B, 3, seed=3)
+    np.testing.assert_allclose(stats.value["sum"], x.sum(0), rtol=1e-6)
+    np.testing.assert_allclose(stats.value["max"], x.max(0), rtol=1e-6)
+
+
 def test_an_argument_on_other_devices_is_refused_as_jax_refuses_it():
     """Arguments are the caller's: one committed to other devices than the mapping's is not moved."""
     w = smap.ParamState(jnp.ones(3))
