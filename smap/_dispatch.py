@@ -400,7 +400,8 @@ class StatefulFunction(Generic[P, R]):
                     isinstance(value, jax.Array)
                     and value.committed
                     and sharding is not None  # (an input the program does not read)
-                    and not value.sharding.is_equivalent_to(sharding, value.ndim)
+                    # (not is_equivalent_to: the same devices on a mesh of another shape are refused)
+                    and value.sharding != sharding
                 ):
                     moved = True
                     return _compat.put(value, sharding)

@@ -472,6 +472,27 @@ def test_a_shared_state_follows_mappings_on_other_meshes():
         np.testing.assert_allclose(w.value, want, rtol=1e-6)
 
 
+@pytest.mark.parametrize("in_jit", [False, True])
+def test_a_weight_replicated_on_eight_devices_follows_a_mapping_on_a_grid_of_them(in_jit):
+    """A weight of 4 that a mapping on 8 devices left replicated, then a mapping on a 4 x 2 mesh of the
+    same devices (found by tests/sharding/test_state_fuzz.py, seed 39: the retry took the weight as
+    placed already, replicated on the same devices, but JAX refuses it on a mesh of the other shape)."""
+    w = smap.ParamState(rand(4, seed=1))
+
+    def step(x):
+        w.value = w.value - 0.1 * jax.lax.pmean(x * w.value, "i")
+        return x * w.value
+
+    want = rand(4, seed=1)
+    for mapping_fn in (sharding.pmap(), sharding.shard_map(mesh_2d(), axis="data")):
+        m = smap.StatefulMapping(step, axis_name="i", mapping_fn=mapping_fn)
+        x = rand(B, 4, seed=2)
+        got = (smap.jit(m) if in_jit else m)(x)
+        want = want - 0.1 * jnp.mean(x * want, axis=0)
+        np.testing.assert_allclose(got, x * want, rtol=1e-6)
+        np.testing.assert_allclose(w.value, want, rtol=1e-6)
+
+
 def test_batched_and_shared_states_follow_mappings_off_a_mesh_of_explicit_axes():
     """States a mapping left on a mesh of Explicit axes (whose values' types carry the mesh) move to a
     mapping on one device, and back: the values of plain jax.vmap with the states passed along."""
