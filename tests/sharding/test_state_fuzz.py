@@ -12,7 +12,9 @@ layout; this file draws programs we did not write. Each seed draws a lane over
 - 2 to 5 steps: ``tanh``, ``pmean``, ``psum``, ``pmax``, ``all_gather``,
   ``axis_index``, a draw, a ``cond`` on a lane-dependent predicate (with or
   without a collective in its branches), a ``scan`` (with or without one), a
-  ``fori_loop``;
+  ``fori_loop``, the gradient of a function of the lane's value with respect
+  to the shared weight (``smap.grad`` in the lane), a mapping nested in the
+  lane over the value's elements (``smap.vmap``, with a ``psum`` over them);
 - outputs: the lane's value (mapped along axis 0 or 1) and a lane-invariant
   ``psum`` (``out_axes=None``);
 - a buffer State, or none, that each lane writes with its value and never
@@ -70,6 +72,8 @@ STEPS = (
     "scan",
     "scan_collective",
     "fori",
+    "grad",
+    "nested",
 )
 # The buffer State: none, written back by the unexpected-write policy, or selected by state_out_axes at an axis.
 BUFFERS = (None, "ignore", "warn", 0, 1)
@@ -113,13 +117,22 @@ class Program:
     w: np.ndarray  # the shared weight, (d,)
     h: np.ndarray | None  # the batched state, lanes along choices["h_axis"]
     xs: tuple[np.ndarray, np.ndarray]  # the two calls' arguments, lanes along choices["x_axis"]
-    lane: Callable  # (w, count, h_row, x_row, normal) -> (out, total, w, count, h_row, buffer_row)
+    lane: Callable  # (w, count, h_row, x_row, tools) -> (out, total, w, count, h_row, buffer_row)
 
     def __str__(self) -> str:
         return f"seed {self.seed}: " + ", ".join(f"{k}={v}" for k, v in self.choices.items())
 
 
-def _step(kind: str, v: jax.Array, w: jax.Array, x: jax.Array, normal: Callable) -> jax.Array:
+@dataclasses.dataclass(frozen=True)
+class Tools:
+    """What a lane's steps call that plain JAX and smap spell differently."""
+
+    normal: Callable  # normal(shape): a draw
+    grad_w: Callable  # grad_w(f, w, v): the gradient of f(w, v) with respect to the shared weight w
+    vmap: Callable  # jax.vmap or smap.vmap
+
+
+def _step(kind: str, v: jax.Array, w: jax.Array, x: jax.Array, tools: Tools) -> jax.Array:
     """One step of a lane: ``v`` (the lane's value, shape (d,)) after ``kind``."""
     if kind == "tanh":
         return jnp.tanh(v * w + 0.1)
@@ -135,7 +148,7 @@ def _step(kind: str, v: jax.Array, w: jax.Array, x: jax.Array, normal: Callable)
     if kind == "axis_index":
         return v + 0.01 * jax.lax.axis_index(AXIS)
     if kind == "draw":
-        return v + 0.1 * normal(v.shape)
+        return v + 0.1 * tools.normal(v.shape)
     if kind in ("cond", "cond_collective"):
         inner = (lambda u: u - jax.lax.pmean(u, AXIS)) if kind == "cond_collective" else (lambda u: u)
         return jax.lax.cond(jnp.sum(x) > 0, lambda u: inner(u * 2.0), lambda u: inner(1.0 - u), v)
@@ -149,6 +162,10 @@ def _step(kind: str, v: jax.Array, w: jax.Array, x: jax.Array, normal: Callable)
         return v
     if kind == "fori":
         return jax.lax.fori_loop(0, 2, lambda i, u: 0.5 * u + x * i, v)
+    if kind == "grad":
+        return v + 0.1 * tools.grad_w(lambda w, u: jnp.sum(jnp.tanh(w * u) ** 2), w, v)
+    if kind == "nested":
+        return tools.vmap(lambda e: jnp.tanh(e) + 0.1 * jax.lax.psum(e, "inner"), axis_name="inner")(v)
     raise ValueError(kind)
 
 
@@ -168,10 +185,10 @@ def draw(seed: int) -> Program:
     }
     steps = choices["steps"]
 
-    def lane(w, count, h, x, normal):
+    def lane(w, count, h, x, tools):
         v = x * w if h is None else x * w + h
         for kind in steps:
-            v = _step(kind, v, w, x, normal)
+            v = _step(kind, v, w, x, tools)
         total = jax.lax.psum(jnp.sum(v * v), AXIS)
         if choices["write_w"]:
             w = w - 0.1 * jax.lax.pmean(v, AXIS)
@@ -206,7 +223,8 @@ def reference(program: Program, key: jax.Array) -> list[dict]:
     h_axis = c["h_axis"]
 
     def one(h, x, lane_key, w, count):
-        return program.lane(w, count, h, x, _key_chain(lane_key))
+        tools = Tools(_key_chain(lane_key), lambda f, w, v: jax.grad(f)(w, v), jax.vmap)
+        return program.lane(w, count, h, x, tools)
 
     mapped = jax.jit(
         jax.vmap(
@@ -236,9 +254,13 @@ def under_smap(program: Program, mappings: list[tuple[Callable, dict]]) -> list[
     buffer = None if c["buffer"] is None else smap.State(jnp.zeros(program.w.shape), tag="buffer")
 
     def step(x):
-        normal = lambda shape: smap.random.normal(size=shape)  # noqa: E731
+        tools = Tools(
+            lambda shape: smap.random.normal(size=shape),
+            lambda f, _, v: smap.grad(lambda v: f(w.value, v), grad_states=w)(v),
+            smap.vmap,
+        )
         out, total, new_w, new_count, new_h, new_buffer = program.lane(
-            w.value, count.value, None if h is None else h.value, x, normal
+            w.value, count.value, None if h is None else h.value, x, tools
         )
         w.value, count.value = new_w, new_count
         if h is not None:
@@ -327,7 +349,7 @@ def check(index: int) -> None:
             assert_same(under_smap(program, mappings), want, program, where)
 
 
-CI_GROUPS = range(8)
+CI_GROUPS = range(4, 12)  # seeds 8-23: every step, buffer, strategy, with and without smap.jit
 
 
 @pytest.mark.parametrize("index", fuzz_groups(GROUP, CI_GROUPS))
