@@ -386,12 +386,16 @@ class StatefulFunction(Generic[P, R]):
             raise error
         states, writes = state_list.states, state_list.writes
         values = [s._value for s in states]
+
+        def fresh() -> _StateList:  # (its dispatcher has traced nothing)
+            return _StateList(states, writes, state_list.group, self)
+
         try:
-            _StateList(states, writes, state_list.group, self).dispatch.lower(*values, *args, **kwargs).compile()
+            fresh().dispatch.lower(*values, *args, **kwargs).compile()
         except ValueError as refusal:
             if not _compat.refuses_placement(refusal):
                 raise
-            wanted = self._input_shardings(state_list, args, kwargs)
+            wanted = _input_shardings(fresh(), values, args, kwargs)
             moved = False
 
             def move(value: Any, sharding: Any) -> Any:
@@ -412,41 +416,9 @@ class StatefulFunction(Generic[P, R]):
                 raise error from None
             for state, value in zip(states, new):
                 state._value = value
-        placed = _StateList(states, writes, state_list.group, self)
+        placed = fresh()
         placed.placed = True
         return _MissingStates(states, writes, placed)
-
-    def _input_shardings(self, state_list: _StateList, args: tuple, kwargs: dict) -> list:
-        """Where a new dispatcher of ``state_list``, compiled with the states' abstract values, takes each state.
-
-        The states hold their abstract values meanwhile, so that no written state is constrained to
-        where it lay. A state the program writes without reading it is taken where it is written.
-        """
-        values = [s._value for s in state_list.states]
-        abstract = jax.tree_util.tree_map(
-            lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype) if isinstance(v, jax.Array) else v, values
-        )
-        for state, value in zip(state_list.states, abstract):
-            state._value = value
-        try:
-            dispatch = _StateList(state_list.states, state_list.writes, state_list.group, self).dispatch
-            compiled = dispatch.lower(*abstract, *args, **kwargs).compile()
-        finally:
-            for state, value in zip(state_list.states, values):
-                state._value = value
-        wanted = list(compiled.input_shardings[0][: len(values)])
-        if state_list.writes:
-            for state, slot in zip(state_list.writes, compiled.output_shardings[1:]):
-                if slot is None:  # (this program does not write it)
-                    continue
-                i = state_list.index[id(state)]
-                wanted[i] = jax.tree_util.tree_map(
-                    lambda taken, written: written if taken is None else taken,
-                    wanted[i],
-                    _unslot(slot),
-                    is_leaf=lambda x: x is None,
-                )
-        return wanted
 
     def _extend(self, missing: _MissingStates, args: tuple, kwargs: dict, again: Callable | None = None) -> Any:
         """The call again (or ``again``), with a list that has the states a trace found and a slot for each it writes.
@@ -710,6 +682,36 @@ def _compile_call(owner: StatefulFunction, state_list: _StateList, arity: int | 
     }
     exec(compile(source, f"{_locks.CALL_FILE} of {owner.name} with {n} states>", "exec"), namespace)
     return namespace["make"](owner, state_list, _compat.ArrayImpl, *state_list.states)
+
+
+def _input_shardings(state_list: _StateList, values: list, args: tuple, kwargs: dict) -> list:
+    """Where ``state_list``'s dispatcher, new and compiled with the abstract of the states' ``values``, takes each.
+
+    The states hold their abstract values meanwhile, so that no written state is constrained to
+    where it lay. A state the program writes without reading it is taken where it is written.
+    """
+    abstract = jax.tree_util.tree_map(
+        lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype) if isinstance(v, jax.Array) else v, values
+    )
+    for state, value in zip(state_list.states, abstract):
+        state._value = value
+    try:
+        compiled = state_list.dispatch.lower(*abstract, *args, **kwargs).compile()
+    finally:
+        for state, value in zip(state_list.states, values):
+            state._value = value
+    wanted = list(compiled.input_shardings[0][: len(values)])
+    written = zip(state_list.writes, compiled.output_shardings[1:]) if state_list.writes else ()
+    for state, slot in written:
+        if slot is not None:  # (None: this program does not write it)
+            i = state_list.index[id(state)]
+            wanted[i] = jax.tree_util.tree_map(
+                lambda taken, out: out if taken is None else taken,
+                wanted[i],
+                _unslot(slot),
+                is_leaf=lambda x: x is None,
+            )
+    return wanted
 
 
 def _keep_placement(new: Any, old: Any) -> Any:
