@@ -21,7 +21,11 @@ layout; this file draws programs we did not write. Each seed draws a lane over
   reads: selected by ``state_out_axes`` at axis 0 or 1, or left to the
   unexpected-write policy ``'ignore'`` or ``'warn'`` (axis 0; ``'warn'`` warns
   at a mapping's first call);
-- the mapping called as it is or inside ``smap.jit``.
+- the mapping called as it is or inside ``smap.jit``;
+- the written states donated to the program (``donate_states``), or not;
+- a call that fails (an argument whose rows do not fit the weight) before the
+  second call, or none: it raises, and every State, the default key included,
+  holds the value it had before it.
 
 The reference is the same lane in plain JAX: ``jax.vmap`` with the states passed
 explicitly, each lane drawing from its key as ``smap.random`` splits it (lane
@@ -182,6 +186,8 @@ def draw(seed: int) -> Program:
         "steps": [STEPS[i] for i in rng.integers(0, len(STEPS), int(rng.integers(2, 6)))],
         "buffer": BUFFERS[int(rng.integers(0, len(BUFFERS)))],
         "in_jit": bool(rng.integers(0, 2)),
+        "donate": bool(rng.integers(0, 2)),
+        "fail": bool(rng.integers(0, 2)),
     }
     steps = choices["steps"]
 
@@ -284,14 +290,31 @@ def under_smap(program: Program, mappings: list[tuple[Callable, dict]]) -> list[
             axis_name=AXIS,
             mapping_fn=mapping_fn,
             mapping_kwargs=mapping_kwargs,
+            donate_states=c["donate"],
         )
         return smap.jit(mapped) if c["in_jit"] else mapped
+
+    def values() -> dict:
+        """The States' values, copied to the host: a donating call deletes the arrays it was given."""
+        held = {"w": w, "count": count, "h": h, "buffer": buffer, "key": smap.random.DEFAULT}
+        return {k: None if s is None else np.asarray(s.value) for k, s in held.items()}
 
     calls = [make(*mappings[0])]
     calls.append(calls[0] if len(mappings) == 1 else make(*mappings[-1]))
     records = []
     for i, (x, call) in enumerate(zip(program.xs, calls)):
         first = i == 0 or call is not calls[0]
+        if i and c["fail"]:
+            before = values()
+            rows = np.zeros_like(x, shape=(B, c["d"] + 1) if c["x_axis"] == 0 else (c["d"] + 1, B))
+            with pytest.raises(TypeError, match="broadcast"), warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                call(jnp.asarray(rows))
+            after = values()
+            for k in before:
+                assert (before[k] is None) == (after[k] is None), f"{program}: {k}"
+                if before[k] is not None:
+                    np.testing.assert_array_equal(after[k], before[k], err_msg=f"{program}: {k} after a failed call")
         if first and i and policy != "raise" and buffer is not None:
             # Only the mapping that wrote a state per lane by its policy maps it along the lanes' axis after;
             # to another mapping it is shared, with the lanes' axis in its shape. Given its lane shape back:
@@ -302,16 +325,7 @@ def under_smap(program: Program, mappings: list[tuple[Callable, dict]]) -> list[
         warned = [w for w in caught if "shared by the lanes but written with a per-lane" in str(w.message)]
         # 'warn' warns when a mapping first writes the state per lane; its later calls map it along axis 0
         assert bool(warned) == (policy == "warn" and first), f"{program}: {[str(w.message) for w in caught]}"
-        records.append(
-            {
-                "out": out,
-                "w": w.value,
-                "count": count.value,
-                "h": None if h is None else h.value,
-                "buffer": None if buffer is None else buffer.value,
-                "key": smap.random.DEFAULT.value,
-            }
-        )
+        records.append({"out": jax.device_get(out), **values()})
     return records
 
 
@@ -345,7 +359,7 @@ def check(index: int) -> None:
             (strategy, [STRATEGIES[strategy]()]),
             (f"{strategy}, then {then}", [STRATEGIES[strategy](), STRATEGIES[then]()]),
         ):
-            smap.random.DEFAULT.value = key
+            smap.random.DEFAULT.value = jnp.array(key)  # a copy: a donating call deletes the array it is given
             assert_same(under_smap(program, mappings), want, program, where)
 
 
@@ -362,5 +376,6 @@ def test_the_ci_seeds_draw_every_step_and_strategy():
     drawn = {kind for seed in seeds for kind in draw(seed).choices["steps"]}
     assert drawn == set(STEPS)
     assert {draw(seed).choices["buffer"] for seed in seeds} == set(BUFFERS)
-    assert {draw(seed).choices["in_jit"] for seed in seeds} == {False, True}
+    for choice in ("in_jit", "donate", "fail"):
+        assert {draw(seed).choices[choice] for seed in seeds} == {False, True}, choice
     assert {list(STRATEGIES)[seed % len(STRATEGIES)] for seed in seeds} == set(STRATEGIES)
