@@ -79,8 +79,8 @@ def test_threaded_calls_equal_a_sequential_order(transform):
     assert sorted(int(old) for old, _ in results) == list(range(n))
     assert int(counter.value) == n
     expected, last = reference_draws(3, n, per_lane=transform == "vmap")
-    for old, draw in results:
-        np.testing.assert_array_equal(np.asarray(draw), np.asarray(expected[int(old)]))
+    for old, draw in results:  # (to round-off: the draw is compiled into the call, the reference's is not)
+        np.testing.assert_allclose(np.asarray(draw), np.asarray(expected[int(old)]), rtol=1e-6)
     np.testing.assert_array_equal(np.asarray(rng.value), np.asarray(last))
 
 

@@ -297,8 +297,11 @@ def group(index: int) -> tuple[list[Program], str]:
     return [draw(seed, lanes) for seed in range(GROUP * index, GROUP * (index + 1))], adapter
 
 
-def check(index: int) -> None:
+def check(index: int, seeds: tuple[int, ...] | None = None) -> None:
+    """The programs of group ``index`` (those of ``seeds`` only, given them) under jax.vmap and on
+    8 devices, with each setting of ``REWRITES``."""
     programs, adapter = group(index)
+    programs = [p for p in programs if seeds is None or p.seed in seeds]
     want = reference(programs)
     lanes = programs[0].data[0].shape[0]
     bf16 = [p.choices["dtype"] == "bfloat16" for p in programs]
@@ -325,14 +328,15 @@ def test_the_ci_seeds_draw_distinct_programs():
     assert len({str(p).split(": ", 1)[1] for p in programs}) == len(programs)
 
 
-# Groups that once failed, kept as regressions: group 1596, seed 6386 (bfloat16, two layer
-# norms), whose values move by 12% with where bfloat16 rounds (see assert_close).
-FOUND_GROUPS = (1596,)
+# Seeds that once failed, kept as regressions, each in its group (its lanes, its adapter): seed
+# 6386 of group 1596 (bfloat16, two layer norms), whose values move by 12% with where bfloat16
+# rounds (see assert_close).
+FOUND = {1596: (6386,)}
 
 
-@pytest.mark.parametrize("index", FOUND_GROUPS)
-def test_groups_the_fuzzer_once_failed(index):
-    check(index)
+@pytest.mark.parametrize("index", FOUND)
+def test_seeds_the_fuzzer_once_failed_on(index):
+    check(index, FOUND[index])
 
 
 def test_a_bfloat16_lane_one_per_device_gives_the_plain_shard_map_values():
