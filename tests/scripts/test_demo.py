@@ -29,6 +29,15 @@ def test_demo_reaches_its_accuracy_and_prints_mesh_table_and_progress():
     assert accuracy >= 0.95
 
 
+@pytest.fixture(scope="module")
+def vmap_run(tmp_path_factory) -> pathlib.Path:
+    """The parameters after an epoch under jax.vmap on one device: what every mapping must give."""
+    reference = tmp_path_factory.mktemp("demo") / "vmap.npz"
+    result = _demo("--mapping", "vmap", "--devices", "1", "--epochs", "1", "--save", str(reference))
+    assert result.returncode == 0, result.stdout + result.stderr
+    return reference
+
+
 @pytest.mark.parametrize(
     "options",
     [
@@ -38,14 +47,11 @@ def test_demo_reaches_its_accuracy_and_prints_mesh_table_and_progress():
     ],
     ids=["pmap-4", "shard_map-8", "shard_map-2x2-processes"],
 )
-def test_same_seed_gives_the_same_parameters_whatever_the_mapping(tmp_path, options, close):
-    reference = tmp_path / "vmap.npz"
-    result = _demo("--mapping", "vmap", "--devices", "1", "--epochs", "1", "--save", str(reference))
-    assert result.returncode == 0, result.stdout + result.stderr
+def test_same_seed_gives_the_same_parameters_whatever_the_mapping(vmap_run, tmp_path, options, close):
     other = tmp_path / "other.npz"
     result = _demo(*options, "--epochs", "1", "--save", str(other))
     assert result.returncode == 0, result.stdout + result.stderr
-    expected, got = np.load(reference), np.load(other)
+    expected, got = np.load(vmap_run), np.load(other)
     assert sorted(expected) == ["b1", "b2", "w1", "w2"]
     close(dict(got), dict(expected), rtol=1e-4, atol=1e-5)
 
