@@ -25,7 +25,9 @@ layout; this file draws programs we did not write. Each seed draws a lane over
 - the written states donated to the program (``donate_states``), or not;
 - a call that fails (an argument whose rows do not fit the weight) before the
   second call, or none: it raises, and every State, the default key included,
-  holds the value it had before it.
+  holds the value it had before it;
+- the States saved with ``smap.checkpoint`` after the first call, overwritten
+  and restored, or not: each holds its value again, placed where it was.
 
 The reference is the same lane in plain JAX: ``jax.vmap`` with the states passed
 explicitly, each lane drawing from its key as ``smap.random`` splits it (lane
@@ -47,6 +49,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import tempfile
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -188,6 +191,7 @@ def draw(seed: int) -> Program:
         "in_jit": bool(rng.integers(0, 2)),
         "donate": bool(rng.integers(0, 2)),
         "fail": bool(rng.integers(0, 2)),
+        "checkpoint": bool(rng.integers(0, 2)),
     }
     steps = choices["steps"]
 
@@ -294,27 +298,46 @@ def under_smap(program: Program, mappings: list[tuple[Callable, dict]]) -> list[
         )
         return smap.jit(mapped) if c["in_jit"] else mapped
 
+    held = {"w": w, "count": count, "h": h, "buffer": buffer, "key": smap.random.DEFAULT}
+
     def values() -> dict:
         """The States' values, copied to the host: a donating call deletes the arrays it was given."""
-        held = {"w": w, "count": count, "h": h, "buffer": buffer, "key": smap.random.DEFAULT}
         return {k: None if s is None else np.asarray(s.value) for k, s in held.items()}
+
+    def assert_unchanged(before: dict, what: str) -> None:
+        after = values()
+        for k in before:
+            assert (before[k] is None) == (after[k] is None), f"{program}: {k}"
+            if before[k] is not None:
+                np.testing.assert_array_equal(after[k], before[k], err_msg=f"{program}: {k} {what}")
+
+    def checkpoint_round_trip() -> None:
+        """Save the States, overwrite them, restore them: the values and placements they had."""
+        states = {k: s for k, s in held.items() if s is not None}
+        before, placed = values(), {k: s.value.sharding for k, s in states.items()}
+        with tempfile.TemporaryDirectory() as directory:
+            smap.checkpoint.save(directory, states, step=1)
+            for s in states.values():
+                s.value = jnp.zeros_like(s.value)
+            assert smap.checkpoint.restore(directory, states) == 1
+        assert_unchanged(before, "after a checkpoint's round trip")
+        for k, s in states.items():
+            assert s.value.sharding == placed[k], f"{program}: {k} restored on {s.value.sharding}, not {placed[k]}"
 
     calls = [make(*mappings[0])]
     calls.append(calls[0] if len(mappings) == 1 else make(*mappings[-1]))
     records = []
     for i, (x, call) in enumerate(zip(program.xs, calls)):
         first = i == 0 or call is not calls[0]
+        if i and c["checkpoint"]:
+            checkpoint_round_trip()
         if i and c["fail"]:
             before = values()
             rows = np.zeros_like(x, shape=(B, c["d"] + 1) if c["x_axis"] == 0 else (c["d"] + 1, B))
             with pytest.raises(TypeError, match="broadcast"), warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 call(jnp.asarray(rows))
-            after = values()
-            for k in before:
-                assert (before[k] is None) == (after[k] is None), f"{program}: {k}"
-                if before[k] is not None:
-                    np.testing.assert_array_equal(after[k], before[k], err_msg=f"{program}: {k} after a failed call")
+            assert_unchanged(before, "after a failed call")
         if first and i and policy != "raise" and buffer is not None:
             # Only the mapping that wrote a state per lane by its policy maps it along the lanes' axis after;
             # to another mapping it is shared, with the lanes' axis in its shape. Given its lane shape back:
@@ -376,6 +399,6 @@ def test_the_ci_seeds_draw_every_step_and_strategy():
     drawn = {kind for seed in seeds for kind in draw(seed).choices["steps"]}
     assert drawn == set(STEPS)
     assert {draw(seed).choices["buffer"] for seed in seeds} == set(BUFFERS)
-    for choice in ("in_jit", "donate", "fail"):
+    for choice in ("in_jit", "donate", "fail", "checkpoint"):
         assert {draw(seed).choices[choice] for seed in seeds} == {False, True}, choice
     assert {list(STRATEGIES)[seed % len(STRATEGIES)] for seed in seeds} == set(STRATEGIES)
