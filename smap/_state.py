@@ -263,7 +263,17 @@ class State:
             self._value = value
 
     def write_back(self, value: Any) -> None:
-        """Write a value computed by a transform (already validated by it)."""
+        """Write a value computed by a transform (already validated by it): no check of its structure, shape or dtype.
+
+        For transforms and tools that check the value themselves; user code writes ``.value``.
+
+        Example:
+            >>> import jax.numpy as jnp, smap
+            >>> count = smap.State(jnp.zeros(()))
+            >>> count.write_back(jnp.ones(()))
+            >>> count.value
+            Array(1., dtype=float32)
+        """
         frames = active_frames()
         if frames:
             frames[-1].write(self, value, check=False)
@@ -309,7 +319,17 @@ class State:
         return None
 
     def peek(self) -> Any:
-        """The stored value, without recording a read (for reprs and tools)."""
+        """The stored value, without recording a read (for reprs and tools).
+
+        Example:
+            >>> import jax.numpy as jnp, smap
+            >>> w = smap.ParamState(jnp.ones(2))
+            >>> @smap.jit
+            ... def shape_of_w():
+            ...     return jnp.zeros(w.peek().shape)  # w is not an input of the program
+            >>> shape_of_w.trace().jaxpr.in_avals
+            []
+        """
         return self._stored()
 
     # -- identity ------------------------------------------------------------
@@ -334,7 +354,20 @@ class State:
         return tuple(parts)
 
     def describe(self) -> str:
-        """How errors name this state: its dotted path, or its type, shape and dtype."""
+        """How errors name this state: its dotted path, or its type, shape and dtype.
+
+        Example:
+            >>> import jax.numpy as jnp, smap
+            >>> class Layer(smap.nn.Module):
+            ...     def __init__(self):
+            ...         self.weight = smap.ParamState(jnp.ones((2, 3)))
+            >>> layer = Layer()
+            >>> _ = layer.states()  # records each state's path
+            >>> layer.weight.describe()
+            "state 'weight' (ParamState)"
+            >>> smap.State(jnp.zeros(3)).describe()
+            'State float32[3]'
+        """
         path = self.path
         if path:
             return f"state '{'.'.join(map(str, path))}' ({type(self).__name__})"

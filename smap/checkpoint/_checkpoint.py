@@ -156,11 +156,28 @@ class PendingSave:
             self._error = error
 
     def done(self) -> bool:
-        """Whether the save has finished (committed, or failed: then ``wait`` raises)."""
+        """Whether the save has finished (committed, or failed: then ``wait`` raises).
+
+        Example:
+            >>> import tempfile, time, jax.numpy as jnp, smap
+            >>> pending = smap.checkpoint.save(tempfile.mkdtemp(), {'w': smap.State(jnp.ones(2))}, step=0, wait=False)
+            >>> while not pending.done():
+            ...     time.sleep(0.01)
+            >>> pending.wait()  # finished: returns at once, raising if the save failed
+        """
         return not self._thread.is_alive()
 
     def wait(self) -> None:
-        """Block until the step is committed and durable; raise :class:`CheckpointError` if the save failed."""
+        """Block until the step is committed and durable; raise :class:`CheckpointError` if the save failed.
+
+        Example:
+            >>> import tempfile, jax.numpy as jnp, smap
+            >>> directory = tempfile.mkdtemp()
+            >>> pending = smap.checkpoint.save(directory, {'w': smap.State(jnp.ones(2))}, step=3, wait=False)
+            >>> pending.wait()
+            >>> smap.checkpoint.steps(directory)
+            [3]
+        """
         self._thread.join()
         self._observed = True
         if self._error is not None:

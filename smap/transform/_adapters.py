@@ -197,7 +197,16 @@ class ShardMap(_Adapter):
             self.mesh_and_axes()
 
     def mesh_and_axes(self) -> tuple[Any, tuple[str, ...]]:
-        """The mesh and the mesh axes that lanes are split over."""
+        """The mesh and the mesh axes that lanes are split over.
+
+        Example:
+            >>> import jax, smap
+            >>> mesh = jax.make_mesh((4, 2), ('data', 'model'))
+            >>> smap.devices.shard_map(mesh, axis='data').mesh_and_axes()[1]
+            ('data',)
+            >>> smap.devices.shard_map(mesh, axis=None).mesh_and_axes()[1]  # every axis of the mesh
+            ('data', 'model')
+        """
         mesh = self._mesh if self._mesh is not None else _compat.ambient_mesh()
         if mesh is None:
             raise ValueError(
@@ -219,7 +228,15 @@ class ShardMap(_Adapter):
         return self.mesh_and_axes()[1]
 
     def lane_spec(self, ndim: int, axis: int | None) -> PartitionSpec:
-        """The PartitionSpec of a value of rank ``ndim`` mapped along ``axis`` (None: replicated)."""
+        """The PartitionSpec of a value of rank ``ndim`` mapped along ``axis`` (None: replicated).
+
+        Example:
+            >>> import jax, smap
+            >>> from jax.sharding import PartitionSpec as P
+            >>> mapping_fn = smap.devices.shard_map(jax.make_mesh((8,), ('data',)), axis='data')
+            >>> mapping_fn.lane_spec(2, 1) == P(None, 'data'), mapping_fn.lane_spec(2, None) == P()
+            (True, True)
+        """
         if axis is None:
             return PartitionSpec()
         axes = self.axes

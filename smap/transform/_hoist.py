@@ -92,9 +92,9 @@ def split_tail(
         >>> import jax, jax.numpy as jnp
         >>> from smap.transform._hoist import split_tail
         >>> def lane(x, w):
-        ...     g = jax.lax.pmean(x * w, "i")
+        ...     g = jax.lax.psum(x * w, "i")
         ...     return x * 2, w - 0.1 * g
-        >>> program = jax.make_jaxpr(lane, axis_env=[("i", 4)])(1.0, 1.0)
+        >>> program = jax.make_jaxpr(lane, axis_env=[("i", 4)])(jnp.ones(3), jnp.ones(3))
         >>> cut = split_tail(program, [True, False], [0, None], "i")
         >>> cut.kept, cut.hoisted, [str(e.primitive) for e in cut.tail.eqns]
         ((0,), (1,), ['mul', 'sub'])

@@ -325,12 +325,3 @@ def test_the_fused_weight_gradient_is_the_batch_steps_product(form):
     want = dots(batch.lower(w0, x).compile().as_text())
     assert dots(per_example(False)) != want  # the per-example products, without the fusion
     assert dots(per_example(True)) == want
-
-
-def test_the_module_docstring_examples_run():
-    import doctest
-
-    from smap.transform import _fuse_layers
-
-    result = doctest.testmod(_fuse_layers)
-    assert result.attempted > 0 and result.failed == 0
