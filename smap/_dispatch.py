@@ -49,10 +49,7 @@ def _leaf_signature(x: Any) -> tuple | type:
     except AttributeError:
         if isinstance(x, (bool, int, float, complex)):
             return type(x)
-        raise TypeError(
-            f"expected arrays or Python scalars as arguments, got {type(x).__name__!r}; "
-            f"mark non-array arguments as static."
-        ) from None
+        raise TypeError(f"expected an array or a Python scalar, got {type(x).__name__!r}") from None
 
 
 class ArgSignature(NamedTuple):
@@ -226,7 +223,21 @@ class StatefulFunction(Generic[P, R]):
         dyn_args = tuple(a for i, a in enumerate(args) if i not in nums)
         dyn_kwargs = {k: v for k, v in kwargs.items() if k not in self.static_argnames}
         leaves, tree = jax.tree_util.tree_flatten((dyn_args, dyn_kwargs))
-        return ArgSignature(tree, static, len(args), tuple(map(_leaf_signature, leaves))), leaves, dyn_args, dyn_kwargs
+        try:
+            signature = tuple(map(_leaf_signature, leaves))
+        except TypeError:
+            positions = [i for i in range(len(args)) if i not in nums]
+            for root, given in (("args", dict(zip(positions, dyn_args))), ("kwargs", dyn_kwargs)):
+                for path, leaf in jax.tree_util.tree_flatten_with_path(given)[0]:
+                    try:
+                        _leaf_signature(leaf)
+                    except TypeError as error:
+                        raise TypeError(
+                            f"{self.name}: {root}{jax.tree_util.keystr(path)}: {error}; "
+                            f"mark non-array arguments as static (static_argnums or static_argnames)."
+                        ) from None
+            raise
+        return ArgSignature(tree, static, len(args), signature), leaves, dyn_args, dyn_kwargs
 
     def _bind_static(self, static: tuple, n_args: int) -> Callable:
         if not static:
@@ -356,7 +367,11 @@ class StatefulFunction(Generic[P, R]):
 
         A state's value is what ``State.value`` reads: inside a trace (a nested call's list), its caller's.
         """
-        out = state_list.dispatch(*[s.value for s in state_list.states], *args, **kwargs)
+        try:
+            out = state_list.dispatch(*[s.value for s in state_list.states], *args, **kwargs)
+        except TypeError:  # perhaps an argument that is not an array: named by the signature's error
+            self.signature_key(*args, **kwargs)
+            raise
         if state_list.writes:
             out, *slots = out
             nested = state_list.group is _UNLOCKED  # (its written values are its caller's tracers)
@@ -547,6 +562,9 @@ class StatefulFunction(Generic[P, R]):
                 return getattr(state_list.dispatch, stage)(*[s._value for s in state_list.states], *args, **kwargs)
             except _MissingStates as error:
                 missing = error
+            except TypeError:  # perhaps an argument that is not an array: named by the signature's error
+                self.signature_key(*args, **kwargs)
+                raise
         return self._extend(missing, args, kwargs, lambda *a, **k: self._ahead_of_time(stage, a, k))
 
     def _call_in_trace(self, args: tuple, kwargs: dict) -> Any:
@@ -594,6 +612,9 @@ _BODY = """\
             missing = error
         except ValueError as error:  # perhaps a state left on other devices than this call's: moved, and again
             missing = owner._moved(error, state_list, {args}, {kwargs})
+        except TypeError:  # perhaps an argument that is not an array: named by the signature's error
+            owner.signature_key(*{args}, **{kwargs})
+            raise
         else:
             return {result}
         finally:  # group.give(), written out

@@ -60,6 +60,59 @@ def test_grad_with_aux_that_is_not_arrays_names_the_leaf(close):
     close((grads, aux), (ref_grads, ref_aux))
 
 
+def _counting_step():
+    w = smap.ParamState(jnp.ones(2))
+    calls = smap.LongTermState(jnp.zeros(()))
+
+    def step(n, x, extra=None):
+        calls.value = calls.value + 1
+        w.value = w.value + jnp.sum(x) * n
+        return x * w.value
+
+    return step, (w, calls)
+
+
+@pytest.mark.parametrize(
+    "make, call, where",
+    [
+        (lambda f: smap.jit(f), lambda f: f(2.0, "abc"), r"args\[1\]"),
+        (lambda f: smap.jit(f, static_argnums=0), lambda f: f(2, jnp.ones(2), {"a": "b"}), r"args\[2\]\['a'\]"),
+        (
+            lambda f: smap.vmap(f, in_axes=(None, 0)),
+            lambda f: f(2.0, jnp.ones((4, 2)), extra=[1.0, object()]),
+            r"kwargs\['extra'\]\[1\]",
+        ),
+        (lambda f: smap.grad(lambda n, x: f(n, x).sum(), argnums=1), lambda f: f(2.0, "abc"), r"args\[1\]"),
+        (lambda f: smap.jit(f), lambda f: f.lower(2.0, "abc"), r"args\[1\]"),
+    ],
+    ids=["jit", "jit, after a static argument", "vmap, a keyword", "grad", "lower"],
+)
+def test_an_argument_that_is_not_an_array_is_named(make, call, where):
+    """JAX's own error would count the states' values among the arguments; smap names the user's."""
+    step, states = _counting_step()
+    f = make(step)
+    before = values(*states)
+    with pytest.raises(
+        TypeError, match=where + r": expected an array or a Python scalar, got '(str|object)'; mark non-array"
+    ):
+        call(f)
+    for state, old in zip(states, before):
+        np.testing.assert_array_equal(np.asarray(state.value), old)
+
+
+def test_an_argument_that_is_not_an_array_is_named_on_the_cached_path(close):
+    step, (w, calls) = _counting_step()
+    f = smap.jit(step)
+    f(2.0, jnp.ones(2))
+    f(2.0, jnp.ones(2))  # the call written out for two arguments
+    before = values(w, calls)
+    with pytest.raises(TypeError, match=r"args\[1\]: expected an array or a Python scalar, got 'str'"):
+        f(2.0, "abc")
+    for state, old in zip((w, calls), before):
+        np.testing.assert_array_equal(np.asarray(state.value), old)
+    close(f(2.0, jnp.ones(2)), jnp.ones(2) * (before[0] + 4.0))  # and the next call runs as before
+
+
 @pytest.mark.parametrize("key", ["nope", ("a", "b"), None])
 def test_get_jaxpr_by_cache_with_something_that_is_not_a_key(key):
     f = smap.jit(lambda x: x + 1)
