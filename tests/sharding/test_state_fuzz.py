@@ -9,12 +9,16 @@ layout; this file draws programs we did not write. Each seed draws a lane over
   shared ``ParamState`` read by every lane and, or not, written with a
   lane-invariant update (after a ``pmean``), a shared step counter, and draws
   from ``smap.random`` (or none);
-- 2 to 5 steps: ``tanh``, ``pmean``, ``psum``, ``pmax``, ``all_gather``,
-  ``axis_index``, a draw, a ``cond`` on a lane-dependent predicate (with or
-  without a collective in its branches), a ``scan`` (with or without one), a
-  ``fori_loop``, the gradient of a function of the lane's value with respect
-  to the shared weight (``smap.grad`` in the lane), a mapping nested in the
-  lane over the value's elements (``smap.vmap``, with a ``psum`` over them);
+- 2 to 5 steps: ``tanh``, ``pmean``, ``psum``, ``pmax``, ``pmin``,
+  ``all_gather``, ``axis_index``, a draw, a ``cond`` on a lane-dependent
+  predicate (with or without a collective in its branches), a ``scan`` (with
+  or without one), a ``fori_loop``, a ``while_loop`` whose trip count
+  differs between lanes around a ``switch``, a sort with a lane-dependent
+  slice and scatter, the gradient of a function of the lane's value with
+  respect to the shared weight (``smap.grad`` in the lane; or through
+  ``jax.checkpoint`` and a ``jax.custom_vjp`` that clips its cotangent), a
+  mapping nested in the lane over the value's elements (``smap.vmap``, with a
+  ``psum`` over them);
 - outputs: the lane's value (mapped along axis 0 or 1) and a lane-invariant
   ``psum`` (``out_axes=None``);
 - a buffer State, or none, that each lane writes with its value and never
@@ -71,6 +75,7 @@ STEPS = (
     "pmean",
     "psum",
     "pmax",
+    "pmin",
     "all_gather",
     "axis_index",
     "draw",
@@ -79,7 +84,10 @@ STEPS = (
     "scan",
     "scan_collective",
     "fori",
+    "while_switch",
+    "sort_index",
     "grad",
+    "grad_remat",
     "nested",
 )
 # The buffer State: none, written back by the unexpected-write policy, or selected by state_out_axes at an axis.
@@ -139,6 +147,15 @@ class Tools:
     vmap: Callable  # jax.vmap or smap.vmap
 
 
+@jax.custom_vjp
+def _clipped_cotangent(u: jax.Array) -> jax.Array:
+    """The identity, whose cotangent is clipped to [-0.1, 0.1] (a rule JAX cannot derive)."""
+    return u
+
+
+_clipped_cotangent.defvjp(lambda u: (u, None), lambda _, g: (jnp.clip(g, -0.1, 0.1),))
+
+
 def _step(kind: str, v: jax.Array, w: jax.Array, x: jax.Array, tools: Tools) -> jax.Array:
     """One step of a lane: ``v`` (the lane's value, shape (d,)) after ``kind``."""
     if kind == "tanh":
@@ -149,6 +166,8 @@ def _step(kind: str, v: jax.Array, w: jax.Array, x: jax.Array, tools: Tools) -> 
         return v + 0.1 * jax.lax.psum(v, AXIS)
     if kind == "pmax":
         return v - jax.lax.pmax(v, AXIS)
+    if kind == "pmin":
+        return v - jax.lax.pmin(v, AXIS)
     if kind == "all_gather":
         gathered = jax.lax.all_gather(v, AXIS)  # (lanes, d)
         return v + 0.1 * jnp.sum(gathered * jnp.arange(1.0, B + 1)[:, None], axis=0)
@@ -169,8 +188,23 @@ def _step(kind: str, v: jax.Array, w: jax.Array, x: jax.Array, tools: Tools) -> 
         return v
     if kind == "fori":
         return jax.lax.fori_loop(0, 2, lambda i, u: 0.5 * u + x * i, v)
+    if kind == "while_switch":
+        trips = jnp.where(jnp.sum(x) > 0, 3, 1)  # differs between lanes
+
+        def turn(c: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array]:
+            i, u = c
+            return i + 1, jax.lax.switch(i % 3, [jnp.sin, jnp.cos, lambda a: 0.5 * a * w], u)
+
+        return jax.lax.while_loop(lambda c: c[0] < trips, turn, (0, v))[1]
+    if kind == "sort_index":
+        at = jnp.argmax(x)  # differs between lanes
+        shifted = jax.lax.dynamic_slice(jnp.concatenate([v, v]), (at,), v.shape)
+        return (jnp.sort(v) + 0.5 * shifted).at[at].add(jnp.max(v))
     if kind == "grad":
         return v + 0.1 * tools.grad_w(lambda w, u: jnp.sum(jnp.tanh(w * u) ** 2), w, v)
+    if kind == "grad_remat":
+        remat = jax.checkpoint(lambda a: jnp.sin(_clipped_cotangent(a)))
+        return v + tools.grad_w(lambda w, u: jnp.sum(remat(w * u) ** 2), w, v)
     if kind == "nested":
         return tools.vmap(lambda e: jnp.tanh(e) + 0.1 * jax.lax.psum(e, "inner"), axis_name="inner")(v)
     raise ValueError(kind)
