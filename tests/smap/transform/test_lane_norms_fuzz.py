@@ -4,7 +4,10 @@ Each seed draws a DP-SGD lane from a small grammar:
 
 - layers: dense, einsum, einsum with a weight per head (a batch dimension),
   a slice of a weight, a 1-D convolution (stride 1 or 2, kernel dilation 1
-  or 2), layernorm, self-attention, over 1
+  or 2), layernorm, self-attention, and last, for some seeds, a 2-D
+  convolution (the tokens as rows, the value and its sine as two columns;
+  a 1 to 3 by 1 or 2 kernel, stride 1 or 2 over the rows, ``SAME`` or
+  ``VALID``, dense or depthwise), over 1
   to 4 tokens of widths 2 to 9 (so that both the Gram form and the product
   are chosen), after an optional embedding (``table[ids]``, ``jnp.take``
   with ``mode='clip'``, or ``.at[].get(mode='fill')``, ids out of range
@@ -95,6 +98,7 @@ def draw(seed: int, lanes: int, in_float32: bool = False) -> Program:
         return name
 
     d = d_in = int(rng.integers(2, 10))
+    rows = tokens  # the tokens a layer sees (a strided convolution keeps fewer)
     fns: list[Callable] = []
     windows: list[str] = []  # each convolution's stride and kernel dilation
     if embedding != "none":
@@ -149,7 +153,7 @@ def draw(seed: int, lanes: int, in_float32: bool = False) -> Program:
                 return jnp.tanh(y[0])
 
             fns.append(conv)
-            d = e
+            d, rows = e, -(-rows // stride)
         elif kind == "layernorm":
             s, b = param("ln_s", d, scale=0.1), param("ln_b", d, scale=0.1)
 
@@ -167,6 +171,31 @@ def draw(seed: int, lanes: int, in_float32: bool = False) -> Program:
                 return h + jax.nn.softmax(scores.astype(jnp.float32), -1).astype(c) @ (h @ p[v].astype(c))
 
             fns.append(attend)
+    # The 2-D convolution draws from a stream of its own, so the programs of seeds without it are
+    # those drawn before it existed (FOUND_SEEDS among them); it keeps the width d the head reads.
+    extra = np.random.default_rng([seed, 2])
+    kernel_2d: tuple[str, tuple[int, ...]] | None = None  # its name and shape, drawn last
+    if extra.random() < 0.3:
+        kh, kw = int(extra.integers(1, min(rows, 3) + 1)), int(extra.integers(1, 3))
+        stride, padding = int(extra.integers(1, 3)), ("SAME", "VALID")[int(extra.integers(2))]
+        groups = (1, d)[int(extra.integers(2))]
+        kernel = f"{len(params) + 1}_k2"  # (named as param names it, after the head's)
+        windows.append(f"2-D {kh}x{kw} stride {stride} {padding}{' depthwise' if groups > 1 else ''}")
+
+        def conv2d(p, h, kernel=kernel, stride=stride, padding=padding, groups=groups):
+            image = jnp.stack([h, jnp.sin(h)], axis=1)[None]  # (1, rows, 2, d)
+            y = jax.lax.conv_general_dilated(
+                image,
+                p[kernel].astype(c),
+                (stride, 1),
+                padding,
+                dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                feature_group_count=groups,
+            )
+            return jnp.tanh(y[0].mean(1))  # (rows', d)
+
+        fns.append(conv2d)
+        kernel_2d = (kernel, (kh, kw, d // groups, d))
     tied = embedding != "none" and bool(rng.random() < 0.4)
     head = None if tied else param("head", d, int(rng.integers(2, 8)))
     spelling = pick(sorted(NORMS))
@@ -214,6 +243,9 @@ def draw(seed: int, lanes: int, in_float32: bool = False) -> Program:
     else:
         x = rng.standard_normal((lanes, tokens, d_in)).astype(np.float32)
     mask = (rng.random(lanes) < 0.7).astype(np.float32)
+    if kernel_2d is not None:
+        name, shape = kernel_2d
+        params[name] = (extra.standard_normal(shape) / np.sqrt(np.prod(shape[:3]))).astype(np.float32)
     return Program(seed, choices, params, (x, mask), lane)
 
 
