@@ -27,7 +27,9 @@ with ``fuse_lane_sums`` off, and with no rewrite (``mapping_helpers.rewrites``),
 under ``jax.vmap`` and on 8 emulated devices with 1, 2 or 4
 lanes per device (``sharding.shard_map``, ``sharding.pmap``,
 ``jax.shard_map`` or ``jax.pmap`` in turn). Every norm and sum must equal the
-reference's to the round-off of the program's dtype.
+reference's to the round-off of the program's dtype; where a float32 value
+does not, it may differ by twice the gap between the reference compiled and
+the reference run op by op (an ill-conditioned value, see ``check``).
 
 A fixed set of seeds runs in CI; ``SMAP_FUZZ_PROGRAMS=N`` runs seeds
 ``0..N-1`` instead (``SMAP_FUZZ_START`` shifts them), as for
@@ -296,7 +298,7 @@ def under_smap(programs: list[Program], fuse: bool, adapter: str | None) -> list
 
 def assert_close(got: Any, want: Any, program: Program, where: str, twin: Any = None) -> None:
     """Every leaf equal to the reference's, to the round-off of the program's dtype (and, given
-    ``twin``, the reference of the program's float32 twin, twice the gap between the two more).
+    ``twin``, another plain-JAX form of the program, twice the gap between the two more).
 
     A bfloat16 program's values depend on where XLA rounds to bfloat16, which differs between
     forms of the same program that are all plain JAX: seed 6386 (two layer norms, the per-lane
@@ -316,7 +318,7 @@ def assert_close(got: Any, want: Any, program: Program, where: str, twin: Any = 
         what = f"{program}\n{where}, {jax.tree_util.keystr(path)}"
         if twin is not None:
             a = less_twice_the_gap(a, b, c)
-            what += " (less twice the gap to the float32 twin)"
+            what += " (less twice the gap to the reference's twin)"
         np.testing.assert_allclose(a, b, rtol=tolerance, atol=tolerance * scale + 1e-7, err_msg=what)
 
 
@@ -345,7 +347,26 @@ def check(index: int, seeds: tuple[int, ...] | None = None) -> None:
                 outs = under_smap(programs, fuse, on)
             where = f"{on or 'jax.vmap'} with {lanes} lanes, {setting}"
             for program, got, expected, twin, low in zip(programs, outs, want, twins, bf16):
-                assert_close(got, expected, program, where, twin if low else None)
+                if low:
+                    assert_close(got, expected, program, where, twin)
+                    continue
+                try:
+                    assert_close(got, expected, program, where)
+                except AssertionError:
+                    assert_close(got, expected, program, where, op_by_op(program))
+
+
+def op_by_op(program: Program) -> Any:
+    """The reference of ``program`` run op by op (``jax.disable_jit``).
+
+    Its gap to the compiled reference measures how far a value moves with where XLA rounds. A
+    value that is the small difference of large terms moves far: seed 112 (a layer norm over 2
+    features, whose input gradient is all cancellation) reads its embedding gradient 2.9152e-4
+    compiled with the suite's XLA flags, and 2.9168e-4 op by op, compiled without them and in
+    float64 (what smap computes, to the bit).
+    """
+    with jax.disable_jit():
+        return reference([program])[0]
 
 
 CI_GROUPS = range(2)
@@ -362,9 +383,10 @@ def test_the_ci_seeds_draw_distinct_programs():
 
 
 # Seeds that once failed, kept as regressions, each run in its group (its lanes, its adapter):
-# seed 6386 (bfloat16, two layer norms), whose values move by 12% with where bfloat16 rounds
-# (see assert_close).
-FOUND_SEEDS = (6386,)
+# seed 112 (float32, two layer norms over 2 features), whose compiled reference moves one
+# gradient by 5.6e-4 of itself with the suite's XLA flags (see op_by_op); seed 6386 (bfloat16,
+# two layer norms), whose values move by 12% with where bfloat16 rounds (see assert_close).
+FOUND_SEEDS = (112, 6386)
 
 
 @pytest.mark.parametrize("index", sorted({seed // GROUP for seed in FOUND_SEEDS}))
