@@ -69,7 +69,10 @@ def _states(target: Any) -> dict[str, smap.State]:
         for i, s in enumerate(listed):
             _check_state(s, f"target[{i}]")
         return {".".join(map(str, s.path)) or f"[{i}]": s for i, s in enumerate(listed)}
-    raise TypeError(f"target must be a Module, a State, or a dict or list of States, got {type(target).__name__}.")
+    swapped = " (the states go first and the mapping second)" if isinstance(target, smap.StatefulMapping) else ""
+    raise TypeError(
+        f"target must be a Module, a State, or a dict or list of States, got {type(target).__name__}{swapped}."
+    )
 
 
 def place(
@@ -95,11 +98,11 @@ def place(
         >>> tuple(w.value.sharding.spec)
         ()
     """
+    states = list(_states(target).values())
     if mapping is not None:
         mesh = mesh_mapping(mapping).mesh if mesh is None else mesh
     if mesh is None:
         raise ValueError("place needs a mesh, or a mapping that runs on one.")
-    states = list(_states(target).values())
     _check_tag_rules(states, rules)
     move(states, [placement(state, mesh, mapping, rules) for state in states])
 

@@ -52,6 +52,15 @@ def test_spec_for_and_describe_given_arrays_name_what_they_expect():
         sharding.place([smap.State(jnp.ones(8)), jnp.ones(3)], mesh=mesh)
 
 
+def test_describe_and_place_given_the_mapping_first_say_where_it_goes():
+    mapping = mapping_on(sharding.make_mesh(data=8))
+    words = r"got StatefulMapping \(the states go first and the mapping second\)"
+    with pytest.raises(TypeError, match=words):
+        sharding.describe(mapping)
+    with pytest.raises(TypeError, match=words):
+        sharding.place(mapping)
+
+
 def shardings(*states):
     return [s.value.sharding for s in states]
 
