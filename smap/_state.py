@@ -535,7 +535,15 @@ class TraceFrame:
         return state._stored()
 
     def _touch(self, state: State) -> Any:
-        value = self.make_input(state, self._outer_value(state))
+        outer = self._outer_value(state)
+        # While its input is made, the state reads as its value outside: a filter of state_in_axes
+        # that looks at state.value (its shape, say) would otherwise make the input again, for ever.
+        self._values[id(state)] = outer
+        try:
+            value = self.make_input(state, outer)
+        except BaseException:
+            del self._values[id(state)]
+            raise
         self._values[id(state)] = value
         self.states.append(state)
         return value

@@ -42,6 +42,39 @@ def test_batched_state_axis_0_is_split_and_written_back(close):
     close(state.value, ref_state)
 
 
+def test_a_selector_may_read_the_values_of_the_states_it_selects(close):
+    """A filter of state_in_axes that looks at state.value (its shape) sees the value the state has
+    outside the mapping, in a nested mapping its value in the lane, and selects as jax.vmap would be told."""
+    buffers = smap.State(rand(4, 3))  # one row per lane
+    scale = smap.State(rand(3, seed=2))  # shared: its shape is not (lanes, 3)
+    b0, s0, xs = buffers.value, scale.value, rand(4, 3, seed=1)
+    seen = []
+
+    def per_lane_rows(path, state):
+        seen.append(state.value.shape)
+        return state.value.shape == (4, 3)
+
+    def step(x):
+        buffers.value = buffers.value * scale.value + x
+        return buffers.value.sum()
+
+    out = vmap2(step, state_in_axes={0: per_lane_rows})(xs)
+    ref_out, ref_buffers = jax.vmap(lambda b, x: ((b * s0 + x).sum(), b * s0 + x))(b0, xs)
+    close(out, ref_out)
+    close(buffers.value, ref_buffers)
+    close(scale.value, s0)
+    assert set(seen) == {(4, 3), (3,)}
+
+    # Inside an outer mapping the inner one's filter sees the lane's rows: (2, 3) of (3, 2, 3).
+    grid = smap.State(rand(3, 2, 3, seed=3))
+    g0 = grid.value
+    inner = vmap2(
+        lambda x: setattr(grid, "value", grid.value + x), state_in_axes={0: lambda p, s: s.value.shape == (2, 3)}
+    )
+    vmap2(lambda x: inner(x), state_in_axes={0: lambda p, s: s.value.shape == (3, 2, 3)})(rand(3, 2, 3, seed=4))
+    close(grid.value, g0 + rand(3, 2, 3, seed=4))
+
+
 @pytest.mark.parametrize("axis", [1, -1, 2, -2])
 def test_batched_state_on_another_axis(axis, close):
     # The state has 3 entries along the mapped axis, whichever way it is written.
