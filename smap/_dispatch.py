@@ -98,7 +98,7 @@ class _StateList:
     (another pairing makes XLA copy inputs).
     """
 
-    __slots__ = ("states", "index", "writes", "group", "dispatch", "donated", "placed")
+    __slots__ = ("states", "index", "writes", "group", "dispatch", "donated", "placed", "keeps_placement")
 
     def __init__(self, states: Sequence[State], writes: Sequence[State], group: _locks.Group, owner: StatefulFunction):
         self.states = tuple(states)
@@ -108,6 +108,10 @@ class _StateList:
         self.group = group
         self.donated = owner.donate_states and group is not _UNLOCKED
         self.placed = False  # made for a call made again after a refusal: a refusal of it is raised
+        # Whether its dispatcher's trace keeps each written state where its value lies (_keep_placement):
+        # not inside a trace (a nested call's states are its caller's tracers, placed nowhere), nor
+        # where the compiler is asked where the states go (_input_shardings).
+        self.keeps_placement = group is not _UNLOCKED
         donated_states = tuple(self.index[id(s)] for s in self.writes) if self.donated else ()
         n = len(self.states)  # the arguments come after the states' values
         self.dispatch = jax.jit(
@@ -324,10 +328,10 @@ class StatefulFunction(Generic[P, R]):
             raise _MissingStates(program.states, program.written_states)
         out, written = entry.run(leaves, [values[index[id(s)]] for s in program.states])
         # Written states keep where they live: the states' own values, which this call's lock keeps
-        # as the call read them (a nested call's states are its caller's tracers, placed nowhere).
-        top_level = state_list.group is not _UNLOCKED
+        # as the call read them.
+        keep = state_list.keeps_placement
         new = {
-            id(s): _slot(_keep_placement(v, s._value) if top_level else v)
+            id(s): _slot(_keep_placement(v, s._value) if keep else v)
             for s, v in zip(program.written_states, written)
         }
         if not state_list.writes:  # a program that writes no state returns its result bare, as jax.jit would
@@ -708,19 +712,15 @@ def _compile_call(owner: StatefulFunction, state_list: _StateList, arity: int | 
 def _input_shardings(state_list: _StateList, values: list, args: tuple, kwargs: dict) -> list:
     """Where ``state_list``'s dispatcher, new and compiled with the abstract of the states' ``values``, takes each.
 
-    The states hold their abstract values meanwhile, so that no written state is constrained to
-    where it lay. A state the program writes without reading it is taken where it is written.
+    Its trace constrains no written state to where it lay (and no state's value changes meanwhile:
+    a Ref's State cannot hold an abstract value). A state the program writes without reading it is
+    taken where it is written.
     """
     abstract = jax.tree_util.tree_map(
         lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype) if isinstance(v, jax.Array) else v, values
     )
-    for state, value in zip(state_list.states, abstract):
-        state._value = value
-    try:
-        compiled = state_list.dispatch.lower(*abstract, *args, **kwargs).compile()
-    finally:
-        for state, value in zip(state_list.states, values):
-            state._value = value
+    state_list.keeps_placement = False
+    compiled = state_list.dispatch.lower(*abstract, *args, **kwargs).compile()
     wanted = list(compiled.input_shardings[0][: len(values)])
     written = zip(state_list.writes, compiled.output_shardings[1:]) if state_list.writes else ()
     for state, slot in written:

@@ -503,6 +503,29 @@ def test_ref_arguments_on_eight_devices_equal_states_and_jax_vmap(per_device):
     _close([states[k].value for k in "hwn"], [h, w0, n])
 
 
+@pytest.mark.parametrize("select", ["in_axes", "a filter that reads the value"])
+def test_ref_arguments_follow_mappings_on_other_devices(select):
+    """Refs made on one device, then mapped on 4 devices, on 8, on 2 and by jax.vmap: each call moves
+    them to its devices and gives plain jax.vmap's values (a state left elsewhere moves to the call's
+    devices: the retry that asks the compiler where they go must not write an abstract value into a Ref)."""
+    h0, w0, n0, xs = _initial(B)
+    refs = {"h": jax.new_ref(h0), "w": jax.new_ref(w0), "n": jax.new_ref(n0)}
+    if select == "in_axes":
+        axes = dict(in_axes=({"h": 0, "w": None, "n": None}, 0))
+    else:
+        axes = dict(in_axes=(None, 0), state_in_axes={0: lambda path, state: state.value.shape == (B, 3)})
+    h, n = h0, n0
+    for n_devices in (4, 8, 2, None):
+        if n_devices is None:
+            mapping_fn = jax.vmap
+        else:
+            mesh = sharding.make_mesh(data=n_devices, devices=jax.devices()[:n_devices])
+            mapping_fn = sharding.shard_map(mesh, axis="data")
+        out, h, n = _pure(h, w0, n, xs)
+        _close(smap.StatefulMapping(_step, axis_name="i", mapping_fn=mapping_fn, **axes)(refs, xs), out)
+        _close([refs[k][...] for k in "hwn"], [h, w0, n])
+
+
 class _StateView:
     """A State read and written as a Ref is (``view[...]``): the same per-lane code on States."""
 
