@@ -86,8 +86,11 @@ class RefBacked(State):
         _compat.set_ref_value(self.ref, value)
 
     def _stored(self) -> Any:
-        # A copy: JAX's own writes to the Ref replace its buffer's contents in place.
-        return jnp.copy(_compat.ref_value(self.ref))
+        # A copy: JAX's own writes to the Ref replace its buffer's contents in place. Made now, even
+        # when a trace reads the state: staged, it would make the Ref's buffer a constant of the
+        # program, typed with the mesh it lay on (which shard_map refuses on another mesh).
+        with jax.ensure_compile_time_eval():
+            return jnp.copy(_compat.ref_value(self.ref))
 
     def reset(self, value: Any) -> None:
         raise TypeError(

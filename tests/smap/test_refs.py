@@ -526,6 +526,26 @@ def test_ref_arguments_follow_mappings_on_other_devices(select):
         _close([refs[k][...] for k in "hwn"], [h, w0, n])
 
 
+def test_a_ref_state_written_on_one_explicit_mesh_is_mapped_on_another():
+    """A ParamState backed by a Ref, written by a mapping on a mesh of 2 devices (Explicit axes), then
+    read and written by one on 4: a trace reading the state must not make the Ref's buffer, typed
+    with the first mesh, a constant of the second's program (shard_map refuses to close over it)."""
+    w = smap.ParamState(jax.new_ref(jnp.arange(3.0)))
+
+    def step(x):
+        w.value = w.value - 0.1 * jax.lax.pmean(x, "i")
+        return x * w.value
+
+    want = jnp.arange(3.0)
+    for n in (2, 4):
+        mesh = jax.make_mesh((n,), ("data",), axis_types=(jax.sharding.AxisType.Explicit,), devices=jax.devices()[:n])
+        xs = jnp.arange(B * 3.0).reshape(B, 3) / n
+        got = smap.StatefulMapping(step, axis_name="i", mapping_fn=sharding.shard_map(mesh, axis="data"))(xs)
+        want = want - 0.1 * xs.mean(0)
+        _close(got, xs * want)
+        _close(w.value, want)
+
+
 class _StateView:
     """A State read and written as a Ref is (``view[...]``): the same per-lane code on States."""
 
