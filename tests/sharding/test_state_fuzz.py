@@ -31,7 +31,9 @@ layout; this file draws programs we did not write. Each seed draws a lane over
   second call, or none: it raises, and every State, the default key included,
   holds the value it had before it;
 - the States saved with ``smap.checkpoint`` after the first call, overwritten
-  and restored, or not: each holds its value again, placed where it was.
+  and restored, or not: each holds its value again, placed where it was;
+- the shared weight's State backed by a ``jax.Ref`` (where JAX has them), or
+  not.
 
 The reference is the same lane in plain JAX: ``jax.vmap`` with the states passed
 explicitly, each lane drawing from its key as ``smap.random`` splits it (lane
@@ -226,6 +228,7 @@ def draw(seed: int) -> Program:
         "donate": bool(rng.integers(0, 2)),
         "fail": bool(rng.integers(0, 2)),
         "checkpoint": bool(rng.integers(0, 2)),
+        "ref": bool(rng.integers(0, 2)),
     }
     steps = choices["steps"]
 
@@ -292,7 +295,8 @@ def under_smap(program: Program, mappings: list[tuple[Callable, dict]]) -> list[
     """The two calls with the values in smap States, the first mapped by ``mappings[0]``
     (``(mapping_fn, mapping_kwargs)``), the second by ``mappings[-1]``."""
     c = program.choices
-    w = smap.ParamState(jnp.asarray(program.w))
+    w = jnp.asarray(program.w)
+    w = smap.ParamState(jax.new_ref(w) if c["ref"] and smap._compat.HAS_REFS else w)
     count = smap.LongTermState(jnp.zeros((), jnp.int32))
     h = None if program.h is None else smap.HiddenState(jnp.asarray(program.h))
     buffer = None if c["buffer"] is None else smap.State(jnp.zeros(program.w.shape), tag="buffer")
@@ -433,6 +437,6 @@ def test_the_ci_seeds_draw_every_step_and_strategy():
     drawn = {kind for seed in seeds for kind in draw(seed).choices["steps"]}
     assert drawn == set(STEPS)
     assert {draw(seed).choices["buffer"] for seed in seeds} == set(BUFFERS)
-    for choice in ("in_jit", "donate", "fail", "checkpoint"):
+    for choice in ("in_jit", "donate", "fail", "checkpoint", "ref"):
         assert {draw(seed).choices[choice] for seed in seeds} == {False, True}, choice
     assert {list(STRATEGIES)[seed % len(STRATEGIES)] for seed in seeds} == set(STRATEGIES)
