@@ -331,8 +331,7 @@ class StatefulFunction(Generic[P, R]):
         # as the call read them.
         keep = state_list.keeps_placement
         new = {
-            id(s): _slot(_keep_placement(v, s._value) if keep else v)
-            for s, v in zip(program.written_states, written)
+            id(s): _slot(_keep_placement(v, s._value) if keep else v) for s, v in zip(program.written_states, written)
         }
         if not state_list.writes:  # a program that writes no state returns its result bare, as jax.jit would
             return out
