@@ -23,7 +23,7 @@ from jax.extend.core import ClosedJaxpr
 from . import _compat, _locks
 from ._aot import Lowered, Traced
 from ._state import InvalidatedStateError, State, this_thread, tracing
-from ._tracing import Program, PyTreeDef, TraceContext, trace_program
+from ._tracing import Program, PyTreeDef, TraceContext, leaf_names, trace_program
 from .nn import Module
 
 if _compat.HAS_REFS:
@@ -229,17 +229,17 @@ class StatefulFunction(Generic[P, R]):
         leaves, tree = jax.tree_util.tree_flatten((dyn_args, dyn_kwargs))
         try:
             signature = tuple(map(_leaf_signature, leaves))
-        except TypeError:
+        except TypeError:  # named as the user wrote it (positions count the static arguments)
             positions = [i for i in range(len(args)) if i not in nums]
-            for root, given in (("args", dict(zip(positions, dyn_args))), ("kwargs", dyn_kwargs)):
-                for path, leaf in jax.tree_util.tree_flatten_with_path(given)[0]:
-                    try:
-                        _leaf_signature(leaf)
-                    except TypeError as error:
-                        raise TypeError(
-                            f"{self.name}: {root}{jax.tree_util.keystr(path)}: {error}; "
-                            f"mark non-array arguments as static (static_argnums or static_argnames)."
-                        ) from None
+            names = leaf_names(dict(zip(positions, dyn_args)), "args") + leaf_names(dyn_kwargs, "kwargs")
+            for name, leaf in zip(names, leaves):
+                try:
+                    _leaf_signature(leaf)
+                except TypeError as error:
+                    raise TypeError(
+                        f"{self.name}: {name}: {error}; "
+                        f"mark non-array arguments as static (static_argnums or static_argnames)."
+                    ) from None
             raise
         return ArgSignature(tree, static, len(args), signature), leaves, dyn_args, dyn_kwargs
 

@@ -23,9 +23,14 @@ from jax.extend.core import ClosedJaxpr
 from . import _annotations, _compat, _interpret
 from ._state import State, TraceFrame, check_same_structure
 
-__all__ = ["Program", "TraceContext", "trace_program", "abstract"]
+__all__ = ["Program", "TraceContext", "trace_program", "abstract", "leaf_names"]
 
 PyTreeDef = Any
+
+
+def leaf_names(tree: Any, root: str) -> list[str]:
+    """A readable name per leaf, such as ``args[0]['w']``: how errors name an argument or an output."""
+    return [root + jax.tree_util.keystr(path) for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
 
 
 def abstract(x: Any) -> jax.core.ShapedArray:

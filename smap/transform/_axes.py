@@ -17,7 +17,6 @@ __all__ = [
     "string_selectors",
     "leaf_axes",
     "resolve_axis",
-    "leaf_names",
 ]
 
 AxisSpec = Any  # int | None | a pytree prefix of ints and Nones
@@ -93,8 +92,3 @@ def leaf_axes(prefix: AxisSpec, tree: Any, what: str) -> list[int | None]:
             f"{jax.tree_util.tree_structure(tree)}: {error}"
         ) from None
     return axes
-
-
-def leaf_names(tree: Any, root: str) -> list[str]:
-    """A readable name per leaf, such as ``args[0]['w']``."""
-    return [root + jax.tree_util.keystr(path) for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]

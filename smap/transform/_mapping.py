@@ -24,9 +24,9 @@ from .. import _compat
 from .. import filter as filters
 from .._dispatch import ArgSignature, Entry, Runner, StatefulFunction
 from .._state import State, check_same_structure
-from .._tracing import Program, TraceContext, abstract
+from .._tracing import Program, TraceContext, abstract, leaf_names
 from ._adapters import _Adapter, adapt
-from ._axes import AxisSpec, leaf_axes, leaf_names, normalise_state_axes, select_axis, string_selectors
+from ._axes import AxisSpec, leaf_axes, normalise_state_axes, select_axis, string_selectors
 from ._fuse import fused_lanes
 from ._hoist import Tail, split_tail
 from ._plan import BatchAxisError, LaneInputs, LanePlan, Lanes, plan

@@ -17,8 +17,8 @@ import jax
 from jax.extend.core import ClosedJaxpr
 
 from .._state import State
-from .._tracing import Program
-from ._axes import AxisSpec, StateAxes, leaf_axes, leaf_names, resolve_axis, select_axis
+from .._tracing import Program, leaf_names
+from ._axes import AxisSpec, StateAxes, leaf_axes, resolve_axis, select_axis
 from ._lanes import lane_dependent
 
 __all__ = ["LaneInputs", "LanePlan", "Lanes", "plan", "BatchAxisError"]

@@ -4,8 +4,9 @@ import jax.numpy as jnp
 import pytest
 
 import smap
+from smap._tracing import leaf_names
 from smap.filter import Everything, OfType
-from smap.transform._axes import leaf_axes, leaf_names, normalise_state_axes, resolve_axis, select_axis
+from smap.transform._axes import leaf_axes, normalise_state_axes, resolve_axis, select_axis
 
 
 def test_normalise_none_is_empty():
