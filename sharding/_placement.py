@@ -76,13 +76,18 @@ def _states(target: Any) -> dict[str, smap.State]:
 
 
 def place(
-    target: Any, mapping: smap.StatefulMapping | None = None, *, mesh: Any = None, rules: Rules | None = None
+    target: Any,
+    mapping: smap.StatefulMapping | jax.sharding.Mesh | None = None,
+    *,
+    mesh: jax.sharding.Mesh | None = None,
+    rules: Rules | None = None,
 ) -> None:
     """Put the values of the states in ``target`` on the mesh, ahead of the first call.
 
     With ``mapping``, batched states are partitioned as :func:`spec_for` says;
     without it, every state follows ``rules`` (as :func:`spec_for` reads them)
-    or is replicated over ``mesh``. Transforms keep a written state's
+    or is replicated over ``mesh``. A mesh given second is the mesh:
+    ``place(target, mesh)`` is ``place(target, mesh=mesh)``. Transforms keep a written state's
     placement, so states stay where this puts them. A string in ``rules`` is a
     tag: one that no State has, or one that none of ``target``'s states has
     but that names a state's path (write ``smap.filter.AtPath(path)``), is a
@@ -94,11 +99,15 @@ def place(
         >>> import jax, jax.numpy as jnp, smap, sharding
         >>> mesh = sharding.make_mesh(data=jax.device_count())
         >>> w = smap.ParamState(jnp.ones((4, 4)))
-        >>> sharding.place([w], mesh=mesh)
+        >>> sharding.place([w], mesh)
         >>> tuple(w.value.sharding.spec)
         ()
     """
     states = list(_states(target).values())
+    if isinstance(mapping, jax.sharding.Mesh):
+        if mesh is not None:
+            raise TypeError("place got two meshes: give the mesh second or as mesh=, not both.")
+        mapping, mesh = None, mapping
     if mapping is not None:
         mesh = mesh_mapping(mapping).mesh if mesh is None else mesh
     if mesh is None:

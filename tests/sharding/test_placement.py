@@ -239,6 +239,8 @@ def test_place_without_mapping():
     assert a.value.sharding.spec == P()
     sharding.place(a, mesh=mesh_2d(), rules={smap.ParamState: P("data", "model")})
     assert a.value.sharding == NamedSharding(mesh_2d(), P("data", "model"))
+    sharding.place([b], mesh_1d(2), rules={smap.HiddenState: P("data")})  # the mesh second, as the contract writes it
+    assert b.value.sharding == NamedSharding(mesh_1d(2), P("data"))
     np.testing.assert_array_equal(a.value, np.ones((4, 2)))
     np.testing.assert_array_equal(b.value, np.arange(8.0))
 
@@ -255,6 +257,8 @@ def test_place_rejects_bad_requests():
         sharding.place(model)
     with pytest.raises(TypeError):
         sharding.place(model, smap.StatefulMapping(model, mapping_fn=jax.vmap))
+    with pytest.raises(TypeError, match="two meshes"):
+        sharding.place(model, mesh_2d(), mesh=mesh_1d(4))
     for name, state in model.states().items():
         np.testing.assert_array_equal(state.value, values[name])
 
