@@ -243,8 +243,8 @@ def save(
         wait: finish the save before returning (otherwise return a :class:`PendingSave`).
 
     Raises:
-        CheckpointError: the step exists (without ``overwrite``), or writing
-            it failed (with ``wait=False``: raised by ``PendingSave.wait``).
+        CheckpointError: the step exists (without ``overwrite``), ``directory``
+            is a file, or writing it failed (with ``wait=False``: raised by ``PendingSave.wait``).
 
     Example:
         >>> import tempfile, jax.numpy as jnp, smap
@@ -258,6 +258,8 @@ def save(
     if keep is not None and (isinstance(keep, bool) or not isinstance(keep, int) or keep < 1):
         raise ValueError(f"save: keep must be None or a positive int, got {keep!r}.")
     directory = Path(directory).absolute()
+    if directory.exists() and not directory.is_dir():
+        raise CheckpointError(f"save: {directory} is a file, not a directory of checkpoints.")
     states = _states_of(target, "save")
     records, writes = _layout(states)
     with _pending_lock:
@@ -434,7 +436,13 @@ def _find_step(directory: Path, step: int | None) -> int:
     available = _files.complete_steps(directory)
     if step is None:
         if not available:
-            why = "it does not exist" if not directory.exists() else "it holds no complete step"
+            why = (
+                "it does not exist"
+                if not directory.exists()
+                else "it is a file, not a directory"
+                if not directory.is_dir()
+                else "it holds no complete step"
+            )
             raise CheckpointError(f"{directory}: no complete checkpoint to restore ({why}).")
         return available[-1]
     step = _check_step(step)

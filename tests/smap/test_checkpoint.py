@@ -255,6 +255,12 @@ def test_bad_requests_are_clear_errors(tmp_path):
         smap.checkpoint.restore(tmp_path / "nothing", {"w": w})
     with pytest.raises(CheckpointError, match="no complete checkpoint to restore \\(it holds no complete step\\)"):
         smap.checkpoint.restore(tmp_path, {"w": w})
+    (tmp_path / "a_file").write_text("not a checkpoint")
+    with pytest.raises(CheckpointError, match="a_file is a file, not a directory of checkpoints"):
+        smap.checkpoint.save(tmp_path / "a_file", {"w": w}, step=0)
+    with pytest.raises(CheckpointError, match="no complete checkpoint to restore \\(it is a file, not a directory\\)"):
+        smap.checkpoint.restore(tmp_path / "a_file", {"w": w})
+    (tmp_path / "a_file").unlink()
     smap.checkpoint.save(tmp_path, {"w": w}, step=2)
     with pytest.raises(CheckpointError, match=r"step 3 was never saved completely; the complete steps are \[2\]"):
         smap.checkpoint.restore(tmp_path, {"w": w}, step=3)
