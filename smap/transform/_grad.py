@@ -121,6 +121,7 @@ class GradFunction(StatefulFunction[P, Any]):
                 return value, (aux, program.unflatten_written(written))
 
             args, kwargs = jax.tree_util.tree_unflatten(tree, arg_leaves)
+            self._check_differentiable(state_values[:n_grad], [args[p] for p in positions], positions)
             argnums = (0, *(p + 1 for p in positions))
             (value, (aux, written)), grads = jax.value_and_grad(loss, argnums=argnums, has_aux=True)(
                 state_values[:n_grad], *args, kwargs=kwargs
@@ -138,6 +139,19 @@ class GradFunction(StatefulFunction[P, Any]):
                     f"{self.name}: with has_aux=True, aux must be a pytree of arrays, but "
                     f"aux{jax.tree_util.keystr(path)} is a {type(leaf).__name__}: {leaf!r}."
                 )
+
+    def _check_differentiable(self, state_values: list, args: list, positions: tuple[int, ...]) -> None:
+        """Every differentiated leaf is a float or complex array, or the error names its state or argument."""
+        named = [(s.describe(), True, v) for s, v in zip(self.grad_states, state_values)]
+        named += [(f"args[{p}]", False, arg) for p, arg in zip(positions, args)]
+        for name, is_state, value in named:
+            for path, leaf in jax.tree_util.tree_flatten_with_path(value)[0]:
+                dtype, key = jnp.result_type(leaf), jax.tree_util.keystr(path)
+                if not jnp.issubdtype(dtype, jnp.inexact):
+                    what = name + (f", leaf {key}," if is_state and key else key)
+                    raise TypeError(
+                        f"{self.name}: {what} has dtype {dtype}; only float and complex values can be differentiated."
+                    )
 
     def _check_no_refs_at(self, positions: tuple[int, ...], tree: Any) -> None:
         """A differentiated argument holds no jax.Ref: a Ref is a state, differentiated as one."""

@@ -262,6 +262,32 @@ def test_integer_loss_is_a_type_error():
         smap.grad(int_loss)(jnp.ones(2))
 
 
+def test_an_integer_state_or_argument_to_differentiate_is_named():
+    class Net(smap.nn.Module):
+        def __init__(self):
+            self.count = smap.ParamState(jnp.arange(3))
+            self.mixed = smap.ParamState({"w": jnp.ones(3), "steps": jnp.zeros((), jnp.int32)})
+
+    net = Net()
+    before = jax.tree_util.tree_map(np.asarray, {k: s.value for k, s in net.states().items()})
+
+    def loss(x, extra):
+        net.mixed.value = {"w": net.mixed.value["w"] * 2, "steps": net.mixed.value["steps"] + 1}
+        return jnp.sum(net.count.value * x) + net.mixed.value["w"].sum() + extra["k"]
+
+    x, extra = jnp.ones(3), {"k": 3}
+    with pytest.raises(TypeError, match=r"state 'count' \(ParamState\) has dtype int32; only float and complex"):
+        smap.grad(loss, grad_states=net.count)(x, extra)
+    with pytest.raises(TypeError, match=r"state 'mixed' \(ParamState\), leaf \['steps'\], has dtype int32"):
+        smap.grad(loss, grad_states={"mixed": net.mixed})(x, extra)
+    with pytest.raises(TypeError, match=r"args\[0\] has dtype int32"):
+        smap.grad(loss, argnums=0)(jnp.arange(3), extra)
+    with pytest.raises(TypeError, match=r"args\[1\]\['k'\] has dtype int32"):
+        smap.grad(loss, argnums=(0, 1))(x, extra)
+    after = jax.tree_util.tree_map(np.asarray, {k: s.value for k, s in net.states().items()})
+    jax.tree_util.tree_map(np.testing.assert_array_equal, after, before)
+
+
 def test_has_aux_needs_a_pair():
     def not_a_pair(x):
         return jnp.sum(x)
