@@ -4,7 +4,9 @@ When a device holds several lanes, the per-lane program runs under a local
 ``jax.vmap`` inside ``shard_map`` (or ``pmap``). A collective the user wrote on
 the mapping's ``axis_name`` must then reduce over both the local lanes and
 the devices, and ``axis_index`` must give the global lane index
-``device_index * lanes_per_device + local_index``. :func:`spanning_lane`
+``device_index * lanes_per_device + local_index``; any other collective
+(``ppermute``, ``all_to_all``) runs as ``jax.vmap`` runs it, over every
+lane's inputs gathered to each device. :func:`spanning_lane`
 re-interprets the traced per-lane program with those collectives rewritten;
 everything else is bound unchanged. A fused sum over the lanes
 (``smap.transform._fuse``) is rewritten only when it sums over the mapping's
@@ -127,18 +129,33 @@ def _collective(eqn: Any, ins: list, span: Span) -> list:
     if span.local_size == 1:
         # One lane per device: the device axes are the mapped axis, lane for lane.
         return _compat.rebind_on_axes(eqn, ins, others + span.device_axes)
-    raise NotImplementedError(
-        f"{span.adapter}: the collective {eqn.primitive.name!r} on the mapped axis {span.axis_name!r}"
-        f"{f' and the axes {others!r}' if others else ''} is not supported when a device holds several lanes; "
-        f"psum, pmean, pmax, pmin, axis_index, and all_gather and psum_scatter over the mapped axis alone are. "
-        f"Use one lane per device (as many devices as lanes), or jax.vmap."
+    return _as_vmap_runs_it(eqn, ins, span)
+
+
+def _every_lane(x: jax.Array, span: Span) -> jax.Array:
+    """The values ``x`` of every lane, on every device: stacked along a new leading axis, in lane order."""
+    gathered = jax.lax.all_gather(x, span.local_name) if span.local_size > 1 else x[None]
+    gathered = jax.lax.all_gather(gathered, span.device_axes if len(span.device_axes) > 1 else span.device_axes[0])
+    return gathered.reshape((-1, *x.shape))
+
+
+def _as_vmap_runs_it(eqn: Any, ins: list, span: Span) -> list:
+    """Any other collective on the mapped axis (``ppermute``, ``all_to_all``, ...), as ``jax.vmap`` runs it.
+
+    Every lane's inputs are gathered to every device, the collective runs over
+    them under ``jax.vmap`` on the mapped axis (its batching rule, which is what
+    a mapping's values are held to), and each lane takes its own outputs. It
+    costs an ``all_gather`` of the collective's inputs.
+    """
+    outs = jax.vmap(lambda *xs: _interpret.bind(eqn, list(xs)), axis_name=span.axis_name)(
+        *[_every_lane(x, span) for x in ins]
     )
+    lane = span.lane_index()
+    return [jax.lax.dynamic_index_in_dim(y, lane, keepdims=False) for y in outs]
 
 
 def _all_gather(x: jax.Array, eqn: Any, span: Span) -> jax.Array:
-    gathered = jax.lax.all_gather(x, span.local_name) if span.local_size > 1 else x[None]
-    gathered = jax.lax.all_gather(gathered, span.device_axes if len(span.device_axes) > 1 else span.device_axes[0])
-    lanes = gathered.reshape((-1, *x.shape))
+    lanes = _every_lane(x, span)
     dim, tiled = _compat.gather_layout(eqn)
     lanes = jnp.moveaxis(lanes, 0, dim)
     if tiled:

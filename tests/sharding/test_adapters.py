@@ -442,30 +442,48 @@ def test_pmap_under_a_mesh_of_other_devices(make_mesh):
     assert_unchanged([net.h, net.w], before)
 
 
-def test_unsupported_collective_with_several_lanes_per_device():
-    h = smap.HiddenState(jnp.zeros((8, 2)))
+RING = [(i, (i + 1) % 8) for i in range(8)]
+# Collectives on the mapped axis that smap runs, with several lanes per device, as jax.vmap runs them.
+OTHER_COLLECTIVES = {
+    "ppermute": lambda x: jax.lax.ppermute(x, "b", RING),
+    "ppermute of two values": lambda x: sum(jax.lax.ppermute((x, 2 * x), "b", [(i, 7 - i) for i in range(8)])),
+    "all_to_all": lambda x: jax.lax.all_to_all(jnp.outer(jnp.arange(1.0, 9.0), x), "b", 0, 0)[::3].sum(0),
+    "all_to_all tiled": lambda x: jax.lax.all_to_all(jnp.tile(x, (2, 8)), "b", 1, 0, tiled=True)[::5].sum(0),
+    "a gradient through ppermute": lambda x: jax.grad(lambda v: jnp.sum(jnp.sin(jax.lax.ppermute(v, "b", RING)) * v))(
+        x
+    ),
+    "ppermute in a scan": lambda x: jax.lax.scan(lambda c, _: (jax.lax.ppermute(c, "b", RING) + c, None), x, None, 3)[
+        0
+    ],
+}
+DEVICE_MAPPINGS = {
+    **{f"sharding.shard_map-{n}": lambda n=n: (sharding.shard_map(mesh_1d(n)), {}) for n in (1, 2, 4, 8)},
+    "sharding.pmap-2": lambda: (sharding.pmap(jax.devices()[:2]), {}),
+    "jax.shard_map-4": lambda: (jax.shard_map, {"mesh": mesh_1d(4)}),
+    "jax.smap-explicit-4": lambda: (jax.smap, {"mesh": explicit_mesh(4), "axis_name": "data"}),
+}
+
+
+@pytest.mark.parametrize("where", DEVICE_MAPPINGS)
+@pytest.mark.parametrize("collective", OTHER_COLLECTIVES)
+def test_other_collectives_give_jax_vmap_values_on_any_number_of_devices(collective, where):
+    """ppermute and all_to_all run with one lane per device and with several, as jax.vmap runs them."""
+    lane = OTHER_COLLECTIVES[collective]
+    h0, x = rand(8, 3, seed=1), rand(8, 3)
+    h = smap.HiddenState(h0)
 
     def step(x):
-        h.value = h.value + x + smap.random.normal(size=2)
-        return jax.lax.ppermute(x, "b", [(i, (i + 1) % 8) for i in range(8)])
+        y = lane(x + h.value)
+        h.value = h.value + y
+        return y
 
+    mapping_fn, mapping_kwargs = DEVICE_MAPPINGS[where]()
     m = smap.StatefulMapping(
-        step, state_in_axes=smap.HiddenState, axis_name="b", mapping_fn=sharding.shard_map(mesh_1d(4))
+        step, state_in_axes=smap.HiddenState, axis_name="b", mapping_fn=mapping_fn, mapping_kwargs=mapping_kwargs
     )
-    before = snapshot(h)
-    with pytest.raises(NotImplementedError, match="ppermute"):
-        m(rand(8, 2))
-    assert_unchanged([h], before)
-
-
-def test_ppermute_with_one_lane_per_device():
-    perm = [(i, (i + 1) % 8) for i in range(8)]
-    x = jnp.arange(8.0)
-    expected = jax.vmap(lambda v: jax.lax.ppermute(v, "b", perm), axis_name="b")(x)
-    m = smap.StatefulMapping(
-        lambda v: jax.lax.ppermute(v, "b", perm), axis_name="b", mapping_fn=sharding.shard_map(mesh_1d(8))
-    )
-    np.testing.assert_array_equal(m(x), expected)
+    want = jax.vmap(lambda x, h: lane(x + h), axis_name="b")(x, h0)
+    np.testing.assert_allclose(m(x), want, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(h.value, h0 + want, rtol=1e-5, atol=1e-6)
 
 
 def test_shard_map_under_set_mesh_without_collectives():

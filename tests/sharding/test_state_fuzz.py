@@ -10,7 +10,7 @@ layout; this file draws programs we did not write. Each seed draws a lane over
   lane-invariant update (after a ``pmean``), a shared step counter, and draws
   from ``smap.random`` (or none);
 - 2 to 5 steps: ``tanh``, ``pmean``, ``psum``, ``pmax``, ``pmin``,
-  ``all_gather``, ``axis_index``, a draw, a ``cond`` on a lane-dependent
+  ``all_gather``, ``axis_index``, ``ppermute``, ``all_to_all``, a draw, a ``cond`` on a lane-dependent
   predicate (with or without a collective in its branches), a ``scan`` (with
   or without one), a ``fori_loop``, a ``while_loop`` whose trip count
   differs between lanes around a ``switch``, a sort with a lane-dependent
@@ -80,6 +80,8 @@ STEPS = (
     "pmin",
     "all_gather",
     "axis_index",
+    "ppermute",
+    "all_to_all",
     "draw",
     "cond",
     "cond_collective",
@@ -175,6 +177,12 @@ def _step(kind: str, v: jax.Array, w: jax.Array, x: jax.Array, tools: Tools) -> 
         return v + 0.1 * jnp.sum(gathered * jnp.arange(1.0, B + 1)[:, None], axis=0)
     if kind == "axis_index":
         return v + 0.01 * jax.lax.axis_index(AXIS)
+    if kind == "ppermute":
+        return v + 0.5 * jax.lax.ppermute(v, AXIS, [(i, (i + 3) % B) for i in range(B)])
+    if kind == "all_to_all":
+        rows = jnp.outer(jnp.arange(1.0, B + 1), v) + jnp.sin(jnp.arange(float(B)))[:, None]  # row i goes to lane i
+        received = jax.lax.all_to_all(rows, AXIS, 0, 0)  # row j came from lane j
+        return v + 0.1 * jnp.sum(received * jnp.arange(1.0, B + 1)[:, None], axis=0) / B
     if kind == "draw":
         return v + 0.1 * tools.normal(v.shape)
     if kind in ("cond", "cond_collective"):

@@ -585,18 +585,21 @@ def test_psum_scatter_gives_each_lane_its_block_of_the_sum(where, tiled):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
 
 
-def test_an_unsupported_collective_names_itself_and_the_way_around():
+@pytest.mark.parametrize("where", PLACES)
+def test_a_ppermute_with_several_lanes_per_device_is_run_as_jax_vmap_runs_it(where):
+    """A collective the spanning has no rule of its own for (here ppermute) gathers every lane's value."""
+    mapping, lanes = place(where)
     count = smap.LongTermState(jnp.zeros(()))
 
     def shift(x):
         count.value = count.value + 1
-        return jax.lax.ppermute(x, AXIS, [(i, (i + 1) % 16) for i in range(16)])
+        return jax.lax.ppermute(x, AXIS, [(i, (i + 1) % lanes) for i in range(lanes)])
 
-    mapped = smap.StatefulMapping(shift, axis_name=AXIS, mapping_fn=sharding.shard_map(sharding.make_mesh(data=8)))
-    with pytest.raises(NotImplementedError, match=r"'ppermute'.*Use one lane per device .*or jax\.vmap"):
-        mapped(jnp.arange(16.0))
-    assert float(count.value) == 0.0
-    np.testing.assert_allclose(smap.vmap(shift, axis_name=AXIS)(jnp.arange(16.0)), jnp.roll(jnp.arange(16.0), 1))
+    np.testing.assert_array_equal(
+        smap.StatefulMapping(shift, axis_name=AXIS, **mapping)(jnp.arange(float(lanes))),
+        jnp.roll(jnp.arange(float(lanes)), 1),
+    )
+    assert float(count.value) == 1.0
 
 
 @pytest.mark.parametrize("where", PLACES)
