@@ -23,7 +23,8 @@ JAX by name, so a JAX release that moves one fails there first.
 from __future__ import annotations
 
 import enum
-from collections.abc import Callable, Sequence
+import inspect
+from collections.abc import Callable, Hashable, Sequence
 from typing import Any
 
 import jax
@@ -165,6 +166,8 @@ PRIMITIVES: dict[str, Kind] = {
     "remat2": Kind.CALL,  # jax.checkpoint
     "custom_jvp_call": Kind.CALL,
     "custom_vjp_call": Kind.CALL,
+    # a scan's body once its Refs are discharged (discharge_refs), as JAX names the call
+    ("eval_jaxpr" if jax.__version_info__ >= (0, 11) else "closed_call"): Kind.CALL,
     "scan": Kind.SCAN,
     "while": Kind.WHILE,
     "cond": Kind.COND,
@@ -720,6 +723,47 @@ def route_ref_access(active: Callable[[], bool], get: Callable, set_: Callable, 
             jax_addupdate(self, x, idx)
 
     cls.__getitem__, cls.__setitem__, cls.addupdate = __getitem__, __setitem__, addupdate_
+
+
+def new_refs(trace: Any, value: Any) -> Any:
+    """A Ref for each leaf of ``value``, made in ``trace`` (so the jaxprs nested in it close over them)."""
+    from jax._src.core import set_current_trace
+
+    with set_current_trace(trace):
+        return jax.tree_util.tree_map(jax.new_ref, value)
+
+
+def read_refs(refs: Any) -> Any:
+    """The values the traced Refs ``refs`` hold, read in the current trace."""
+    return jax.tree_util.tree_map(lambda ref: ref[...], refs)
+
+
+def write_refs(refs: Any, value: Any) -> None:
+    """Write the leaves of ``value`` into the traced Refs ``refs``, in the current trace."""
+    for ref, leaf in zip(jax.tree_util.tree_leaves(refs), jax.tree_util.tree_leaves(value), strict=True):
+        ref[...] = leaf
+
+
+def refuses_ref_write(error: Exception) -> bool:
+    """Whether JAX refused a write into a Ref inside one of its transformations (a per-example value
+    under ``jax.vmap``, a differentiated one under ``jax.grad``)."""
+    return "array reference" in str(error)
+
+
+def discharge_refs(closed: ClosedJaxpr, axis_env: Sequence[tuple[Hashable, int]]) -> ClosedJaxpr:
+    """``closed`` without the Refs it makes: each Ref's reads and writes become the values it holds.
+
+    The nested programs are traced again, with the axes of ``axis_env`` bound as when ``closed`` was.
+    """
+    from jax._src.core import extend_axis_env_nd
+    from jax._src.state.discharge import discharge_state
+
+    discharge: Any = discharge_state  # (its signature differs between JAX series)
+    with extend_axis_env_nd(axis_env):
+        if "consts" in inspect.signature(discharge).parameters:  # JAX 0.9
+            jaxpr, consts = discharge(closed.jaxpr, closed.consts)
+            return ClosedJaxpr(jaxpr, consts)
+        return discharge(closed)
 
 
 def ref_constants(jaxpr: ClosedJaxpr) -> list:

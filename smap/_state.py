@@ -12,7 +12,7 @@ every state as it was.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Callable, Collection, Hashable, Sequence
 from typing import Any, ClassVar
 
 import jax
@@ -484,6 +484,15 @@ for _cls in (State, ShortTermState, LongTermState, ParamState, HiddenState):
 MISSING = object()
 
 
+class WrittenInside(Exception):
+    """A frame's state written inside a JAX transformation of the traced function (a ``scan``, a
+    ``cond``, ``jax.checkpoint``, ...): the frame's trace starts again with the state held in a Ref."""
+
+    def __init__(self, frame: TraceFrame, state: State):
+        super().__init__(f"{state.describe()} is written inside a JAX transformation inside {frame.name}")
+        self.frame, self.state = frame, state
+
+
 class TraceFrame:
     """Records and serves state reads and writes while a function is traced.
 
@@ -501,13 +510,16 @@ class TraceFrame:
         make_input: Callable[[State, Any], Any],
         name: str,
         check_write: Callable[[State, Any, Any], None] = check_same_structure,
+        in_refs: Collection[int] = (),
     ):
         self.make_input = make_input
         self.check_write = check_write
         self.name = name
+        self.in_refs = in_refs  # ids of the states held in Refs: those written inside a JAX transformation
         self.states: list[State] = []
         self.written: dict[int, State] = {}
         self._values: dict[int, Any] = {}
+        self._refs: dict[int, Any] = {}
         self._created: dict[int, State] = {}
         self.trace: Any = None
 
@@ -531,7 +543,7 @@ class TraceFrame:
         frames = active_frames()
         index = frames.index(self)
         if index > 0:
-            return frames[index - 1].read(state)
+            return frames[index - 1].peek(state)
         return state._stored()
 
     def _touch(self, state: State) -> Any:
@@ -545,30 +557,43 @@ class TraceFrame:
             del self._values[id(state)]
             raise
         self._values[id(state)] = value
+        if id(state) in self.in_refs:
+            self._refs[id(state)] = _compat.new_refs(self.trace, value)
         self.states.append(state)
         return value
 
-    def read(self, state: State) -> Any:
+    def peek(self, state: State) -> Any:
+        """The state's value at this frame's own level, without reading its Refs (a nested frame asks it
+        only for the value's type)."""
         key = id(state)
         if key in self._created:
             return state._value
         value = self._values.get(key, MISSING)
-        if value is MISSING:
-            value = self._touch(state)
-        return value
+        return self._touch(state) if value is MISSING else value
+
+    def read(self, state: State) -> Any:
+        value = self.peek(state)
+        refs = self._refs.get(id(state))
+        return value if refs is None else _compat.read_refs(refs)
 
     def write(self, state: State, value: Any, *, check: bool) -> None:
         key = id(state)
         if key in self._created:
             state._value = value
             return
-        current = self._values.get(key, MISSING)
-        if current is MISSING:
-            current = self._touch(state)
+        current = self.peek(state)
         if check:
             self.check_write(state, current, value)
-        check_not_traced(state, value, self)
-        self._values[key] = value
+        inside = _compat.current_trace() is not self.trace  # inside a JAX transformation (scan, cond, ...)
+        if inside and key in self._refs:
+            _compat.write_refs(self._refs[key], value)
+        elif inside:
+            raise WrittenInside(self, state)  # the trace starts again with the state in a Ref
+        else:
+            check_not_traced(state, value, self)
+            self._values[key] = value
+            if key in self._refs:
+                self._refs[key] = _compat.new_refs(self.trace, value)
         self.written[key] = state
 
     def created(self, state: State) -> None:

@@ -21,7 +21,7 @@ import numpy as np
 from jax.extend.core import ClosedJaxpr
 
 from . import _annotations, _compat, _interpret
-from ._state import State, TraceFrame, check_same_structure
+from ._state import State, TraceFrame, WrittenInside, check_same_structure
 
 __all__ = ["Program", "TraceContext", "trace_program", "abstract", "leaf_names"]
 
@@ -141,7 +141,7 @@ def trace_program(
             out = fun(*call_args, **call_kwargs)
         out_leaves, tree = jax.tree_util.tree_flatten(out)
         out_tree.append(tree)
-        return out_leaves, jax.tree_util.tree_leaves([frames[-1].value_of(s) for s in frames[-1].written.values()])
+        return out_leaves, jax.tree_util.tree_leaves([frames[-1].read(s) for s in frames[-1].written.values()])
 
     specs = [
         jax.ShapeDtypeStruct(a.shape, a.dtype, weak_type=a.weak_type)
@@ -149,33 +149,58 @@ def trace_program(
     ]
     trace = jax.make_jaxpr(traced, axis_env=list(axis_env) or None)
 
+    in_refs: set[int] = set()  # the states written inside a JAX transformation of fun: held in Refs
+
     def attempt(mesh: Any) -> ClosedJaxpr:
         """A trace with a new frame, outside the ambient mesh but inside ``mesh``."""
-        frames.append(TraceFrame(state_input, name, check_write))
+        frames.append(TraceFrame(state_input, name, check_write, in_refs))
         with _compat.without_ambient_mesh(), mesh:
             return trace(*specs)
 
-    annotated = unit_axes = False
-    try:
-        jaxpr = attempt(contextlib.nullcontext())
-    except (ValueError, RuntimeError) as error:
-        # Sharding annotations (with_sharding_constraint, out_sharding=, reshard) need the
-        # ambient mesh: trace again under it (smap._annotations binds them per lane).
-        if _compat.ambient_mesh() is None or "mesh" not in str(error):
-            raise
+    def attempts() -> tuple[ClosedJaxpr, bool, bool]:
+        """The trace, and again under the ambient mesh where its annotations need it: (jaxpr, annotated, unit_axes)."""
         try:
-            jaxpr = attempt(_compat.ambient_abstract_mesh())
+            return attempt(contextlib.nullcontext()), False, False
+        except (ValueError, RuntimeError) as error:
+            # Sharding annotations (with_sharding_constraint, out_sharding=, reshard) need the
+            # ambient mesh: trace again under it (smap._annotations binds them per lane).
+            if _compat.ambient_mesh() is None or "mesh" not in str(error):
+                raise
+        try:
+            jaxpr, unit_axes = attempt(_compat.ambient_abstract_mesh()), False
         except ValueError as indivisible:
             # A lane's slice of a batch (a dimension of size 1) annotated as the batch is: trace for axes
             # of size 1, and let each annotation be checked where it runs (smap._annotations drops the
             # entries of dimensions of size 1 there; the others must divide as JAX requires).
             if not _compat.indivisible(indivisible):
                 raise
-            jaxpr = attempt(_compat.ambient_abstract_mesh(unit_axes=True))
-            unit_axes = True
+            jaxpr, unit_axes = attempt(_compat.ambient_abstract_mesh(unit_axes=True)), True
             sizes = dict(getattr(_compat.ambient_mesh(), "shape", {}))
             _interpret.reaches(jaxpr, lambda eqn: _check_divisible(eqn, sizes, name))
-        annotated = _interpret.reaches(jaxpr, lambda eqn: _compat.annotation_spec(eqn) is not None)
+        return jaxpr, _interpret.reaches(jaxpr, lambda eqn: _compat.annotation_spec(eqn) is not None), unit_axes
+
+    # A state written inside a scan, cond, jax.checkpoint, ... of fun: traced again with it in a
+    # Ref made where its input is, so the write leaves the transformation as JAX's Refs do, and
+    # the Refs are then discharged (the program is pure again).
+    while True:
+        try:
+            jaxpr, annotated, unit_axes = attempts()
+            break
+        except WrittenInside as inside:
+            if inside.frame is not frames[-1] or id(inside.state) in in_refs:
+                raise
+            in_refs.add(id(inside.state))
+            written_inside = inside
+        except Exception as error:
+            if not in_refs or not _compat.refuses_ref_write(error):
+                raise
+            raise TypeError(
+                f"{written_inside.state.describe()} is written with a value traced by a JAX transformation "
+                f"inside {name} that cannot carry the write out ({str(error).splitlines()[0]}). Use "
+                f"smap.jit, smap.grad or smap.vmap, which carry states through, or return the value instead."
+            ) from error
+    if in_refs:
+        jaxpr = _compat.discharge_refs(jaxpr, axis_env)
     if _compat.HAS_REFS and _compat.ref_constants(jaxpr):
         from ._refs import unrouted_message
 

@@ -35,6 +35,9 @@ PRIVATE = {
     "jax._src.mesh.get_concrete_mesh": "the mesh jax.set_mesh set, readable inside a trace",
     "jax._src.xla_bridge.backends_are_initialized": "whether the device count is already fixed",
     "jax.extend.core.take_current_trace": "the trace building the current jaxpr",
+    "jax._src.core.set_current_trace": "making a state's Refs in its own trace while a nested jaxpr is built",
+    "jax._src.state.discharge.discharge_state": "a program's Refs replaced by the values they hold",
+    "jax._src.core.extend_axis_env_nd": "the mapped axis bound while a program's Refs are discharged",
     "jax.extend.core.jaxprs_in_params": "the programs nested in an equation (jax._src.core before JAX 0.10)",
     "jax.sharding.use_abstract_mesh": "tracing per-lane programs without the ambient mesh",
     "jax.sharding.AbstractMesh": "the empty abstract mesh",
@@ -70,6 +73,40 @@ def test_new_arg_adds_an_input_mid_trace():
     jaxpr = jax.make_jaxpr(f)(jnp.ones(2)).jaxpr
     assert [(v.aval.shape, v.aval.dtype) for v in jaxpr.invars] == [((2,), jnp.float32)] * 2
     assert jax.core.eval_jaxpr(jaxpr, [], jnp.ones(2), jnp.full(2, 2.0))[0].tolist() == [3.0, 3.0]
+
+
+def test_refs_made_in_the_outer_trace_carry_a_scans_writes_out_and_discharge_to_a_pure_program():
+    """``_compat.new_refs`` in the trace of a state's input, written inside a scan (``_compat.write_refs``),
+    read after it, and ``_compat.discharge_refs``: a program without Refs giving the same values."""
+
+    def f(x, total):
+        trace = _compat.current_trace()
+        refs = {}
+
+        def body(c, _):
+            if not refs:  # first touched inside the scan: made where the input is
+                refs["total"] = _compat.new_refs(trace, total)
+            _compat.write_refs(refs["total"], _compat.read_refs(refs["total"]) + c)
+            return c * 2, None
+
+        out, _ = jax.lax.scan(body, x, None, length=3)
+        return out, _compat.read_refs(refs["total"])
+
+    closed = _compat.discharge_refs(jax.make_jaxpr(f)(jnp.ones(2), jnp.zeros(2)), ())
+    assert not closed.jaxpr.effects
+    out, total = jax.core.eval_jaxpr(closed.jaxpr, closed.consts, jnp.ones(2), jnp.zeros(2))
+    assert out.tolist() == [8.0, 8.0] and total.tolist() == [7.0, 7.0]
+
+
+def test_jax_refuses_a_per_example_write_into_an_outer_ref_in_words_smap_recognises():
+    def f(x):
+        ref = jax.new_ref(jnp.zeros(()))
+        jax.vmap(lambda v: ref.__setitem__(..., v))(x)
+        return ref[...]
+
+    with pytest.raises(Exception) as refused:
+        jax.make_jaxpr(f)(jnp.ones(3))
+    assert _compat.refuses_ref_write(refused.value), str(refused.value)
 
 
 def test_sub_jaxpr_keeps_some_equations_without_a_debug_info_warning():
@@ -164,6 +201,16 @@ def _while():
     return _traced(f, 3.0, 1.0, 2.0)
 
 
+def _discharged_scan():
+    # a Ref written inside a scan, discharged as smap discharges a state written there
+    def f(x):
+        ref = jax.new_ref(x)
+        jax.lax.scan(lambda c, _: (ref.__setitem__(..., ref[...] + c), (c, None))[1], x, None, length=2)
+        return ref[...]
+
+    return _compat.open_jaxpr(_compat.discharge_refs(jax.make_jaxpr(f)(1.0), ()))
+
+
 WITNESSES = {
     "psum": _with_axis(lambda x: jax.lax.psum(x, "i")),
     "pmax": _with_axis(lambda x: jax.lax.pmax(x, "i")),
@@ -178,6 +225,7 @@ WITNESSES = {
     "remat2": lambda: _traced(jax.checkpoint(lambda x: jnp.sin(x) * 2), 1.0),
     "custom_jvp_call": _custom_jvp,
     "custom_vjp_call": _custom_vjp,
+    ("eval_jaxpr" if jax.__version_info__ >= (0, 11) else "closed_call"): _discharged_scan,
     "scan": _scan,
     "while": _while,
     "cond": lambda: _traced(lambda p, x: jax.lax.cond(p, jnp.sin, jnp.cos, x), True, 1.0),

@@ -608,9 +608,6 @@ RAW_WRITES = {
     "jax.vmap inside smap.jit": lambda s: smap.jit(lambda x: jax.vmap(lambda y: setattr(s, "value", y))(x))(
         jnp.ones(3)
     ),
-    "jax.lax.cond inside smap.jit": lambda s: smap.jit(
-        lambda x: jax.lax.cond(x > 0, lambda: setattr(s, "value", x), lambda: None)
-    )(1.0),
     "reset under jax.jit": lambda s: jax.jit(lambda x: s.reset(x))(3.0),
 }
 
