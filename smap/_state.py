@@ -586,6 +586,14 @@ class TraceFrame:
             self.check_write(state, current, value)
         inside = _compat.current_trace() is not self.trace  # inside a JAX transformation (scan, cond, ...)
         if inside and key in self._refs:
+            held = [(x.shape, x.dtype) for x in jax.tree_util.tree_leaves(self._refs[key])]
+            if held != [(np.shape(x), _dtype(x)) for x in jax.tree_util.tree_leaves(value)]:
+                raise TypeError(
+                    f"{state.describe()} is written inside a JAX transformation of {self.name} (a scan, cond, "
+                    f"loop, ...) with another shape or dtype than it holds there; inside one a state keeps them. "
+                    f"Write it outside, or, in a mapping, select it in state_in_axes so that each lane holds "
+                    f"its own row."
+                )
             _compat.write_refs(self._refs[key], value)
         elif inside:
             raise WrittenInside(self, state)  # the trace starts again with the state in a Ref

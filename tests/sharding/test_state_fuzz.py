@@ -33,7 +33,10 @@ layout; this file draws programs we did not write. Each seed draws a lane over
 - the States saved with ``smap.checkpoint`` after the first call, overwritten
   and restored, or not: each holds its value again, placed where it was;
 - the shared weight's State backed by a ``jax.Ref`` (where JAX has them), or
-  not.
+  not;
+- the States (but the buffer) written as the lane returns, or inside a
+  ``jax.lax.scan`` or a ``cond`` of the lane (drawn from a stream of its
+  own).
 
 The reference is the same lane in plain JAX: ``jax.vmap`` with the states passed
 explicitly, each lane drawing from its key as ``smap.random`` splits it (lane
@@ -96,6 +99,8 @@ STEPS = (
 )
 # The buffer State: none, written back by the unexpected-write policy, or selected by state_out_axes at an axis.
 BUFFERS = (None, "ignore", "warn", 0, 1)
+# Where the lane writes its States: as it returns, or inside a jax.lax.scan or cond of its own.
+WRITES_IN = ("the lane", "scan", "cond")
 
 
 def _buffer_axis(buffer: str | int | None) -> int:
@@ -255,6 +260,8 @@ def draw(seed: int) -> Program:
         shape = (B, d) if axis == 0 else (d, B)
         return rng.normal(size=shape).astype(np.float32)
 
+    # Drawn from a stream of its own, so every seed draws the program it drew before this choice.
+    choices["writes_in"] = WRITES_IN[int(np.random.default_rng([seed, 1]).integers(0, len(WRITES_IN)))]
     w = rng.normal(size=(d,)).astype(np.float32)
     h = None if choices["h_axis"] is None else per_lane(choices["h_axis"])
     xs = (per_lane(choices["x_axis"]), per_lane(choices["x_axis"]))
@@ -318,10 +325,19 @@ def under_smap(program: Program, mappings: list[tuple[Callable, dict]]) -> list[
         out, total, new_w, new_count, new_h, new_buffer = program.lane(
             w.value, count.value, None if h is None else h.value, x, tools
         )
-        w.value, count.value = new_w, new_count
-        if h is not None:
-            h.value = new_h
-        if buffer is not None:
+
+        def write() -> None:
+            w.value, count.value = new_w, new_count
+            if h is not None:
+                h.value = new_h
+
+        if c["writes_in"] == "scan":
+            jax.lax.scan(lambda carry, _: (write(), (carry, None))[1], 0, None, length=1)
+        elif c["writes_in"] == "cond":  # a predicate that is traced, the same in every lane, and true
+            jax.lax.cond(total >= 0.0, write, lambda: None)
+        else:
+            write()
+        if buffer is not None:  # (which holds the lanes' axis once written: its lanes write rows of it)
             buffer.value = new_buffer
         return out, total
 
@@ -447,4 +463,5 @@ def test_the_ci_seeds_draw_every_step_and_strategy():
     assert {draw(seed).choices["buffer"] for seed in seeds} == set(BUFFERS)
     for choice in ("in_jit", "donate", "fail", "checkpoint", "ref"):
         assert {draw(seed).choices[choice] for seed in seeds} == {False, True}, choice
+    assert {draw(seed).choices["writes_in"] for seed in seeds} == set(WRITES_IN)
     assert {list(STRATEGIES)[seed % len(STRATEGIES)] for seed in seeds} == set(STRATEGIES)

@@ -323,3 +323,26 @@ def test_a_failing_call_after_a_write_inside_a_scan_changes_nothing():
     with pytest.raises(TypeError, match="dot_general"):
         step(jnp.ones(3), jnp.ones((4, 2)))
     assert_unchanged([total], before)
+
+
+def test_a_write_inside_a_scan_with_another_shape_than_the_state_holds_is_refused(close):
+    """A shared state holding the lanes' axis, written per lane (state_out_axes): as the lane returns it
+    is written back row by row; inside a scan it would change shape there, which is refused."""
+    rows = smap.State(jnp.zeros((8, 3)))
+    xs = jnp.arange(24.0).reshape(8, 3)
+
+    def lane_returns(x):
+        rows.value = x * 2
+        return x
+
+    def inside_a_scan(x):
+        return jax.lax.scan(lambda c, _: (lane_returns(c), None), x, None, length=1)[0]
+
+    smap.vmap(lane_returns, state_out_axes={0: [rows]})(xs)
+    close(rows.value, xs * 2)
+    before = snapshot(rows)
+    with pytest.raises(TypeError, match=r"State float32\[8,3\] is written inside .* select it in state_in_axes"):
+        smap.vmap(inside_a_scan, state_out_axes={0: [rows]})(xs + 1)
+    assert_unchanged([rows], before)
+    smap.vmap(inside_a_scan, state_in_axes={0: [rows]})(xs + 1)  # each lane holds its row
+    close(rows.value, (xs + 1) * 2)
