@@ -686,6 +686,8 @@ def set_ref_value(ref: Any, value: Any) -> None:
     nothing else holds.
     """
     buf = ref._refs._buf
+    if value is buf:  # (a state written with what it holds: JAX refuses to replace an array with itself)
+        return
     if value.weak_type:  # a Ref's type is never weak
         value = jax.lax.convert_element_type(value, buf.dtype)
     if not value.committed:

@@ -526,6 +526,23 @@ def test_ref_arguments_follow_mappings_on_other_devices(select):
         _close([refs[k][...] for k in "hwn"], [h, w0, n])
 
 
+def test_a_ref_state_in_place_stays_when_another_state_moves_to_the_calls_devices():
+    """The default key left on 2 devices by a mapping there, then a jax.vmap reading a Ref on one device:
+    the key moves (retry path 3), and the Ref, already in place, is not written with its own buffer
+    (which JAX refuses: 'Unable to replace an Array with itself'). Found by the state fuzzer."""
+    w = smap.ParamState(jax.new_ref(jnp.arange(4.0)))
+    key = smap.random.DEFAULT.value
+    smap.random.DEFAULT.value = jax.device_put(
+        key,
+        jax.sharding.NamedSharding(sharding.make_mesh(data=2, devices=jax.devices()[:2]), jax.sharding.PartitionSpec()),
+    )
+    xs = jnp.ones((B, 4))
+    out = smap.vmap(lambda x: x * w.value + smap.random.normal(size=4))(xs)
+    keys = jax.random.split(key, B)
+    _close(out, xs * jnp.arange(4.0) + jax.vmap(lambda k: jax.random.normal(jax.random.split(k)[1], (4,)))(keys))
+    _close(w.value, jnp.arange(4.0))
+
+
 def test_a_ref_state_written_on_one_explicit_mesh_is_mapped_on_another():
     """A ParamState backed by a Ref, written by a mapping on a mesh of 2 devices (Explicit axes), then
     read and written by one on 4: a trace reading the state must not make the Ref's buffer, typed
