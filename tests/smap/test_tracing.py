@@ -123,6 +123,20 @@ def _inner_jit_ref(t, x):
     return x**2, t - x
 
 
+def _custom_vjp(total, x):
+    def forward(c):
+        total.value = total.value + c
+        return c * 3.0
+
+    scaled = jax.custom_vjp(forward)
+    scaled.defvjp(lambda c: (forward(c), None), lambda _, g: (g * 3.0,))
+    return scaled(x)
+
+
+def _custom_vjp_ref(t, x):
+    return x * 3.0, t + x
+
+
 PROGRAMS = {
     "scan": (_scan, _scan_ref),
     "fori_loop": (_fori, _fori_ref),
@@ -131,6 +145,7 @@ PROGRAMS = {
     "switch, a constant in one branch": (_switch_constant, _switch_constant_ref),
     "jax.checkpoint": (_checkpoint, _checkpoint_ref),
     "jax.jit": (_inner_jit, _inner_jit_ref),
+    "jax.custom_vjp": (_custom_vjp, _custom_vjp_ref),
 }
 
 
