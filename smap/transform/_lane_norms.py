@@ -124,7 +124,6 @@ def squared_norm(eqn: Any, ins: list, materialised: set | None = None) -> list |
         [6.0, 6.0, 6.0, 6.0]
     """
     name = _compat.primitive_name(eqn)
-    out_dtype = eqn.outvars[0].aval.dtype
     found: list = []
     if name == _compat.REDUCE_SUM and _compat.sums_every_axis(eqn):
         parts = _addends(ins[0])
@@ -140,8 +139,9 @@ def squared_norm(eqn: Any, ins: list, materialised: set | None = None) -> list |
                 for part, plan in zip(parts, plans)
             ],
         )
-        return [total.astype(out_dtype)]
+        return [total.astype(eqn.outvars[0].aval.dtype)]
     if _is_vdot(eqn):
+        out_dtype = eqn.outvars[0].aval.dtype
         x, y = (_reshaped_from(n) for n in ins)
         plan = _planned(_norm(x), found) if x is y else None
         _record(found, materialised)

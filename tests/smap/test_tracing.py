@@ -361,3 +361,38 @@ def test_a_write_inside_a_scan_with_another_shape_than_the_state_holds_is_refuse
     assert_unchanged([rows], before)
     smap.vmap(inside_a_scan, state_in_axes={0: [rows]})(xs + 1)  # each lane holds its row
     close(rows.value, (xs + 1) * 2)
+
+
+@pytest.mark.parametrize("where", MESH)
+def test_per_example_gradients_of_a_loss_that_writes_a_statistic_inside_its_scan(where, close):
+    """The lane's gradient program holds what JAX leaves of the discharged scan (a call with no
+    outputs), which the fusion's lane norms met. Found by trying it."""
+    lanes = 8
+    w, stat = smap.ParamState(jnp.ones(3)), smap.State(jnp.zeros(3))
+    xs = jnp.linspace(-1.0, 1.0, lanes * 3).reshape(lanes, 3)
+
+    def lane(x):
+        def loss(x):
+            def body(c, _):
+                stat.value = stat.value + jax.lax.stop_gradient(jax.lax.pmean(c, "b"))
+                return jnp.tanh(c * w.value), None
+
+            return jnp.sum(jax.lax.scan(body, x, None, length=2)[0])
+
+        g = smap.grad(loss, grad_states=w)(x)
+        w.value = w.value - 0.1 * jax.lax.pmean(g, "b")
+        return jnp.sum(g**2)
+
+    def ref_loss(w, x):
+        def body(carry, _):
+            c, s = carry
+            return (jnp.tanh(c * w), s + jax.lax.pmean(c, "b")), None
+
+        (c, s), _ = jax.lax.scan(body, (x, jnp.zeros(3)), None, length=2)
+        return jnp.sum(c), s
+
+    norms = smap.StatefulMapping(lane, axis_name="b", **MESH[where]())(xs)
+    (_, stats), grads = jax.vmap(jax.value_and_grad(ref_loss, has_aux=True), (None, 0), axis_name="b")(jnp.ones(3), xs)
+    close(norms, jnp.sum(grads**2, axis=1))
+    close(w.value, 1.0 - 0.1 * grads.mean(0))
+    close(stat.value, stats[0])
