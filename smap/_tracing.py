@@ -149,7 +149,7 @@ def trace_program(
     ]
     trace = jax.make_jaxpr(traced, axis_env=list(axis_env) or None)
 
-    in_refs: set[int] = set()  # the states written inside a JAX transformation of fun: held in Refs
+    in_refs: dict[int, State] = {}  # the states written inside a JAX transformation of fun: held in Refs
 
     def attempt(mesh: Any) -> ClosedJaxpr:
         """A trace with a new frame, outside the ambient mesh but inside ``mesh``."""
@@ -189,15 +189,15 @@ def trace_program(
         except WrittenInside as inside:
             if inside.frame is not frames[-1] or id(inside.state) in in_refs:
                 raise
-            in_refs.add(id(inside.state))
-            written_inside = inside
+            in_refs[id(inside.state)] = inside.state
         except Exception as error:
             if not in_refs or not _compat.refuses_ref_write(error):
                 raise
+            states = " or ".join(state.describe() for state in in_refs.values())
             raise TypeError(
-                f"{written_inside.state.describe()} is written with a value traced by a JAX transformation "
-                f"inside {name} that cannot carry the write out ({str(error).splitlines()[0]}). Use "
-                f"smap.jit, smap.grad or smap.vmap, which carry states through, or return the value instead."
+                f"{states} is written with a value traced by a JAX transformation inside {name} that cannot "
+                f"carry the write out ({str(error).splitlines()[0]}). Use smap.jit, smap.grad or smap.vmap, "
+                f"which carry states through, or return the value instead."
             ) from error
     if in_refs:
         jaxpr = _compat.discharge_refs(jaxpr, axis_env)
