@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import re
 import warnings
 
 import jax
@@ -484,6 +485,20 @@ def test_other_collectives_give_jax_vmap_values_on_any_number_of_devices(collect
     want = jax.vmap(lambda x, h: lane(x + h), axis_name="b")(x, h0)
     np.testing.assert_allclose(m(x), want, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(h.value, h0 + want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("devices", [4, 8])
+def test_a_ppermute_with_several_lanes_per_device_gathers_every_lanes_input_once(devices):
+    """What the compiled program does (XLA's optimised HLO): with 2 lanes per device, one all-gather of
+    every lane's input and no collective-permute; with one lane per device, the collective-permute."""
+    m = smap.StatefulMapping(
+        OTHER_COLLECTIVES["ppermute"], axis_name="b", mapping_fn=sharding.shard_map(mesh_1d(devices))
+    )
+    text = m.lower(jnp.ones((8, 16))).compile().as_text()
+    ops = re.findall(r"=\s*(?:\(.*?\)|\S+)\s+(all-gather|collective-permute|all-reduce|all-to-all)(?:-start)?\(", text)
+    assert sorted(ops) == (["all-gather"] if devices == 4 else ["collective-permute"]), ops
+    gathered = re.findall(r"=\s*(\S+)\s+all-gather(?:-start)?\(", text)
+    assert all(shape.startswith("f32[4,2,16]") for shape in gathered), gathered  # 4 devices x 2 lanes
 
 
 def test_shard_map_under_set_mesh_without_collectives():

@@ -880,6 +880,9 @@ def collectives(mapping):
             "gather1_tiled": jax.lax.all_gather(x, "i", axis=1, tiled=True),
             "index": jax.lax.axis_index("i"),
             "size": jax.lax.psum(1, "i"),
+            "shift": jax.lax.ppermute(x, "i", [(j, (j + 1) % B) for j in range(B)]),
+            # row j of lane i's rows goes to lane j: lane i receives x of every lane times i + 1
+            "all_to_all": jax.lax.all_to_all(jnp.stack([x * (j + 1) for j in range(B)]), "i", 0, 0),
         }
 
     m = mapping(lane, axis_name="i")
@@ -899,6 +902,9 @@ def collectives(mapping):
         )
         np.testing.assert_array_equal(out["index"], np.arange(B))
         np.testing.assert_array_equal(out["size"], np.full(B, B))
+        np.testing.assert_array_equal(out["shift"], np.roll(xs, 1, axis=0))
+        want = np.arange(1.0, B + 1)[:, None, None, None] * xs[None]
+        np.testing.assert_allclose(out["all_to_all"], want, rtol=1e-6)
 
     return Run({}, [lambda: m(x), lambda: m(x * 2)], check)
 
