@@ -169,6 +169,11 @@ def _dtype(x: Any) -> Any:
     return dtype if dtype is not None else jnp.result_type(x)
 
 
+def _types(value: Any) -> list[tuple[tuple[int, ...], Any]]:
+    """The shape and dtype of each leaf of ``value``."""
+    return [(np.shape(x), _dtype(x)) for x in jax.tree_util.tree_leaves(value)]
+
+
 class State:
     """A mutable box around a pytree of arrays.
 
@@ -586,8 +591,7 @@ class TraceFrame:
             self.check_write(state, current, value)
         inside = _compat.current_trace() is not self.trace  # inside a JAX transformation (scan, cond, ...)
         if inside and key in self._refs:
-            held = [(x.shape, x.dtype) for x in jax.tree_util.tree_leaves(self._refs[key])]
-            if held != [(np.shape(x), _dtype(x)) for x in jax.tree_util.tree_leaves(value)]:
+            if _types(value) != _types(current):  # (the Refs hold values of current's types)
                 raise TypeError(
                     f"{state.describe()} is written inside a JAX transformation of {self.name} (a scan, cond, "
                     f"loop, ...) with another shape or dtype than it holds there; inside one a state keeps them. "

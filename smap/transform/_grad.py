@@ -13,7 +13,7 @@ import numpy as np
 from .. import _compat
 from .._dispatch import ArgSignature, Runner, StatefulFunction
 from .._state import State
-from .._tracing import Program, TraceContext
+from .._tracing import Program, TraceContext, leaf_names
 from ._signature import check_callable, function_name
 
 __all__ = ["grad"]
@@ -142,16 +142,22 @@ class GradFunction(StatefulFunction[P, Any]):
 
     def _check_differentiable(self, state_values: list, args: list, positions: tuple[int, ...]) -> None:
         """Every differentiated leaf is a float or complex array, or the error names its state or argument."""
-        named = [(s.describe(), True, v) for s, v in zip(self.grad_states, state_values)]
-        named += [(f"args[{p}]", False, arg) for p, arg in zip(positions, args)]
-        for name, is_state, value in named:
-            for path, leaf in jax.tree_util.tree_flatten_with_path(value)[0]:
-                dtype, key = jnp.result_type(leaf), jax.tree_util.keystr(path)
-                if not jnp.issubdtype(dtype, jnp.inexact):
-                    what = name + (f", leaf {key}," if is_state and key else key)
-                    raise TypeError(
-                        f"{self.name}: {what} has dtype {dtype}; only float and complex values can be differentiated."
-                    )
+        named = [
+            (state.describe() + (f", leaf {key}," if key else ""), leaf)
+            for state, value in zip(self.grad_states, state_values)
+            for key, leaf in zip(leaf_names(value, ""), jax.tree_util.tree_leaves(value))
+        ]
+        named += [
+            (name, leaf)
+            for p, arg in zip(positions, args)
+            for name, leaf in zip(leaf_names(arg, f"args[{p}]"), jax.tree_util.tree_leaves(arg))
+        ]
+        for what, leaf in named:
+            dtype = jnp.result_type(leaf)
+            if not jnp.issubdtype(dtype, jnp.inexact):
+                raise TypeError(
+                    f"{self.name}: {what} has dtype {dtype}; only float and complex values can be differentiated."
+                )
 
     def _check_no_refs_at(self, positions: tuple[int, ...], tree: Any) -> None:
         """A differentiated argument holds no jax.Ref: a Ref is a state, differentiated as one."""
