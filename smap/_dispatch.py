@@ -22,7 +22,7 @@ from jax.extend.core import ClosedJaxpr
 
 from . import _compat, _locks
 from ._aot import Lowered, Traced
-from ._state import InvalidatedStateError, State, this_thread, tracing
+from ._state import InvalidatedStateError, SealedFrame, State, this_thread, tracing
 from ._tracing import Program, PyTreeDef, TraceContext, leaf_names, trace_program
 from .nn import Module
 
@@ -326,7 +326,8 @@ class StatefulFunction(Generic[P, R]):
         slots = {id(s) for s in state_list.writes}
         if any(id(s) not in index for s in program.states) or any(id(s) not in slots for s in program.written_states):
             raise _MissingStates(program.states, program.written_states)
-        out, written = entry.run(leaves, [values[index[id(s)]] for s in program.states])
+        with SealedFrame(self.name):  # (only a custom rule of JAX's runs the user's code here)
+            out, written = entry.run(leaves, [values[index[id(s)]] for s in program.states])
         # Written states keep where they live: the states' own values, which this call's lock keeps
         # as the call read them.
         keep = state_list.keeps_placement

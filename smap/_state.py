@@ -623,3 +623,28 @@ class TraceFrame:
                     f"there; it has no value outside. Create states before calling the "
                     f"transform, or return the value instead."
                 )
+
+
+class SealedFrame(TraceFrame):
+    """The frame while a transform runs its traced program: a state used there is refused.
+
+    Nothing of the user's runs there but the custom rules JAX calls only when
+    it differentiates or maps the program, after the function's trace: the jvp
+    of a ``jax.custom_jvp`` function, the fwd and bwd of a ``jax.custom_vjp``, a
+    ``custom_vmap`` rule. A state such a rule read would give it a value of no
+    moment of the trace, baked into the compiled program, and no gradient. (Plain
+    JAX refuses the same program: the rule would close over a tracer of a
+    finished trace.) States the rule creates are its own, as in any frame.
+    """
+
+    def __init__(self, name: str):
+        super().__init__(lambda state, value: value, name)
+
+    def _touch(self, state: State) -> Any:
+        raise TypeError(
+            f"{state.describe()} is used inside a custom rule (the jvp of a jax.custom_jvp function, the fwd "
+            f"or bwd of a jax.custom_vjp, a custom_vmap rule), which JAX calls while {self.name} runs the "
+            f"traced program, after the function was traced: there the state has no value of the trace, and "
+            f"no gradient. Pass the state's value to the custom function as an argument, f(x, state.value), "
+            f"and use that argument in the rule."
+        )

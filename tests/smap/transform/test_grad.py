@@ -461,3 +461,107 @@ def test_grad_around_a_mapping_equals_jax_grad_of_the_vmapped_loss(close):
         return jnp.mean(jax.vmap(lambda x: jnp.sum(jnp.tanh(x @ w_value)))(xs))
 
     close(grads, jax.grad(reference)(w.value))
+
+
+# -- custom rules: JAX calls them after the trace --------------------------------------
+
+
+@jax.custom_jvp
+def scaled_sin(x, w):
+    return jnp.sin(x * w)
+
+
+@scaled_sin.defjvp
+def _scaled_sin_jvp(primals, tangents):
+    (x, w), (tx, tw) = primals, tangents
+    return scaled_sin(x, w), jnp.cos(x * w) * (w * tx + x * tw)
+
+
+def test_a_custom_jvp_function_given_a_states_value_differentiates_it_after_a_write():
+    w0, x = jnp.array([1.0, 2.0]), jnp.array([0.3, -0.7])
+    w = smap.ParamState(w0)
+
+    def loss(x):
+        w.value = 3 * w.value
+        return scaled_sin(x, w.value).sum()
+
+    grads = smap.grad(loss, grad_states=w, argnums=0)(x)
+    want = jax.grad(lambda w, x: jnp.sin(x * 3 * w).sum(), argnums=(0, 1))(w0, x)
+    np.testing.assert_allclose(grads[0], want[0], rtol=1e-6)
+    np.testing.assert_allclose(grads[1], want[1], rtol=1e-6)
+    np.testing.assert_allclose(w.value, 3 * w0)
+
+
+def _custom_jvp_reading(state):
+    @jax.custom_jvp
+    def f(x):
+        return jnp.sin(x * state.value)
+
+    @f.defjvp
+    def f_jvp(primals, tangents):
+        (x,), (tx,) = primals, tangents
+        return f(x), jnp.cos(x * state.value) * state.value * tx
+
+    return f
+
+
+def _custom_vjp_reading(state, where):
+    @jax.custom_vjp
+    def f(x):
+        return x * state.value
+
+    def fwd(x):
+        return x * (state.value if where == "fwd" else 2.0), None
+
+    def bwd(_, cotangent):
+        return (cotangent * (state.value if where == "bwd" else 2.0),)
+
+    f.defvjp(fwd, bwd)
+    return f
+
+
+CUSTOM_RULES_READING = {
+    "custom_jvp's jvp": _custom_jvp_reading,
+    "custom_vjp's fwd": lambda state: _custom_vjp_reading(state, "fwd"),
+    "custom_vjp's bwd": lambda state: _custom_vjp_reading(state, "bwd"),
+}
+
+
+@pytest.mark.parametrize("rule", CUSTOM_RULES_READING)
+def test_a_custom_rule_reading_a_state_is_refused_and_every_state_keeps_its_value(rule):
+    """The rule runs when smap.grad differentiates the traced program: reading the state there would bake a
+    stale value in (the write before it unseen, a later value of the state ignored) with no gradient."""
+    w = smap.ParamState(jnp.array([1.0, 2.0]))
+    count = smap.LongTermState(jnp.zeros(()))
+    f = CUSTOM_RULES_READING[rule](w)
+
+    def loss(x):
+        count.value = count.value + 1
+        w.value = 3 * w.value
+        return f(x).sum()
+
+    with pytest.raises(TypeError, match=r"ParamState float32\[2\] is used inside a custom rule .* f\(x, state.value\)"):
+        smap.grad(loss)(jnp.ones(2))
+    np.testing.assert_array_equal(w.value, [1.0, 2.0])
+    np.testing.assert_array_equal(count.value, 0.0)
+
+
+def test_a_custom_rule_reading_a_state_is_refused_inside_another_transform():
+    w = smap.ParamState(jnp.array([1.0, 2.0]))
+    f = _custom_jvp_reading(w)
+    per_example = smap.vmap(smap.grad(lambda x: f(x).sum()))
+    with pytest.raises(TypeError, match="is used inside a custom rule"):
+        per_example(jnp.ones((3, 2)))
+    np.testing.assert_array_equal(w.value, [1.0, 2.0])
+
+
+def test_a_custom_jvp_function_reading_a_state_runs_where_nothing_differentiates_it():
+    """Without differentiation JAX never calls the rule: the function reads the state as any function does."""
+    w = smap.ParamState(jnp.array([1.0, 2.0]))
+    f = _custom_jvp_reading(w)
+    np.testing.assert_allclose(smap.jit(f)(jnp.ones(2)), jnp.sin(jnp.array([1.0, 2.0])), rtol=1e-6)
+    w.value = jnp.array([5.0, 6.0])
+    np.testing.assert_allclose(smap.jit(f)(jnp.ones(2)), jnp.sin(jnp.array([5.0, 6.0])), rtol=1e-6)
+    # jax.grad inside the trace calls the rule there, as plain JAX does: the state's value of that moment
+    g = smap.jit(jax.grad(lambda x: f(x).sum()))
+    np.testing.assert_allclose(g(jnp.ones(2)), jnp.cos(jnp.array([5.0, 6.0])) * jnp.array([5.0, 6.0]), rtol=1e-6)

@@ -554,3 +554,30 @@ def test_lane_slice_write_that_cannot_stack_to_the_state_shape_is_refused():
     with pytest.raises(ValueError, match=r"ShortTermState float32\[4\]: the new value has shape \(\), expected \(4,\)"):
         vmap2(per_lane)(jnp.arange(4.0))  # not selected by state_out_axes: the lane must write the whole value
     assert_unchanged([s], before)
+
+
+def test_a_custom_vmap_rule_reading_a_state_is_refused_and_the_states_keep_their_values():
+    """jax.vmap calls the rule when the mapping maps the traced lane program, after the trace: a state read
+    there would have no value of the trace (a write before it unseen), so it is refused, naming the state."""
+    from jax.custom_batching import custom_vmap
+
+    scale = smap.LongTermState(jnp.array(2.0))
+    count = smap.LongTermState(jnp.zeros(()))
+
+    @custom_vmap
+    def f(x):
+        return x * scale.value
+
+    @f.def_vmap
+    def _(axis_size, in_batched, x):
+        return x * scale.value, True
+
+    def lane(x):
+        scale.value = scale.value + 1
+        count.value = count.value + 1
+        return f(x)
+
+    with pytest.raises(TypeError, match=r"LongTermState float32\[\] is used inside a custom rule"):
+        smap.vmap(lane)(jnp.ones(3))
+    np.testing.assert_array_equal(scale.value, 2.0)
+    np.testing.assert_array_equal(count.value, 0.0)
