@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import types
 from collections.abc import Callable, Hashable, Sequence
 from typing import TYPE_CHECKING, Any, Generic, NamedTuple, ParamSpec, TypeVar
 
@@ -203,6 +204,24 @@ class StatefulFunction(Generic[P, R]):
         self.__call__ = lambda *args, **kwargs: self._write_out(args, kwargs)  # type: ignore[method-assign]
         self._nested_lists: dict[tuple[tuple[int, ...], tuple[int, ...]], _StateList] = {}
 
+    def __get__(self, instance: Any, owner: type | None = None) -> Any:
+        """As a function's: a transform defined in a class body is a method, its instance the first argument.
+
+        Example:
+            >>> import functools, jax.numpy as jnp, smap
+            >>> class Counter(smap.nn.Module):
+            ...     def __init__(self):
+            ...         self.n = smap.State(jnp.zeros(()))
+            ...     @functools.partial(smap.jit, static_argnums=0)
+            ...     def add(self, x):
+            ...         self.n.value = self.n.value + x
+            ...         return self.n.value
+            >>> counter = Counter()
+            >>> counter.add(2.0)
+            Array(2., dtype=float32)
+        """
+        return self if instance is None else types.MethodType(self, instance)
+
     # -- hooks: the contract with a transform ------------------------------------
 
     def _trace_context(self, key: ArgSignature, leaves: list) -> TraceContext:
@@ -236,6 +255,12 @@ class StatefulFunction(Generic[P, R]):
                 try:
                     _leaf_signature(leaf)
                 except TypeError as error:
+                    if isinstance(leaf, Module):  # a method transformed on its class: self
+                        raise TypeError(
+                            f"{self.name}: {name} is a Module ({type(leaf).__name__}), not an array: mark it "
+                            f"static (static_argnums=0 for a method's self), or apply the transform to the bound "
+                            f"method, module.method, instead; its states are found by tracing either way."
+                        ) from None
                     raise TypeError(
                         f"{self.name}: {name}: {error}; "
                         f"mark non-array arguments as static (static_argnums or static_argnames)."

@@ -1,6 +1,8 @@
 """smap.jit: state writes against jax.jit with explicit state passing, caching,
 static arguments, failure atomicity, nesting, the cache-key API."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -653,3 +655,41 @@ def test_smap_transforms_nested_in_raw_jax_transforms_still_work(close):
     close(jax.grad(smap.jit(lambda x: (x * w.value).sum()))(jnp.ones(2)), w.value)
     # A state created inside a raw jax.jit lives in that trace: writing it there is allowed.
     close(jax.jit(lambda x: (s := smap.State(x), setattr(s, "value", s.value * 2), s.value)[-1])(3.0), 6.0)
+
+
+# -- transforms defined in a class body are methods --------------------------------
+
+
+class Accumulator(smap.nn.Module):
+    def __init__(self, scale):
+        self.scale = smap.ParamState(jnp.asarray(scale))
+        self.total = smap.LongTermState(jnp.zeros(()))
+
+    @functools.partial(smap.jit, static_argnums=0)
+    def add(self, x):
+        self.total.value = self.total.value + self.scale.value * x.sum()
+        return self.total.value
+
+    @smap.jit
+    def add_unmarked(self, x):
+        self.total.value = self.total.value + x.sum()
+        return self.total.value
+
+
+def test_a_method_transformed_in_its_class_gets_its_instance_as_jax_jit_does():
+    """As with jax.jit, the instance is the first argument (static here); each instance's states are its own."""
+    a, b = Accumulator(2.0), Accumulator(-1.0)
+    x = jnp.array([1.0, 2.0])
+    np.testing.assert_allclose(a.add(x), 6.0)
+    np.testing.assert_allclose(a.add(x), 12.0)
+    np.testing.assert_allclose(b.add(x), -3.0)
+    np.testing.assert_allclose([a.total.value, b.total.value], [12.0, -3.0])
+    assert Accumulator.add(a, x) == 18.0  # through the class, the instance given
+    assert Accumulator.add is Accumulator.__dict__["add"]  # on the class, the transform itself
+
+
+def test_a_method_whose_instance_is_not_static_is_refused_naming_it_and_the_states_keep_their_values():
+    a = Accumulator(2.0)
+    with pytest.raises(TypeError, match=r"args\[0\] is a Module \(Accumulator\), not an array: mark it static"):
+        a.add_unmarked(jnp.ones(2))
+    np.testing.assert_array_equal(a.total.value, 0.0)

@@ -205,3 +205,22 @@ def test_axis_size_0_is_accepted_as_a_size_0_mapped_argument_is(close):
     assert vmap2(lambda x: x + 1)(jnp.ones((0, 2))).shape == (0, 2)
     with pytest.raises(ValueError, match="axis_size must be a non-negative int, got -1"):
         vmap2(lambda x: x, axis_size=-1)
+
+
+class Cells(smap.nn.Module):
+    def __init__(self, h0):
+        self.h = smap.HiddenState(h0)
+        self.w = smap.ParamState(jnp.array([[0.5, -1.0], [0.3, 0.8]]))
+
+    @functools.partial(StatefulMapping, static_argnums=0, state_in_axes=smap.HiddenState)
+    def step(self, x):
+        self.h.value = jnp.tanh(self.h.value @ self.w.value + x)
+        return self.h.value.sum()
+
+
+def test_a_mapping_defined_in_a_class_body_maps_over_its_instances_states():
+    h0, x = rand(4, 2, seed=1), rand(4, 2)
+    cells = Cells(h0)
+    want_h = jnp.tanh(h0 @ cells.w.value + x)
+    np.testing.assert_allclose(cells.step(x), want_h.sum(1), rtol=1e-6)
+    np.testing.assert_allclose(cells.h.value, want_h, rtol=1e-6)
