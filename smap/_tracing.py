@@ -139,6 +139,7 @@ def trace_program(
             call_args, call_kwargs = show_refs(call_args, "args"), show_refs(call_kwargs, "kwargs")
         with frames[-1]:
             out = fun(*call_args, **call_kwargs)
+        _check_outputs(out, name)
         out_leaves, tree = jax.tree_util.tree_flatten(out)
         out_tree.append(tree)
         return out_leaves, jax.tree_util.tree_leaves([frames[-1].read(s) for s in frames[-1].written.values()])
@@ -250,3 +251,15 @@ class TraceContext:
     def check_write(self, state: State, current: Any, new: Any) -> None:
         """Check a write inside the trace against the state's value there."""
         check_same_structure(state, current, new)
+
+
+def _check_outputs(out: Any, name: str) -> None:
+    """Every output leaf is an array or a Python scalar, or the error names it (a State: its value)."""
+    for path, leaf in jax.tree_util.tree_flatten_with_path(out)[0]:
+        if not isinstance(leaf, (jax.Array, np.ndarray, np.generic, bool, int, float, complex)):
+            where = f"as output{jax.tree_util.keystr(path)}" if path else "as its output"
+            hint = " Return its value, state.value, instead." if isinstance(leaf, State) else ""
+            raise TypeError(
+                f"{name} returned a {type(leaf).__name__} {where}: a transformed function returns arrays "
+                f"and Python scalars.{hint}"
+            )

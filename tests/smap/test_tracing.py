@@ -396,3 +396,32 @@ def test_per_example_gradients_of_a_loss_that_writes_a_statistic_inside_its_scan
     close(norms, jnp.sum(grads**2, axis=1))
     close(w.value, 1.0 - 0.1 * grads.mean(0))
     close(stat.value, stats[0])
+
+
+@pytest.mark.parametrize("transform", ["jit", "vmap", "grad"])
+def test_a_state_or_other_object_returned_is_refused_naming_the_output_and_the_states_keep_their_values(transform):
+    count = smap.LongTermState(jnp.zeros(()))
+
+    def returns_state(x):
+        count.value = count.value + 1
+        loss = jnp.sum(x**2)
+        return (loss, {"n": count}) if transform == "grad" else (x, {"n": count})
+
+    def returns_string(x):
+        count.value = count.value + 1
+        return (jnp.sum(x**2), "done") if transform == "grad" else [x, "done"]
+
+    wrap = {
+        "jit": smap.jit,
+        "vmap": smap.vmap,
+        "grad": lambda f: smap.grad(f, has_aux=True),
+    }[transform]
+    if transform != "grad":  # (has_aux's own check names aux)
+        with pytest.raises(TypeError, match=r"returned a LongTermState as output\[1\]\['n'\]: .* state.value"):
+            wrap(returns_state)(jnp.ones((2, 3)))
+        with pytest.raises(TypeError, match=r"returned a str as output\[1\]: a transformed function returns arrays"):
+            wrap(returns_string)(jnp.ones((2, 3)))
+    else:
+        with pytest.raises(TypeError, match=r"aux\['n'\] is a LongTermState"):
+            wrap(returns_state)(jnp.ones((2, 3)))
+    np.testing.assert_array_equal(count.value, 0.0)
