@@ -345,7 +345,7 @@ class Pmap(_Adapter):
         axes, out_axes = _axes(lanes, leaves)
         axis_size = lanes.plan.axis_size
         devices = self.devices if self.devices is not None else jax.local_devices()
-        n = min(len(devices), axis_size)
+        n = max(1, min(len(devices), axis_size))  # (no lanes: one device runs none)
         local = self._local_lanes(axis_size, n)
         ambient = _compat.ambient_mesh()
         if ambient is not None and set(ambient.devices.flat) != set(devices[:n]):

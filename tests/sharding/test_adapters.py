@@ -570,3 +570,23 @@ def test_shard_map_with_nothing_mapped():
         lambda: jnp.arange(3.0), in_axes=None, axis_size=8, mapping_fn=sharding.shard_map(mesh_1d(4))
     )
     np.testing.assert_array_equal(m(), np.tile(np.arange(3.0), (8, 1)))
+
+
+@pytest.mark.parametrize("where", DEVICE_MAPPINGS)
+def test_a_batch_of_no_lanes_gives_what_jax_vmap_gives(where):
+    """A mapped size of 0 (an empty last batch): empty outputs and states, as under jax.vmap, on every device
+    mapping (sharding.pmap divided the lanes by the number of devices it took, none)."""
+    h = smap.HiddenState(jnp.zeros((0, 3)))
+
+    def step(x):
+        h.value = h.value + x
+        return jax.lax.psum(x, "b"), 2 * x
+
+    mapping_fn, mapping_kwargs = DEVICE_MAPPINGS[where]()
+    m = smap.StatefulMapping(
+        step, state_in_axes=smap.HiddenState, axis_name="b", mapping_fn=mapping_fn, mapping_kwargs=mapping_kwargs
+    )
+    total, doubled = m(jnp.zeros((0, 3)))
+    want_total, want_doubled = jax.vmap(lambda x: (jax.lax.psum(x, "b"), 2 * x), axis_name="b")(jnp.zeros((0, 3)))
+    assert total.shape == want_total.shape == (0, 3) and doubled.shape == want_doubled.shape == (0, 3)
+    assert h.value.shape == (0, 3)
