@@ -574,7 +574,10 @@ def _check(index: int, settings: tuple[str, ...], seeds: tuple[int, ...] | None)
                 assert_close(got, expected, program, where, gaps if program.choices["dtype"] == "bfloat16" else None)
 
 
-CI_GROUPS = range(4)
+# Groups 2 and 3: 4 lanes per device on jax.shard_map with the real cost rule, one lane per device on
+# jax.pmap with the lowered one; with the found seeds' groups below, every lanes-per-device count and
+# both device mappings (ShardMap, Pmap) run in CI. Wider ranges run by hand (docs/performance.md).
+CI_GROUPS = range(2, 4)
 
 
 @pytest.mark.parametrize("index", fuzz_groups(GROUP, CI_GROUPS))

@@ -374,7 +374,9 @@ def in_float64(program: Program, lanes: int) -> Any:
         return jax.tree_util.tree_map(np.asarray, reference([draw(program.seed, lanes, in_float64=True)])[0])
 
 
-CI_GROUPS = range(2)
+# Group 1: 2 lanes per device on sharding.pmap; the found seeds' groups below run 1 and 2 lanes per
+# device on sharding.shard_map and jax.shard_map. Wider ranges run by hand (docs/performance.md).
+CI_GROUPS = range(1, 2)
 
 
 @pytest.mark.parametrize("index", fuzz_groups(GROUP, CI_GROUPS))
