@@ -133,6 +133,25 @@ def _concrete(x: jax.Array) -> np.ndarray | None:
     return np.asarray(x)
 
 
+def _check_known(sampler: str, rule: str, ok: Callable[..., np.ndarray], **parameters: jax.Array) -> None:
+    """A ``ValueError`` naming the first entry of ``parameters`` (broadcast) where ``ok`` is False, when
+    all are known at the call; traced parameters are not checked (the samplers' docstrings say what
+    they draw then)."""
+    known = [_concrete(x) for x in parameters.values()]
+    if any(k is None for k in known):
+        return
+    values = dict(zip(parameters, np.broadcast_arrays(*known)))
+    bad = ~np.asarray(ok(**values), bool)
+    if bad.any():
+        at = _first(bad)
+        got = (
+            " and ".join(f"{name}={v[at]!s}" for name, v in values.items())
+            if len(values) > 1
+            else (f"{next(iter(values.values()))[at]!s}")
+        )
+        raise ValueError(f"{sampler}: {rule}, got {got}{_index(at)}.")
+
+
 class RandomState(State):
     """A State holding a JAX PRNG key, with NumPy-style samplers.
 
@@ -244,7 +263,9 @@ class RandomState(State):
         With ``size``, the parameters must broadcast to it (as in NumPy): a
         ``ValueError`` names the parameter, its shape and ``size``. Without
         it, the draws have the parameters' broadcast shape. The other
-        samplers read ``size`` the same way.
+        samplers read ``size`` the same way. Parameters NumPy refuses (a
+        negative ``scale``; ``high`` below ``low`` for ``uniform``) are a
+        ``ValueError`` where they are known at the call, as in ``bernoulli``.
 
         Example:
             >>> import smap
@@ -252,6 +273,7 @@ class RandomState(State):
             (2,)
         """
         loc, scale = jnp.asarray(loc), jnp.asarray(scale)
+        _check_known("normal", "scale must not be negative", lambda scale: ~(scale < 0), scale=scale)
         dtype = dtype or jnp.result_type(loc, scale, float)
         shape = _shape("normal", size, loc=loc, scale=scale)
         return self._draw(lambda key: (loc + scale * jax.random.normal(key, shape, dtype)).astype(dtype))
@@ -266,6 +288,7 @@ class RandomState(State):
             True
         """
         low, high = jnp.asarray(low), jnp.asarray(high)
+        _check_known("uniform", "high must not be below low", lambda low, high: ~(high < low), low=low, high=high)
         dtype = dtype or jnp.result_type(low, high, float)
         shape = _shape("uniform", size, low=low, high=high)
         return self._draw(lambda key: jax.random.uniform(key, shape, dtype, minval=low, maxval=high))
@@ -284,10 +307,7 @@ class RandomState(State):
             dtype('bool')
         """
         p = jnp.asarray(p)
-        known = _concrete(p)
-        if known is not None and not ((known >= 0) & (known <= 1)).all():
-            at = _first(~((known >= 0) & (known <= 1)))
-            raise ValueError(f"bernoulli: p must be in [0, 1], got {known[at]!s}{_index(at)}.")
+        _check_known("bernoulli", "p must be in [0, 1]", lambda p: (p >= 0) & (p <= 1), p=p)
         shape = _shape("bernoulli", size, p=p)
         return self._draw(lambda key: jax.random.bernoulli(key, p, shape))
 
@@ -308,14 +328,7 @@ class RandomState(State):
         if high is None:
             low, high = 0, low
         low, high = jnp.asarray(low), jnp.asarray(high)
-        known_low, known_high = _concrete(low), _concrete(high)
-        if known_low is not None and known_high is not None:
-            lo, hi = np.broadcast_arrays(known_low, known_high)
-            if (hi <= lo).any():
-                at = _first(hi <= lo)
-                raise ValueError(
-                    f"randint: high must be greater than low, got low={lo[at]!s} and high={hi[at]!s}{_index(at)}."
-                )
+        _check_known("randint", "high must be greater than low", lambda low, high: high > low, low=low, high=high)
         shape = _shape("randint", size, low=low, high=high)
         return self._draw(lambda key: jax.random.randint(key, shape, low, high, dtype))
 
@@ -355,6 +368,14 @@ class RandomState(State):
             True
         """
         lower, upper, loc, scale = map(jnp.asarray, (lower, upper, loc, scale))
+        _check_known("truncated_normal", "scale must be positive", lambda scale: ~(scale <= 0), scale=scale)
+        _check_known(
+            "truncated_normal",
+            "upper must not be below lower",
+            lambda lower, upper: ~(upper < lower),
+            lower=lower,
+            upper=upper,
+        )
         dtype = dtype or jnp.result_type(loc, scale, float)
         shape = _shape("truncated_normal", size, lower=lower, upper=upper, loc=loc, scale=scale)
 

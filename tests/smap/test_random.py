@@ -477,6 +477,23 @@ FAILING_DRAWS = {
     "choice with p of the wrong length": (lambda r: r.choice(3, p=[0.5, 0.5]), "p "),
     "randint with a float dtype": (lambda r: r.randint(0, 3, size=2, dtype=jnp.float32), "dtype"),
     "split_key with n=-1": (lambda r: r.split_key(-1), "n must be"),
+    # where NumPy's Generator raises, with the value at fault
+    "normal with a negative scale": (
+        lambda r: r.normal(0.0, np.array([1.0, -2.0])),
+        r"normal: scale must not be negative, got -2\.0 \(at index \(1,\)\)\.",
+    ),
+    "uniform with high below low": (
+        lambda r: r.uniform(2.0, 1.0, size=3),
+        r"uniform: high must not be below low, got low=2\.0 and high=1\.0\.",
+    ),
+    "truncated_normal with a scale of 0": (
+        lambda r: r.truncated_normal(-1.0, 1.0, scale=0.0),
+        r"truncated_normal: scale must be positive, got 0\.0\.",
+    ),
+    "truncated_normal with upper below lower": (
+        lambda r: r.truncated_normal(1.0, -1.0),
+        r"upper must not be below lower, got lower=1\.0 and upper=-1\.0\.",
+    ),
 }
 
 
