@@ -137,19 +137,15 @@ def _check_known(sampler: str, rule: str, ok: Callable[..., np.ndarray], **param
     """A ``ValueError`` naming the first entry of ``parameters`` (broadcast) where ``ok`` is False, when
     all are known at the call; traced parameters are not checked (the samplers' docstrings say what
     they draw then)."""
-    known = [_concrete(x) for x in parameters.values()]
-    if any(k is None for k in known):
+    known = [k for k in map(_concrete, parameters.values()) if k is not None]
+    if len(known) < len(parameters):
         return
     values = dict(zip(parameters, np.broadcast_arrays(*known)))
     bad = ~np.asarray(ok(**values), bool)
     if bad.any():
         at = _first(bad)
-        got = (
-            " and ".join(f"{name}={v[at]!s}" for name, v in values.items())
-            if len(values) > 1
-            else (f"{next(iter(values.values()))[at]!s}")
-        )
-        raise ValueError(f"{sampler}: {rule}, got {got}{_index(at)}.")
+        named = [f"{name}={v[at]!s}" if len(values) > 1 else f"{v[at]!s}" for name, v in values.items()]
+        raise ValueError(f"{sampler}: {rule}, got {' and '.join(named)}{_index(at)}.")
 
 
 class RandomState(State):
