@@ -31,12 +31,18 @@ class JittedFunction(StatefulFunction[P, R]):
     ):
         check_callable(fun, "smap.jit: fun")
         static_argnums, static_argnames = check_static_argnums(fun, static_argnums, static_argnames)
+        donated = resolve_argnums(donate_argnums, positional_count(fun), "donate_argnums")
+        if set(donated) & set(static_argnums):
+            raise ValueError(
+                f"smap.jit: donate_argnums and static_argnums cannot intersect, as in jax.jit: "
+                f"{sorted(set(donated) & set(static_argnums))} appear in both (a static argument has no buffer)."
+            )
         super().__init__(
             fun,
             name=f"smap.jit({function_name(fun)})",
             static_argnums=static_argnums,
             static_argnames=static_argnames,
-            donate_argnums=resolve_argnums(donate_argnums, positional_count(fun), "donate_argnums"),
+            donate_argnums=donated,
             donate_states=donate_states,
         )
         functools.update_wrapper(self, fun, updated=())

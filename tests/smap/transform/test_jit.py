@@ -693,3 +693,14 @@ def test_a_method_whose_instance_is_not_static_is_refused_naming_it_and_the_stat
     with pytest.raises(TypeError, match=r"args\[0\] is a Module \(Accumulator\), not an array: mark it static"):
         a.add_unmarked(jnp.ones(2))
     np.testing.assert_array_equal(a.total.value, 0.0)
+
+
+@pytest.mark.parametrize("static", [{"static_argnums": 1}, {"static_argnums": -1}, {"static_argnames": "y"}])
+def test_an_argument_both_static_and_donated_is_refused_at_construction_as_in_jax_jit(static):
+    def f(x, y):
+        return x * y
+
+    with pytest.raises(ValueError, match=r"donate_argnums and static_argnums cannot intersect.*\[1\]"):
+        smap.jit(f, donate_argnums=1, **static)
+    with pytest.raises(ValueError, match="cannot intersect"):
+        jax.jit(f, donate_argnums=1, **static)
