@@ -702,5 +702,6 @@ def test_an_argument_both_static_and_donated_is_refused_at_construction_as_in_ja
 
     with pytest.raises(ValueError, match=r"donate_argnums and static_argnums cannot intersect.*\[1\]"):
         smap.jit(f, donate_argnums=1, **static)
-    with pytest.raises(ValueError, match="cannot intersect"):
-        jax.jit(f, donate_argnums=1, **static)
+    if static != {"static_argnums": -1}:  # (jax.jit before 0.10 resolves a negative index only at the call)
+        with pytest.raises(ValueError, match="cannot intersect"):
+            jax.jit(f, donate_argnums=1, **static)
