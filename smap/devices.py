@@ -87,6 +87,11 @@ def _rule_spec(state: State, rules: Rules | None) -> PartitionSpec | None:
     (an optax state) may hold leaves of lower rank (a scalar step count):
     those are replicated, and the rule places the others.
     """
+    if rules is not None and not isinstance(rules, Mapping):
+        raise TypeError(
+            f"rules must be a dict from a selector (a State type, filter, path or tag) to a PartitionSpec, "
+            f"got {type(rules).__name__}."
+        )
     for selector, spec in (rules or {}).items():
         if not isinstance(spec, PartitionSpec):
             raise TypeError(

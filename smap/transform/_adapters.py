@@ -398,6 +398,9 @@ def _check_devices(devices: Sequence[Any], what: str) -> list:
                 f"{what}: devices[{i}] must be a JAX device (an entry of jax.devices()), "
                 f"got {type(device).__name__} {device!r}."
             )
+    if len(set(devices)) < len(devices):
+        twice = next(d for i, d in enumerate(devices) if d in devices[:i])
+        raise ValueError(f"{what}: devices lists {twice} more than once; each device runs one block of lanes.")
     return devices
 
 

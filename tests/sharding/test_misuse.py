@@ -28,6 +28,15 @@ def test_pmap_devices_must_be_jax_devices(devices, error, words):
         smap.StatefulMapping(lambda x: x, mapping_fn=jax.pmap, mapping_kwargs={"devices": devices})(jnp.ones(2))
 
 
+def test_pmap_with_a_repeated_device():
+    d = jax.devices()
+    words = rf"sharding\.pmap: devices lists {d[1]} more than once"
+    with pytest.raises(ValueError, match=words):
+        sharding.pmap([d[0], d[1], d[1]])
+    with pytest.raises(ValueError, match=words):
+        smap.StatefulMapping(lambda x: x, mapping_fn=jax.pmap, mapping_kwargs={"devices": [d[1], d[1]]})(jnp.ones(2))
+
+
 def test_make_mesh_with_a_repeated_device():
     d = jax.devices()
     with pytest.raises(ValueError, match=rf"make_mesh: devices lists {d[1]} more than once"):
@@ -86,6 +95,8 @@ def test_place_with_a_string_or_an_unknown_mesh_axis_where_a_spec_belongs():
     before = shardings(w)
     with pytest.raises(TypeError, match=r"rules\[.*ParamState.*\] must be a PartitionSpec, got str 'data'"):
         sharding.place([w], mesh=mesh, rules={smap.ParamState: "data"})
+    with pytest.raises(TypeError, match=r"rules must be a dict from a selector .* to a PartitionSpec, got list"):
+        sharding.place([w], mesh=mesh, rules=[smap.ParamState, P("data")])
     with pytest.raises(ValueError, match=r"names mesh axis 'model', but the mesh has axes \('data',\)"):
         sharding.place([w], mesh=mesh, rules={smap.ParamState: P("model")})
     assert shardings(w) == before
