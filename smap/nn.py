@@ -21,6 +21,11 @@ class Module:
     containers changed after assignment (transforms of a Module call it). Modules are callable objects that every
     smap transform accepts like a function.
 
+    An attribute whose name starts with an underscore is private: :meth:`states`
+    does not list the States it holds, so ``smap.checkpoint`` does not save them
+    and ``sharding.place`` does not place them (a cache to rebuild, say).
+    Transforms still find every State a function touches, private or not.
+
     Example:
         >>> import jax.numpy as jnp, smap
         >>> class Linear(smap.nn.Module):
