@@ -30,7 +30,7 @@ def normalise_state_axes(spec: Any, what: str) -> StateAxes:
     if isinstance(spec, Mapping):
         out: StateAxes = {}
         for axis, selector in spec.items():
-            if axis is not None and not isinstance(axis, int):
+            if axis is not None and (not isinstance(axis, int) or isinstance(axis, bool)):
                 raise TypeError(f"{what} keys must be ints or None, got {axis!r}.")
             out[axis] = filters.to_filter(selector)
         return out
@@ -80,7 +80,7 @@ def leaf_axes(prefix: AxisSpec, tree: Any, what: str) -> list[int | None]:
     axes: list[int | None] = []
 
     def expand(axis: Any, subtree: Any) -> None:
-        if axis is not None and not isinstance(axis, int):
+        if axis is not None and (not isinstance(axis, int) or isinstance(axis, bool)):
             raise TypeError(f"{what} must consist of ints and None, got {axis!r}.")
         axes.extend([axis] * len(jax.tree_util.tree_leaves(subtree)))
 

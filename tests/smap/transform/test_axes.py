@@ -112,9 +112,10 @@ def test_leaf_axes_mismatch_names_the_spec():
         leaf_axes(({"a": 0, "z": 0},), ({"a": 1, "b": 2},), "in_axes")
 
 
-@pytest.mark.parametrize("bad", ["a", 1.5, object()])
+@pytest.mark.parametrize("bad", ["a", 1.5, object(), True])
 def test_leaf_axes_rejects_non_int_entries(bad):
-    with pytest.raises(TypeError, match="in_axes"):
+    """As jax.vmap does: True is no axis, though Python counts it an int."""
+    with pytest.raises(TypeError, match=rf"in_axes must consist of ints and None, got {bad!r}"):
         leaf_axes((0, bad), (1, 2), "in_axes")
 
 
