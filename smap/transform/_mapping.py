@@ -18,6 +18,7 @@ from collections.abc import Callable, Hashable, Sequence
 from typing import Any, ParamSpec, Protocol, TypeVar, cast, overload
 
 import jax
+import numpy as np
 from jax.extend.core import Literal
 
 from .. import _compat
@@ -316,8 +317,10 @@ class StatefulMapping(StatefulFunction[P, R]):
             )
         if not isinstance(fuse_lane_sums, bool):
             raise TypeError(f"fuse_lane_sums must be True or False, got {fuse_lane_sums!r}.")
-        if axis_size is not None and (not isinstance(axis_size, int) or isinstance(axis_size, bool) or axis_size < 0):
-            raise ValueError(f"axis_size must be a non-negative int, got {axis_size!r}.")
+        if axis_size is not None:  # an int, a NumPy integer too (as jax.vmap takes it), not a bool
+            if not isinstance(axis_size, (int, np.integer)) or isinstance(axis_size, bool) or axis_size < 0:
+                raise ValueError(f"axis_size must be a non-negative int, got {axis_size!r}.")
+            axis_size = int(axis_size)
         static_argnums, static_argnames = check_static_argnums(fun, static_argnums, static_argnames)
         super().__init__(
             fun,

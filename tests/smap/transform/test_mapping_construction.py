@@ -205,6 +205,15 @@ def test_axis_size_0_is_accepted_as_a_size_0_mapped_argument_is(close):
     assert vmap2(lambda x: x + 1)(jnp.ones((0, 2))).shape == (0, 2)
     with pytest.raises(ValueError, match="axis_size must be a non-negative int, got -1"):
         vmap2(lambda x: x, axis_size=-1)
+    for bad in (True, 2.0):
+        with pytest.raises(ValueError, match=f"axis_size must be a non-negative int, got {bad}"):
+            vmap2(lambda: 1.0, axis_size=bad)
+
+
+def test_axis_size_may_be_a_numpy_integer_as_in_jax_vmap(close):
+    m = vmap2(lambda: jnp.ones(2), axis_size=np.int64(3))
+    assert m.axis_size == 3 and type(m.axis_size) is int
+    close(m(), jax.vmap(lambda: jnp.ones(2), axis_size=np.int64(3))())
 
 
 class Cells(smap.nn.Module):
