@@ -428,7 +428,7 @@ def _normalise_tags(tag: str | Sequence[str] | None) -> tuple[str, ...]:
         return ()
     if isinstance(tag, str):
         return (tag,)
-    tags = tuple(tag)
+    tags = tuple(tag) if isinstance(tag, (tuple, list)) else (tag,)
     if not all(isinstance(t, str) for t in tags):
         raise TypeError(f"tag must be a string or a tuple of strings, got {tag!r}.")
     return tags

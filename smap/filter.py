@@ -172,7 +172,12 @@ class StateSet(Filter):
         self.states = tuple(states)
         for s in self.states:
             if not isinstance(s, State) and not _compat.is_ref(s):
-                raise TypeError(f"a state selector must hold State instances or jax.Refs, got {s!r}.")
+                hint = (
+                    " To select by several types, write smap.filter.Any(OfType(...), ...)."
+                    if isinstance(s, type)
+                    else ""
+                )
+                raise TypeError(f"a state selector must hold State instances or jax.Refs, got {s!r}.{hint}")
         self._ids = frozenset(id(s) for s in self.states)
 
     def __call__(self, path: Path, state: State) -> bool:

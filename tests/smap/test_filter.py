@@ -107,8 +107,10 @@ def test_generator_of_states_as_selector():
 
 
 def test_iterable_holding_a_non_state_is_rejected():
-    with pytest.raises(TypeError):
+    with pytest.raises(TypeError, match=r"must hold State instances or jax.Refs, got 3\.$"):
         to_filter([smap.State(jnp.zeros(1)), 3])
+    with pytest.raises(TypeError, match=r"got <class 'smap.ParamState'>\. .* smap\.filter\.Any\(OfType"):
+        to_filter([smap.ParamState, smap.HiddenState])  # types: the error says how to select by several
 
 
 def test_user_callable_receives_path_and_state():

@@ -211,8 +211,10 @@ def test_tags():
     assert smap.State(jnp.zeros(1)).tags == ()
     assert smap.State(jnp.zeros(1), tag="optimizer").tags == ("optimizer",)
     assert smap.State(jnp.zeros(1), tag=("a", "b")).tags == ("a", "b")
-    with pytest.raises(TypeError):
+    with pytest.raises(TypeError, match=r"tag must be a string or a tuple of strings, got \('a', 3\)"):
         smap.State(jnp.zeros(1), tag=("a", 3))
+    with pytest.raises(TypeError, match="tag must be a string or a tuple of strings, got 3"):
+        smap.State(jnp.zeros(1), tag=3)
 
 
 def test_tags_are_selected_by_with_tag():
