@@ -204,6 +204,9 @@ class StatefulFunction(Generic[P, R]):
         self.__call__ = lambda *args, **kwargs: self._write_out(args, kwargs)  # type: ignore[method-assign]
         self._nested_lists: dict[tuple[tuple[int, ...], tuple[int, ...]], _StateList] = {}
 
+    def __repr__(self) -> str:
+        return self.name  # as it was written: smap.jit(f), smap.grad(loss)
+
     def __get__(self, instance: Any, owner: type | None = None) -> Any:
         """As a function's: a transform defined in a class body is a method, its instance the first argument.
 

@@ -705,3 +705,12 @@ def test_an_argument_both_static_and_donated_is_refused_at_construction_as_in_ja
     if static != {"static_argnums": -1}:  # (jax.jit before 0.10 resolves a negative index only at the call)
         with pytest.raises(ValueError, match="cannot intersect"):
             jax.jit(f, donate_argnums=1, **static)
+
+
+def test_a_transform_reads_as_it_was_written():
+    def loss(x):
+        return x
+
+    assert repr(smap.jit(loss)) == "smap.jit(loss)"
+    assert repr(smap.grad(loss)) == "smap.grad(loss)"
+    assert repr(smap.vmap(loss)) == "StatefulMapping(loss, axis_name=None, axis_size=None)"
