@@ -126,14 +126,16 @@ def _broadcasts_to(shape: tuple[int, ...], target: tuple[int, ...]) -> bool:
     return all(d in (1, t) for d, t in zip(shape[::-1], target[::-1]))
 
 
-def _concrete(x: jax.Array) -> np.ndarray | None:
-    """``x``'s value when it is known now; None when it is traced."""
-    if isinstance(x, jax.core.Tracer) or not getattr(x, "is_fully_addressable", True):
-        return None
+def _concrete(x: Any) -> np.ndarray | None:
+    """``x``'s value when it is known now (a Python or NumPy value is read where it is); None when it
+    is traced, in part (a list holding a tracer) or whole, or lies on other processes' devices."""
+    for leaf in jax.tree_util.tree_leaves(x):
+        if isinstance(leaf, jax.core.Tracer) or not getattr(leaf, "is_fully_addressable", True):
+            return None
     return np.asarray(x)
 
 
-def _check_known(sampler: str, rule: str, ok: Callable[..., np.ndarray], **parameters: jax.Array) -> None:
+def _check_known(sampler: str, rule: str, ok: Callable[..., np.ndarray], **parameters: Any) -> None:
     """A ``ValueError`` naming the first entry of ``parameters`` (broadcast) where ``ok`` is False, when
     all are known at the call; traced parameters are not checked (the samplers' docstrings say what
     they draw then)."""
@@ -268,8 +270,8 @@ class RandomState(State):
             >>> smap.random.RandomState(0).normal([0.0, 10.0], 1.0).shape
             (2,)
         """
-        loc, scale = jnp.asarray(loc), jnp.asarray(scale)
         _check_known("normal", "scale must not be negative", lambda scale: ~(scale < 0), scale=scale)
+        loc, scale = jnp.asarray(loc), jnp.asarray(scale)
         dtype = dtype or jnp.result_type(loc, scale, float)
         shape = _shape("normal", size, loc=loc, scale=scale)
         return self._draw(lambda key: (loc + scale * jax.random.normal(key, shape, dtype)).astype(dtype))
@@ -283,8 +285,8 @@ class RandomState(State):
             >>> bool((x >= 2).all() and (x < 3).all())
             True
         """
-        low, high = jnp.asarray(low), jnp.asarray(high)
         _check_known("uniform", "high must not be below low", lambda low, high: ~(high < low), low=low, high=high)
+        low, high = jnp.asarray(low), jnp.asarray(high)
         dtype = dtype or jnp.result_type(low, high, float)
         shape = _shape("uniform", size, low=low, high=high)
         return self._draw(lambda key: jax.random.uniform(key, shape, dtype, minval=low, maxval=high))
@@ -302,8 +304,8 @@ class RandomState(State):
             >>> smap.random.RandomState(0).bernoulli(0.5, size=(2, 3)).dtype
             dtype('bool')
         """
-        p = jnp.asarray(p)
         _check_known("bernoulli", "p must be in [0, 1]", lambda p: (p >= 0) & (p <= 1), p=p)
+        p = jnp.asarray(p)
         shape = _shape("bernoulli", size, p=p)
         return self._draw(lambda key: jax.random.bernoulli(key, p, shape))
 
@@ -323,8 +325,8 @@ class RandomState(State):
         """
         if high is None:
             low, high = 0, low
-        low, high = jnp.asarray(low), jnp.asarray(high)
         _check_known("randint", "high must be greater than low", lambda low, high: high > low, low=low, high=high)
+        low, high = jnp.asarray(low), jnp.asarray(high)
         shape = _shape("randint", size, low=low, high=high)
         return self._draw(lambda key: jax.random.randint(key, shape, low, high, dtype))
 
@@ -363,7 +365,6 @@ class RandomState(State):
             >>> bool((abs(x) <= 1).all())
             True
         """
-        lower, upper, loc, scale = map(jnp.asarray, (lower, upper, loc, scale))
         _check_known("truncated_normal", "scale must be positive", lambda scale: ~(scale <= 0), scale=scale)
         _check_known(
             "truncated_normal",
@@ -372,6 +373,7 @@ class RandomState(State):
             lower=lower,
             upper=upper,
         )
+        lower, upper, loc, scale = map(jnp.asarray, (lower, upper, loc, scale))
         dtype = dtype or jnp.result_type(loc, scale, float)
         shape = _shape("truncated_normal", size, lower=lower, upper=upper, loc=loc, scale=scale)
 
