@@ -256,9 +256,15 @@ class TraceContext:
 def _check_outputs(out: Any, name: str) -> None:
     """Every output leaf is an array or a Python scalar, or the error names it (a State: its value)."""
     for path, leaf in jax.tree_util.tree_flatten_with_path(out)[0]:
-        if not isinstance(leaf, (jax.Array, np.ndarray, np.generic, bool, int, float, complex)):
+        if not isinstance(leaf, (jax.Array, jax.core.Tracer, np.ndarray, np.generic, bool, int, float, complex)):
             where = f"as output{jax.tree_util.keystr(path)}" if path else "as its output"
-            hint = " Return its value, state.value, instead." if isinstance(leaf, State) else ""
+            hint = (
+                " Return its value, state.value, instead."
+                if isinstance(leaf, State)
+                else " Return its value, ref[...], instead (as jax.jit, which returns no Ref)."
+                if _compat.is_ref(leaf)
+                else ""
+            )
             raise TypeError(
                 f"{name} returned a {type(leaf).__name__} {where}: a transformed function returns arrays "
                 f"and Python scalars.{hint}"

@@ -715,3 +715,12 @@ def test_refs_passed_once_and_freed_are_forgotten(transform):
         gc.collect()
     assert len(wrapped._state_list.states) <= 1
     assert sum(map(len, wrapped._entries.values())) <= 1
+
+
+def test_a_ref_returned_is_refused_naming_the_output_as_jax_jit_refuses_it():
+    ref = jax.new_ref(jnp.ones(2))
+    with pytest.raises(TypeError, match=r"returned a Ref as output\[1\]: .* Return its value, ref\[\.\.\.\], instead"):
+        smap.jit(lambda x: (x, ref))(jnp.ones(2))
+    with pytest.raises(ValueError, match="cannot be returned"):  # (plain JAX)
+        jax.jit(lambda x: (x, ref))(jnp.ones(2))
+    np.testing.assert_array_equal(ref[...], jnp.ones(2))
