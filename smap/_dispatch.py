@@ -24,16 +24,8 @@ from jax.extend.core import ClosedJaxpr
 from . import _compat, _locks
 from ._aot import Lowered, Traced
 from ._state import InvalidatedStateError, SealedFrame, State, this_thread, tracing
-from ._tracing import Program, PyTreeDef, TraceContext, leaf_names, trace_program
+from ._tracing import Program, PyTreeDef, TraceContext, hide_arguments, leaf_names, show_arguments, trace_program
 from .nn import Module
-
-if _compat.HAS_REFS:
-    from ._refs import hide_refs
-else:
-
-    def hide_refs(args: tuple, kwargs: dict) -> tuple[tuple, dict]:  # without jax.Ref, no argument is a Ref
-        return args, kwargs
-
 
 __all__ = ["ArgSignature", "Runner", "StatefulFunction"]
 
@@ -211,11 +203,11 @@ class StatefulFunction(Generic[P, R]):
         """As a function's: a transform defined in a class body is a method, its instance the first argument.
 
         Example:
-            >>> import functools, jax.numpy as jnp, smap
+            >>> import jax.numpy as jnp, smap
             >>> class Counter(smap.nn.Module):
             ...     def __init__(self):
             ...         self.n = smap.State(jnp.zeros(()))
-            ...     @functools.partial(smap.jit, static_argnums=0)
+            ...     @smap.jit
             ...     def add(self, x):
             ...         self.n.value = self.n.value + x
             ...         return self.n.value
@@ -243,7 +235,7 @@ class StatefulFunction(Generic[P, R]):
 
     def signature_key(self, *args: Any, **kwargs: Any) -> tuple[ArgSignature, list, tuple, dict]:
         """The argument part of the cache key, with the leaves and the dynamic (not static) arguments."""
-        args, kwargs = hide_refs(args, kwargs)
+        args, kwargs = hide_arguments(args, kwargs)
         nums = tuple(i for i in self.static_argnums if i < len(args))
         static = tuple((i, args[i]) for i in nums) + tuple((k, kwargs[k]) for k in self.static_argnames if k in kwargs)
         dyn_args = tuple(a for i, a in enumerate(args) if i not in nums)
@@ -258,12 +250,6 @@ class StatefulFunction(Generic[P, R]):
                 try:
                     _leaf_signature(leaf)
                 except TypeError as error:
-                    if isinstance(leaf, Module):  # a method transformed on its class: self
-                        raise TypeError(
-                            f"{self.name}: {name} is a Module ({type(leaf).__name__}), not an array: mark it "
-                            f"static (static_argnums=0 for a method's self), or apply the transform to the bound "
-                            f"method, module.method, instead; its states are found by tracing either way."
-                        ) from None
                     raise TypeError(
                         f"{self.name}: {name}: {error}; "
                         f"mark non-array arguments as static (static_argnums or static_argnames)."
@@ -274,6 +260,7 @@ class StatefulFunction(Generic[P, R]):
     def _bind_static(self, static: tuple, n_args: int) -> Callable:
         if not static:
             return self.fun
+        static = tuple((k, show_arguments(v)) for k, v in static)  # a static Module or Ref is itself
         positional = {k: v for k, v in static if isinstance(k, int)}
         named = {k: v for k, v in static if isinstance(k, str)}
 
@@ -587,7 +574,7 @@ class StatefulFunction(Generic[P, R]):
                 f"{self.name}: trace() and lower() are called outside of smap transforms, not while one traces; "
                 f"lower the outer transform to see the whole program."
             )
-        args, kwargs = hide_refs(args, kwargs)
+        args, kwargs = hide_arguments(args, kwargs)
         state_list = self._state_list
         with _locks.Holding(state_list.group):
             try:
@@ -601,7 +588,7 @@ class StatefulFunction(Generic[P, R]):
 
     def _call_in_trace(self, args: tuple, kwargs: dict) -> Any:
         """A call while another smap transform traces: only this program's states take part."""
-        args, kwargs = hide_refs(args, kwargs)
+        args, kwargs = hide_arguments(args, kwargs)
         key, leaves, dyn_args, dyn_kwargs = self.signature_key(*args, **kwargs)
         program = (self._lookup(key) or self._trace(key, leaves, dyn_args, dyn_kwargs)).program
         lists_key = (tuple(map(id, program.states)), tuple(map(id, program.written_states)))
@@ -617,8 +604,8 @@ def make(owner, state_list, ArrayImpl, {states}):
     def general(*args, **kwargs):
         if tracing.threads and this_thread.frames:
             return owner._call_in_trace(args, kwargs)
-        if kwargs or not plain.issuperset(map(type, args)):  # a Ref argument is a state, not an input
-            args, kwargs = hide_refs(args, kwargs)
+        if kwargs or not plain.issuperset(map(type, args)):  # a Module or Ref argument holds states: no input
+            args, kwargs = hide_arguments(args, kwargs)
 {body}
     def call({parameters}*rest, **kwargs):
         if rest or kwargs{odd} or (tracing.threads and this_thread.frames):
@@ -727,7 +714,7 @@ def _compile_call(owner: StatefulFunction, state_list: _StateList, arity: int | 
         "tracing": tracing,
         "this_thread": this_thread,
         "_MissingStates": _MissingStates,
-        "hide_refs": hide_refs,
+        "hide_arguments": hide_arguments,
         "plain": _compat.PLAIN_ARGUMENTS,
         "ungiven": _UNGIVEN,
         "given": _given,

@@ -9,7 +9,8 @@ trace frame as reads and writes of that State (see ``_compat.route_ref_access``)
 so discovery, ``state_in_axes``, write-back after success and the rollback
 of a failed call are the States' own. Outside smap's traces a Ref is JAX's.
 A Ref passed as an argument is the same State: the dispatcher carries it as
-a :class:`RefArgument` (no array input, its identity part of the cache key)
+a ``HeldArgument`` (no array input, its identity part of the cache key, as a
+Module argument's; see ``smap._tracing.hide_arguments``)
 and the function receives the Ref itself.
 
 Where it differs from a State: a Ref's shape and dtype are fixed, so
@@ -30,9 +31,9 @@ import jax
 import jax.numpy as jnp
 
 from . import _compat, _locks, _state
-from ._state import State, _leaf_repr, _normalise_tags, active_frames
+from ._state import HeldArgument, State, _leaf_repr, _normalise_tags, active_frames
 
-__all__ = ["RefBacked", "state_of", "backed_class", "describe_ref", "RefArgument", "hide_refs", "show_refs", "refs_in"]
+__all__ = ["RefBacked", "state_of", "backed_class", "describe_ref", "show_refs", "refs_in"]
 
 # Each Ref's State: the user's, held weakly (it holds its Ref), or smap's own, held here while its Ref lives.
 _states: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
@@ -173,74 +174,30 @@ def describe_ref(ref: Any) -> str:
 # -- Refs passed as arguments ---------------------------------------------------------------
 
 
-class RefArgument:
-    """A Ref passed as an argument, as smap's dispatcher carries it: a pytree node with no leaves.
-
-    A Ref argument is a state, not an array input: the dispatcher's
-    ``jax.jit`` sees no leaf for it, and its tree structure (so its cache
-    key) tells one Ref from another. The function receives the Ref itself
-    (:func:`show_refs`), whose reads and writes are its State's.
-    """
-
-    __slots__ = ("_ref", "_hash")
-
-    def __init__(self, ref: Any):
-        self._ref = weakref.ref(ref)  # a cache key must not keep the Ref alive
-        self._hash = id(ref)
-
-    @property
-    def ref(self) -> Any:
-        return self._ref()
-
-    def __eq__(self, other: object) -> bool:
-        if not isinstance(other, RefArgument):
-            return NotImplemented
-        mine = self._ref()
-        return self is other or (mine is not None and mine is other._ref())
-
-    def __hash__(self) -> int:
-        return self._hash
-
-    def __repr__(self) -> str:
-        ref = self._ref()
-        return f"RefArgument({'freed' if ref is None else _leaf_repr(ref)})"
-
-
-jax.tree_util.register_pytree_node(RefArgument, lambda node: ((), node), lambda node, _: node)
-
-
-def hide_refs(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-    """``args`` and ``kwargs`` with every concrete Ref leaf a :class:`RefArgument` (the same objects without one)."""
-    if not kwargs and _compat.PLAIN_ARGUMENTS.issuperset(map(type, args)):  # a call's usual arguments: no tree to walk
-        return args, kwargs
-    if _compat.RefType not in set(map(type, jax.tree_util.tree_leaves((args, kwargs)))):
-        return args, kwargs
-    return jax.tree_util.tree_map(lambda x: RefArgument(x) if type(x) is _compat.RefType else x, (args, kwargs))
-
-
 def show_refs(tree: Any, root: str | None = None) -> Any:
-    """``tree`` with each :class:`RefArgument` its Ref again; with ``root``, each Ref's State is named by its path.
+    """``tree`` with each Ref held as a ``HeldArgument`` (see :func:`smap._tracing.hide_arguments`) the Ref
+    again; with ``root``, each Ref's State is named by its path.
 
     The name (``args[0]['w']``) is how errors about the State then name it,
     unless a Module holding the Ref gives it a path.
     """
 
     def show(path: Any, x: Any) -> Any:
-        if not isinstance(x, RefArgument):
+        if not isinstance(x, HeldArgument) or not _compat.is_ref(x.held):
             return x
         if root is not None:
-            state = state_of(x.ref)
+            state = state_of(x.held)
             if isinstance(state, RefBacked):
                 state._argument = root + jax.tree_util.keystr(path)
-        return x.ref
+        return x.held
 
-    return jax.tree_util.tree_map_with_path(show, tree, is_leaf=lambda x: isinstance(x, RefArgument))
+    return jax.tree_util.tree_map_with_path(show, tree, is_leaf=lambda x: isinstance(x, HeldArgument))
 
 
 def refs_in(tree: Any) -> list:
-    """The Refs a tree of arguments holds as :class:`RefArgument` nodes."""
-    nodes = jax.tree_util.tree_leaves(tree, is_leaf=lambda x: isinstance(x, RefArgument))
-    return [x.ref for x in nodes if isinstance(x, RefArgument)]
+    """The Refs a tree of arguments holds as ``HeldArgument`` nodes."""
+    nodes = jax.tree_util.tree_leaves(tree, is_leaf=lambda x: isinstance(x, HeldArgument))
+    return [x.held for x in nodes if isinstance(x, HeldArgument) and _compat.is_ref(x.held)]
 
 
 # -- Ref access inside smap's traces -----------------------------------------------------

@@ -12,6 +12,7 @@ every state as it was.
 from __future__ import annotations
 
 import threading
+import weakref
 from collections.abc import Callable, Collection, Hashable, Sequence
 from typing import Any, ClassVar
 
@@ -648,3 +649,39 @@ class SealedFrame(TraceFrame):
             f"no gradient. Pass the state's value to the custom function as an argument, f(x, state.value), "
             f"and use that argument in the rule."
         )
+
+
+class HeldArgument:
+    """An argument that holds states, not arrays, as smap's dispatcher carries it: a pytree node with no leaves.
+
+    A Module (whose States the function reads and writes, found by tracing)
+    or a ``jax.Ref`` (itself a State, see :mod:`smap._refs`). The
+    dispatcher's ``jax.jit`` sees no leaf for it, and its tree structure (so
+    the cache key) tells one from another by identity, as a static argument
+    would; the function receives the object itself (``smap._tracing.show_arguments``).
+    """
+
+    __slots__ = ("_held", "_hash")
+
+    def __init__(self, held: Any):
+        self._held = weakref.ref(held)  # a cache key must not keep it alive
+        self._hash = id(held)
+
+    @property
+    def held(self) -> Any:
+        return self._held()
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, HeldArgument):
+            return NotImplemented
+        mine = self._held()
+        return self is other or (mine is not None and mine is other._held())
+
+    def __hash__(self) -> int:
+        return self._hash
+
+    def __repr__(self) -> str:
+        return f"HeldArgument({self._held()!r})"
+
+
+jax.tree_util.register_pytree_node(HeldArgument, lambda node: ((), node), lambda node, _: node)

@@ -21,9 +21,19 @@ import numpy as np
 from jax.extend.core import ClosedJaxpr
 
 from . import _annotations, _compat, _interpret
-from ._state import State, TraceFrame, WrittenInside, check_same_structure
+from ._state import HeldArgument, State, TraceFrame, WrittenInside, check_same_structure
+from .nn import Module
 
-__all__ = ["Program", "TraceContext", "trace_program", "abstract", "leaf_names"]
+__all__ = [
+    "Program",
+    "TraceContext",
+    "trace_program",
+    "abstract",
+    "leaf_names",
+    "hide_arguments",
+    "show_arguments",
+    "HeldArgument",
+]
 
 PyTreeDef = Any
 
@@ -119,10 +129,7 @@ def trace_program(
         >>> program.states == (total,), program.written
         (True, (0,))
     """
-    if _compat.HAS_REFS:  # a Ref argument is a state: no input of the program (see smap._refs)
-        from ._refs import hide_refs, show_refs
-
-        args, kwargs = hide_refs(args, kwargs)
+    args, kwargs = hide_arguments(args, kwargs)
     leaves, in_tree = jax.tree_util.tree_flatten((args, kwargs))
     # Per attempt: its frame, its trace (where states' inputs are made, not a nested transform's), its out_tree.
     frames: list[TraceFrame] = []
@@ -135,8 +142,7 @@ def trace_program(
     def traced(*arg_leaves: Any) -> tuple[list, list]:
         traces.append(_compat.current_trace())
         call_args, call_kwargs = jax.tree_util.tree_unflatten(in_tree, arg_leaves)
-        if _compat.HAS_REFS:
-            call_args, call_kwargs = show_refs(call_args, "args"), show_refs(call_kwargs, "kwargs")
+        call_args, call_kwargs = show_arguments(call_args, "args"), show_arguments(call_kwargs, "kwargs")
         with frames[-1]:
             out = fun(*call_args, **call_kwargs)
         _check_outputs(out, name)
@@ -269,3 +275,38 @@ def _check_outputs(out: Any, name: str) -> None:
                 f"{name} returned a {type(leaf).__name__} {where}: a transformed function returns arrays "
                 f"and Python scalars.{hint}"
             )
+
+
+# -- arguments that hold states, not arrays ------------------------------------------------
+
+
+def hide_arguments(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """``args`` and ``kwargs`` with each Module and each concrete ``jax.Ref`` a :class:`~smap._state.HeldArgument`:
+    arguments that hold states are no inputs of a program.
+
+    Example:
+        >>> import jax, jax.numpy as jnp, smap
+        >>> from smap._tracing import hide_arguments
+        >>> net = smap.nn.Module()
+        >>> args, _ = hide_arguments((net, jnp.ones(2)), {})
+        >>> jax.tree_util.tree_leaves(args)  # the Module is no leaf
+        [Array([1., 1.], dtype=float32)]
+    """
+    if not kwargs and _compat.PLAIN_ARGUMENTS.issuperset(map(type, args)):  # the usual call: no tree to walk
+        return args, kwargs
+    held = lambda x: isinstance(x, Module) or _compat.is_ref(x)  # noqa: E731
+    if not any(map(held, jax.tree_util.tree_leaves((args, kwargs)))):
+        return args, kwargs
+    return jax.tree_util.tree_map(lambda x: HeldArgument(x) if held(x) else x, (args, kwargs))
+
+
+def show_arguments(tree: Any, root: str | None = None) -> Any:
+    """``tree`` with each ``HeldArgument`` what it holds again (a Ref's State named by its path under
+    ``root``: see :func:`smap._refs.show_refs`)."""
+    if _compat.HAS_REFS:
+        from ._refs import show_refs
+
+        tree = show_refs(tree, root)
+    return jax.tree_util.tree_map(
+        lambda x: x.held if isinstance(x, HeldArgument) else x, tree, is_leaf=lambda x: isinstance(x, HeldArgument)
+    )

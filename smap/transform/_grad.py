@@ -12,8 +12,9 @@ import numpy as np
 
 from .. import _compat
 from .._dispatch import ArgSignature, Runner, StatefulFunction
-from .._state import State
+from .._state import HeldArgument, State
 from .._tracing import Program, TraceContext, leaf_names
+from ..nn import Module
 from ._signature import check_callable, function_name
 
 __all__ = ["grad"]
@@ -105,8 +106,7 @@ class GradFunction(StatefulFunction[P, Any]):
         self._check_loss(program)
         tree = key.tree
         positions = tuple(self._argnum(p, key.n_args) for p in self._arg_positions)
-        if _compat.HAS_REFS:
-            self._check_no_refs_at(positions, tree)
+        self._check_no_states_at(positions, tree)
         n_grad = len(self.grad_states)
 
         def run(arg_leaves: list, state_values: list) -> tuple[tuple, list]:
@@ -159,12 +159,21 @@ class GradFunction(StatefulFunction[P, Any]):
                     f"{self.name}: {what} has dtype {dtype}; only float and complex values can be differentiated."
                 )
 
-    def _check_no_refs_at(self, positions: tuple[int, ...], tree: Any) -> None:
-        """A differentiated argument holds no jax.Ref: a Ref is a state, differentiated as one."""
-        from .._refs import refs_in
-
+    def _check_no_states_at(self, positions: tuple[int, ...], tree: Any) -> None:
+        """A differentiated argument holds no Module or jax.Ref: their states are differentiated as states."""
         args = jax.tree_util.tree_unflatten(tree, [None] * tree.num_leaves)[0]
         for p in positions:
+            held = jax.tree_util.tree_leaves(args[p], is_leaf=lambda x: isinstance(x, HeldArgument))
+            if any(isinstance(x, HeldArgument) and isinstance(x.held, Module) for x in held):
+                raise TypeError(
+                    f"{self.name}: argnums selects args[{p}], which holds a Module; a Module is no array: "
+                    f"differentiate its states with grad_states=module.states(smap.ParamState), and select "
+                    f"the array arguments with argnums."
+                )
+            if not _compat.HAS_REFS:
+                continue
+            from .._refs import refs_in
+
             if refs_in(args[p]):
                 raise TypeError(
                     f"{self.name}: argnums selects args[{p}], which holds a jax.Ref; a Ref is a state, not an "

@@ -657,7 +657,7 @@ def test_smap_transforms_nested_in_raw_jax_transforms_still_work(close):
     close(jax.jit(lambda x: (s := smap.State(x), setattr(s, "value", s.value * 2), s.value)[-1])(3.0), 6.0)
 
 
-# -- transforms defined in a class body are methods --------------------------------
+# -- Modules as arguments; transforms defined in a class body are methods -------------
 
 
 class Accumulator(smap.nn.Module):
@@ -665,34 +665,68 @@ class Accumulator(smap.nn.Module):
         self.scale = smap.ParamState(jnp.asarray(scale))
         self.total = smap.LongTermState(jnp.zeros(()))
 
-    @functools.partial(smap.jit, static_argnums=0)
+    @smap.jit
     def add(self, x):
         self.total.value = self.total.value + self.scale.value * x.sum()
         return self.total.value
 
-    @smap.jit
-    def add_unmarked(self, x):
-        self.total.value = self.total.value + x.sum()
+    @functools.partial(smap.jit, static_argnums=0)
+    def add_static(self, x):
+        self.total.value = self.total.value + self.scale.value * x.sum()
         return self.total.value
 
 
-def test_a_method_transformed_in_its_class_gets_its_instance_as_jax_jit_does():
-    """As with jax.jit, the instance is the first argument (static here); each instance's states are its own."""
+@pytest.mark.parametrize("method", ["add", "add_static"])
+def test_a_method_transformed_in_its_class_gets_its_instance_as_jax_jit_does(method):
+    """As with jax.jit, the instance is the first argument; a Module is no array, its States found by tracing
+    (marked static or not); each instance's states are its own, written back after each call."""
     a, b = Accumulator(2.0), Accumulator(-1.0)
     x = jnp.array([1.0, 2.0])
-    np.testing.assert_allclose(a.add(x), 6.0)
-    np.testing.assert_allclose(a.add(x), 12.0)
-    np.testing.assert_allclose(b.add(x), -3.0)
+    np.testing.assert_allclose(getattr(a, method)(x), 6.0)
+    np.testing.assert_allclose(getattr(a, method)(x), 12.0)
+    np.testing.assert_allclose(getattr(b, method)(x), -3.0)
     np.testing.assert_allclose([a.total.value, b.total.value], [12.0, -3.0])
-    assert Accumulator.add(a, x) == 18.0  # through the class, the instance given
-    assert Accumulator.add is Accumulator.__dict__["add"]  # on the class, the transform itself
+    assert getattr(Accumulator, method)(a, x) == 18.0  # through the class, the instance given
+    assert getattr(Accumulator, method) is Accumulator.__dict__[method]  # on the class, the transform itself
 
 
-def test_a_method_whose_instance_is_not_static_is_refused_naming_it_and_the_states_keep_their_values():
+def test_a_module_argument_is_traced_once_per_module_and_its_states_are_written_back():
+    traces = []
+
+    def step(model, batch):
+        traces.append(model)
+        model.total.value = model.total.value + model.scale.value * batch["x"].sum()
+        return {"total": model.total.value}
+
+    jitted = smap.jit(step)
+    a, b = Accumulator(2.0), Accumulator(3.0)
+    x = jnp.array([1.0, 2.0])
+    for _ in range(2):
+        jitted(a, {"x": x})
+        jitted(b, batch={"x": x})
+    assert traces == [a, b]  # once per Module (and call shape), as a static argument would be
+    np.testing.assert_allclose([a.total.value, b.total.value], [12.0, 18.0])
+    pair = smap.jit(lambda models, x: [step(m, {"x": x})["total"] for m in models])(
+        [a, b], x
+    )  # Modules inside a pytree too
+    np.testing.assert_allclose(pair, [18.0, 27.0])
+    assert jitted.get_jaxpr_by_cache(jitted.get_arg_cache_key(a, {"x": x})).jaxpr.invars  # (x and the states)
+
+
+def test_grad_of_a_module_argument_names_grad_states_and_the_states_keep_their_values():
     a = Accumulator(2.0)
-    with pytest.raises(TypeError, match=r"args\[0\] is a Module \(Accumulator\), not an array: mark it static"):
-        a.add_unmarked(jnp.ones(2))
+
+    def loss(model, x):
+        model.total.value = model.total.value + 1
+        return model.scale.value * jnp.sum(x**2)
+
+    with pytest.raises(TypeError, match=r"argnums selects args\[0\], which holds a Module; .* grad_states="):
+        smap.grad(loss)(a, jnp.ones(2))
     np.testing.assert_array_equal(a.total.value, 0.0)
+    grads = smap.grad(loss, grad_states=a.states(smap.ParamState), argnums=1)(a, jnp.array([1.0, 2.0]))
+    np.testing.assert_allclose(grads[0]["scale"], 5.0)
+    np.testing.assert_allclose(grads[1], [4.0, 8.0])
+    np.testing.assert_array_equal(a.total.value, 1.0)
 
 
 @pytest.mark.parametrize("static", [{"static_argnums": 1}, {"static_argnums": -1}, {"static_argnames": "y"}])

@@ -226,10 +226,17 @@ class Cells(smap.nn.Module):
         self.h.value = jnp.tanh(self.h.value @ self.w.value + x)
         return self.h.value.sum()
 
+    @functools.partial(StatefulMapping, state_in_axes=smap.HiddenState)
+    def step_unmarked(self, x):
+        self.h.value = jnp.tanh(self.h.value @ self.w.value + x)
+        return self.h.value.sum()
 
-def test_a_mapping_defined_in_a_class_body_maps_over_its_instances_states():
+
+@pytest.mark.parametrize("method", ["step", "step_unmarked"])
+def test_a_mapping_defined_in_a_class_body_maps_over_its_instances_states(method):
+    """The instance is an argument with no array (in_axes=0 maps none of it); its batched state is split."""
     h0, x = rand(4, 2, seed=1), rand(4, 2)
     cells = Cells(h0)
     want_h = jnp.tanh(h0 @ cells.w.value + x)
-    np.testing.assert_allclose(cells.step(x), want_h.sum(1), rtol=1e-6)
+    np.testing.assert_allclose(getattr(cells, method)(x), want_h.sum(1), rtol=1e-6)
     np.testing.assert_allclose(cells.h.value, want_h, rtol=1e-6)
