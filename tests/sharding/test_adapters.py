@@ -590,3 +590,29 @@ def test_a_batch_of_no_lanes_gives_what_jax_vmap_gives(where):
     want_total, want_doubled = jax.vmap(lambda x: (jax.lax.psum(x, "b"), 2 * x), axis_name="b")(jnp.zeros((0, 3)))
     assert total.shape == want_total.shape == (0, 3) and doubled.shape == want_doubled.shape == (0, 3)
     assert h.value.shape == (0, 3)
+
+
+class _Cell(smap.nn.Module):
+    def __init__(self, h0):
+        self.w = smap.ParamState(jnp.array([[0.5, -1.0, 0.2], [1.5, 0.3, -0.7], [0.1, 0.2, 0.3]]))
+        self.h = smap.HiddenState(h0)
+
+
+@pytest.mark.parametrize("where", DEVICE_MAPPINGS)
+def test_a_module_passed_as_an_argument_runs_on_every_device_mapping_as_under_jax_vmap(where):
+    """The Module is no array (no lane of it); its batched state is split over the lanes and written back."""
+    h0, x = rand(8, 3, seed=1), rand(8, 3)
+    cell = _Cell(h0)
+
+    def step(model, x):
+        model.h.value = jnp.tanh(model.h.value @ model.w.value + x)
+        return jax.lax.pmean(model.h.value.sum(), "b")
+
+    mapping_fn, mapping_kwargs = DEVICE_MAPPINGS[where]()
+    m = smap.StatefulMapping(
+        step, state_in_axes=smap.HiddenState, axis_name="b", mapping_fn=mapping_fn, mapping_kwargs=mapping_kwargs
+    )
+    out = m(cell, x)
+    want_h = jax.vmap(lambda h, x: jnp.tanh(h @ cell.w.value + x))(h0, x)
+    np.testing.assert_allclose(out, jnp.full(8, want_h.sum(1).mean()), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(cell.h.value, want_h, rtol=1e-5, atol=1e-6)
