@@ -23,7 +23,7 @@ from jax.extend.core import ClosedJaxpr
 
 from . import _compat, _locks
 from ._aot import Lowered, Traced
-from ._state import InvalidatedStateError, SealedFrame, State, this_thread, tracing
+from ._state import HeldArgument, InvalidatedStateError, SealedFrame, State, this_thread, tracing
 from ._tracing import Program, PyTreeDef, TraceContext, hide_arguments, leaf_names, show_arguments, trace_program
 from .nn import Module
 
@@ -52,6 +52,12 @@ class ArgSignature(NamedTuple):
     static: tuple  # ((position or name, value), ...) of the static arguments
     n_args: int  # positional arguments in the call, static ones included
     leaves: tuple  # (shape, dtype, weak_type) of each array leaf
+
+    def holds_freed(self) -> bool:
+        """Whether a Module or Ref it was traced with (a ``HeldArgument``) is freed: no call can match it."""
+        tree = (jax.tree_util.tree_unflatten(self.tree, [None] * self.tree.num_leaves), self.static)
+        nodes = jax.tree_util.tree_leaves(tree, is_leaf=lambda x: isinstance(x, HeldArgument))
+        return any(isinstance(x, HeldArgument) and x.held is None for x in nodes)
 
 
 def _tree_signature(value: Any) -> Hashable:
@@ -473,15 +479,16 @@ class StatefulFunction(Generic[P, R]):
             finally:
                 missing.placed.placed = False  # a later refusal (the states moved again) is retried
         current = self._state_list  # (another thread may have made a longer one meanwhile)
+        self._forget_gone_states()
+        live = self._live_states()
         states, writes = (
-            tuple({id(s): s for s in (*listed, *found) if not s._gone()}.values())
+            tuple({id(s): s for s in (*listed, *found) if id(s) in live and not s._gone()}.values())
             for listed, found in ((current.states, missing.states), (current.writes, missing.writes))
         )
         if list(map(id, (*states, *writes))) == list(map(id, (*current.states, *current.writes))):
             self._use(current, args, kwargs)
         else:
             self._use(_StateList(states, writes, _locks.joined(states), self), args, kwargs)
-            self._forget_gone_states()
         return (again or self)(*args, **kwargs)
 
     def _use(self, state_list: _StateList, args: tuple, kwargs: dict) -> None:
@@ -505,16 +512,25 @@ class StatefulFunction(Generic[P, R]):
         return value
 
     def _forget_gone_states(self) -> None:
-        """Drop the programs of states whose storage is gone: Refs passed once as arguments, and freed since."""
+        """Drop the programs of arguments and states that are gone: a Module or Ref passed as an argument and
+        freed since (the list then drops its states), the States of freed Refs."""
         for key in list(self._entries):
+            if key.holds_freed():
+                del self._entries[key]
+                continue
             kept = [e for e in self._entries[key] if not any(s._gone() for s in e.program.states)]
             if kept:
                 self._entries[key] = kept
             else:
                 del self._entries[key]
+        live = self._live_states()
         for ids, nested in list(self._nested_lists.items()):
-            if any(s._gone() for s in nested.states):
+            if any(id(s) not in live for s in nested.states):
                 del self._nested_lists[ids]
+
+    def _live_states(self) -> set[int]:
+        """The ids of the states of the cached programs."""
+        return {id(s) for entries in self._entries.values() for entry in entries for s in entry.program.states}
 
     # -- ahead of time ----------------------------------------------------------
 
@@ -590,7 +606,11 @@ class StatefulFunction(Generic[P, R]):
         """A call while another smap transform traces: only this program's states take part."""
         args, kwargs = hide_arguments(args, kwargs)
         key, leaves, dyn_args, dyn_kwargs = self.signature_key(*args, **kwargs)
-        program = (self._lookup(key) or self._trace(key, leaves, dyn_args, dyn_kwargs)).program
+        entry = self._lookup(key)
+        if entry is None:  # a new program: those of freed arguments go
+            entry = self._trace(key, leaves, dyn_args, dyn_kwargs)
+            self._forget_gone_states()
+        program = entry.program
         lists_key = (tuple(map(id, program.states)), tuple(map(id, program.written_states)))
         if lists_key not in self._nested_lists:
             self._nested_lists[lists_key] = _StateList(program.states, program.written_states, _UNLOCKED, self)

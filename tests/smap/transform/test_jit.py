@@ -748,3 +748,24 @@ def test_a_transform_reads_as_it_was_written():
     assert repr(smap.jit(loss)) == "smap.jit(loss)"
     assert repr(smap.grad(loss)) == "smap.grad(loss)"
     assert repr(smap.vmap(loss)) == "StatefulMapping(loss, axis_name=None, axis_size=None)"
+
+
+def test_a_freed_module_argument_leaves_the_cache_and_the_call_reads_only_the_live_states():
+    """A program traced for a Module is dropped once the Module is freed, its States with it: a transform
+    called with many short-lived Modules does not read all their States on every later call."""
+    import gc
+    import weakref
+
+    jitted = smap.jit(lambda model, x: model.add(x))
+    keep = Accumulator(1.0)
+    gone = []
+    for _ in range(5):
+        model = Accumulator(2.0)
+        jitted(model, jnp.ones(2))
+        gone.append(weakref.ref(model.total))
+        del model
+        gc.collect()
+        jitted(keep, jnp.ones(2))
+    np.testing.assert_allclose(keep.total.value, 10.0)
+    assert sum(1 for ref in gone if ref() is not None) <= 1  # (the last Module's States until the next trace)
+    assert len(jitted._state_list.states) <= 4  # keep's two States and at most the last Module's
