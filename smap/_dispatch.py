@@ -479,8 +479,7 @@ class StatefulFunction(Generic[P, R]):
             finally:
                 missing.placed.placed = False  # a later refusal (the states moved again) is retried
         current = self._state_list  # (another thread may have made a longer one meanwhile)
-        self._forget_gone_states()
-        live = self._live_states()
+        live = self._forget_gone_states()
         states, writes = (
             tuple({id(s): s for s in (*listed, *found) if id(s) in live and not s._gone()}.values())
             for listed, found in ((current.states, missing.states), (current.writes, missing.writes))
@@ -511,9 +510,10 @@ class StatefulFunction(Generic[P, R]):
             )
         return value
 
-    def _forget_gone_states(self) -> None:
+    def _forget_gone_states(self) -> set[int]:
         """Drop the programs of arguments and states that are gone: a Module or Ref passed as an argument and
-        freed since (the list then drops its states), the States of freed Refs."""
+        freed since, the States of freed Refs. Returns the ids of the states of the programs kept (a new
+        list keeps only those)."""
         for key in list(self._entries):
             if key.holds_freed():
                 del self._entries[key]
@@ -523,14 +523,11 @@ class StatefulFunction(Generic[P, R]):
                 self._entries[key] = kept
             else:
                 del self._entries[key]
-        live = self._live_states()
+        live = {id(s) for entries in self._entries.values() for entry in entries for s in entry.program.states}
         for ids, nested in list(self._nested_lists.items()):
             if any(id(s) not in live for s in nested.states):
                 del self._nested_lists[ids]
-
-    def _live_states(self) -> set[int]:
-        """The ids of the states of the cached programs."""
-        return {id(s) for entries in self._entries.values() for entry in entries for s in entry.program.states}
+        return live
 
     # -- ahead of time ----------------------------------------------------------
 

@@ -33,7 +33,7 @@ import jax.numpy as jnp
 from . import _compat, _locks, _state
 from ._state import HeldArgument, State, _leaf_repr, _normalise_tags, active_frames
 
-__all__ = ["RefBacked", "state_of", "backed_class", "describe_ref", "show_refs", "refs_in"]
+__all__ = ["RefBacked", "state_of", "backed_class", "describe_ref", "show_refs"]
 
 # Each Ref's State: the user's, held weakly (it holds its Ref), or smap's own, held here while its Ref lives.
 _states: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
@@ -192,12 +192,6 @@ def show_refs(tree: Any, root: str | None = None) -> Any:
         return x.held
 
     return jax.tree_util.tree_map_with_path(show, tree, is_leaf=lambda x: isinstance(x, HeldArgument))
-
-
-def refs_in(tree: Any) -> list:
-    """The Refs a tree of arguments holds as ``HeldArgument`` nodes."""
-    nodes = jax.tree_util.tree_leaves(tree, is_leaf=lambda x: isinstance(x, HeldArgument))
-    return [x.held for x in nodes if isinstance(x, HeldArgument) and _compat.is_ref(x.held)]
 
 
 # -- Ref access inside smap's traces -----------------------------------------------------

@@ -32,7 +32,6 @@ __all__ = [
     "leaf_names",
     "hide_arguments",
     "show_arguments",
-    "HeldArgument",
 ]
 
 PyTreeDef = Any

@@ -163,18 +163,15 @@ class GradFunction(StatefulFunction[P, Any]):
         """A differentiated argument holds no Module or jax.Ref: their states are differentiated as states."""
         args = jax.tree_util.tree_unflatten(tree, [None] * tree.num_leaves)[0]
         for p in positions:
-            held = jax.tree_util.tree_leaves(args[p], is_leaf=lambda x: isinstance(x, HeldArgument))
-            if any(isinstance(x, HeldArgument) and isinstance(x.held, Module) for x in held):
-                raise TypeError(
-                    f"{self.name}: argnums selects args[{p}], which holds a Module; a Module is no array: "
-                    f"differentiate its states with grad_states=module.states(smap.ParamState), and select "
-                    f"the array arguments with argnums."
-                )
-            if not _compat.HAS_REFS:
-                continue
-            from .._refs import refs_in
-
-            if refs_in(args[p]):
+            for node in jax.tree_util.tree_leaves(args[p], is_leaf=lambda x: isinstance(x, HeldArgument)):
+                if not isinstance(node, HeldArgument):
+                    continue
+                if isinstance(node.held, Module):
+                    raise TypeError(
+                        f"{self.name}: argnums selects args[{p}], which holds a Module; a Module is no array: "
+                        f"differentiate its states with grad_states=module.states(smap.ParamState), and select "
+                        f"the array arguments with argnums."
+                    )
                 raise TypeError(
                     f"{self.name}: argnums selects args[{p}], which holds a jax.Ref; a Ref is a state, not an "
                     f"array argument: differentiate it with grad_states=smap.ParamState(ref) (a State backed "
