@@ -657,15 +657,17 @@ class HeldArgument:
     A Module (whose States the function reads and writes, found by tracing)
     or a ``jax.Ref`` (itself a State, see :mod:`smap._refs`). The
     dispatcher's ``jax.jit`` sees no leaf for it, and its tree structure (so
-    the cache key) tells one from another by identity, as a static argument
-    would; the function receives the object itself (``smap._tracing.show_arguments``).
+    the cache key) tells one from another by identity and by ``layout``
+    (a Module's: :func:`smap.nn.layout_key`), as a static argument would; the
+    function receives the object itself (``smap._tracing.show_arguments``).
     """
 
-    __slots__ = ("_held", "_hash")
+    __slots__ = ("_held", "_layout", "_hash")
 
-    def __init__(self, held: Any):
+    def __init__(self, held: Any, layout: Hashable = None):
         self._held = weakref.ref(held)  # a cache key must not keep it alive
-        self._hash = id(held)
+        self._layout = layout
+        self._hash = hash((id(held), layout))
 
     @property
     def held(self) -> Any:
@@ -674,8 +676,10 @@ class HeldArgument:
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, HeldArgument):
             return NotImplemented
+        if self is other:
+            return True
         mine = self._held()
-        return self is other or (mine is not None and mine is other._held())
+        return mine is not None and mine is other._held() and self._layout == other._layout
 
     def __hash__(self) -> int:
         return self._hash

@@ -22,7 +22,7 @@ from jax.extend.core import ClosedJaxpr
 
 from . import _annotations, _compat, _interpret
 from ._state import HeldArgument, State, TraceFrame, WrittenInside, check_same_structure
-from .nn import Module
+from .nn import Module, layout_key
 
 __all__ = [
     "Program",
@@ -295,11 +295,14 @@ def hide_arguments(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         return args, kwargs
     plain = _compat.PLAIN_ARGUMENTS
     if not kwargs and all(type(a) in plain or isinstance(a, Module) for a in args):  # a method's call, say
-        return tuple(HeldArgument(a) if isinstance(a, Module) else a for a in args), kwargs
+        return tuple(HeldArgument(a, layout_key(a)) if isinstance(a, Module) else a for a in args), kwargs
     held = lambda x: isinstance(x, Module) or _compat.is_ref(x)  # noqa: E731
     if not any(map(held, jax.tree_util.tree_leaves((args, kwargs)))):
         return args, kwargs
-    return jax.tree_util.tree_map(lambda x: HeldArgument(x) if held(x) else x, (args, kwargs))
+    return jax.tree_util.tree_map(
+        lambda x: (HeldArgument(x, layout_key(x)) if isinstance(x, Module) else HeldArgument(x)) if held(x) else x,
+        (args, kwargs),
+    )
 
 
 def show_arguments(tree: Any, root: str | None = None) -> Any:

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import weakref
-from collections.abc import Hashable, Iterator
+from collections.abc import Callable, Hashable, Iterable, Iterator
 from typing import Any
 
 from . import _compat
@@ -25,6 +26,9 @@ class Module:
     does not list the States it holds, so ``smap.checkpoint`` does not save them
     and ``sharding.place`` does not place them (a cache to rebuild, say).
     Transforms still find every State a function touches, private or not.
+
+    A Module passed to a transform as an argument is traced again when its
+    attributes have changed since (see :func:`layout_key`).
 
     Example:
         >>> import jax.numpy as jnp, smap
@@ -48,8 +52,14 @@ class Module:
 
     def __setattr__(self, name: str, value: Any) -> None:
         object.__setattr__(self, name, value)
-        if not name.startswith("_"):
-            _adopt(self, (name,), value)
+        if name not in _BOOKKEEPING:
+            _LAST_EDIT[0] = object()
+            if not name.startswith("_"):
+                _adopt(self, (name,), value)
+
+    def __delattr__(self, name: str) -> None:
+        object.__delattr__(self, name)
+        _LAST_EDIT[0] = object()
 
     def states(self, filter: filters.FilterLike | None = None) -> dict[str, State]:
         """The states of this module and its submodules, by dotted path.
@@ -89,6 +99,95 @@ class Module:
 
 
 Module.__module__ = "smap.nn"
+
+
+# smap's own attributes of a Module; every other attribute is the Module's layout (see `layout_key`).
+_BOOKKEEPING = frozenset({"_owner", "_name", "_layout"})
+# A new object at each attribute assignment to any Module: a Module's layout is computed again only after
+# one. (A fresh object, not a count, so that two threads' assignments cannot leave it as it was.)
+_LAST_EDIT = [object()]
+
+
+def layout_key(module: Module) -> Hashable:
+    """What a program traced with ``module`` as an argument depends on besides its States' values.
+
+    Its attributes, its submodules' and their containers' contents, by value
+    for Python scalars and strings and by identity for anything else (a State,
+    an array, a function): a program traced before an attribute changed (a
+    flag set, a State or a layer replaced) is not reused after. It is computed
+    again only after some Module's attribute was assigned or deleted; a list
+    or dict changed in place is not seen until then.
+
+    Example:
+        >>> import smap
+        >>> from smap.nn import layout_key
+        >>> net = smap.nn.Module()
+        >>> net.training = True
+        >>> before = layout_key(net)
+        >>> net.training = False
+        >>> layout_key(net) == before
+        False
+    """
+    edit = _LAST_EDIT[0]
+    known = module.__dict__.get("_layout")
+    if known is not None and known[0] is edit:
+        return known[1]
+    found = _layout_of(module, {})
+    object.__setattr__(module, "_layout", (edit, found))
+    return found
+
+
+_SCALARS = (bool, int, float, complex, str, bytes, type(None))
+
+
+class _Same:
+    """An object in a layout, compared by identity, held weakly where it can be (a layout sits in caches'
+    keys, which must not keep States or arrays alive)."""
+
+    __slots__ = ("_ref", "_id")
+
+    def __init__(self, obj: Any):
+        self._ref: Callable[[], Any]
+        try:
+            self._ref = weakref.ref(obj)
+        except TypeError:  # (no weak reference to it: held)
+            self._ref = functools.partial(_itself, obj)
+        self._id = id(obj)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, _Same):
+            return NotImplemented
+        mine = self._ref()
+        return self is other or (mine is not None and mine is other._ref())
+
+    def __hash__(self) -> int:
+        return self._id
+
+
+def _itself(obj: Any) -> Any:
+    return obj
+
+
+def _layout_of(node: Any, seen: dict[int, int]) -> Hashable:
+    if type(node) in _SCALARS:
+        return type(node), node
+    if isinstance(node, State):
+        return _Same(node)
+    if _compat.is_ref(node):
+        return _Same(_ref_state(node))
+    if isinstance(node, (Module, list, tuple, dict)):
+        if id(node) in seen:  # a cycle, or an object reached twice
+            return "seen", seen[id(node)]
+        seen[id(node)] = len(seen)
+        items: Iterable[tuple[Hashable, Any]]
+        if isinstance(node, Module):
+            items = ((k, v) for k, v in vars(node).items() if k not in _BOOKKEEPING)
+        elif isinstance(node, dict):
+            items = ((_layout_of(k, seen), v) for k, v in node.items())
+        else:
+            items = enumerate(node)
+        return type(node), tuple((k, _layout_of(v, seen)) for k, v in items)
+    return _Same(node)
 
 
 def _adopt(owner: Module, name: tuple[Hashable, ...], value: Any) -> None:

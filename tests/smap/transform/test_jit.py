@@ -729,6 +729,78 @@ def test_grad_of_a_module_argument_names_grad_states_and_the_states_keep_their_v
     np.testing.assert_array_equal(a.total.value, 1.0)
 
 
+class Gate(smap.nn.Module):
+    """A layer whose program depends on Python attributes: a flag and a scale."""
+
+    def __init__(self, scale):
+        self.w = smap.ParamState(jnp.array([1.0, 2.0]))
+        self.scale = scale
+        self.training = True
+
+    def __call__(self, x):
+        y = x * self.w.value * self.scale
+        return y * 2.0 if self.training else y
+
+    @smap.jit
+    def jitted(self, x):
+        return self(x)
+
+
+class Stack(smap.nn.Module):
+    def __init__(self):
+        self.layers = [Gate(1.0), Gate(3.0)]
+
+    def __call__(self, x):
+        for layer in self.layers:
+            x = layer(x)
+        return x
+
+
+@pytest.mark.parametrize("transform", [smap.jit, functools.partial(smap.jit, static_argnums=0), smap.vmap])
+def test_a_module_argument_whose_attributes_change_is_traced_again(transform):
+    """A program traced for a Module depends on its Python attributes, as an Equinox or NNX module's
+    structure is part of their cache key: a flag set, a scale changed, a State or a layer replaced in a
+    submodule is seen at the next call (the value is the eager call's), and setting a flag back reuses
+    the program traced for it."""
+    traces = []
+
+    def run(model, x):
+        traces.append(1)
+        return model(x)
+
+    mapped = transform(run) if transform is not smap.vmap else smap.vmap(run, in_axes=(None, 0))
+    model = Stack()
+    x = jnp.array([[1.0, -1.0], [0.5, 2.0]]) if transform is smap.vmap else jnp.array([1.0, -1.0])
+    expected = (lambda: jax.vmap(model)(x)) if transform is smap.vmap else (lambda: model(x))
+    edits = [
+        lambda: setattr(model.layers[1], "training", False),
+        lambda: setattr(model.layers[0], "scale", -2.0),
+        lambda: setattr(model.layers[1], "w", smap.ParamState(jnp.array([5.0, 7.0]))),
+        lambda: setattr(model, "layers", [model.layers[1]]),
+        lambda: setattr(model.layers[0], "training", True),
+        lambda: setattr(model.layers[0], "training", False),  # back: the program traced for it
+    ]
+    np.testing.assert_allclose(mapped(model, x), expected())
+    for edit in edits:
+        edit()
+        np.testing.assert_allclose(mapped(model, x), expected())
+    assert len(traces) == 6  # the last edit traced nothing
+    smap.nn.Module().flag = 1  # another Module's attribute: this one's layout is read again, and is the same
+    mapped(model, x)
+    assert len(traces) == 6
+
+
+def test_a_method_transform_sees_its_instance_flag():
+    gate = Gate(1.0)
+    x = jnp.array([1.0, 1.0])
+    np.testing.assert_allclose(gate.jitted(x), [2.0, 4.0])
+    gate.training = False  # an evaluation mode, as NNX's model.eval() sets
+    np.testing.assert_allclose(gate.jitted(x), [1.0, 2.0])
+    del gate.training
+    with pytest.raises(AttributeError, match="training"):
+        gate.jitted(x)
+
+
 @pytest.mark.parametrize("static", [{"static_argnums": 1}, {"static_argnums": -1}, {"static_argnames": "y"}])
 def test_an_argument_both_static_and_donated_is_refused_at_construction_as_in_jax_jit(static):
     def f(x, y):
