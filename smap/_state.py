@@ -573,7 +573,7 @@ class TraceFrame:
         only for the value's type)."""
         key = id(state)
         if key in self._created:
-            return state._value
+            return state._stored()
         value = self._values.get(key, MISSING)
         return self._touch(state) if value is MISSING else value
 

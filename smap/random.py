@@ -84,6 +84,10 @@ def _as_key(seed_or_key: Any) -> jax.Array:
     key = jnp.asarray(seed_or_key) if not isinstance(seed_or_key, jax.Array) else seed_or_key
     if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
         return jax.random.key_data(key)
+    if key.shape == () and jnp.issubdtype(key.dtype, jnp.integer):  # an int, traced (a step count) or not
+        if isinstance(key, jax.core.Tracer):
+            return jax.random.PRNGKey(key)
+        return jax.random.PRNGKey(_int_seed(int(key)))
     default_shape = jax.eval_shape(lambda: jax.random.PRNGKey(0)).shape
     if key.dtype != jnp.uint32 or key.shape != default_shape:
         raise TypeError(
@@ -219,7 +223,8 @@ class RandomState(State):
         """Reset the key from an int seed or a JAX key (``None``: a fresh seed).
 
         An int seed is in ``[0, 2**32)``, as NumPy's, and each gives its own
-        key; another int is a ``ValueError`` naming it and the range.
+        key; another int is a ``ValueError`` naming it and the range. Inside a
+        transform the seed may be a traced int (as ``jax.random.key(step)``).
 
         Example:
             >>> import smap

@@ -90,6 +90,22 @@ def test_seed_rejects_an_array_that_is_not_a_key():
         smap.random.seed(jnp.zeros(3, jnp.uint32))
 
 
+def test_seed_takes_an_int_array_traced_or_not_as_jax_random_key_does(close):
+    """A step count inside smap.jit, or each lane's index: the key is jax.random.PRNGKey of that int."""
+    rng = smap.random.RandomState(0)
+
+    def draw(i):
+        rng.seed(i)
+        return rng.normal(size=2)
+
+    first = lambda i: jax.random.normal(subkeys(int(i), 1)[0], (2,))  # noqa: E731
+    close(smap.jit(draw)(jnp.int32(5)), first(5))
+    close(smap.vmap(draw)(jnp.arange(3)), jnp.stack([first(i) for i in range(3)]))
+    close(draw(jnp.uint32(9)), first(9))  # concrete: checked as an int
+    with pytest.raises(ValueError, match=r"seed -1 is out of range"):
+        rng.seed(jnp.int32(-1))
+
+
 @pytest.mark.parametrize("seed", [2**70, 2**32, -1, True])
 def test_seed_out_of_range_names_the_seed_and_the_range(seed):
     smap.random.seed(3)
@@ -208,6 +224,21 @@ def test_int_seeded_random_state_first_used_inside_smap_jit(close):
     close(draw(), jax.random.normal(k2, (3,)))
     # Outside the jit the same state continues the same sequence.
     close(rng.normal(size=3), jax.random.normal(k3, (3,)))
+
+
+@pytest.mark.parametrize("transform", [smap.jit, smap.vmap])
+def test_an_int_seeded_random_state_created_inside_a_transform_draws_from_its_seed(transform, close):
+    """Created in the traced function (a generator per call, say) it draws as jax.random does from the
+    seed's key, in every lane; it was refused before ("unexpected PRNG key type")."""
+    k1, k2 = subkeys(7, 2)
+
+    def draw(x):
+        rng = smap.random.RandomState(7)
+        return x + rng.normal(size=2) + rng.uniform(size=2)
+
+    expected = jax.random.normal(k1, (2,)) + jax.random.uniform(k2, (2,))
+    x = jnp.zeros((3, 2)) if transform is smap.vmap else jnp.zeros(2)
+    close(transform(draw)(x), jnp.broadcast_to(expected, x.shape))
 
 
 # -- samplers: shapes ----------------------------------------------------------
