@@ -94,9 +94,12 @@ def _rule_spec(state: State, rules: Rules | None) -> PartitionSpec | None:
         )
     for selector, spec in (rules or {}).items():
         if not isinstance(spec, PartitionSpec):
+            entries = (
+                ", ".join(map(repr, spec)) if isinstance(spec, (tuple, list)) else "" if spec is None else repr(spec)
+            )
             raise TypeError(
                 f"rules[{selector!r}] must be a PartitionSpec, got {type(spec).__name__} {spec!r}; "
-                f"write PartitionSpec({spec!r}) to partition the first dimension."
+                f"write PartitionSpec({entries}), a mesh axis (or None) per dimension."
             )
         if to_filter(selector)(state.path, state):
             ranks = [np.ndim(x) for x in jax.tree_util.tree_leaves(state.peek())]

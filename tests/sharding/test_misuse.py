@@ -95,6 +95,12 @@ def test_place_with_a_string_or_an_unknown_mesh_axis_where_a_spec_belongs():
     before = shardings(w)
     with pytest.raises(TypeError, match=r"rules\[.*ParamState.*\] must be a PartitionSpec, got str 'data'"):
         sharding.place([w], mesh=mesh, rules={smap.ParamState: "data"})
+    # A tuple is read as one entry per dimension, and the fix says so.
+    with pytest.raises(TypeError, match=r"got tuple \('data', None\); write PartitionSpec\('data', None\)"):
+        sharding.place([w], mesh=mesh, rules={smap.ParamState: ("data", None)})
+    fixed = smap.ParamState(jnp.ones((8, 4)))
+    sharding.place([fixed], mesh=mesh, rules={smap.ParamState: P("data", None)})  # the fix as written works
+    assert fixed.value.sharding.is_equivalent_to(jax.sharding.NamedSharding(mesh, P("data", None)), 2)
     with pytest.raises(TypeError, match=r"rules must be a dict from a selector .* to a PartitionSpec, got list"):
         sharding.place([w], mesh=mesh, rules=[smap.ParamState, P("data")])
     with pytest.raises(ValueError, match=r"names mesh axis 'model', but the mesh has axes \('data',\)"):
