@@ -4,7 +4,8 @@ Every transform has ``jax.jit``'s verbs: ``f.trace(*args)``, ``f.lower(*args)``
 and ``f.lower(*args).compile()``. They go through the transform's own
 dispatcher with the states' current values as inputs, so what they show is
 exactly what a call runs (the same shardings, the same rewrites), and no
-state is written.
+state is written. The compiled object is called as ``jax.jit``'s is, on
+arguments of the signature it was lowered for.
 
 Example:
     >>> import jax.numpy as jnp, smap
@@ -13,12 +14,16 @@ Example:
     >>> lowered = f.lower(jnp.ones(3))
     >>> lowered
     Lowered(smap.jit(<lambda>))
-    >>> lowered.compile().memory_analysis().output_size_in_bytes
+    >>> compiled = lowered.compile()
+    >>> compiled.memory_analysis().output_size_in_bytes
     12
+    >>> compiled(jnp.arange(3.0))
+    Array([0., 2., 4.], dtype=float32)
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from jax.extend.core import ClosedJaxpr
@@ -29,13 +34,19 @@ __all__ = ["Traced", "Lowered", "Compiled"]
 class Compiled:
     """A transform's program compiled by XLA for the arguments and states it was lowered with.
 
-    It is for reading, not for calling: call the transform itself, which
-    runs this executable from its cache and writes the states back.
+    Calling it calls the transform, which reads the states, runs the program
+    and writes the states back, on arguments of the signature it was
+    compiled for (their structure, shapes and dtypes); other arguments are a
+    ``TypeError``, as for ``jax.jit``'s compiled object.
     """
 
-    def __init__(self, compiled: Any, name: str):
+    def __init__(self, compiled: Any, name: str, run: Callable):
         self._compiled = compiled
         self.name = name
+        self._run = run
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self._run(*args, **kwargs)
 
     def as_text(self) -> str:
         """XLA's optimised HLO: the program as it runs (collectives, fusions, buffers)."""
@@ -56,13 +67,14 @@ class Compiled:
 class Lowered:
     """A transform's program lowered to StableHLO, before XLA's optimisations."""
 
-    def __init__(self, lowered: Any, name: str):
+    def __init__(self, lowered: Any, name: str, run: Callable):
         self._lowered = lowered
         self.name = name
+        self._run = run
 
     def compile(self) -> Compiled:
         """Compile the program with XLA."""
-        return Compiled(self._lowered.compile(), self.name)
+        return Compiled(self._lowered.compile(), self.name, self._run)
 
     def as_text(self, dialect: str | None = None) -> str:
         """The lowered program as text (StableHLO unless ``dialect='hlo'``)."""
@@ -79,9 +91,10 @@ class Lowered:
 class Traced:
     """A transform's program traced for some arguments: its jaxpr, and the way to lower it."""
 
-    def __init__(self, traced: Any, name: str):
+    def __init__(self, traced: Any, name: str, run: Callable):
         self._traced = traced
         self.name = name
+        self._run = run
 
     @property
     def jaxpr(self) -> ClosedJaxpr:
@@ -90,7 +103,7 @@ class Traced:
 
     def lower(self) -> Lowered:
         """Lower the traced program (see :meth:`Lowered.compile`)."""
-        return Lowered(self._traced.lower(), self.name)
+        return Lowered(self._traced.lower(), self.name, self._run)
 
     def __repr__(self) -> str:
         return f"Traced({self.name})"

@@ -179,3 +179,40 @@ def test_lower_inside_a_transform_is_refused():
     g = smap.jit(lambda x: f.lower(x))
     with pytest.raises(RuntimeError, match="outside of smap transforms"):
         g(jnp.ones(2))
+
+
+def test_the_compiled_program_is_called_as_jax_jits_is_on_the_arguments_it_was_lowered_for():
+    """``f.lower(x).compile()(x)`` runs the step and writes its states, as the plain-JAX step with the state
+    passed explicitly computes it; arguments of another signature are a TypeError naming both, and no state
+    changes. A weak type may differ, as for jax.jit's compiled object."""
+    h = smap.HiddenState(jnp.zeros((4, 3)))
+
+    @smap.vmap(state_in_axes=smap.HiddenState)
+    def step(x):
+        h.value = 0.5 * h.value + x
+        return h.value.sum()
+
+    def plain(h, x):
+        h = 0.5 * h + x
+        return h.sum(axis=1), h
+
+    x = rand(4, 3)
+    compiled = step.lower(jax.ShapeDtypeStruct((4, 3), jnp.float32)).compile()
+    expected, h_expected = plain(jnp.zeros((4, 3)), x)
+    np.testing.assert_allclose(compiled(x), expected, rtol=1e-6)
+    np.testing.assert_allclose(h.value, h_expected, rtol=1e-6)
+    expected, h_expected = plain(h_expected, jnp.full((4, 3), 2.0))
+    np.testing.assert_allclose(compiled(jnp.full((4, 3), 2.0)), expected, rtol=1e-6)  # (weakly typed)
+    np.testing.assert_allclose(h.value, h_expected, rtol=1e-6)
+    before = h.value
+    with pytest.raises(
+        TypeError,
+        match=r"compiled for arguments \(\(float32\[4, 3\],\), \{\}\), called with "
+        r"\(\(float32\[5, 3\],\), \{\}\)",
+    ):
+        compiled(rand(5, 3))
+    assert h.value is before
+    lowered_jit = smap.jit(lambda x, n: x * n, static_argnums=1).lower(jnp.ones(2), 3)
+    np.testing.assert_allclose(lowered_jit.compile()(jnp.ones(2), 3), [3.0, 3.0])
+    with pytest.raises(TypeError, match=r"and static \{1: 3\}, called with .* and static \{1: 4\}"):
+        lowered_jit.compile()(jnp.ones(2), 4)
