@@ -14,7 +14,7 @@ import functools
 import re
 import warnings
 import weakref
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from typing import Any, ParamSpec, Protocol, TypeVar, cast, overload
 
 import jax
@@ -321,6 +321,17 @@ class StatefulMapping(StatefulFunction[P, R]):
             if not isinstance(axis_size, (int, np.integer)) or isinstance(axis_size, bool) or axis_size < 0:
                 raise ValueError(f"axis_size must be a non-negative int, got {axis_size!r}.")
             axis_size = int(axis_size)
+        if mapping_kwargs is not None and not isinstance(mapping_kwargs, Mapping):
+            raise TypeError(
+                f"mapping_kwargs must be a dict of keyword arguments for mapping_fn, "
+                f"got {type(mapping_kwargs).__name__} {mapping_kwargs!r}."
+            )
+        try:
+            hash(axis_name)
+        except TypeError:
+            raise TypeError(
+                f"axis_name must be hashable (a string, say), got {type(axis_name).__name__} {axis_name!r}."
+            ) from None
         static_argnums, static_argnames = check_static_argnums(fun, static_argnums, static_argnames)
         super().__init__(
             fun,

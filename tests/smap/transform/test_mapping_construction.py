@@ -144,6 +144,15 @@ def test_state_axes_keys_must_be_ints_or_none():
         vmap2(lambda x: x, state_out_axes={1.0: smap.ShortTermState})
 
 
+def test_an_unhashable_axis_name_or_mapping_kwargs_not_a_dict_is_named_at_construction():
+    """jax.vmap says only "unhashable type: 'list'"; a list of pairs as mapping_kwargs was read as keywords."""
+    with pytest.raises(TypeError, match=r"axis_name must be hashable \(a string, say\), got list \['batch'\]"):
+        smap.StatefulMapping(lambda x: x, axis_name=["batch"])
+    with pytest.raises(TypeError, match=r"mapping_kwargs must be a dict .* got list \[\('devices', None\)\]"):
+        smap.StatefulMapping(lambda x: x, mapping_kwargs=[("devices", None)])
+    assert smap.StatefulMapping(lambda x: x, axis_name=("a", "b")).axis_name == ("a", "b")
+
+
 def test_decorator_forms(close):
     @vmap2
     def double(x):
