@@ -7,6 +7,8 @@ import weakref
 from collections.abc import Callable, Hashable, Iterable, Iterator
 from typing import Any
 
+import numpy as np
+
 from . import _compat
 from . import filter as filters
 from ._state import State
@@ -112,8 +114,8 @@ def layout_key(module: Module) -> Hashable:
     """What a program traced with ``module`` as an argument depends on besides its States' values.
 
     Its attributes, its submodules' and their containers' contents, by value
-    for Python scalars and strings and by identity for anything else (a State,
-    an array, a function): a program traced before an attribute changed (a
+    for Python and NumPy scalars and strings and by identity for anything else
+    (a State, an array, a function): a program traced before an attribute changed (a
     flag set, a State or a layer replaced) is not reused after. It is computed
     again only after some Module's attribute was assigned or deleted; a list
     or dict changed in place is not seen until then.
@@ -169,7 +171,7 @@ def _itself(obj: Any) -> Any:
 
 
 def _layout_of(node: Any, seen: dict[int, int]) -> Hashable:
-    if type(node) in _SCALARS:
+    if type(node) in _SCALARS or isinstance(node, np.generic):
         return type(node), node
     if isinstance(node, State):
         return _Same(node)

@@ -788,6 +788,10 @@ def test_a_module_argument_whose_attributes_change_is_traced_again(transform):
     smap.nn.Module().flag = 1  # another Module's attribute: this one's layout is read again, and is the same
     mapped(model, x)
     assert len(traces) == 6
+    for _ in range(2):  # a NumPy scalar counts by value: a new but equal one traces nothing
+        model.layers[0].scale = np.float32(0.5)
+        np.testing.assert_allclose(mapped(model, x), expected())
+    assert len(traces) == 7
 
 
 def test_a_method_transform_sees_its_instance_flag():
