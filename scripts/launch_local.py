@@ -74,9 +74,14 @@ def launch(command: list[str], processes: int, devices: int, timeout: float) -> 
             "JAX_PLATFORMS": "cpu",
             "PYTHONUNBUFFERED": "1",
         }
-        child = subprocess.Popen(
-            command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
-        )
+        try:
+            child = subprocess.Popen(
+                command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+            )
+        except OSError as error:  # no such program, not executable, ...
+            print(f"[launch] cannot start {command[0]!r}: {error.strerror}.", flush=True)
+            stop(children)
+            return 127
         children.append(child)
         thread = threading.Thread(target=forward, args=(f"[p{i}]", child.stdout, lock), daemon=True)
         thread.start()
@@ -123,6 +128,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--processes must be at least 1, got {args.processes}")
     if args.devices < 1:
         parser.error(f"--devices must be at least 1, got {args.devices}")
+    if not args.timeout > 0:
+        parser.error(f"--timeout must be a positive number of seconds, got {args.timeout}")
     return launch(command, args.processes, args.devices, args.timeout)
 
 

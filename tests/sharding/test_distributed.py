@@ -104,6 +104,11 @@ def test_launcher_rejects_bad_options():
     assert result.returncode == 2 and "--processes must be at least 1" in result.stderr
     result = _launch("--processes", "2")
     assert result.returncode == 2 and "give the command to run" in result.stderr
+    result = _launch("--timeout", "-1", "--", "true")
+    assert result.returncode == 2 and "--timeout must be a positive number of seconds, got -1.0" in result.stderr
+    result = _launch("--", "/no/such/program")
+    assert result.returncode == 127 and "[launch] cannot start '/no/such/program': No such file" in result.stdout
+    assert "Traceback" not in result.stdout + result.stderr
 
 
 def test_without_the_launcher_survivors_fail_within_the_heartbeat_timeout():
