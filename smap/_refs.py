@@ -58,6 +58,12 @@ class RefBacked(State):
     __slots__ = ("_ref", "_argument")
     fixed_shape = True
 
+    def __reduce__(self) -> tuple:
+        raise TypeError(
+            f"{self.describe()} is backed by a jax.Ref, which is not pickled or copied: pickle its value "
+            f"(state.value), or save it with smap.checkpoint."
+        )
+
     def __init__(self, value: Any, tag: str | Sequence[str] | None = None):
         self._lock = _locks.Group()
         self._owner = None

@@ -268,6 +268,17 @@ class State:
             check_not_traced(self, value, None)
             self._value = value
 
+    def __reduce__(self) -> tuple:
+        """Pickling and ``copy.deepcopy`` carry the value and the tags: the copy has its own lock, and a
+        Module restored around it records where it lives (a jax.Array comes back on the default device).
+
+        Example:
+            >>> import pickle, jax.numpy as jnp, smap
+            >>> pickle.loads(pickle.dumps(smap.ParamState(jnp.ones(2), tag="w")))
+            ParamState(float32[2], tag='w')
+        """
+        return _restored, (type(self), self.value, self._tags), getattr(self, "__dict__", None) or None
+
     def write_back(self, value: Any) -> None:
         """Write a value computed by a transform (already validated by it): no check of its structure, shape or dtype.
 
@@ -422,6 +433,13 @@ def _sharding_repr(value: Any) -> str:
         if spec is not None and len(getattr(sharding, "device_set", ())) > 1:
             specs.add(str(spec))
     return ", ".join(sorted(specs))
+
+
+def _restored(cls: type[State], value: Any, tags: tuple[str, ...]) -> State:
+    """A pickled State made again (see :meth:`State.__reduce__`); a subclass's own ``__init__`` is not run."""
+    state = cls.__new__(cls)
+    State.__init__(state, value, tag=tags)
+    return state
 
 
 def _normalise_tags(tag: str | Sequence[str] | None) -> tuple[str, ...]:

@@ -63,6 +63,16 @@ class Module:
         object.__delattr__(self, name)
         _LAST_EDIT[0] = object()
 
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickling and ``copy.deepcopy`` carry the attributes, not smap's records of where things live."""
+        return {k: v for k, v in self.__dict__.items() if k not in _BOOKKEEPING}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        for name, value in state.items():
+            if not name.startswith("_"):
+                _adopt(self, (name,), value)
+
     def states(self, filter: filters.FilterLike | None = None) -> dict[str, State]:
         """The states of this module and its submodules, by dotted path.
 

@@ -1,6 +1,13 @@
 """Modules: states() paths, order, containers, filters, sharing, state.path."""
 
+import copy
+import gc
+import pickle
+
+import jax
 import jax.numpy as jnp
+import numpy as np
+import pytest
 
 import smap
 
@@ -205,3 +212,49 @@ def test_module_is_callable_and_reads_its_states(close):
 
 def test_module_class_reports_its_public_location():
     assert repr(smap.nn.Module) == "<class 'smap.nn.Module'>"
+
+
+class Noisy(smap.nn.Module):
+    def __init__(self):
+        self.w = smap.ParamState(jnp.arange(3.0), tag="weights")
+        self.rng = smap.random.RandomState(5)
+        self.rate = 0.25
+
+    def __call__(self, x):
+        return x * self.w.value * self.rate
+
+
+@pytest.mark.parametrize(
+    "copy_of", [lambda m: pickle.loads(pickle.dumps(m)), copy.deepcopy], ids=["pickle", "deepcopy"]
+)
+def test_a_module_pickles_and_deep_copies_with_its_states_values_tags_and_paths(copy_of):
+    """As Flax NNX and Equinox modules do: the copy's States are new (their own values and locks), named by
+    their paths in the copy, and a RandomState continues with the draws the original would make."""
+    net = Cell()
+    net.layers = [Linear(2, 2), Noisy()]
+    net.layers[1].rng.normal(size=2)  # the key has advanced once
+    smap.jit(lambda m, x: m.layers[1](x))(net, jnp.ones(3))  # (a Module that has been an argument too)
+    twin = copy_of(net)
+    assert list(twin.states()) == list(net.states())
+    for path, state in twin.states().items():
+        original = net.states()[path]
+        assert state is not original and type(state) is type(original) and state._tags == original._tags
+        np.testing.assert_array_equal(state.value, original.value)
+        assert state.path == tuple(int(p) if p.isdigit() else p for p in path.split("."))
+    key = jax.random.split(jax.random.PRNGKey(5))[0]  # the key after one draw
+    _, sub = jax.random.split(key)
+    np.testing.assert_array_equal(twin.layers[1].rng.normal(size=2), jax.random.normal(sub, (2,)))
+    twin.layers[1].w.value = jnp.zeros(3)  # the copy is independent
+    np.testing.assert_array_equal(net.layers[1].w.value, jnp.arange(3.0))
+    np.testing.assert_allclose(smap.jit(lambda m, x: m.layers[1](x))(twin, jnp.ones(3)), 0.0)
+    del net, original
+    gc.collect()
+    assert twin.layers[1].w.path == ("layers", 1, "w")  # the copy's States belong to the copy, not the original
+
+
+def test_a_state_backed_by_a_jax_ref_is_refused_by_pickle_with_what_to_do():
+    if not hasattr(jax, "new_ref"):
+        pytest.skip("this JAX has no jax.Ref")
+    w = smap.ParamState(jax.new_ref(jnp.ones(2)))
+    with pytest.raises(TypeError, match=r"backed by a jax.Ref, which is not pickled or copied: .*smap.checkpoint"):
+        pickle.dumps(w)
