@@ -594,6 +594,29 @@ class StatefulFunction(Generic[P, R]):
         """
         return Lowered(self._ahead_of_time("lower", args, kwargs), self.name, self._run_for(args, kwargs))
 
+    def eval_shape(self, *args: P.args, **kwargs: P.kwargs) -> Any:
+        """The shapes and dtypes of what ``self(*args, **kwargs)`` returns, as ``jax.jit(f).eval_shape``.
+
+        Nothing runs and no state is written, whatever the function writes
+        (``jax.eval_shape`` refuses a function that writes a state).
+
+        Example:
+            >>> import jax.numpy as jnp, smap
+            >>> total = smap.State(jnp.zeros(()))
+            >>> @smap.vmap
+            ... def add(x):
+            ...     total.value = total.value + x.sum()
+            ...     return x * 2
+            >>> add.eval_shape(jnp.ones((4, 3)))
+            ShapeDtypeStruct(shape=(4, 3), dtype=float32)
+            >>> total.value
+            Array(0., dtype=float32)
+        """
+        out = self._ahead_of_time("trace", args, kwargs).out_info
+        if self._state_list.writes:
+            out = out[0]
+        return out if self._call_result is None else self._call_result(out)
+
     def _run_for(self, args: tuple, kwargs: dict) -> Callable:
         """A call of this transform that takes only arguments of the signature of ``args`` and ``kwargs``."""
         lowered = self.signature_key(*args, **kwargs)[0]

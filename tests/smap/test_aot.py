@@ -216,3 +216,22 @@ def test_the_compiled_program_is_called_as_jax_jits_is_on_the_arguments_it_was_l
     np.testing.assert_allclose(lowered_jit.compile()(jnp.ones(2), 3), [3.0, 3.0])
     with pytest.raises(TypeError, match=r"and static \{1: 3\}, called with .* and static \{1: 4\}"):
         lowered_jit.compile()(jnp.ones(2), 4)
+
+
+def test_eval_shape_gives_what_jax_eval_shape_gives_for_the_pure_step_and_writes_no_state():
+    w = smap.ParamState(rand(3, 2, seed=1))
+    count = smap.State(jnp.zeros(()))
+
+    def loss(x):
+        count.value = count.value + 1  # jax.eval_shape refuses a function that writes a state
+        return jnp.sum(jnp.tanh(x @ w.value)), {"h": x @ w.value}
+
+    def pure(w, x):
+        return jnp.sum(jnp.tanh(x @ w)), {"h": x @ w}
+
+    x = rand(5, 3, seed=2)
+    assert smap.jit(loss).eval_shape(x) == jax.eval_shape(pure, w.value, x)
+    assert smap.vmap(loss).eval_shape(x) == jax.eval_shape(jax.vmap(pure, (None, 0)), w.value, x)
+    grads = smap.grad(loss, grad_states=w, has_aux=True, return_value=True).eval_shape(x[0])
+    assert grads == jax.eval_shape(lambda w, x: (jax.grad(lambda w: pure(w, x)[0])(w), *pure(w, x)), w.value, x[0])
+    assert count.value == 0
