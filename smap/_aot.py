@@ -26,9 +26,41 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import jax
 from jax.extend.core import ClosedJaxpr
 
-__all__ = ["Traced", "Lowered", "Compiled"]
+__all__ = ["Traced", "Lowered", "Compiled", "signature_call"]
+
+
+def signature_call(transform: Any, args: tuple, kwargs: dict) -> Callable:
+    """A call of ``transform`` that takes only arguments of the signature of ``args`` and ``kwargs``: what
+    calling a :class:`Compiled` does."""
+    lowered = transform.signature_key(*args, **kwargs)[0]
+
+    def run(*args: Any, **kwargs: Any) -> Any:
+        called = transform.signature_key(*args, **kwargs)[0]
+        if _typed(called) != _typed(lowered):  # (a weak type may differ, as for jax.jit's compiled object)
+            raise TypeError(
+                f"{transform.name}: compiled for arguments {_shown(lowered)}, called with {_shown(called)}; "
+                f"call the transform itself for other arguments (it compiles each signature once)."
+            )
+        return transform(*args, **kwargs)
+
+    return run
+
+
+def _typed(key: Any) -> Any:
+    """An argument signature (``smap._dispatch.ArgSignature``) with each leaf only its shape and dtype: a
+    Python scalar its dtype, no weak type."""
+    typed = lambda leaf: ((), jax.dtypes.canonicalize_dtype(leaf)) if isinstance(leaf, type) else leaf[:2]  # noqa: E731
+    return key._replace(leaves=tuple(map(typed, key.leaves)))
+
+
+def _shown(key: Any) -> str:
+    """An argument signature as a user reads it: its structure and each array's dtype and shape."""
+    leaves = [leaf.__name__ if isinstance(leaf, type) else f"{leaf[1]}{list(leaf[0])}" for leaf in key.leaves]
+    shown = str(jax.tree_util.tree_unflatten(key.tree, leaves)).replace("'", "")
+    return shown + (f" and static {dict(key.static)}" if key.static else "")
 
 
 class Compiled:

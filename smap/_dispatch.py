@@ -22,7 +22,7 @@ import numpy as np
 from jax.extend.core import ClosedJaxpr
 
 from . import _compat, _locks
-from ._aot import Lowered, Traced
+from ._aot import Lowered, Traced, signature_call
 from ._state import HeldArgument, InvalidatedStateError, SealedFrame, State, this_thread, tracing
 from ._tracing import Program, PyTreeDef, TraceContext, hide_arguments, leaf_names, show_arguments, trace_program
 from .nn import Module
@@ -58,19 +58,6 @@ class ArgSignature(NamedTuple):
         tree = (jax.tree_util.tree_unflatten(self.tree, [None] * self.tree.num_leaves), self.static)
         nodes = jax.tree_util.tree_leaves(tree, is_leaf=lambda x: isinstance(x, HeldArgument))
         return any(isinstance(x, HeldArgument) and x.held is None for x in nodes)
-
-
-def _typed(key: ArgSignature) -> ArgSignature:
-    """``key`` with each leaf only its shape and dtype: a Python scalar its dtype, no weak type."""
-    typed = lambda leaf: ((), jax.dtypes.canonicalize_dtype(leaf)) if isinstance(leaf, type) else leaf[:2]  # noqa: E731
-    return key._replace(leaves=tuple(map(typed, key.leaves)))
-
-
-def _shown(key: ArgSignature) -> str:
-    """An argument signature as a user reads it: its structure and each array's dtype and shape."""
-    leaves = [leaf.__name__ if isinstance(leaf, type) else f"{leaf[1]}{list(leaf[0])}" for leaf in key.leaves]
-    shown = str(jax.tree_util.tree_unflatten(key.tree, leaves)).replace("'", "")
-    return shown + (f" and static {dict(key.static)}" if key.static else "")
 
 
 def _tree_signature(value: Any) -> Hashable:
@@ -565,7 +552,7 @@ class StatefulFunction(Generic[P, R]):
             >>> total.value
             Array(0., dtype=float32)
         """
-        return Traced(self._ahead_of_time("trace", args, kwargs), self.name, self._run_for(args, kwargs))
+        return Traced(self._ahead_of_time("trace", args, kwargs), self.name, signature_call(self, args, kwargs))
 
     def lower(self, *args: P.args, **kwargs: P.kwargs) -> Lowered:
         """Lower the call ``self(*args, **kwargs)`` without running it, as ``jax.jit(f).lower``.
@@ -592,7 +579,7 @@ class StatefulFunction(Generic[P, R]):
             >>> w.value
             Array([1., 1., 1.], dtype=float32)
         """
-        return Lowered(self._ahead_of_time("lower", args, kwargs), self.name, self._run_for(args, kwargs))
+        return Lowered(self._ahead_of_time("lower", args, kwargs), self.name, signature_call(self, args, kwargs))
 
     def eval_shape(self, *args: P.args, **kwargs: P.kwargs) -> Any:
         """The shapes and dtypes of what ``self(*args, **kwargs)`` returns, as ``jax.jit(f).eval_shape``.
@@ -616,21 +603,6 @@ class StatefulFunction(Generic[P, R]):
         if self._state_list.writes:
             out = out[0]
         return out if self._call_result is None else self._call_result(out)
-
-    def _run_for(self, args: tuple, kwargs: dict) -> Callable:
-        """A call of this transform that takes only arguments of the signature of ``args`` and ``kwargs``."""
-        lowered = self.signature_key(*args, **kwargs)[0]
-
-        def run(*args: Any, **kwargs: Any) -> Any:
-            called = self.signature_key(*args, **kwargs)[0]
-            if _typed(called) != _typed(lowered):  # (a weak type may differ, as for jax.jit's compiled object)
-                raise TypeError(
-                    f"{self.name}: compiled for arguments {_shown(lowered)}, called with {_shown(called)}; "
-                    f"call the transform itself for other arguments (it compiles each signature once)."
-                )
-            return self(*args, **kwargs)
-
-        return run
 
     def _ahead_of_time(self, stage: str, args: tuple, kwargs: dict) -> Any:
         """``stage`` (``"trace"`` or ``"lower"``, of the dispatcher) of a call, with the states' current values."""
