@@ -38,6 +38,8 @@ Runner = Callable[[list, list], tuple[Any, list]]
 
 def _leaf_signature(x: Any) -> tuple | type:
     try:
+        if isinstance(x, np.ndarray) and x.dtype.kind in "OUSV":  # (no JAX dtype: objects, strings, records)
+            raise TypeError(f"expected an array or a Python scalar, got a NumPy array of dtype {x.dtype}")
         return (x.shape, x.dtype, getattr(x, "weak_type", False))
     except AttributeError:
         if isinstance(x, (bool, int, float, complex)):

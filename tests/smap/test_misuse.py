@@ -84,8 +84,10 @@ def _counting_step():
         ),
         (lambda f: smap.grad(lambda n, x: f(n, x).sum(), argnums=1), lambda f: f(2.0, "abc"), r"args\[1\]"),
         (lambda f: smap.jit(f), lambda f: f.lower(2.0, "abc"), r"args\[1\]"),
+        (lambda f: smap.jit(f), lambda f: f(2.0, np.array([1.0, None])), r"args\[1\]"),
+        (lambda f: smap.vmap(f, in_axes=(None, 0)), lambda f: f(2.0, np.array(["a", "b"])), r"args\[1\]"),
     ],
-    ids=["jit", "jit, after a static argument", "vmap, a keyword", "grad", "lower"],
+    ids=["jit", "jit, after a static argument", "vmap, a keyword", "grad", "lower", "object array", "str array"],
 )
 def test_an_argument_that_is_not_an_array_is_named(make, call, where):
     """JAX's own error would count the states' values among the arguments; smap names the user's."""
@@ -93,7 +95,10 @@ def test_an_argument_that_is_not_an_array_is_named(make, call, where):
     f = make(step)
     before = values(*states)
     with pytest.raises(
-        TypeError, match=where + r": expected an array or a Python scalar, got '(str|object)'; mark non-array"
+        TypeError,
+        match=where
+        + r": expected an array or a Python scalar, got ('(str|object)'|a NumPy array of dtype (object|<U1)); "
+        r"mark non-array",
     ):
         call(f)
     for state, old in zip(states, before):
