@@ -105,8 +105,18 @@ def global_batch(local: Any, mesh: Any, axis: str | tuple[str, ...] = "data") ->
         >>> tuple(x.sharding.spec)
         ('data',)
     """
+    if not isinstance(mesh, jax.sharding.Mesh):
+        raise TypeError(f"global_batch: mesh must be a jax.sharding.Mesh, got {type(mesh).__name__}.")
     sharding = NamedSharding(mesh, PartitionSpec(axis))
-    return jax.tree_util.tree_map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), local)
+
+    def place(path: Any, x: Any) -> jax.Array:
+        x = np.asarray(x)
+        if x.ndim == 0:
+            where = f"local{jax.tree_util.keystr(path)}"
+            raise ValueError(f"global_batch: {where} is a scalar; a batch is split along its axis 0.")
+        return jax.make_array_from_process_local_data(sharding, x)
+
+    return jax.tree_util.tree_map_with_path(place, local)
 
 
 def to_host(x: Any) -> Any:

@@ -155,3 +155,16 @@ def test_place_with_a_type_rule_for_a_type_not_there_is_silent():
         warnings.simplefilter("error")
         sharding.place(pair, mesh=mesh, rules={smap.random.RandomState: P("data"), smap.ParamState: P("data")})
     assert pair.w.value.sharding.spec == P("data") and pair.h.value.sharding.spec == P()
+
+
+def test_global_batch_places_a_process_batch_and_names_what_it_cannot_split():
+    mesh = sharding.make_mesh(data=8)
+    x, y = np.arange(32.0, dtype=np.float32).reshape(16, 2), np.arange(16, dtype=np.int32)
+    gx, gy = sharding.global_batch((x, y), mesh)
+    np.testing.assert_array_equal(gx, x)
+    np.testing.assert_array_equal(gy, y)
+    assert gx.sharding.is_equivalent_to(jax.sharding.NamedSharding(mesh, P("data")), 2)
+    with pytest.raises(TypeError, match=r"global_batch: mesh must be a jax.sharding.Mesh, got str"):
+        sharding.global_batch(x, "data")
+    with pytest.raises(ValueError, match=r"global_batch: local\[1\]\['step'\] is a scalar; a batch is split along"):
+        sharding.global_batch((x, {"step": np.float32(3)}), mesh)
