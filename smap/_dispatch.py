@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import types
+import warnings
 from collections.abc import Callable, Hashable, Sequence
 from typing import TYPE_CHECKING, Any, Generic, NamedTuple, ParamSpec, TypeVar
 
@@ -36,6 +37,9 @@ Runner = Callable[[list, list], tuple[Any, list]]
 """``run(arg_leaves, state_values) -> (result, written_values)``: a transform's function of a program."""
 
 
+_LAYOUTS_WARNED = 8  # the programs traced for one Module argument's layouts at which a call warns
+
+
 def _leaf_signature(x: Any) -> tuple | type:
     try:
         if isinstance(x, np.ndarray) and x.dtype.kind in "OUSV":  # (no JAX dtype: objects, strings, records)
@@ -55,11 +59,15 @@ class ArgSignature(NamedTuple):
     n_args: int  # positional arguments in the call, static ones included
     leaves: tuple  # (shape, dtype, weak_type) of each array leaf
 
-    def holds_freed(self) -> bool:
-        """Whether a Module or Ref it was traced with (a ``HeldArgument``) is freed: no call can match it."""
+    def held(self) -> list[Any]:
+        """The Modules and Refs it was traced with (its ``HeldArgument`` nodes' objects; None for a freed one)."""
         tree = (jax.tree_util.tree_unflatten(self.tree, [None] * self.tree.num_leaves), self.static)
         nodes = jax.tree_util.tree_leaves(tree, is_leaf=lambda x: isinstance(x, HeldArgument))
-        return any(isinstance(x, HeldArgument) and x.held is None for x in nodes)
+        return [x.held for x in nodes if isinstance(x, HeldArgument)]
+
+    def holds_freed(self) -> bool:
+        """Whether a Module or Ref it was traced with is freed: no call can match it."""
+        return any(x is None for x in self.held())
 
 
 def _tree_signature(value: Any) -> Hashable:
@@ -306,6 +314,15 @@ class StatefulFunction(Generic[P, R]):
         signature = tuple(_tree_signature(s.value) for s in program.states)
         entry = Entry(program, signature, self._runner(program, key, context))
         self._entries.setdefault(key, []).insert(0, entry)
+        for held in key.held():  # a Module traced again and again for its changed attributes: said once
+            if sum(any(h is held for h in k.held()) for k in self._entries) == _LAYOUTS_WARNED:
+                warnings.warn(
+                    f"{self.name} has been traced {_LAYOUTS_WARNED} times for the same {type(held).__name__} "
+                    f"argument, whose attributes changed between calls: a Python value that changes at every "
+                    f"call (a step count, say) traces the function again at every call. Hold it in a State, or "
+                    f"pass it as an array argument.",
+                    stacklevel=2,
+                )
         return entry
 
     def get_arg_cache_key(self, *args: Any, **kwargs: Any) -> tuple[ArgSignature, tuple | None]:

@@ -794,6 +794,19 @@ def test_a_module_argument_whose_attributes_change_is_traced_again(transform):
     assert len(traces) == 7
 
 
+def test_a_module_argument_traced_for_many_layouts_warns_once():
+    """A Python attribute that changes at every call (a step count) retraces every call, as a static
+    argument of jax.jit would: correct, and said once, with what to do."""
+    gate = Gate(1.0)
+    run = smap.jit(lambda model, x: model(x))
+    x = jnp.array([1.0, 1.0])
+    with pytest.warns(UserWarning, match=r"traced 8 times for the same Gate argument.*Hold it in a State") as caught:
+        for step in range(12):
+            gate.scale = float(step)
+            np.testing.assert_allclose(run(gate, x), gate(x))
+    assert len([w for w in caught if "traced 8 times" in str(w.message)]) == 1
+
+
 def test_a_method_transform_sees_its_instance_flag():
     gate = Gate(1.0)
     x = jnp.array([1.0, 1.0])
