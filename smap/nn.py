@@ -70,8 +70,8 @@ class Module:
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
         for name, value in state.items():
-            if not name.startswith("_"):
-                _adopt(self, (name,), value)
+            if not name.startswith("_"):  # (a shallow copy's States and Modules stay their owner's)
+                _adopt(self, (name,), value, orphans_only=True)
 
     def states(self, filter: filters.FilterLike | None = None) -> dict[str, State]:
         """The states of this module and its submodules, by dotted path.
@@ -202,20 +202,20 @@ def _layout_of(node: Any, seen: dict[int, int]) -> Hashable:
     return _Same(node)
 
 
-def _adopt(owner: Module, name: tuple[Hashable, ...], value: Any) -> None:
-    """Record `owner` and `name` on the States and Modules inside `value`."""
+def _adopt(owner: Module, name: tuple[Hashable, ...], value: Any, orphans_only: bool = False) -> None:
+    """Record `owner` and `name` on the States and Modules inside `value` (only on those with no live owner)."""
     if _compat.is_ref(value):
         value = _ref_state(value)
     if isinstance(value, (State, Module)):
-        if value is not owner:
+        if value is not owner and not (orphans_only and value._owner is not None and value._owner() is not None):
             value._owner = weakref.ref(owner)
             value._name = name
     elif isinstance(value, (list, tuple)):
         for i, item in enumerate(value):
-            _adopt(owner, name + (i,), item)
+            _adopt(owner, name + (i,), item, orphans_only)
     elif isinstance(value, dict):
         for key, item in value.items():
-            _adopt(owner, name + (key,), item)
+            _adopt(owner, name + (key,), item, orphans_only)
 
 
 def _walk(node: Any, path: tuple[Hashable, ...], seen: set[int]) -> Iterator[tuple[tuple, State]]:

@@ -258,3 +258,12 @@ def test_a_state_backed_by_a_jax_ref_is_refused_by_pickle_with_what_to_do():
     w = smap.ParamState(jax.new_ref(jnp.ones(2)))
     with pytest.raises(TypeError, match=r"backed by a jax.Ref, which is not pickled or copied: .*smap.checkpoint"):
         pickle.dumps(w)
+
+
+def test_a_shallow_copy_shares_the_states_and_leaves_them_named_by_their_owner():
+    cell = Cell()
+    twin = copy.copy(cell)
+    assert twin.proj is cell.proj and twin.h is cell.h
+    del twin
+    gc.collect()
+    assert cell.proj.weight.path == ("proj", "weight") and cell.h.describe() == "state 'h' (HiddenState)"
