@@ -7,6 +7,7 @@ import weakref
 from collections.abc import Callable, Hashable, Iterable, Iterator
 from typing import Any
 
+import jax
 import numpy as np
 
 from . import _compat
@@ -185,6 +186,8 @@ def _layout_of(node: Any, seen: dict[int, int]) -> Hashable:
         return type(node), node
     if isinstance(node, State):
         return _Same(node)
+    if isinstance(node, jax.core.Tracer):  # one a trace left behind: no later program can use it
+        return "tracer"
     if _compat.is_ref(node):
         return _Same(_ref_state(node))
     if isinstance(node, (Module, list, tuple, dict)):

@@ -807,6 +807,27 @@ def test_a_module_argument_traced_for_many_layouts_warns_once():
     assert len([w for w in caught if "traced 8 times" in str(w.message)]) == 1
 
 
+def test_a_tracer_left_on_a_module_argument_does_not_change_its_layout():
+    """A method that keeps an intermediate on self (a tracer, after its trace) is traced once more for the new
+    attribute, then not again: no later program can use a tracer of an earlier trace."""
+    traces = []
+
+    class Keeps(smap.nn.Module):
+        def __init__(self):
+            self.w = smap.ParamState(jnp.array([1.0, 2.0]))
+
+        @smap.jit
+        def __call__(self, x):
+            traces.append(1)
+            self.last = x * self.w.value
+            return self.last
+
+    keeps = Keeps()
+    for _ in range(5):
+        np.testing.assert_allclose(keeps(jnp.ones(2)), [1.0, 2.0])
+    assert len(traces) == 2
+
+
 def test_a_method_transform_sees_its_instance_flag():
     gate = Gate(1.0)
     x = jnp.array([1.0, 1.0])
