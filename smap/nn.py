@@ -145,9 +145,27 @@ def layout_key(module: Module) -> Hashable:
     known = module.__dict__.get("_layout")
     if known is not None and known[0] is edit:
         return known[1]
-    found = _layout_of(module, {})
+    found = _Layout(_layout_of(module, {}))
     object.__setattr__(module, "_layout", (edit, found))
     return found
+
+
+class _Layout:
+    """A Module's layout with its hash computed once: a call hashes it, and a model's is long."""
+
+    __slots__ = ("key", "_hash")
+
+    def __init__(self, key: Hashable):
+        self.key = key
+        self._hash = hash(key)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, _Layout):
+            return NotImplemented
+        return self is other or (self._hash == other._hash and self.key == other.key)
+
+    def __hash__(self) -> int:
+        return self._hash
 
 
 _SCALARS = (bool, int, float, complex, str, bytes, type(None))
