@@ -13,6 +13,10 @@
 #
 #   python -m pip install --no-deps --target .gpu_deps optax absl-py
 #
+# On the lent machine (the device tool's run, carry=[".gpu_deps"]), keep the logs with the results:
+#
+#   GPU_CHECK_OUT=$OUT scripts/gpu_check.sh
+#
 # The steps, in order of what a short lease must not miss:
 # 1. bench_dp.py on one GPU: DP-SGD per example against the non-private step (issue 21's GPU row);
 # 2. bench_overhead.py --quick on the GPU: a cached call against jax.jit(jax.vmap);
