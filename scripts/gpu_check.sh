@@ -73,7 +73,7 @@ echo
 echo "================ summary ================"
 cat "$out/jax.log"
 echo "-- bench_dp (one device, $platform):"
-grep -E '^[a-z]+ +1 dev|smap DP/|peak:|per-example gradient|targets' "$out/bench_dp.log" || true
+grep -E '^[a-z]+ +1 dev|smap DP/|peak:|per-example gradient|targets|^  [a-z]+ [0-9] dev:' "$out/bench_dp.log" || true
 echo "-- bench_overhead (smap / jax; cached call, then first call):"
 grep -E '^workload|^[a-z].*( +[0-9.]+){6}|workloads meet' "$out/bench_overhead.log" || true
 if [[ -f $out/tests.log ]]; then
