@@ -44,6 +44,9 @@ __all__ = [
     "choice",
     "permutation",
     "truncated_normal",
+    "categorical",
+    "exponential",
+    "gamma",
 ]
 
 Size = int | Sequence[int] | None
@@ -388,6 +391,54 @@ class RandomState(State):
 
         return self._draw(sample)
 
+    def categorical(self, logits: Any, axis: int = -1, size: Size = None) -> jax.Array:
+        """Indices along ``axis`` drawn with the probabilities ``softmax(logits)`` (``jax.random.categorical``).
+
+        The draws have ``size``, to which the logits' shape without ``axis``
+        must broadcast; None: that shape (one draw per distribution).
+
+        Example:
+            >>> import jax.numpy as jnp, smap
+            >>> smap.random.RandomState(0).categorical(jnp.log(jnp.array([0.0, 1.0, 0.0])), size=3).tolist()
+            [1, 1, 1]
+        """
+        logits = jnp.asarray(logits)
+        if not -logits.ndim <= axis < logits.ndim:
+            raise ValueError(f"categorical: axis {axis} is out of range for logits of shape {logits.shape}.")
+        batch = np.broadcast_to(np.empty((), bool), np.delete(np.array(logits.shape, int), axis).tolist())
+        shape = _shape("categorical", size, **{"logits (without axis)": batch})
+        return self._draw(lambda key: jax.random.categorical(key, logits, axis, shape))
+
+    def exponential(self, scale: Any = 1.0, size: Size = None, dtype: Any = None) -> jax.Array:
+        """Exponential draws of mean ``scale``; a negative ``scale`` known at the call is a ``ValueError``.
+
+        Example:
+            >>> import smap
+            >>> bool((smap.random.RandomState(0).exponential(2.0, size=100) >= 0).all())
+            True
+        """
+        _check_known("exponential", "scale must not be negative", lambda scale: scale >= 0, scale=scale)
+        scale = jnp.asarray(scale)
+        dtype = dtype or jnp.result_type(scale, float)
+        shape = _shape("exponential", size, scale=scale)
+        return self._draw(lambda key: (scale * jax.random.exponential(key, shape, dtype)).astype(dtype))
+
+    def gamma(self, shape: Any, scale: Any = 1.0, size: Size = None, dtype: Any = None) -> jax.Array:
+        """Gamma draws of shape ``shape`` and scale ``scale`` (NumPy's parameters); a negative one known at
+        the call is a ``ValueError``.
+
+        Example:
+            >>> import smap
+            >>> smap.random.RandomState(0).gamma(2.0, 0.5, size=(2, 3)).shape
+            (2, 3)
+        """
+        rule = "shape and scale must not be negative"
+        _check_known("gamma", rule, lambda shape, scale: (shape >= 0) & (scale >= 0), shape=shape, scale=scale)
+        a, scale = jnp.asarray(shape), jnp.asarray(scale)
+        dtype = dtype or jnp.result_type(a, scale, float)
+        dims = _shape("gamma", size, shape=a, scale=scale)
+        return self._draw(lambda key: (scale * jax.random.gamma(key, a, dims, dtype)).astype(dtype))
+
 
 RandomState.__module__ = "smap.random"
 
@@ -537,3 +588,36 @@ def truncated_normal(
         (2,)
     """
     return DEFAULT.truncated_normal(lower, upper, size, loc, scale, dtype)
+
+
+def categorical(logits: Any, axis: int = -1, size: Size = None) -> jax.Array:
+    """:meth:`RandomState.categorical` on :data:`DEFAULT`.
+
+    Example:
+        >>> import jax.numpy as jnp, smap
+        >>> smap.random.categorical(jnp.zeros((4, 3))).shape
+        (4,)
+    """
+    return DEFAULT.categorical(logits, axis, size)
+
+
+def exponential(scale: Any = 1.0, size: Size = None, dtype: Any = None) -> jax.Array:
+    """:meth:`RandomState.exponential` on :data:`DEFAULT`.
+
+    Example:
+        >>> import smap
+        >>> smap.random.exponential(size=2).shape
+        (2,)
+    """
+    return DEFAULT.exponential(scale, size, dtype)
+
+
+def gamma(shape: Any, scale: Any = 1.0, size: Size = None, dtype: Any = None) -> jax.Array:
+    """:meth:`RandomState.gamma` on :data:`DEFAULT`.
+
+    Example:
+        >>> import smap
+        >>> smap.random.gamma(3.0, size=2).shape
+        (2,)
+    """
+    return DEFAULT.gamma(shape, scale, size, dtype)

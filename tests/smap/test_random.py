@@ -256,8 +256,21 @@ SIZES = [(None, ()), (3, (3,)), ((2, 3), (2, 3))]
         lambda size: smap.random.randint(0, 5, size=size),
         lambda size: smap.random.choice(5, size=size),
         lambda size: smap.random.truncated_normal(-1.0, 1.0, size=size),
+        lambda size: smap.random.categorical(jnp.zeros(4), size=size),
+        lambda size: smap.random.exponential(size=size),
+        lambda size: smap.random.gamma(2.0, size=size),
     ],
-    ids=["normal", "uniform", "bernoulli", "randint", "choice", "truncated_normal"],
+    ids=[
+        "normal",
+        "uniform",
+        "bernoulli",
+        "randint",
+        "choice",
+        "truncated_normal",
+        "categorical",
+        "exponential",
+        "gamma",
+    ],
 )
 def test_sizes(draw, size, shape):
     assert draw(size).shape == shape
@@ -332,6 +345,25 @@ def test_uniform_values(close):
         smap.random.uniform([0.0, 1.0], [[2.0], [10.0]]),
         jax.random.uniform(k2, (2, 2), minval=low, maxval=high),
     )
+
+
+def test_categorical_exponential_and_gamma_values(close):
+    """As jax.random draws them from the same keys; NumPy's parameters (gamma's shape and scale)."""
+    k1, k2, k3, k4 = subkeys(0, 4)
+    logits = jnp.log(jnp.array([[0.2, 0.3, 0.5], [0.6, 0.3, 0.1]]))
+    assert_equal(smap.random.categorical(logits), jax.random.categorical(k1, logits, -1, (2,)))
+    assert_equal(
+        smap.random.categorical(logits.T, axis=0, size=(4, 2)), jax.random.categorical(k2, logits.T, 0, (4, 2))
+    )
+    close(smap.random.exponential([1.0, 3.0]), jnp.array([1.0, 3.0]) * jax.random.exponential(k3, (2,)))
+    close(smap.random.gamma(2.0, 0.5, size=(2, 2)), 0.5 * jax.random.gamma(k4, 2.0, (2, 2)))
+    for bad, words in [
+        (lambda: smap.random.exponential(-1.0), "exponential: scale must not be negative, got -1.0"),
+        (lambda: smap.random.gamma([1.0, -2.0]), r"gamma: shape and scale must not be negative, got shape=-2.0"),
+        (lambda: smap.random.categorical(logits, axis=2), r"categorical: axis 2 is out of range"),
+    ]:
+        with pytest.raises(ValueError, match=words):
+            bad()
 
 
 def test_bernoulli_values():
@@ -428,6 +460,9 @@ def test_random_state_methods_match_module_functions():
         ("choice", (7, 3)),
         ("permutation", (6,)),
         ("truncated_normal", (-1.0, 1.0, 3)),
+        ("categorical", (jnp.zeros((2, 5)), -1, (3, 2))),
+        ("exponential", (2.0, 3)),
+        ("gamma", (2.0, 0.5, 3)),
         ("split_key", (2,)),
     ]:
         assert_equal(getattr(rng, name)(*args), getattr(smap.random, name)(*args))

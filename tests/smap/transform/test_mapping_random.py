@@ -37,6 +37,17 @@ def test_each_lane_draws_from_its_split_key(seed, n, close):
     np.testing.assert_array_equal(smap.random.DEFAULT.value, jax.random.split(key_before, n + 1)[n])
 
 
+def test_each_lane_samples_its_own_action_from_its_logits():
+    """A policy mapped over environments: lane i draws categorical(logits_i) from split(key, n)[i]."""
+    smap.random.seed(5)
+    key_before = np.asarray(smap.random.DEFAULT.value)
+    logits = jax.random.normal(jax.random.PRNGKey(1), (6, 4))
+    actions = vmap2(lambda l: smap.random.categorical(l))(logits)
+    lane_keys = jax.random.split(key_before, 6)
+    expected = jax.vmap(lambda k, l: jax.random.categorical(jax.random.split(k)[1], l))(lane_keys, logits)
+    np.testing.assert_array_equal(actions, expected)
+
+
 def test_lanes_draw_several_times_from_their_own_stream(close):
     smap.random.seed(123)
     key_before = smap.random.DEFAULT.value
