@@ -254,6 +254,15 @@ class StatefulFunction(Generic[P, R]):
         args, kwargs = hide_arguments(args, kwargs)
         nums = tuple(i for i in self.static_argnums if i < len(args))
         static = tuple((i, args[i]) for i in nums) + tuple((k, kwargs[k]) for k in self.static_argnames if k in kwargs)
+        for where, value in static:
+            try:
+                hash(value)
+            except TypeError:  # (jax.jit's message names only the value)
+                name = f"args[{where}]" if isinstance(where, int) else f"kwargs[{where!r}]"
+                raise ValueError(
+                    f"{self.name}: the static argument {name} is a {type(value).__name__}, {value!r}, which is not "
+                    f"hashable; a static argument must be (a tuple for a list, say), as in jax.jit."
+                ) from None
         dyn_args = tuple(a for i, a in enumerate(args) if i not in nums)
         dyn_kwargs = {k: v for k, v in kwargs.items() if k not in self.static_argnames}
         leaves, tree = jax.tree_util.tree_flatten((dyn_args, dyn_kwargs))
@@ -442,6 +451,7 @@ class StatefulFunction(Generic[P, R]):
         caller's to move).
         """
         if not _compat.refuses_placement(error) or state_list.placed:
+            self.signature_key(*args, **kwargs)  # (a static argument that is not hashable: named)
             raise error
         states, writes = state_list.states, state_list.writes
         values = [s._value for s in states]

@@ -105,6 +105,36 @@ def test_an_argument_that_is_not_an_array_is_named(make, call, where):
         np.testing.assert_array_equal(np.asarray(state.value), old)
 
 
+@pytest.mark.parametrize(
+    "make, call, where",
+    [
+        (
+            lambda f: smap.jit(f, static_argnames="extra"),
+            lambda f: f(2.0, jnp.ones(2), extra=[1]),
+            r"kwargs\['extra'\]",
+        ),
+        (lambda f: smap.jit(f, static_argnums=0), lambda f: f({"n": 2}, jnp.ones(2)), r"args\[0\]"),
+        (
+            lambda f: smap.StatefulMapping(f, static_argnums=2),
+            lambda f: f(2.0, jnp.ones((4, 2)), (1, [2])),
+            r"args\[2\]",
+        ),
+    ],
+    ids=["jit, by name", "jit, by position", "mapping, a tuple holding a list"],
+)
+def test_a_static_argument_that_is_not_hashable_is_named(make, call, where):
+    """jax.jit's message names only the value; smap names the argument, on the first call and once the call is
+    written out, and no state changes."""
+    step, states = _counting_step()
+    f = make(step)
+    before = values(*states)
+    for _ in range(2):
+        with pytest.raises(ValueError, match=where + r" is a (list|dict|tuple), .* which is not hashable; a static"):
+            call(f)
+        for state, old in zip(states, before):
+            np.testing.assert_array_equal(np.asarray(state.value), old)
+
+
 def test_an_argument_that_is_not_an_array_is_named_on_the_cached_path(close):
     step, (w, calls) = _counting_step()
     f = smap.jit(step)

@@ -42,9 +42,9 @@ def test_each_lane_samples_its_own_action_from_its_logits():
     smap.random.seed(5)
     key_before = np.asarray(smap.random.DEFAULT.value)
     logits = jax.random.normal(jax.random.PRNGKey(1), (6, 4))
-    actions = vmap2(lambda l: smap.random.categorical(l))(logits)
+    actions = vmap2(lambda row: smap.random.categorical(row))(logits)
     lane_keys = jax.random.split(key_before, 6)
-    expected = jax.vmap(lambda k, l: jax.random.categorical(jax.random.split(k)[1], l))(lane_keys, logits)
+    expected = jax.vmap(lambda k, row: jax.random.categorical(jax.random.split(k)[1], row))(lane_keys, logits)
     np.testing.assert_array_equal(actions, expected)
 
 
