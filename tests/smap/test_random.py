@@ -90,6 +90,19 @@ def test_seed_rejects_an_array_that_is_not_a_key():
         smap.random.seed(jnp.zeros(3, jnp.uint32))
 
 
+def test_a_random_state_created_in_smap_jit_draws_per_lane_in_a_mapping_inside(close):
+    """Created by the outer trace and first read by the inner one, it gives lane i split(key, n)[i]."""
+
+    def draws(x):
+        rng = smap.random.RandomState(3)
+        return smap.vmap(lambda y: y + rng.normal())(x)
+
+    lanes = jax.random.split(jax.random.PRNGKey(3), 4)
+    expected = jax.vmap(lambda k: jax.random.normal(jax.random.split(k)[1], ()))(lanes)
+    close(smap.jit(draws)(jnp.zeros(4)), expected)
+    close(draws(jnp.zeros(4)), expected)
+
+
 def test_seed_takes_an_int_array_traced_or_not_as_jax_random_key_does(close):
     """A step count inside smap.jit, or each lane's index: the key is jax.random.PRNGKey of that int."""
     rng = smap.random.RandomState(0)
