@@ -37,7 +37,7 @@ Runner = Callable[[list, list], tuple[Any, list]]
 """``run(arg_leaves, state_values) -> (result, written_values)``: a transform's function of a program."""
 
 
-_LAYOUTS_WARNED = 8  # the programs traced for one Module argument's layouts at which a call warns
+_LAYOUTS_WARNED = 8  # the layouts of one Module argument traced for, at which a trace warns
 
 
 def _leaf_signature(x: Any) -> tuple | type:
@@ -59,15 +59,15 @@ class ArgSignature(NamedTuple):
     n_args: int  # positional arguments in the call, static ones included
     leaves: tuple  # (shape, dtype, weak_type) of each array leaf
 
-    def held(self) -> list[Any]:
-        """The Modules and Refs it was traced with (its ``HeldArgument`` nodes' objects; None for a freed one)."""
+    def held(self) -> list[HeldArgument]:
+        """Its ``HeldArgument`` nodes: the Modules and Refs it was traced with."""
         tree = (jax.tree_util.tree_unflatten(self.tree, [None] * self.tree.num_leaves), self.static)
         nodes = jax.tree_util.tree_leaves(tree, is_leaf=lambda x: isinstance(x, HeldArgument))
-        return [x.held for x in nodes if isinstance(x, HeldArgument)]
+        return [x for x in nodes if isinstance(x, HeldArgument)]
 
     def holds_freed(self) -> bool:
         """Whether a Module or Ref it was traced with is freed: no call can match it."""
-        return any(x is None for x in self.held())
+        return any(x.held is None for x in self.held())
 
 
 def _tree_signature(value: Any) -> Hashable:
@@ -323,10 +323,14 @@ class StatefulFunction(Generic[P, R]):
         signature = tuple(_tree_signature(s.value) for s in program.states)
         entry = Entry(program, signature, self._runner(program, key, context))
         self._entries.setdefault(key, []).insert(0, entry)
-        for held in key.held():  # a Module traced again and again for its changed attributes: said once
-            if sum(any(h is held for h in k.held()) for k in self._entries) == _LAYOUTS_WARNED:
+        for node in key.held():  # a Module traced for ever new layouts (changed attributes): said once
+            module = node.held
+            if not isinstance(module, Module):
+                continue
+            others = {n.layout for k in self._entries if k != key for n in k.held() if n.held is module}
+            if node.layout not in others and len(others) + 1 == _LAYOUTS_WARNED:
                 warnings.warn(
-                    f"{self.name} has been traced {_LAYOUTS_WARNED} times for the same {type(held).__name__} "
+                    f"{self.name} has been traced for {_LAYOUTS_WARNED} layouts of the same {type(module).__name__} "
                     f"argument, whose attributes changed between calls: a Python value that changes at every "
                     f"call (a step count, say) traces the function again at every call. Hold it in a State, or "
                     f"pass it as an array argument.",

@@ -680,11 +680,11 @@ class HeldArgument:
     function receives the object itself (``smap._tracing.show_arguments``).
     """
 
-    __slots__ = ("_held", "_layout", "_hash")
+    __slots__ = ("_held", "layout", "_hash")
 
     def __init__(self, held: Any, layout: Hashable = None):
         self._held = weakref.ref(held)  # a cache key must not keep it alive
-        self._layout = layout
+        self.layout = layout
         self._hash = hash((id(held), layout))
 
     @property
@@ -697,7 +697,7 @@ class HeldArgument:
         if self is other:
             return True
         mine = self._held()
-        return mine is not None and mine is other._held() and self._layout == other._layout
+        return mine is not None and mine is other._held() and self.layout == other.layout
 
     def __hash__(self) -> int:
         return self._hash

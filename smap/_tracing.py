@@ -295,14 +295,16 @@ def hide_arguments(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         return args, kwargs
     plain = _compat.PLAIN_ARGUMENTS
     if not kwargs and all(type(a) in plain or isinstance(a, Module) for a in args):  # a method's call, say
-        return tuple(HeldArgument(a, layout_key(a)) if isinstance(a, Module) else a for a in args), kwargs
+        return tuple(_hold(a) if isinstance(a, Module) else a for a in args), kwargs
     held = lambda x: isinstance(x, Module) or _compat.is_ref(x)  # noqa: E731
     if not any(map(held, jax.tree_util.tree_leaves((args, kwargs)))):
         return args, kwargs
-    return jax.tree_util.tree_map(
-        lambda x: (HeldArgument(x, layout_key(x)) if isinstance(x, Module) else HeldArgument(x)) if held(x) else x,
-        (args, kwargs),
-    )
+    return jax.tree_util.tree_map(lambda x: _hold(x) if held(x) else x, (args, kwargs))
+
+
+def _hold(x: Any) -> HeldArgument:
+    """A Module (keyed on its layout too) or a Ref as the dispatcher carries it."""
+    return HeldArgument(x, layout_key(x)) if isinstance(x, Module) else HeldArgument(x)
 
 
 def show_arguments(tree: Any, root: str | None = None) -> Any:

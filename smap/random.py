@@ -405,8 +405,8 @@ class RandomState(State):
         logits = jnp.asarray(logits)
         if not -logits.ndim <= axis < logits.ndim:
             raise ValueError(f"categorical: axis {axis} is out of range for logits of shape {logits.shape}.")
-        batch = np.broadcast_to(np.empty((), bool), np.delete(np.array(logits.shape, int), axis).tolist())
-        shape = _shape("categorical", size, **{"logits (without axis)": batch})
+        batch = logits.shape[: axis % logits.ndim] + logits.shape[axis % logits.ndim + 1 :]
+        shape = _shape("categorical", size, **{"logits (without axis)": jax.ShapeDtypeStruct(batch, bool)})
         return self._draw(lambda key: jax.random.categorical(key, logits, axis, shape))
 
     def exponential(self, scale: Any = 1.0, size: Size = None, dtype: Any = None) -> jax.Array:

@@ -2,6 +2,7 @@
 static arguments, failure atomicity, nesting, the cache-key API."""
 
 import functools
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -800,11 +801,17 @@ def test_a_module_argument_traced_for_many_layouts_warns_once():
     gate = Gate(1.0)
     run = smap.jit(lambda model, x: model(x))
     x = jnp.array([1.0, 1.0])
-    with pytest.warns(UserWarning, match=r"traced 8 times for the same Gate argument.*Hold it in a State") as caught:
+    with pytest.warns(UserWarning, match=r"traced for 8 layouts of the same Gate.*Hold it in a State") as caught:
         for step in range(12):
             gate.scale = float(step)
             np.testing.assert_allclose(run(gate, x), gate(x))
-    assert len([w for w in caught if "traced 8 times" in str(w.message)]) == 1
+    assert len([w for w in caught if "traced for 8 layouts" in str(w.message)]) == 1
+    # Programs for other argument shapes of one layout are no changed attributes: no warning.
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        shapes = smap.jit(lambda model, x: model(x))
+        for n in range(1, 11):
+            np.testing.assert_allclose(shapes(gate, jnp.ones((n, 2))), gate(jnp.ones((n, 2))))
 
 
 def test_a_tracer_left_on_a_module_argument_does_not_change_its_layout():
