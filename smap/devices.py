@@ -71,7 +71,7 @@ def mesh_mapping(mapping: StatefulMapping) -> ShardMap:
     """
     if not isinstance(mapping, StatefulMapping):
         raise TypeError(f"mapping must be a smap.StatefulMapping, got {type(mapping).__name__}.")
-    adapter, _ = adapt(mapping.mapping_fn, mapping.mapping_kwargs)
+    adapter, _ = adapt(mapping.mapping_fn, mapping.mapping_kwargs, mapping.axis_name)
     if not isinstance(adapter, ShardMap):
         raise TypeError(
             f"the mapping {mapping.name!r} runs with {mapping.mapping_fn!r}, which has no mesh; "

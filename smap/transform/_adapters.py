@@ -448,15 +448,16 @@ class _Smap(ShardMap):
     name = "jax.smap"
 
 
-def adapt(mapping_fn: Callable, mapping_kwargs: dict) -> tuple[Callable, dict]:
+def adapt(mapping_fn: Callable, mapping_kwargs: dict, axis_name: Hashable | None = None) -> tuple[Callable, dict]:
     """The one rule that routes JAX's SPMD maps to the sharding layer.
 
     ``jax.pmap``, ``jax.shard_map`` and ``jax.smap`` (or partials of them) do
     not take ``jax.vmap``'s calling convention (``smap.transform.MappingFn``):
     they become the adapter that runs the lanes the same way, with the options
     they were given. ``jax.smap`` splits the lanes over the mesh axis its
-    ``axis_name`` names (in ``mapping_kwargs`` or a partial), of the mesh in
-    ``mapping_kwargs`` or else the ambient one (``jax.set_mesh``). Any other
+    ``axis_name`` names (in ``mapping_kwargs`` or a partial; else the
+    mapping's ``axis_name``, as ``jax.smap``'s one name serves both), of the
+    mesh in ``mapping_kwargs`` or else the ambient one (``jax.set_mesh``). Any other
     function (``jax.vmap``, an adapter, a user's function) is returned
     unchanged. ``StatefulMapping`` asks this of every ``mapping_fn``.
 
@@ -480,12 +481,13 @@ def adapt(mapping_fn: Callable, mapping_kwargs: dict) -> tuple[Callable, dict]:
         return ShardMap(options.get("mesh"), tuple(names) if names else None), {}
     if _compat.is_smap(target):
         _accept(options, {"mesh", "axis_name"}, "jax.smap")
-        if options.get("axis_name") is None:
+        mesh_axis = options.get("axis_name", axis_name)
+        if mesh_axis is None:
             raise TypeError(
-                "jax.smap as mapping_fn needs the mesh axis to split the lanes over: "
+                "jax.smap as mapping_fn needs the mesh axis to split the lanes over: the mapping's axis_name, "
                 "mapping_kwargs={'axis_name': 'data'} or functools.partial(jax.smap, axis_name='data')."
             )
-        return _Smap(options.get("mesh"), options["axis_name"]), {}
+        return _Smap(options.get("mesh"), mesh_axis), {}
     return mapping_fn, mapping_kwargs
 
 

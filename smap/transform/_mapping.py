@@ -486,7 +486,9 @@ class StatefulMapping(StatefulFunction[P, R]):
         # A lane traced for mesh axes of size 1 runs only as its annotations are laid out, unfused.
         if self.fuse_lane_sums and self.axis_name is not None and not program.unit_axes:
             lanes = dataclasses.replace(lanes, fused=fused_lanes(lanes.program, batched, self.axis_name))
-        adapted, kwargs = adapt(self.mapping_fn, self.mapping_kwargs)  # the one rule of which functions need adapting
+        adapted, kwargs = adapt(
+            self.mapping_fn, self.mapping_kwargs, self.axis_name
+        )  # the one rule of which functions need adapting
         mapping_fn = functools.partial(adapted, **kwargs) if kwargs else adapted
         return _mapped_program(program, lanes, mapping_fn, tail, lane_plan.out_axes)
 

@@ -127,21 +127,43 @@ def test_jax_smap_gives_jax_vmap_results(make_mesh, spelling):
 
 
 @pytest.mark.parametrize(
-    "mapping_fn, kwargs, match",
+    "mapping_fn, kwargs, axis_name, error, match",
     [
-        (jax.smap, {"mesh": None}, "needs the mesh axis"),
-        (functools.partial(jax.smap, in_axes=0, axis_name="data"), {}, "in_axes"),
-        (jax.smap, {"axis_name": "data", "out_axes": 0}, "out_axes"),
+        (jax.smap, {"mesh": None}, "b", ValueError, r"the mesh has axes \('data',\), not 'b'"),
+        (functools.partial(jax.smap, in_axes=0, axis_name="data"), {}, "b", TypeError, "in_axes"),
+        (jax.smap, {"axis_name": "data", "out_axes": 0}, "b", TypeError, "out_axes"),
     ],
-    ids=["no-axis_name", "partial-in_axes", "out_axes"],
+    ids=["axis_name-not-on-mesh", "partial-in_axes", "out_axes"],
 )
-def test_jax_smap_options_rejected(mapping_fn, kwargs, match):
+def test_jax_smap_options_rejected(mapping_fn, kwargs, axis_name, error, match):
     net = _placed_net(8)
     before = snapshot(net.h, net.w)
     kwargs = {**kwargs, "mesh": mesh_1d(4)} if "mesh" in kwargs else kwargs
-    with pytest.raises(TypeError, match=match):
-        mapped(net, mapping_fn, kwargs)(jnp.ones((8, 2)))
+    with pytest.raises(error, match=match):
+        mapped(net, mapping_fn, kwargs, axis_name)(jnp.ones((8, 2)))
     assert_unchanged([net.h, net.w], before)
+
+
+def test_jax_smap_splits_over_the_mappings_axis_name_when_given_none():
+    """``jax.smap``'s one ``axis_name`` names the collectives' axis and the mesh axis: the mapping's serves."""
+    h = smap.HiddenState(jnp.zeros((8, 3)))
+
+    def step(x):
+        h.value = h.value + x * jax.lax.axis_index("data")
+        return x - jax.lax.pmean(x, "data")
+
+    x = rand(8, 3)
+    mesh = mesh_1d(4)
+    m = smap.StatefulMapping(step, axis_name="data", state_in_axes=smap.HiddenState, mapping_fn=jax.smap)
+    with jax.set_mesh(mesh):
+        out = m(x)
+        assert sharding.adapt(jax.smap, {}, "data")[0].axes == ("data",)
+        with pytest.raises(TypeError, match="needs the mesh axis to split the lanes over: the mapping's axis_name"):
+            smap.StatefulMapping(lambda v: 2 * v, mapping_fn=jax.smap)(x)
+    xs = np.asarray(x)
+    np.testing.assert_allclose(out, xs - xs.mean(0), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(h.value, xs * np.arange(8)[:, None], rtol=1e-6)
+    assert h.value.sharding.is_equivalent_to(NamedSharding(mesh, P("data")), 2)
 
 
 def test_adapt_leaves_other_mapping_fns_alone():
@@ -292,9 +314,9 @@ class Net(smap.nn.Module):
         return x.sum()
 
 
-def mapped(net, mapping_fn, mapping_kwargs=None):
+def mapped(net, mapping_fn, mapping_kwargs=None, axis_name="b"):
     return smap.StatefulMapping(
-        net, state_in_axes=smap.HiddenState, axis_name="b", mapping_fn=mapping_fn, mapping_kwargs=mapping_kwargs
+        net, state_in_axes=smap.HiddenState, axis_name=axis_name, mapping_fn=mapping_fn, mapping_kwargs=mapping_kwargs
     )
 
 
