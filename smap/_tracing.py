@@ -268,6 +268,9 @@ def _check_outputs(out: Any, name: str) -> None:
                 if isinstance(leaf, State)
                 else " Return its value, ref[...], instead (as jax.jit, which returns no Ref)."
                 if _compat.is_ref(leaf)
+                else " To make a Module per lane (an ensemble), write its States from one made in each lane: "
+                "docs/from-jax.md, 'An ensemble of models'."
+                if isinstance(leaf, Module)
                 else ""
             )
             raise TypeError(

@@ -679,6 +679,57 @@ def per_example_grad_jax(mapping):
     return Run({"w": w, "seen": seen}, [lambda: m(x, y), lambda: m(x, y)], check)
 
 
+class Member(smap.nn.Module):
+    def __init__(self, key):
+        k1, k2 = jax.random.split(key)
+        self.w = smap.ParamState(jax.random.normal(k1, (3, 4)))
+        self.v = smap.ParamState(jax.random.normal(k2, (4,)))
+
+    def __call__(self, x):
+        return jnp.tanh(x @ self.w.value) @ self.v.value
+
+
+def ensemble(mapping):
+    """One member per lane: each lane writes its parameters from a Member made there, then trains it."""
+    model = Member(jax.random.PRNGKey(0))
+    params = model.states(OfType(smap.ParamState))
+
+    def init(key):
+        fresh = Member(key).states(OfType(smap.ParamState))
+        for path, state in params.items():
+            state.value = fresh[path].value
+
+    def train(x, y):
+        grads, value = smap.grad(lambda: jnp.mean((model(x) - y) ** 2), grad_states=params, return_value=True)()
+        for path, g in grads.items():
+            params[path].value = params[path].value - 0.1 * g
+        return value
+
+    keys = jax.random.split(jax.random.PRNGKey(1), B)
+    x, y = rand(5, 3, seed=14), rand(5, seed=15)
+    init_lanes = mapping(init, state_out_axes=OfType(smap.ParamState))
+    train_lanes = mapping(train, in_axes=None, state_in_axes=OfType(smap.ParamState))
+
+    def check(trace):  # against the ensemble written with jax.vmap over its initialisation and its step
+        def init_ref(key):
+            k1, k2 = jax.random.split(key)
+            return {"w": jax.random.normal(k1, (3, 4)), "v": jax.random.normal(k2, (4,))}
+
+        def step_ref(p):
+            value, g = jax.value_and_grad(lambda p: jnp.mean((jnp.tanh(x @ p["w"]) @ p["v"] - y) ** 2))(p)
+            return jax.tree.map(lambda a, b: a - 0.1 * b, p, g), value
+
+        members = jax.vmap(init_ref)(keys)
+        for record, step in zip(trace, [None, step_ref, step_ref]):
+            if step is not None:
+                members, value = jax.vmap(step)(members)
+                np.testing.assert_allclose(record["out"], value, rtol=1e-5, atol=1e-6)
+            for name in ("w", "v"):
+                np.testing.assert_allclose(record["states"][name], members[name], rtol=1e-5, atol=1e-6)
+
+    return Run(params, [lambda: init_lanes(keys), lambda: train_lanes(x, y), lambda: train_lanes(x, y)], check)
+
+
 # -- 4. random dropout: lane i draws the same on any device count -------------------
 
 
@@ -1043,6 +1094,7 @@ PROGRAMS = [
     hidden_state_axis_1,
     per_example_grad_smap,
     per_example_grad_jax,
+    ensemble,
     random_dropout,
     undeclared_write,
     undeclared_write_out_axis_1,

@@ -398,6 +398,23 @@ def test_per_example_gradients_of_a_loss_that_writes_a_statistic_inside_its_scan
     close(stat.value, stats[0])
 
 
+def test_a_module_returned_is_refused_with_the_way_to_make_one_per_lane():
+    count = smap.LongTermState(jnp.zeros(()))
+
+    class Member(smap.nn.Module):
+        def __init__(self, scale):
+            self.w = smap.ParamState(scale * jnp.ones(2))
+
+    def make(scale):
+        count.value = count.value + 1
+        return Member(scale)
+
+    for transform, scales in ((smap.jit, jnp.float32(2.0)), (smap.vmap, jnp.ones(3))):
+        with pytest.raises(TypeError, match=r"returned a Member as its output: .* \(an ensemble\), write its States"):
+            transform(make)(scales)
+    np.testing.assert_array_equal(count.value, 0.0)
+
+
 @pytest.mark.parametrize("transform", ["jit", "vmap", "grad"])
 def test_a_state_or_other_object_returned_is_refused_naming_the_output_and_the_states_keep_their_values(transform):
     count = smap.LongTermState(jnp.zeros(()))
