@@ -60,7 +60,7 @@ def initialize(
         False
     """
     coordinator_address = coordinator_address or os.environ.get(ENV_COORDINATOR)
-    num_processes = num_processes or _int_env(ENV_NUM_PROCESSES)
+    num_processes = num_processes if num_processes is not None else _int_env(ENV_NUM_PROCESSES)
     process_id = process_id if process_id is not None else _int_env(ENV_PROCESS_ID)
     cpu_devices = cpu_devices or _int_env(ENV_CPU_DEVICES)
     if cpu_devices:
@@ -71,6 +71,13 @@ def initialize(
         raise ValueError(
             f"initialize: with coordinator {coordinator_address!r}, num_processes and process_id are "
             f"needed too (or {ENV_NUM_PROCESSES} and {ENV_PROCESS_ID})."
+        )
+    if not isinstance(num_processes, int) or num_processes < 1:
+        raise ValueError(f"initialize: num_processes must be a positive int, got {num_processes!r}.")
+    if not isinstance(process_id, int) or not 0 <= process_id < num_processes:
+        raise ValueError(
+            f"initialize: process_id must be an int from 0 to num_processes - 1 = {num_processes - 1}, "
+            f"got {process_id!r}."
         )
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     host = coordinator_address.rsplit(":", 1)[0]
@@ -107,14 +114,23 @@ def global_batch(local: Any, mesh: Any, axis: str | tuple[str, ...] = "data") ->
     """
     if not isinstance(mesh, jax.sharding.Mesh):
         raise TypeError(f"global_batch: mesh must be a jax.sharding.Mesh, got {type(mesh).__name__}.")
+    for name in (axis,) if isinstance(axis, str) else axis:
+        if name not in mesh.axis_names:
+            raise ValueError(f"global_batch: the mesh has axes {tuple(mesh.axis_names)}, not {name!r}.")
     sharding = NamedSharding(mesh, PartitionSpec(axis))
 
     def place(path: Any, x: Any) -> jax.Array:
         x = np.asarray(x)
+        where = f"local{jax.tree_util.keystr(path)}"
         if x.ndim == 0:
-            where = f"local{jax.tree_util.keystr(path)}"
             raise ValueError(f"global_batch: {where} is a scalar; a batch is split along its axis 0.")
-        return jax.make_array_from_process_local_data(sharding, x)
+        try:
+            return jax.make_array_from_process_local_data(sharding, x)
+        except ValueError as error:  # rows that the mesh axis does not divide: JAX's words, our argument's name
+            raise ValueError(
+                f"global_batch: {where} (shape {x.shape}) cannot be split along axis 0 over mesh axis "
+                f"{axis!r} ({error})"
+            ) from error
 
     return jax.tree_util.tree_map_with_path(place, local)
 

@@ -191,8 +191,15 @@ class ShardMap(_Adapter):
     name = "sharding.shard_map"
 
     def __init__(self, mesh: Any = None, axis: str | Sequence[str] | None = None):
+        if mesh is not None and not isinstance(mesh, jax.sharding.Mesh):
+            raise TypeError(f"{self.name}: mesh must be a jax.sharding.Mesh or None, got {type(mesh).__name__}.")
+        names = (axis,) if isinstance(axis, str) else axis
+        if names is not None and not (isinstance(names, Sequence) and all(isinstance(a, str) for a in names)):
+            raise TypeError(
+                f"{self.name}: axis must be a mesh axis name, a tuple of them, or None (every axis), got {axis!r}."
+            )
         self._mesh = mesh
-        self._axis = (axis,) if isinstance(axis, str) else (None if axis is None else tuple(axis))
+        self._axis = None if names is None else tuple(names)
         if mesh is not None:
             self.mesh_and_axes()
 

@@ -168,3 +168,37 @@ def test_global_batch_places_a_process_batch_and_names_what_it_cannot_split():
         sharding.global_batch(x, "data")
     with pytest.raises(ValueError, match=r"global_batch: local\[1\]\['step'\] is a scalar; a batch is split along"):
         sharding.global_batch((x, {"step": np.float32(3)}), mesh)
+    with pytest.raises(ValueError, match=r"global_batch: the mesh has axes \('data',\), not 'batch'"):
+        sharding.global_batch(x, mesh, axis="batch")
+    with pytest.raises(
+        ValueError, match=r"global_batch: local\[1\] \(shape \(12,\)\) cannot be split along axis 0 over"
+    ):
+        sharding.global_batch((x, np.arange(12)), mesh)
+
+
+@pytest.mark.parametrize(
+    "mesh, axis, error, match",
+    [
+        ("mesh", "data", TypeError, r"mesh must be a jax.sharding.Mesh or None, got str"),
+        (None, 0, TypeError, r"axis must be a mesh axis name, a tuple of them, or None \(every axis\), got 0"),
+        (None, ("data", 1), TypeError, r"axis must be a mesh axis name, .* got \('data', 1\)"),
+    ],
+    ids=["mesh-str", "axis-int", "axis-tuple-with-int"],
+)
+def test_shard_map_names_a_mesh_or_axis_of_the_wrong_kind(mesh, axis, error, match):
+    with pytest.raises(error, match=match):
+        sharding.shard_map(mesh, axis=axis)
+
+
+@pytest.mark.parametrize(
+    "num_processes, process_id, match",
+    [
+        (0, 0, r"num_processes must be a positive int, got 0"),
+        (2, 2, r"process_id must be an int from 0 to num_processes - 1 = 1, got 2"),
+        (2, -1, r"process_id must be an int from 0 to num_processes - 1 = 1, got -1"),
+    ],
+)
+def test_initialize_names_a_process_count_or_id_out_of_range(num_processes, process_id, match):
+    # Refused before JAX's distributed runtime is asked anything.
+    with pytest.raises(ValueError, match=match):
+        sharding.initialize("127.0.0.1:1", num_processes=num_processes, process_id=process_id)
