@@ -14,7 +14,7 @@ from . import _compat
 from . import filter as filters
 from ._state import State
 
-__all__ = ["Module"]
+__all__ = ["Module", "layout_key"]
 
 
 class Module:
