@@ -3,10 +3,12 @@
 For each workload the same computation is written twice:
 
 * with smap: a function that reads and writes States, mapped with
-  ``smap.vmap2`` / ``smap.StatefulMapping``;
+  ``smap.vmap2`` / ``smap.StatefulMapping`` (one row: differentiated with
+  ``smap.grad``);
 * by hand: a pure function that takes the states as arguments and returns
-  their new values, under ``jax.jit(jax.vmap(...))``; the caller carries the
-  new values to the next call, as smap writes them back into the States.
+  their new values, under ``jax.jit(jax.vmap(...))`` (``jax.jit(jax.grad(...))``);
+  the caller carries the new values to the next call, as smap writes them
+  back into the States.
 
 Both sides use the same dtypes, shapes and operations, and the script checks
 once per workload (two consecutive calls from the same initial values) that
@@ -132,6 +134,24 @@ def linear(batch: int) -> Case:
         return ref(rw, rb, x)
 
     return Case(smap_step, ref_step, lambda: (w.value, b.value), lambda: (rw, rb))
+
+
+def gradient(batch: int) -> Case:
+    """``smap.grad`` of a 32x32 tanh layer's loss for its ParamState weight, against ``jax.jit(jax.grad)``."""
+    kw, kx = jax.random.split(jax.random.PRNGKey(3))
+    w = smap.ParamState(jax.random.normal(kw, (32, 32), F32) / np.sqrt(32.0))
+    x = jax.random.normal(kx, (batch, 32), F32)
+    f = smap.grad(lambda x: jnp.sum(jnp.tanh(x @ w.value)), grad_states=w)
+    ref = jax.jit(jax.grad(lambda w, x: jnp.sum(jnp.tanh(x @ w))))
+    rw = w.value
+
+    def smap_step():
+        return f(x)
+
+    def ref_step():
+        return ref(rw, x)
+
+    return Case(smap_step, ref_step, lambda: w.value, lambda: rw)
 
 
 def random_draws(batch: int) -> Case:
@@ -283,6 +303,7 @@ WORKLOADS: list[tuple[str, Callable[[], Case]]] = [
     ("linear 32x32 b=8", lambda: linear(8)),
     ("linear 32x32 b=1024", lambda: linear(1024)),
     ("random.normal b=8", lambda: random_draws(8)),
+    ("grad 32x32 b=8", lambda: gradient(8)),
     ("mlp train step b=256", lambda: mlp_train(256)),
     ("stack 5x16x16 b=8", lambda: stack(5)),
     ("stack 20x16x16 b=8", lambda: stack(20)),
