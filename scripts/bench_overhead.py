@@ -3,10 +3,11 @@
 For each workload the same computation is written twice:
 
 * with smap: a function that reads and writes States, mapped with
-  ``smap.vmap2`` / ``smap.StatefulMapping`` (one row: differentiated with
-  ``smap.grad``);
+  ``smap.vmap2`` / ``smap.StatefulMapping`` (two rows: differentiated with
+  ``smap.grad``; ``smap.jit`` of a step given a Module);
 * by hand: a pure function that takes the states as arguments and returns
-  their new values, under ``jax.jit(jax.vmap(...))`` (``jax.jit(jax.grad(...))``);
+  their new values, under ``jax.jit(jax.vmap(...))`` (``jax.jit(jax.grad(...))``,
+  ``jax.jit(...)``);
   the caller carries the new values to the next call, as smap writes them
   back into the States.
 
@@ -152,6 +153,43 @@ def gradient(batch: int) -> Case:
         return ref(rw, x)
 
     return Case(smap_step, ref_step, lambda: w.value, lambda: rw)
+
+
+class Counted(smap.nn.Module):
+    """A 32x32 tanh layer that counts its calls."""
+
+    def __init__(self, key: jax.Array):
+        self.w = smap.ParamState(jax.random.normal(key, (32, 32), F32) / np.sqrt(32.0))
+        self.calls = smap.State(jnp.zeros((), F32))
+
+
+def module_argument(batch: int) -> Case:
+    """``smap.jit`` of a step that takes a Module as an argument (as Flax NNX passes one), against ``jax.jit``
+    of the step that takes its arrays."""
+    kw, kx = jax.random.split(jax.random.PRNGKey(4))
+    model = Counted(kw)
+    x = jax.random.normal(kx, (batch, 32), F32)
+
+    @smap.jit
+    def step(m, x):
+        m.calls.value = m.calls.value + 1.0
+        return jnp.tanh(x @ m.w.value)
+
+    @jax.jit
+    def pure(w, calls, x):
+        return jnp.tanh(x @ w), calls + 1.0
+
+    w, calls = model.w.value, model.calls.value
+
+    def smap_step():
+        return step(model, x)
+
+    def ref_step():
+        nonlocal calls
+        out, calls = pure(w, calls, x)
+        return out
+
+    return Case(smap_step, ref_step, lambda: model.calls.value, lambda: calls)
 
 
 def random_draws(batch: int) -> Case:
@@ -304,6 +342,7 @@ WORKLOADS: list[tuple[str, Callable[[], Case]]] = [
     ("linear 32x32 b=1024", lambda: linear(1024)),
     ("random.normal b=8", lambda: random_draws(8)),
     ("grad 32x32 b=8", lambda: gradient(8)),
+    ("jit, Module argument b=8", lambda: module_argument(8)),
     ("mlp train step b=256", lambda: mlp_train(256)),
     ("stack 5x16x16 b=8", lambda: stack(5)),
     ("stack 20x16x16 b=8", lambda: stack(20)),

@@ -31,6 +31,7 @@ __all__ = [
     "abstract",
     "leaf_names",
     "hide_arguments",
+    "hold",
     "show_arguments",
 ]
 
@@ -296,18 +297,39 @@ def hide_arguments(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
     """
     if not kwargs and _compat.PLAIN_ARGUMENTS.issuperset(map(type, args)):  # the usual call: no tree to walk
         return args, kwargs
-    plain = _compat.PLAIN_ARGUMENTS
-    if not kwargs and all(type(a) in plain or isinstance(a, Module) for a in args):  # a method's call, say
-        return tuple(_hold(a) if isinstance(a, Module) else a for a in args), kwargs
+    if not kwargs:  # a method's call, or a Module and arrays: no tree to walk
+        plain = _compat.PLAIN_ARGUMENTS
+        shown = []
+        for a in args:
+            if type(a) in plain:
+                shown.append(a)
+            elif isinstance(a, Module):
+                shown.append(hold(a))
+            else:
+                break
+        else:
+            return tuple(shown), kwargs
     held = lambda x: isinstance(x, Module) or _compat.is_ref(x)  # noqa: E731
     if not any(map(held, jax.tree_util.tree_leaves((args, kwargs)))):
         return args, kwargs
-    return jax.tree_util.tree_map(lambda x: _hold(x) if held(x) else x, (args, kwargs))
+    return jax.tree_util.tree_map(lambda x: hold(x) if held(x) else x, (args, kwargs))
 
 
-def _hold(x: Any) -> HeldArgument:
-    """A Module (keyed on its layout too) or a Ref as the dispatcher carries it."""
-    return HeldArgument(x, layout_key(x)) if isinstance(x, Module) else HeldArgument(x)
+def hold(x: Any) -> HeldArgument:
+    """A Module (keyed on its layout too) or a Ref as the dispatcher carries it.
+
+    A Module's node is kept on it while its layout holds: the dispatcher's
+    ``jax.jit`` then finds its cached program by the node's identity (a new
+    node each call cost 3 µs: hashing, comparing and flattening it).
+    """
+    if not isinstance(x, Module):
+        return HeldArgument(x)
+    layout = layout_key(x)
+    node = x.__dict__.get("_held")
+    if node is None or node.layout is not layout or node.held is not x:
+        node = HeldArgument(x, layout)
+        object.__setattr__(x, "_held", node)  # (bookkeeping: no edit of the layout)
+    return node
 
 
 def show_arguments(tree: Any, root: str | None = None) -> Any:

@@ -115,7 +115,7 @@ Module.__module__ = "smap.nn"
 
 
 # smap's own attributes of a Module; every other attribute is the Module's layout (see `layout_key`).
-_BOOKKEEPING = frozenset({"_owner", "_name", "_layout"})
+_BOOKKEEPING = frozenset({"_owner", "_name", "_layout", "_held"})
 # A new object at each attribute assignment to any Module: a Module's layout is computed again only after
 # one. (A fresh object, not a count, so that two threads' assignments cannot leave it as it was.)
 _LAST_EDIT = [object()]

@@ -14,7 +14,7 @@ import pytest
 
 import smap
 from smap._dispatch import _UNLOCKED, ArgSignature, StatefulFunction
-from smap._tracing import Program, TraceContext
+from smap._tracing import Program, TraceContext, hide_arguments
 from smap.transform._jit import JittedFunction
 
 
@@ -294,3 +294,44 @@ def test_a_call_with_concrete_arguments_inside_another_transform_writes_through_
     close(outer(jnp.asarray(10.0)), 13.0)
     close(outer(jnp.asarray(10.0)), 15.0)
     close(inner_state.value, 5.0)
+
+
+def test_a_module_where_the_first_call_had_one_goes_the_written_out_way_and_every_other_argument_the_general(
+    close, monkeypatch
+):
+    """A Module argument is held on the written-out path (no search of the arguments) while its layout holds;
+    another Module, a changed layout, an array there or a keyword goes the general way, with the same values."""
+    from smap import _dispatch
+
+    searched = []
+    monkeypatch.setattr(_dispatch, "hide_arguments", lambda *a: searched.append(1) or hide_arguments(*a))
+
+    class Scale(smap.nn.Module):
+        def __init__(self, k):
+            self.k = k
+            self.total = smap.State(jnp.zeros(()))
+
+    @smap.jit
+    def step(m, x):
+        m.total.value = m.total.value + m.k * x
+        return m.total.value
+
+    a, b, x = Scale(2.0), Scale(3.0), jnp.asarray(1.0)
+    close(step(a, x), 2.0)  # the first call, then written out for (Module, plain)
+    searched.clear()
+    for expected in (4.0, 6.0, 8.0):
+        close(step(a, x), expected)
+    assert not searched  # the written-out path: no search of the arguments
+    close(step(b, x), 3.0)  # another Module: its own program and states
+    a.k = 10.0  # a new layout: the function traced again, as jax.jit's static argument
+    close(step(a, x), 18.0)
+    close(step(a, x=x), 28.0)  # a keyword: the general way
+    assert searched
+    searched.clear()
+    close(step(a, x), 38.0)
+    close(step(b, x), 6.0)
+    assert not searched
+    with pytest.raises(AttributeError, match="total"):
+        step(x, x)  # an array where the Module was: the general way, and the function's own error
+    close(a.total.value, 38.0)
+    close(b.total.value, 6.0)
