@@ -297,18 +297,9 @@ def hide_arguments(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
     """
     if not kwargs and _compat.PLAIN_ARGUMENTS.issuperset(map(type, args)):  # the usual call: no tree to walk
         return args, kwargs
-    if not kwargs:  # a method's call, or a Module and arrays: no tree to walk
-        plain = _compat.PLAIN_ARGUMENTS
-        shown = []
-        for a in args:
-            if type(a) in plain:
-                shown.append(a)
-            elif isinstance(a, Module):
-                shown.append(hold(a))
-            else:
-                break
-        else:
-            return tuple(shown), kwargs
+    plain = _compat.PLAIN_ARGUMENTS
+    if not kwargs and all(type(a) in plain or isinstance(a, Module) for a in args):  # a method's call, say
+        return tuple(hold(a) if isinstance(a, Module) else a for a in args), kwargs
     held = lambda x: isinstance(x, Module) or _compat.is_ref(x)  # noqa: E731
     if not any(map(held, jax.tree_util.tree_leaves((args, kwargs)))):
         return args, kwargs
