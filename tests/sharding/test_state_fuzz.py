@@ -25,7 +25,8 @@ layout; this file draws programs we did not write. Each seed draws a lane over
   reads: selected by ``state_out_axes`` at axis 0 or 1, or left to the
   unexpected-write policy ``'ignore'`` or ``'warn'`` (axis 0; ``'warn'`` warns
   at a mapping's first call);
-- the mapping called as it is or inside ``smap.jit``;
+- the mapping called as it is or inside ``smap.jit``, given only the
+  argument or also a Module that holds the States (as Flax NNX passes one);
 - the written states donated to the program (``donate_states``), or not;
 - a call that fails (an argument whose rows do not fit the weight) before the
   second call, or none: it raises, and every State, the default key included,
@@ -260,8 +261,9 @@ def draw(seed: int) -> Program:
         shape = (B, d) if axis == 0 else (d, B)
         return rng.normal(size=shape).astype(np.float32)
 
-    # Drawn from a stream of its own, so every seed draws the program it drew before this choice.
+    # Drawn from streams of their own, so every seed draws the program it drew before these choices.
     choices["writes_in"] = WRITES_IN[int(np.random.default_rng([seed, 1]).integers(0, len(WRITES_IN)))]
+    choices["module_argument"] = bool(np.random.default_rng([seed, 2]).integers(0, 2))
     w = rng.normal(size=(d,)).astype(np.float32)
     h = None if choices["h_axis"] is None else per_lane(choices["h_axis"])
     xs = (per_lane(choices["x_axis"]), per_lane(choices["x_axis"]))
@@ -345,7 +347,27 @@ def under_smap(program: Program, mappings: list[tuple[Callable, dict]]) -> list[
     policy = c["buffer"] if c["buffer"] in ("ignore", "warn") else "raise"
     state_out_axes = {c["buffer"]: WithTag("buffer")} if isinstance(c["buffer"], int) else None
 
+    model = smap.nn.Module()  # passed as an argument, holding the States, where the choice says
+    for name, state in (("w", w), ("count", count), ("h", h), ("buffer", buffer)):
+        if state is not None and c["module_argument"]:
+            setattr(model, name, state)
+
     def make(mapping_fn: Callable, mapping_kwargs: dict) -> Callable:
+        if c["module_argument"]:
+            mapped = smap.StatefulMapping(
+                lambda m, x: step(x),
+                in_axes=(None, c["x_axis"]),
+                out_axes=(c["out_axis"], None),
+                state_in_axes=state_in_axes,
+                state_out_axes=state_out_axes,
+                unexpected_out_state_mapping=policy,
+                axis_name=AXIS,
+                mapping_fn=mapping_fn,
+                mapping_kwargs=mapping_kwargs,
+                donate_states=c["donate"],
+            )
+            call = smap.jit(mapped) if c["in_jit"] else mapped
+            return functools.partial(call, model)
         mapped = smap.StatefulMapping(
             step,
             in_axes=c["x_axis"],
@@ -464,4 +486,5 @@ def test_the_ci_seeds_draw_every_step_and_strategy():
     for choice in ("in_jit", "donate", "fail", "checkpoint", "ref"):
         assert {draw(seed).choices[choice] for seed in seeds} == {False, True}, choice
     assert {draw(seed).choices["writes_in"] for seed in seeds} == set(WRITES_IN)
+    assert {draw(seed).choices["module_argument"] for seed in seeds} == {False, True}
     assert {list(STRATEGIES)[seed % len(STRATEGIES)] for seed in seeds} == set(STRATEGIES)
