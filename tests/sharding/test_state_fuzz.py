@@ -353,24 +353,10 @@ def under_smap(program: Program, mappings: list[tuple[Callable, dict]]) -> list[
             setattr(model, name, state)
 
     def make(mapping_fn: Callable, mapping_kwargs: dict) -> Callable:
-        if c["module_argument"]:
-            mapped = smap.StatefulMapping(
-                lambda m, x: step(x),
-                in_axes=(None, c["x_axis"]),
-                out_axes=(c["out_axis"], None),
-                state_in_axes=state_in_axes,
-                state_out_axes=state_out_axes,
-                unexpected_out_state_mapping=policy,
-                axis_name=AXIS,
-                mapping_fn=mapping_fn,
-                mapping_kwargs=mapping_kwargs,
-                donate_states=c["donate"],
-            )
-            call = smap.jit(mapped) if c["in_jit"] else mapped
-            return functools.partial(call, model)
+        given_model = c["module_argument"]
         mapped = smap.StatefulMapping(
-            step,
-            in_axes=c["x_axis"],
+            (lambda m, x: step(x)) if given_model else step,
+            in_axes=(None, c["x_axis"]) if given_model else c["x_axis"],
             out_axes=(c["out_axis"], None),
             state_in_axes=state_in_axes,
             state_out_axes=state_out_axes,
@@ -380,7 +366,8 @@ def under_smap(program: Program, mappings: list[tuple[Callable, dict]]) -> list[
             mapping_kwargs=mapping_kwargs,
             donate_states=c["donate"],
         )
-        return smap.jit(mapped) if c["in_jit"] else mapped
+        call = smap.jit(mapped) if c["in_jit"] else mapped
+        return functools.partial(call, model) if given_model else call
 
     held = {"w": w, "count": count, "h": h, "buffer": buffer, "key": smap.random.DEFAULT}
 
