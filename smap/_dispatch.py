@@ -540,7 +540,7 @@ class StatefulFunction(Generic[P, R]):
             raise TypeError(
                 f"{self.name} writes {state.describe()} from inside a JAX transformation that smap does not see "
                 f"(jax.jit, jax.grad, ...). Use smap.jit and smap.grad around smap transforms so states are "
-                f"carried through."
+                f"carried through, and {self.name}.eval_shape(...) for the shapes of a call (jax.eval_shape's)."
             )
         return value
 

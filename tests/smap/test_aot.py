@@ -240,3 +240,6 @@ def test_eval_shape_gives_what_jax_eval_shape_gives_for_the_pure_step_and_writes
     grads = smap.grad(loss, grad_states=w, has_aux=True, return_value=True).eval_shape(x[0])
     assert grads == jax.eval_shape(lambda w, x: (jax.grad(lambda w: pure(w, x)[0])(w), *pure(w, x)), w.value, x[0])
     assert count.value == 0
+    with pytest.raises(TypeError, match=r"writes State float32\[\] from inside .* smap.jit\(loss\).eval_shape\(...\)"):
+        jax.eval_shape(smap.jit(loss), x)  # refused, naming the method that gives the shapes
+    assert count.value == 0
