@@ -22,7 +22,7 @@ from jax.extend.core import ClosedJaxpr
 
 from . import _annotations, _compat, _interpret
 from ._state import HeldArgument, State, TraceFrame, WrittenInside, check_same_structure
-from .nn import Module, layout_key
+from .nn import _LAST_EDIT, Module, layout_key
 
 __all__ = [
     "Program",
@@ -315,11 +315,12 @@ def hold(x: Any) -> HeldArgument:
     """
     if not isinstance(x, Module):
         return HeldArgument(x)
-    layout = layout_key(x)
-    node = x.__dict__.get("_held")
-    if node is None or node.layout is not layout or node.held is not x:
-        node = HeldArgument(x, layout)
-        object.__setattr__(x, "_held", node)  # (bookkeeping: no edit of the layout)
+    known = x.__dict__.get("_held")  # (the last edit before it was made, the node)
+    if known is not None and known[0] is _LAST_EDIT[0] and known[1].held is x:
+        return known[1]
+    edit = _LAST_EDIT[0]  # (read first: an edit meanwhile makes the node stale, never wrongly current)
+    node = HeldArgument(x, layout_key(x))
+    object.__setattr__(x, "_held", (edit, node))  # (bookkeeping: no edit of the layout)
     return node
 
 
