@@ -72,9 +72,9 @@ def initialize(
             f"initialize: with coordinator {coordinator_address!r}, num_processes and process_id are "
             f"needed too (or {ENV_NUM_PROCESSES} and {ENV_PROCESS_ID})."
         )
-    if not isinstance(num_processes, int) or num_processes < 1:
+    if not isinstance(num_processes, (int, np.integer)) or num_processes < 1:
         raise ValueError(f"initialize: num_processes must be a positive int, got {num_processes!r}.")
-    if not isinstance(process_id, int) or not 0 <= process_id < num_processes:
+    if not isinstance(process_id, (int, np.integer)) or not 0 <= process_id < num_processes:
         raise ValueError(
             f"initialize: process_id must be an int from 0 to num_processes - 1 = {num_processes - 1}, "
             f"got {process_id!r}."
