@@ -25,7 +25,16 @@ from jax.extend.core import ClosedJaxpr
 from . import _compat, _locks
 from ._aot import Lowered, Traced, signature_call
 from ._state import HeldArgument, InvalidatedStateError, SealedFrame, State, this_thread, tracing
-from ._tracing import Program, PyTreeDef, TraceContext, hide_arguments, hold, leaf_names, show_arguments, trace_program
+from ._tracing import (
+    Program,
+    PyTreeDef,
+    TraceContext,
+    hide_arguments,
+    hold_module,
+    leaf_names,
+    show_arguments,
+    trace_program,
+)
 from .nn import Module
 
 __all__ = ["ArgSignature", "Runner", "StatefulFunction"]
@@ -776,20 +785,21 @@ def _compile_call(owner: StatefulFunction, state_list: _StateList, modules: Sequ
         ),
         "result": "out" if owner._call_result is None else "finish(out)",
     }
-    names = [f"a{i}" for i in range(len(modules or ()))]
-    passed = [f"h{i}" if module else a for i, (a, module) in enumerate(zip(names, modules or ()))]
+    flags = modules or ()  # (None: no written-out parameters, the general function alone)
+    names = [f"a{i}" for i in range(len(flags))]
+    passed = [f"h{i}" if module else a for i, (a, module) in enumerate(zip(names, flags))]  # to the dispatcher
     source = _CALL.format(
         states=", ".join(f"s{i}" for i in range(n)) or "*_",
         body=_BODY.format(args="args", kwargs="kwargs", passed="*args, **kwargs", **parts),
         parameters="".join(f"{a}=ungiven, " for a in names) + ("/, " if names else ""),
         odd="".join(
             f" or not isinstance({a}, Module)"
-            if a != h
+            if module
             else f" or (type({a}) is not ArrayImpl and type({a}) not in plain)"
-            for a, h in zip(names, passed)
+            for a, module in zip(names, flags)
         ),
         arguments="".join(f"{a}, " for a in names),
-        hold="".join(f"        {h} = hold({a})\n" for a, h in zip(names, passed) if a != h),
+        hold="".join(f"        {h} = hold_module({a})\n" for a, h, module in zip(names, passed, flags) if module),
         fast_body=_BODY.format(
             args="(" + "".join(f"{h}, " for h in passed) + ")", kwargs="{}", passed=", ".join(passed), **parts
         ),
@@ -800,7 +810,7 @@ def _compile_call(owner: StatefulFunction, state_list: _StateList, modules: Sequ
         "this_thread": this_thread,
         "_MissingStates": _MissingStates,
         "hide_arguments": hide_arguments,
-        "hold": hold,
+        "hold_module": hold_module,
         "Module": Module,
         "plain": _compat.PLAIN_ARGUMENTS,
         "ungiven": _UNGIVEN,

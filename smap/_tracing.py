@@ -32,6 +32,7 @@ __all__ = [
     "leaf_names",
     "hide_arguments",
     "hold",
+    "hold_module",
     "show_arguments",
 ]
 
@@ -313,8 +314,11 @@ def hold(x: Any) -> HeldArgument:
     ``jax.jit`` then finds its cached program by the node's identity (a new
     node each call cost 3 µs: hashing, comparing and flattening it).
     """
-    if not isinstance(x, Module):
-        return HeldArgument(x)
+    return hold_module(x) if isinstance(x, Module) else HeldArgument(x)
+
+
+def hold_module(x: Module) -> HeldArgument:
+    """:func:`hold` of a Module (the written-out call has asked ``isinstance`` already)."""
     known = x.__dict__.get("_held")  # (the last edit before it was made, the node)
     if known is not None and known[0] is _LAST_EDIT[0] and known[1].held is x:
         return known[1]
