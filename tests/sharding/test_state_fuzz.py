@@ -49,7 +49,8 @@ mesh, ``jax.pmap``, ``jax.shard_map``, ``jax.smap``, meshes of Auto and
 Explicit axes), and with its first call under that strategy and its second
 under the next one (the States move between the two's devices). Two
 consecutive calls: every output, State and the default key must equal the
-reference's to float32 round-off.
+reference's to float32 round-off (2e-5, widened where the program amplifies
+round-off: see :func:`sensitivity`).
 
 A fixed set of seeds runs in CI; ``SMAP_FUZZ_PROGRAMS=N`` runs seeds ``0..N-1``
 instead (``SMAP_FUZZ_START`` shifts them), as for the other fuzzers.
@@ -423,16 +424,47 @@ def under_smap(program: Program, mappings: list[tuple[Callable, dict]]) -> list[
     return records
 
 
-def assert_same(got: list[dict], want: list[dict], program: Program, where: str) -> None:
-    for call, (a, b) in enumerate(zip(got, want)):
+def nudged(program: Program) -> Program:
+    """``program`` with its float inputs moved by one float32 rounding step (relative 2**-23)."""
+
+    def nudge(a: np.ndarray | None) -> np.ndarray | None:
+        return None if a is None else a * np.float32(1 + 2**-23)
+
+    return dataclasses.replace(program, w=nudge(program.w), h=nudge(program.h), xs=tuple(map(nudge, program.xs)))
+
+
+def sensitivity(want: list[dict], near: list[dict]) -> list[dict]:
+    """How far each value of the reference moves when its inputs move by one rounding step.
+
+    smap's program computes the same values in another order (collectives
+    spanning devices, fused sums), so the two differ by round-off, which a
+    program amplifies as it amplifies a change of its inputs: a chain of
+    steps can turn one rounding step into 1e-4 (seeds 2294 and 2494). That
+    amplification, at most 1e-3, widens the comparison's tolerance; a
+    discontinuity (a branch or a sort that the nudge flips) moves a value by
+    more than that and widens it no further.
+    """
+
+    def moved(a: Any, b: Any) -> float:
+        a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+        return min(float(np.max(np.abs(a - b), initial=0.0)), 1e-3)
+
+    return jax.tree_util.tree_map(moved, want, near)
+
+
+def assert_same(got: list[dict], want: list[dict], program: Program, where: str, slack: list[dict]) -> None:
+    """``got`` equals ``want`` to float32 round-off: 2e-5, and four times each value's ``slack``
+    (:func:`sensitivity`)."""
+    for call, (a, b, moved) in enumerate(zip(got, want, slack)):
         a_leaves, a_tree = jax.tree_util.tree_flatten(a)
         b_leaves, b_tree = jax.tree_util.tree_flatten(b)
         assert a_tree == b_tree, f"{program}\n{where}, call {call}: {a_tree} != {b_tree}"
-        for (path, _), x, y in zip(jax.tree_util.tree_flatten_with_path(b)[0], a_leaves, b_leaves):
+        paths = jax.tree_util.tree_flatten_with_path(b)[0]
+        for (path, _), x, y, m in zip(paths, a_leaves, b_leaves, jax.tree_util.tree_leaves(moved)):
             what = f"{program}\n{where}, call {call}, {jax.tree_util.keystr(path)}"
             x, y = np.asarray(x), np.asarray(y)
             assert x.shape == y.shape and x.dtype == y.dtype, f"{what}: {x.shape}/{x.dtype} != {y.shape}/{y.dtype}"
-            np.testing.assert_allclose(x, y, rtol=2e-5, atol=2e-5, err_msg=what)
+            np.testing.assert_allclose(x, y, rtol=2e-5, atol=2e-5 + 4 * m, err_msg=what)
 
 
 GROUP = 2  # programs per test
@@ -447,6 +479,7 @@ def check(index: int) -> None:
         program = draw(seed)
         key = smap.random.DEFAULT.value
         want = reference(program, key)
+        slack = sensitivity(want, reference(nudged(program), key))
         strategy, then = names[seed % len(names)], names[(seed + 1) % len(names)]
         for where, mappings in (
             ("jax.vmap", [(jax.vmap, {})]),
@@ -454,7 +487,7 @@ def check(index: int) -> None:
             (f"{strategy}, then {then}", [STRATEGIES[strategy](), STRATEGIES[then]()]),
         ):
             smap.random.DEFAULT.value = jnp.array(key)  # a copy: a donating call deletes the array it is given
-            assert_same(under_smap(program, mappings), want, program, where)
+            assert_same(under_smap(program, mappings), want, program, where, slack)
 
 
 CI_GROUPS = range(4, 12)  # seeds 8-23: every step, buffer, strategy, with and without smap.jit
