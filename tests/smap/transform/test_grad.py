@@ -1,5 +1,7 @@
 """smap.grad against jax.grad of the equivalent pure function."""
 
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -565,3 +567,44 @@ def test_a_custom_jvp_function_reading_a_state_runs_where_nothing_differentiates
     # jax.grad inside the trace calls the rule there, as plain JAX does: the state's value of that moment
     g = smap.jit(jax.grad(lambda x: f(x).sum()))
     np.testing.assert_allclose(g(jnp.ones(2)), jnp.cos(jnp.array([5.0, 6.0])) * jnp.array([5.0, 6.0]), rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{}, {"argnums": 0}, {"argnums": (0,), "return_value": True}, {"has_aux": True, "return_value": True}],
+)
+@pytest.mark.parametrize("as_list", [False, True])
+def test_a_cached_call_returns_the_gradients_as_the_program_made_them(close, options, as_list):
+    """With a State or a list of them, the result is assembled inside the program: a cached call runs no
+    Python of smap.grad's after JAX's dispatch, and returns what jax.grad returns."""
+    w = smap.ParamState(jnp.array([1.0, -2.0]))
+    x = jnp.array([0.5, 0.25])
+
+    def loss(x):
+        value = jnp.sum(jnp.tanh(x * w.value) ** 2)
+        return (value, {"x": 2 * x}) if options.get("has_aux") else value
+
+    g = smap.grad(loss, grad_states=[w] if as_list else w, **options)
+    g(x)
+    called = []
+    sys.setprofile(lambda frame, event, _: called.append(frame.f_code.co_filename) if event == "call" else None)
+    try:
+        got = g(x)
+    finally:
+        sys.setprofile(None)
+    assert not [f for f in called if f.endswith("_grad.py")]
+
+    pure = lambda w, x: jnp.sum(jnp.tanh(x * w) ** 2)  # noqa: E731
+    state_grad = jax.grad(pure)(w.value, x)
+    state_grad = [state_grad] if as_list else state_grad
+    if "argnums" in options:
+        arg_grad = jax.grad(pure, argnums=1)(w.value, x)
+        want = (state_grad, arg_grad if options["argnums"] == 0 else (arg_grad,))
+    else:
+        want = state_grad
+    if options.get("return_value"):
+        want = (want, pure(w.value, x))
+    if options.get("has_aux"):
+        want = (*want, {"x": 2 * x})
+    close(got, want)
+    assert jax.tree_util.tree_structure(got) == jax.tree_util.tree_structure(want)
