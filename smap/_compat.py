@@ -125,6 +125,38 @@ def current_trace() -> Any:
         return trace
 
 
+# A tracer's JAX transformation as a user calls it (a scan's, cond's or while_loop's body traces as
+# jax.jit does), and the smap transform that carries states through instead.
+_TRANSFORMATIONS = {
+    "BatchTracer": ("jax.vmap", "map the function with smap.vmap (a StatefulMapping)"),
+    "JVPTracer": ("jax.grad, jax.jvp or jax.vjp", "differentiate with smap.grad"),
+    "LinearizeTracer": ("jax.grad, jax.jvp or jax.vjp", "differentiate with smap.grad"),
+    "DynamicJaxprTracer": (
+        "jax.jit, jax.checkpoint, or the body of a jax.lax.scan, cond or while_loop",
+        "put smap.jit around it (a scan inside smap.jit carries states too)",
+    ),
+}
+
+
+def transformation_of(value: Any) -> tuple[str, str]:
+    """The JAX transformation whose tracer ``value`` (a pytree) holds, as a user names it, and the way to
+    carry states through it: ``(used, fix)``.
+
+    Example:
+        >>> import jax, jax.numpy as jnp
+        >>> from smap._compat import transformation_of
+        >>> jax.vmap(lambda x: print(transformation_of(x)[0]) or x)(jnp.ones(2))
+        jax.vmap
+        Array([1., 1.], dtype=float32)
+    """
+    for leaf in jax.tree_util.tree_leaves(value):
+        if isinstance(leaf, jax.core.Tracer):
+            found = _TRANSFORMATIONS.get(type(leaf).__name__)
+            if found is not None:
+                return found
+    return ("jax.jit, jax.vmap, jax.grad, ...", "use smap.jit, smap.grad or smap.vmap")
+
+
 def new_input(trace: Any, aval: jax.core.AbstractValue) -> Any:
     """Append an input of type ``aval`` to the jaxpr that ``trace`` builds."""
     return trace.new_arg(aval, source_info_util.current())

@@ -546,10 +546,11 @@ class StatefulFunction(Generic[P, R]):
         value = _unslot(slot)
         leaves = jax.tree_util.tree_leaves(value)
         if leaves and isinstance(leaves[0], jax.core.Tracer):
+            used, fix = _compat.transformation_of(leaves[0])
             raise TypeError(
                 f"{self.name} writes {state.describe()} from inside a JAX transformation that smap does not see "
-                f"(jax.jit, jax.grad, ...). Use smap.jit and smap.grad around smap transforms so states are "
-                f"carried through, and {self.name}.eval_shape(...) for the shapes of a call (jax.eval_shape's)."
+                f"({used}). To carry states through, {fix}; for the shapes of a call, use {self.name}.eval_shape(...) "
+                f"(jax.eval_shape's)."
             )
         return value
 

@@ -158,10 +158,10 @@ def check_not_traced(state: State, new: Any, frame: TraceFrame | None) -> None:
     if frame is None and _has_tracer(state._value):
         return
     where = "a JAX transformation" if frame is None else f"a JAX transformation inside {frame.name}"
+    used, fix = _compat.transformation_of(new)
     raise TypeError(
-        f"{state.describe()} is written with a value traced by {where} that smap does not see "
-        f"(jax.jit, jax.vmap, jax.grad, ...); the state would hold a tracer after it returns. "
-        f"Use smap.jit, smap.grad or smap.vmap, which carry states through, or return the value instead."
+        f"{state.describe()} is written with a value traced by {where} that smap does not see ({used}); "
+        f"the state would hold a tracer after it returns. To carry states through, {fix}, or return the value."
     )
 
 

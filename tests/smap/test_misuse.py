@@ -272,6 +272,11 @@ def _raw_vmap_setattr(s):
     jax.vmap(lambda x: setattr(s, "value", x))(jnp.ones((3, *s.value.shape)))
 
 
+def _raw_vmap_around_smap_jit(s):
+    step = smap.jit(lambda x: setattr(s, "value", s.value + x))
+    jax.vmap(step)(jnp.ones((2, *s.value.shape)))
+
+
 def _smap_jit_closing_over_a_raw_tracer(s):
     jax.jit(lambda x: smap.jit(lambda: setattr(s, "value", x))())(jnp.ones(s.value.shape))
 
@@ -281,27 +286,35 @@ def _scan_around_smap_jit(s):
     jax.lax.scan(lambda c, x: (step(x), None), None, jnp.ones((2, *s.value.shape)))
 
 
+_UNDER_VMAP = r"\(jax\.vmap\)[.;].*To carry states through, map the function with smap\.vmap"
+_UNDER_JIT = r"\(jax\.jit, jax\.checkpoint, or the body of a jax\.lax\.scan.*put smap\.jit around it"
+
+
 @pytest.mark.parametrize(
-    "write",
+    "write, named",  # the JAX transformation the error names, and the smap transform it proposes
     [
-        _in_raw_jit_setattr,
-        _in_raw_jit_reset,
-        _raw_jit_around_smap_jit,
-        _raw_jit_around_smap_vmap,
-        _raw_grad_around_smap_jit,
-        _raw_vmap_setattr,
-        _smap_jit_closing_over_a_raw_tracer,
-        _scan_around_smap_jit,
+        (_in_raw_jit_setattr, _UNDER_JIT),
+        (_in_raw_jit_reset, _UNDER_JIT),
+        (_raw_jit_around_smap_jit, _UNDER_JIT),
+        (_raw_jit_around_smap_vmap, _UNDER_JIT),
+        (
+            _raw_grad_around_smap_jit,
+            r"\(jax\.grad, jax\.jvp or jax\.vjp\)\. To carry states through, differentiate with smap\.grad",
+        ),
+        (_raw_vmap_setattr, _UNDER_VMAP),
+        (_raw_vmap_around_smap_jit, _UNDER_VMAP),
+        (_smap_jit_closing_over_a_raw_tracer, _UNDER_JIT),
+        (_scan_around_smap_jit, _UNDER_JIT),
     ],
 )
-def test_a_refused_traced_write_leaves_the_old_value_and_it_reads_back(write, close):
+def test_a_refused_traced_write_leaves_the_old_value_and_it_reads_back(write, named, close):
     class Holder(smap.nn.Module):
         def __init__(self):
             self.acc = smap.LongTermState(jnp.array([1.0, 2.0, 3.0]))
 
     holder = Holder()
     s = holder.acc
-    with pytest.raises(TypeError, match=r"state 'acc' \(LongTermState\) .*(does not see|smap does not see)"):
+    with pytest.raises(TypeError, match=r"state 'acc' \(LongTermState\) .*smap does not see " + named):
         write(s)
     # The state holds its old value, concrete; reading it, plainly or in a transform, gives that value.
     assert type(s.value) is type(jnp.zeros(1)) and not isinstance(s.value, jax.core.Tracer)
