@@ -109,8 +109,9 @@ class GradFunction(StatefulFunction[P, Any]):
             or _compat.is_ref(grad_states)
             or type(grad_states) in (list, tuple)
         )
-        self._assemble = self._result() if native else None
-        self._call_result = None if native else self._result()
+        assemble = self._result()
+        self._assemble: Callable[[tuple], Any] | None = assemble if native else None
+        self._call_result = None if native else assemble
         functools.update_wrapper(self, fun, updated=())
 
     def _runner(self, program: Program, key: ArgSignature, context: TraceContext) -> Runner:
