@@ -23,12 +23,14 @@ GradStates = Any  # a State or jax.Ref, a sequence or a dict of them, or None
 P = ParamSpec("P")
 
 
-def _grad_state_list(grad_states: GradStates) -> tuple[list[State], Callable[[list], Any]]:
-    """The states to differentiate, and how to rebuild the user's structure."""
+def _grad_state_list(grad_states: GradStates) -> tuple[list[State], Callable[[list], Any], bool]:
+    """The states to differentiate, how to rebuild the user's structure, and whether the program may
+    rebuild it: ``jax.jit``'s output tree keeps it as built (not a dict, whose keys a pytree sorts, nor a
+    container of the user's type, which is no pytree)."""
     if grad_states is None:
-        return [], lambda grads: None
+        return [], lambda grads: None, True
     if isinstance(grad_states, State) or _compat.is_ref(grad_states):
-        return [_as_state(grad_states)], lambda grads: grads[0]
+        return [_as_state(grad_states)], lambda grads: grads[0], True
     container: Any = type(grad_states)  # a dict, list or tuple type, or a user's subclass of one
     rebuild: Callable[[list], Any]
     if isinstance(grad_states, Mapping):
@@ -44,7 +46,7 @@ def _grad_state_list(grad_states: GradStates) -> tuple[list[State], Callable[[li
     for s in states:
         if not isinstance(s, State) and not _compat.is_ref(s):
             raise TypeError(f"grad_states must hold States or jax.Refs, got {type(s).__name__}.")
-    return [_as_state(s) for s in states], rebuild
+    return [_as_state(s) for s in states], rebuild, container in (list, tuple)
 
 
 def _as_state(s: Any) -> State:
@@ -78,7 +80,7 @@ class GradFunction(StatefulFunction[P, Any]):
     ):
         check_callable(fun, "smap.grad: fun")
         _check_argnums(argnums)
-        states, self._rebuild_state_grads = _grad_state_list(grad_states)
+        states, self._rebuild_state_grads, in_program = _grad_state_list(grad_states)
         self.grad_states = list({id(s): s for s in states}.values())
         if len(self.grad_states) != len(states):
             raise ValueError("grad_states lists a State more than once.")
@@ -100,18 +102,11 @@ class GradFunction(StatefulFunction[P, Any]):
             return out
 
         super().__init__(touching_grad_states, name=f"smap.grad({function_name(fun)})")
-        # The result is assembled inside the program, where jax.jit's output tree holds it at no cost to a
-        # cached call; a dict (whose keys a pytree sorts) or a container of the user's type (no pytree) is
-        # rebuilt after the call.
-        native = (
-            grad_states is None
-            or isinstance(grad_states, State)
-            or _compat.is_ref(grad_states)
-            or type(grad_states) in (list, tuple)
-        )
+        # The result is assembled inside the program where it can be, at no cost to a cached call (jax.jit's
+        # output tree unflattens it); otherwise after the call.
         assemble = self._result()
-        self._assemble: Callable[[tuple], Any] | None = assemble if native else None
-        self._call_result = None if native else assemble
+        self._assemble: Callable[[tuple], Any] | None = assemble if in_program else None
+        self._call_result = None if in_program else assemble
         functools.update_wrapper(self, fun, updated=())
 
     def _runner(self, program: Program, key: ArgSignature, context: TraceContext) -> Runner:
